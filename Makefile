@@ -1,0 +1,41 @@
+# Quick start: `make demo` and `make test`. Both set up everything they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-vm lint pytest bench venv system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,varlink]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian packages the tests use as independent oracles and real peers.
+system-deps:
+	@./scripts/system-deps.sh
+
+demo: venv
+	@./scripts/system-deps.sh demo
+	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./scripts/demo.sh
+
+lint: venv
+	$(PY) -m ruff check src tests bench
+	$(PY) -m mypy
+
+pytest: venv system-deps
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+test: lint pytest
+
+test-vm: venv system-deps
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m tests.vm.run
+
+bench: venv system-deps
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,30 @@
+#!/bin/sh
+# Install the Debian packages composefs's tests and demo need, only when missing.
+# Usage: system-deps.sh [demo]   (demo: just what `make demo` needs)
+set -eu
+need=""
+want() { # want COMMAND PACKAGE
+    command -v "$1" >/dev/null 2>&1 || need="$need $2"
+}
+want fsck.erofs erofs-utils
+if [ "${1:-}" != demo ]; then
+    want fsverity fsverity
+    want mkfs.ext4 e2fsprogs
+    want docker-registry docker-registry
+    want skopeo skopeo
+    want umoci umoci
+    want htpasswd apache2-utils
+    want openssl openssl
+    want qemu-system-x86_64 qemu-system-x86
+    [ -x /bin/busybox ] || need="$need busybox-static"
+fi
+[ -z "$need" ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+    echo "system-deps: missing packages:$need (run as root to install them)" >&2
+    exit 0
+fi
+echo "system-deps: installing$need" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >/dev/null
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $need >/dev/null

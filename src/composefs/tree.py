@@ -1,0 +1,233 @@
+"""The in-memory filesystem tree that every composefs format reads and writes.
+
+IO-free. A tree is a `Directory` root whose entries map byte-string names to
+`Directory` or `Leaf` objects. Hardlinks are the *same* `Leaf` object stored
+under several names; link counts are derived from that (or taken from an
+explicit `Leaf.nlink`, which C mkcomposefs honours for dumpfile input).
+
+`Stat.mode` holds permission bits only (mode & 0o7777); the file type comes
+from the node class and the leaf content.
+"""
+
+from __future__ import annotations
+
+import stat as _stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .errors import TreeError
+
+S_IFMT = _stat.S_IFMT(0o170000)
+S_IFDIR = _stat.S_IFDIR
+S_IFREG = _stat.S_IFREG
+S_IFLNK = _stat.S_IFLNK
+S_IFBLK = _stat.S_IFBLK
+S_IFCHR = _stat.S_IFCHR
+S_IFIFO = _stat.S_IFIFO
+S_IFSOCK = _stat.S_IFSOCK
+
+
+@dataclass(slots=True)
+class Stat:
+    """Metadata shared by every node. `xattrs` maps full names to values."""
+
+    mode: int = 0o755
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    mtime_nsec: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+
+    def copy(self) -> Stat:
+        return Stat(self.mode, self.uid, self.gid, self.mtime, self.mtime_nsec, dict(self.xattrs))
+
+
+@dataclass(slots=True)
+class Regular:
+    """A regular file: inline `data`, or external content named by `digest`.
+
+    External files carry the fs-verity `digest` (lowercase hex, sha256 or
+    sha512) of their content and optionally an explicit backing `payload`
+    path (C dumpfiles may name one that is not derived from the digest).
+    """
+
+    size: int = 0
+    data: bytes | None = None
+    digest: str | None = None
+    payload: bytes | None = None
+
+    @property
+    def is_inline(self) -> bool:
+        return self.data is not None or (self.digest is None and self.payload is None)
+
+    def backing_path(self) -> bytes | None:
+        """The object path relative to the object store (`xx/yyyy…`)."""
+        if self.payload is not None:
+            return self.payload
+        if self.digest is not None:
+            return f"{self.digest[:2]}/{self.digest[2:]}".encode()
+        return None
+
+
+@dataclass(slots=True)
+class Symlink:
+    target: bytes
+
+
+@dataclass(slots=True)
+class Device:
+    """A block or character device; a character device 0:0 is a whiteout."""
+
+    kind: int  # S_IFBLK or S_IFCHR
+    rdev: int = 0
+
+
+@dataclass(slots=True)
+class Fifo:
+    pass
+
+
+@dataclass(slots=True)
+class Socket:
+    pass
+
+
+LeafContent = Regular | Symlink | Device | Fifo | Socket
+
+
+def content_type(content: LeafContent) -> int:
+    """The S_IF* type bits of a leaf's content."""
+    if isinstance(content, Regular):
+        return S_IFREG
+    if isinstance(content, Symlink):
+        return S_IFLNK
+    if isinstance(content, Device):
+        return content.kind
+    if isinstance(content, Fifo):
+        return S_IFIFO
+    return S_IFSOCK
+
+
+class Leaf:
+    """A non-directory inode. Share one object between names for a hardlink."""
+
+    __slots__ = ("content", "nlink", "stat")
+
+    def __init__(self, stat: Stat, content: LeafContent, nlink: int | None = None) -> None:
+        self.stat = stat
+        self.content = content
+        # Explicit link count (C dumpfile semantics); None means "count the names".
+        self.nlink = nlink
+
+    @property
+    def file_type(self) -> int:
+        return content_type(self.content)
+
+    @property
+    def mode(self) -> int:
+        """Full st_mode: type bits | permission bits."""
+        return content_type(self.content) | (self.stat.mode & 0o7777)
+
+    def is_whiteout(self) -> bool:
+        c = self.content
+        return isinstance(c, Device) and c.kind == S_IFCHR and c.rdev == 0
+
+    def __repr__(self) -> str:
+        return f"Leaf({self.stat!r}, {self.content!r}, nlink={self.nlink})"
+
+
+class Directory:
+    """A directory: metadata plus entries. Iterate `sorted_entries()` for the
+    canonical bytewise order every format uses."""
+
+    __slots__ = ("entries", "stat")
+
+    def __init__(self, stat: Stat | None = None) -> None:
+        self.stat = stat if stat is not None else Stat(0o755)
+        self.entries: dict[bytes, Directory | Leaf] = {}
+
+    file_type = S_IFDIR
+
+    @property
+    def mode(self) -> int:
+        return S_IFDIR | (self.stat.mode & 0o7777)
+
+    def sorted_entries(self) -> list[tuple[bytes, Directory | Leaf]]:
+        return sorted(self.entries.items())
+
+    def subdir_count(self) -> int:
+        return sum(1 for e in self.entries.values() if isinstance(e, Directory))
+
+    def nlink(self) -> int:
+        return 2 + self.subdir_count()
+
+    # -- path helpers -------------------------------------------------
+    def lookup(self, path: bytes) -> Directory | Leaf | None:
+        """Find an entry by absolute or relative path (no symlink following)."""
+        node: Directory | Leaf = self
+        for part in split_path(path):
+            if not isinstance(node, Directory):
+                return None
+            nxt = node.entries.get(part)
+            if nxt is None:
+                return None
+            node = nxt
+        return node
+
+    def get_dir(self, path: bytes) -> Directory:
+        node = self.lookup(path)
+        if not isinstance(node, Directory):
+            raise TreeError(f"not a directory: {path.decode(errors='replace')}")
+        return node
+
+    def insert(self, path: bytes, node: Directory | Leaf) -> None:
+        """Insert `node` at `path`; the parent directory must exist."""
+        parts = split_path(path)
+        if not parts:
+            raise TreeError("cannot insert the root")
+        parent = self.get_dir(b"/".join(parts[:-1]))
+        parent.entries[parts[-1]] = node
+
+    def __repr__(self) -> str:
+        return f"Directory({self.stat!r}, {len(self.entries)} entries)"
+
+
+def split_path(path: bytes) -> list[bytes]:
+    return [p for p in path.split(b"/") if p and p != b"."]
+
+
+def walk(root: Directory, prefix: bytes = b"/") -> Iterator[tuple[bytes, Directory | Leaf]]:
+    """Depth-first walk in sorted order, yielding (path, node), the root first.
+
+    A directory's children come before its later siblings (the dumpfile
+    order). Iterative, so trees deeper than Python's recursion limit work.
+    """
+    yield prefix, root
+    stack: list[tuple[bytes, Iterator[tuple[bytes, Directory | Leaf]]]] = [
+        (prefix.rstrip(b"/"), iter(root.sorted_entries()))
+    ]
+    while stack:
+        base, it = stack[-1]
+        nxt = next(it, None)
+        if nxt is None:
+            stack.pop()
+            continue
+        name, child = nxt
+        cpath = base + b"/" + name
+        yield cpath, child
+        if isinstance(child, Directory):
+            stack.append((cpath, iter(child.sorted_entries())))
+
+
+def leaf_link_counts(root: Directory) -> dict[int, int]:
+    """How many names each leaf has, keyed by id(leaf)."""
+    counts: dict[int, int] = {}
+    todo = [root]
+    while todo:
+        d = todo.pop()
+        for child in d.entries.values():
+            if isinstance(child, Directory):
+                todo.append(child)
+            else:
+                counts[id(child)] = counts.get(id(child), 0) + 1
+    return counts
