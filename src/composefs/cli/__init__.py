@@ -1,0 +1,1 @@
+"""Command-line front ends: thin argparse layers over the library."""

@@ -1,0 +1,39 @@
+"""Shared plumbing for the command-line tools: one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from ..errors import ComposefsError
+
+
+def die(prog: str, message: str, code: int = 1) -> NoReturn:
+    sys.stderr.write(f"{prog}: {message}\n")
+    raise SystemExit(code)
+
+
+def run(prog: str, func: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None) -> int:
+    """Run a CLI body; turn every expected failure into one line on stderr.
+
+    ComposefsError and OSError are user-facing (bad input, missing file,
+    permissions); anything else is a bug and keeps its traceback.
+    """
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        return func(argv) or 0
+    except ComposefsError as e:
+        die(prog, str(e))
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        die(prog, f"{e.strerror or e}{where}")
+    except KeyboardInterrupt:
+        die(prog, "interrupted", 130)
+    except BrokenPipeError:
+        # Reader went away (e.g. `| head`): exit quietly like C tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
