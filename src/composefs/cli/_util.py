@@ -25,6 +25,11 @@ def run(prog: str, func: Callable[[Sequence[str]], int | None], argv: Sequence[s
         argv = sys.argv[1:]
     try:
         return func(argv) or 0
+    except BrokenPipeError:
+        # Reader went away (e.g. `| head`): exit quietly like C tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except ComposefsError as e:
         die(prog, str(e))
     except OSError as e:
@@ -32,8 +37,3 @@ def run(prog: str, func: Callable[[Sequence[str]], int | None], argv: Sequence[s
         die(prog, f"{e.strerror or e}{where}")
     except KeyboardInterrupt:
         die(prog, "interrupted", 130)
-    except BrokenPipeError:
-        # Reader went away (e.g. `| head`): exit quietly like C tools do.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 141
