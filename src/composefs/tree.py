@@ -46,9 +46,11 @@ class Stat:
 class Regular:
     """A regular file: inline `data`, or external content named by `digest`.
 
-    External files carry the fs-verity `digest` (lowercase hex, sha256 or
-    sha512) of their content and optionally an explicit backing `payload`
-    path (C dumpfiles may name one that is not derived from the digest).
+    `data is not None` means the content is stored inline (its length is
+    `size`). Otherwise a file with `size > 0` is external: it carries the
+    fs-verity `digest` (lowercase hex, sha256 or sha512) of its content and
+    optionally an explicit backing `payload` path (C dumpfiles may name one
+    that is not derived from the digest, or give neither, as C allows).
     """
 
     size: int = 0
@@ -58,7 +60,11 @@ class Regular:
 
     @property
     def is_inline(self) -> bool:
-        return self.data is not None or (self.digest is None and self.payload is None)
+        return self.data is not None
+
+    @property
+    def is_external(self) -> bool:
+        return self.data is None and self.size > 0
 
     def backing_path(self) -> bytes | None:
         """The object path relative to the object store (`xx/yyyy…`)."""
