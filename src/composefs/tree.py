@@ -146,11 +146,14 @@ class Directory:
     """A directory: metadata plus entries. Iterate `sorted_entries()` for the
     canonical bytewise order every format uses."""
 
-    __slots__ = ("entries", "stat")
+    __slots__ = ("entries", "size", "stat")
 
     def __init__(self, stat: Stat | None = None) -> None:
         self.stat = stat if stat is not None else Stat(0o755)
         self.entries: dict[bytes, Directory | Leaf] = {}
+        # Informational only: the SIZE a dumpfile gave, or the EROFS i_size an
+        # image had (C `composefs-info dump` prints it). Writers recompute it.
+        self.size: int | None = None
 
     file_type = S_IFDIR
 
