@@ -65,3 +65,11 @@ class RegistryError(OciError):
 
 class DigestMismatch(OciError):
     """Downloaded or stored content does not match its declared digest."""
+
+
+class VerityNotEnabled(VerityError):
+    """The file has no fs-verity enabled (the kernel could measure it otherwise)."""
+
+
+class RegistryAuthError(RegistryError):
+    """The registry (or its token server) refused our credentials or wants some."""
