@@ -55,6 +55,11 @@ _LINE_XATTR_MAX = 0xFFFF
 _VALID_TYPES = frozenset((S_IFREG, S_IFDIR, S_IFLNK, S_IFBLK, S_IFCHR, S_IFSOCK, S_IFIFO))
 _HEX_DIGEST = re.compile(rb"[0-9a-fA-F]{64}(?:[0-9a-fA-F]{64})?")
 _OCTAL = re.compile(rb"[0-7]+")
+# A well-formed, non-hardlink-only line; anything else takes the careful path.
+_LINE = re.compile(
+    rb"([^ \0]*) (\d+) (@?)([0-7]+) (\d+) (\d+) (\d+) (\d+) (-?\d+)\.(\d+)"
+    rb" ([^ \0]*) ([^ \0]*) ([^ \0]*)(?: ([^\0]*))?"
+)
 _HEXDIGITS = b"0123456789abcdefABCDEF"
 
 
@@ -179,26 +184,6 @@ def _lines(source: bytes | BinaryIO, strict: bool) -> Iterator[tuple[int, bytes]
         yield lineno + 1, rest
 
 
-def _int(field: bytes, what: str) -> int:
-    if not field.isdigit():
-        raise ValueError(f"invalid {what} {field.decode(errors='replace')!r}")
-    return int(field)
-
-
-def _mtime(field: bytes) -> tuple[int, int]:
-    sec, dot, nsec = field.partition(b".")
-    neg = sec.startswith(b"-")
-    if not dot or not (sec[1:] if neg else sec).isdigit() or not nsec.isdigit():
-        raise ValueError(f"invalid mtime {field.decode(errors='replace')!r}")
-    s = int(sec)
-    ns = int(nsec)
-    if not -(1 << 63) <= s < (1 << 63):
-        raise ValueError("mtime out of range")
-    if ns >= 1_000_000_000:
-        raise ValueError(f"invalid mtime nanoseconds {ns}")
-    return s, ns
-
-
 def _optional(field: bytes) -> bytes | None:
     if field == b"-":
         return None
@@ -227,23 +212,41 @@ class _Parser:
         self._lineno = 0
 
     def line(self, line: bytes) -> None:
-        if b"\0" in line:
-            raise ValueError(f"invalid embedded NUL character at position {line.index(0)}")
-        fields = line.split(b" ", 11)
-        if len(fields) < 11:
-            if not line:
-                raise ValueError("empty line")
-            # C reads missing trailing fields as empty strings.
-            fields += [b""] * (11 - len(fields))
-        path = unescape(fields[0])
+        m = _LINE.fullmatch(line)
+        if m is not None:
+            # Fast path: one regex both splits and validates the numbers.
+            (path_f, size_f, at, mode_f, nlink_f, uid_f, gid_f, rdev_f, sec_f, nsec_f,
+             payload_f, content_f, digest_f, xattr_f) = m.groups()
+            is_hardlink = bool(at)
+        else:
+            if b"\0" in line:
+                raise ValueError(f"invalid embedded NUL character at position {line.index(0)}")
+            parts = line.split(b" ", 11)
+            if len(parts) < 11:
+                if not line:
+                    raise ValueError("empty line")
+                # C reads missing trailing fields as empty strings.
+                parts += [b""] * (11 - len(parts))
+            (path_f, size_f, mode_f, nlink_f, uid_f, gid_f, rdev_f, mtime_f,
+             payload_f, content_f, digest_f) = parts[:11]
+            xattr_f = parts[11] if len(parts) == 12 else None
+            is_hardlink = mode_f[:1] == b"@"
+            if is_hardlink:
+                mode_f = mode_f[1:]
+            if _OCTAL.fullmatch(mode_f) is None:
+                raise ValueError(f"invalid mode {mode_f.decode(errors='replace')!r}")
+            if not is_hardlink:  # C does not read a hardlink's other fields
+                for f, what in ((size_f, "size"), (nlink_f, "nlink"), (uid_f, "uid"),
+                                (gid_f, "gid"), (rdev_f, "rdev")):
+                    if not f.isdigit():
+                        raise ValueError(f"invalid {what} {_show(f)!r}")
+                sec_f, dot, nsec_f = mtime_f.partition(b".")
+                sec_digits = sec_f[1:] if sec_f[:1] == b"-" else sec_f
+                if not dot or not sec_digits.isdigit() or not nsec_f.isdigit():
+                    raise ValueError(f"invalid mtime {_show(mtime_f)!r}")
+        path = unescape(path_f)
         if not path:
             raise ValueError("invalid empty path")
-        mode_f = fields[2]
-        is_hardlink = mode_f[:1] == b"@"
-        if is_hardlink:
-            mode_f = mode_f[1:]
-        if _OCTAL.fullmatch(mode_f) is None:
-            raise ValueError(f"invalid mode {mode_f.decode(errors='replace')!r}")
         mode = int(mode_f, 8)
         ftype = mode & S_IFMT
         if ftype not in _VALID_TYPES and not (is_hardlink and mode == 0):
@@ -284,7 +287,7 @@ class _Parser:
         if is_hardlink:
             if ftype == S_IFDIR:
                 raise ValueError("directories can't be hardlinked")
-            target = _optional(fields[8])
+            target = _optional(payload_f)
             if not target:
                 raise ValueError("no target path for the hardlink")
             assert parent is not None
@@ -294,23 +297,27 @@ class _Parser:
             self.hardlinks[cpath] = (self._lineno, parent, name, target)
             return
 
-        size = _int(fields[1], "size")
-        nlink = _int(fields[3], "nlink")
-        uid = _int(fields[4], "uid")
-        gid = _int(fields[5], "gid")
-        rdev = _int(fields[6], "rdev")
+        size = int(size_f)
+        nlink = int(nlink_f)
+        uid = int(uid_f)
+        gid = int(gid_f)
+        rdev = int(rdev_f)
         if uid > 0xFFFFFFFF or gid > 0xFFFFFFFF:
             raise ValueError("uid or gid out of range")
         if nlink > 0xFFFFFFFF:
             raise ValueError("nlink out of range")
         if size >= 1 << 64 or rdev >= 1 << 64:
             raise ValueError("size or rdev out of range")
-        mtime, mtime_nsec = _mtime(fields[7])
-        payload = _optional(fields[8])
-        content = _optional(fields[9])
+        mtime = int(sec_f)
+        mtime_nsec = int(nsec_f)
+        if not -(1 << 63) <= mtime < (1 << 63):
+            raise ValueError("mtime out of range")
+        if mtime_nsec >= 1_000_000_000:
+            raise ValueError(f"invalid mtime nanoseconds {mtime_nsec}")
+        payload = _optional(payload_f)
+        content = _optional(content_f)
         if content is not None and len(content) != size:
             raise ValueError(f"invalid content size {len(content)}, must match size {size}")
-        digest_f = fields[10]
         digest: str | None = None
         if digest_f not in (b"-", b""):
             raw = unescape(digest_f)
@@ -322,11 +329,10 @@ class _Parser:
             raise ValueError("non-zero devnum on non-device")
 
         xattrs: dict[bytes, bytes] = {}
-        if len(fields) == 12 and fields[11]:  # one trailing space is no xattr
-            xfield = fields[11]
-            if len(xfield) > _LINE_XATTR_MAX:
+        if xattr_f:  # a single trailing space means no xattrs
+            if len(xattr_f) > _LINE_XATTR_MAX:
                 raise ValueError("too many xattrs")
-            xattrs = _parse_xattrs(xfield)
+            xattrs = _parse_xattrs(xattr_f)
         stat = Stat(mode & 0o7777, uid, gid, mtime, mtime_nsec, xattrs)
 
         if ftype == S_IFDIR:
