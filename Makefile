@@ -32,7 +32,7 @@ pytest: venv system-deps
 test: lint pytest
 
 test-vm: venv system-deps
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m tests.vm.run
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) tests/vm/run.py
 
 bench: venv system-deps
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench
