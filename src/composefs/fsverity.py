@@ -27,11 +27,11 @@ import errno
 import fcntl
 import hashlib
 import os
+import stat
 import struct
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from operator import methodcaller
 from typing import Any, BinaryIO
 
@@ -72,10 +72,7 @@ assert _DESCRIPTOR.size == 256
 # Bytes read (and hashed) per step: big enough that per-chunk overhead vanishes,
 # small enough that memory stays bounded with several files in flight.
 _CHUNK = 4 << 20
-# A single file is split across threads only if it is at least this large.
-_PARALLEL_MIN = 32 << 20
 
-_ZERO_BLOCK = bytes(BLOCK_SIZE)
 _get_digest = methodcaller("digest")
 
 
@@ -248,7 +245,8 @@ class FsVerityHasher:
             partial += view[pos:]
 
     def _add_hashes(self, hashes: bytes, nbytes: int) -> None:
-        """Feed precomputed hashes of whole blocks (internal, for parallel hashing)."""
+        """Feed precomputed data-block hashes covering `nbytes` (internal: a
+        partial final block must already be zero-padded into its hash)."""
         assert not self._partial
         self._size += nbytes
         self._tree.add(hashes)
@@ -293,63 +291,20 @@ def _read_full(f: BinaryIO, view: memoryview) -> int:
     return got
 
 
-def digest_stream(f: BinaryIO, algorithm: str = "sha256", *, threads: int = 1) -> bytes:
-    """fs-verity digest of everything readable from binary stream `f`.
-
-    With `threads` > 1, chunks are hashed by that many worker threads while
-    this thread keeps reading; memory stays bounded to a few chunks per
-    thread.
-    """
+def digest_stream(f: BinaryIO, algorithm: str = "sha256") -> bytes:
+    """fs-verity digest of everything readable from binary stream `f`
+    (in this thread, bounded memory)."""
     h = FsVerityHasher(algorithm)
-    if threads > 1:
-        _digest_stream_parallel(f, h, threads)
-    else:
-        buf = bytearray(_CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = _read_full(f, view)
-            if not n:
-                break
-            h.update(view[:n])
-            if n < _CHUNK:
-                break
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    while True:
+        n = _read_full(f, view)
+        if not n:
+            break
+        h.update(view[:n])
+        if n < _CHUNK:
+            break
     return h.digest()
-
-
-def _digest_stream_parallel(f: BinaryIO, h: FsVerityHasher, threads: int) -> None:
-    ctor = h._ctor
-    free: list[bytearray] = [bytearray(_CHUNK) for _ in range(2 * threads)]
-    pending: deque[tuple[Future[bytes], bytearray, int]] = deque()
-
-    def settle() -> None:
-        fut, buf, n = pending.popleft()
-        h._add_hashes(fut.result(), n)
-        free.append(buf)
-
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fsverity") as pool:
-        try:
-            while True:
-                if not free:
-                    settle()
-                buf = free.pop()
-                view = memoryview(buf)
-                n = _read_full(f, view)
-                nfull = n // BLOCK_SIZE
-                if nfull:
-                    pending.append(
-                        (pool.submit(_hash_blocks, ctor, view, nfull), buf, nfull * BLOCK_SIZE)
-                    )
-                else:
-                    free.append(buf)
-                if n < _CHUNK:
-                    while pending:
-                        settle()
-                    if n % BLOCK_SIZE:
-                        h.update(view[nfull * BLOCK_SIZE : n])
-                    break
-        finally:
-            for fut, _, _ in pending:
-                fut.cancel()
 
 
 class _PReader:
@@ -367,6 +322,122 @@ class _PReader:
         return n
 
 
+# Hashing in threads does not scale: every 4 KiB block costs a GIL release and
+# re-acquisition, and with two busy threads the hand-offs cost more than they
+# save.  Large regular files are therefore hashed by helper processes (this
+# same Python, no imports beyond hashlib).  Worker i of N hashes chunks
+# i, i+N, i+2N, ... of the file (zero-padding the final block) and writes the
+# data-block hashes of each chunk to its stdout; the parent reads the chunks
+# round-robin, so at most about one chunk per worker is ever buffered, and
+# builds the (128 times smaller) upper tree itself.
+_WORKER_CHUNK = 8 << 20
+_WORKER_SCRIPT = """
+import hashlib, os, sys
+from operator import methodcaller
+fd, size, chunk, first, stride = map(int, sys.argv[2:7])
+ctor = getattr(hashlib, sys.argv[1])
+dg = methodcaller("digest")
+mv = memoryview(bytearray(chunk))
+try:
+    off = first * chunk
+    while off < size:
+        n = min(chunk, size - off)
+        got = 0
+        while got < n:
+            r = os.preadv(fd, [mv[got:n]], off + got)
+            if not r:
+                os._exit(3)
+            got += r
+        nb = -(-n // 4096)
+        mv[n:nb * 4096] = bytes(nb * 4096 - n)
+        out = memoryview(b"".join(map(dg, map(ctor, map(mv.__getitem__, map(slice,
+            range(0, nb * 4096, 4096), range(4096, nb * 4096 + 1, 4096)))))))
+        while out:
+            out = out[os.write(1, out):]
+        off += stride * chunk
+except OSError as e:
+    os._exit(100 + min(e.errno or 0, 99))
+except BaseException:
+    os._exit(2)
+"""
+# Files smaller than this are hashed in-process: starting a helper (~20 ms)
+# would cost more than it saves.
+_WORKER_MIN = 32 << 20
+
+
+def _digest_with_workers(fd: int, size: int, algorithm: str, nworkers: int) -> bytes | None:
+    """Digest of the first `size` bytes of regular file `fd` hashed by
+    `nworkers` helper processes; None if helpers cannot be started."""
+    import subprocess
+    import sys
+
+    if not sys.executable:
+        return None
+    hsize = _DIGEST_SIZES[algorithm]
+    nchunks = -(-size // _WORKER_CHUNK)
+    nworkers = max(1, min(nworkers, nchunks))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i in range(nworkers):
+            args = [sys.executable, "-I", "-S", "-c", _WORKER_SCRIPT, algorithm]
+            args += [str(v) for v in (fd, size, _WORKER_CHUNK, i, nworkers)]
+            procs.append(
+                subprocess.Popen(
+                    args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, pass_fds=(fd,)
+                )
+            )
+    except OSError:
+        for p in procs:
+            p.kill()
+            p.wait()
+        return None
+    h = FsVerityHasher(algorithm)
+    try:
+        for c in range(nchunks):
+            nbytes = min(_WORKER_CHUNK, size - c * _WORKER_CHUNK)
+            want = -(-nbytes // BLOCK_SIZE) * hsize
+            proc = procs[c % nworkers]
+            assert proc.stdout is not None
+            hashes = proc.stdout.read(want)
+            if len(hashes) != want:
+                _raise_worker_failure(proc.wait())
+            h._add_hashes(hashes, nbytes)
+        for p in procs:
+            if p.wait() != 0:
+                _raise_worker_failure(p.returncode)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
+    return h.digest()
+
+
+def _raise_worker_failure(code: int) -> None:
+    if code == 3:
+        raise OSError(errno.EIO, "file shrank while its fs-verity digest was computed")
+    if code > 100:
+        raise OSError(code - 100, os.strerror(code - 100))
+    raise OSError(errno.EIO, f"fs-verity hashing helper failed (exit status {code})")
+
+
+def _digest_fd(fd: int, algorithm: str, workers: int) -> bytes:
+    st = os.fstat(fd)
+    if workers > 0 and stat.S_ISREG(st.st_mode) and st.st_size >= _WORKER_MIN:
+        result = _digest_with_workers(fd, st.st_size, algorithm, workers)
+        if result is not None:
+            return result
+    reader: Any
+    try:
+        os.lseek(fd, 0, os.SEEK_CUR)
+        reader = _PReader(fd)
+    except OSError:
+        reader = open(fd, "rb", buffering=0, closefd=False)
+    return digest_stream(reader, algorithm)
+
+
 def digest_file(
     path_or_fd: str | os.PathLike[str] | int,
     algorithm: str = "sha256",
@@ -377,28 +448,20 @@ def digest_file(
 
     A seekable file descriptor is read from offset 0 with pread, so its own
     offset is left alone; a pipe is read from where it stands.  `threads`
-    None uses every CPU for large files and one thread otherwise.
+    bounds the parallelism for a large file (None: one per CPU; 1: hash
+    in this thread only).
     """
     _ctor(algorithm)
+    if threads is None:
+        threads = default_threads()
+    workers = 0 if threads <= 1 else threads
     if isinstance(path_or_fd, int):
-        fd, owned = path_or_fd, False
-    else:
-        fd = os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
-        owned = True
+        return _digest_fd(path_or_fd, algorithm, workers)
+    fd = os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
     try:
-        st = os.fstat(fd)
-        if threads is None:
-            threads = default_threads() if st.st_size >= _PARALLEL_MIN else 1
-        reader: Any
-        try:
-            os.lseek(fd, 0, os.SEEK_CUR)
-            reader = _PReader(fd)
-        except OSError:
-            reader = open(fd, "rb", buffering=0, closefd=False)
-        return digest_stream(reader, algorithm, threads=max(1, threads))
+        return _digest_fd(fd, algorithm, workers)
     finally:
-        if owned:
-            os.close(fd)
+        os.close(fd)
 
 
 def digest_files(
@@ -406,10 +469,11 @@ def digest_files(
     algorithm: str = "sha256",
     threads: int | None = None,
 ) -> list[bytes]:
-    """fs-verity digests of several files, hashed in parallel threads.
+    """fs-verity digests of several files, `threads` at a time.
 
-    Results are in the order of `paths`.  The first failure is raised
-    (as the OSError of that file) after the other workers stop.
+    Results are in the order of `paths`; the first failure (an OSError of
+    that file) is raised.  Each large file gets one helper process, so
+    several of them really are hashed in parallel.
     """
     items: Sequence[str | os.PathLike[str] | int] = list(paths)
     _ctor(algorithm)
@@ -418,8 +482,18 @@ def digest_files(
     threads = max(1, min(threads, len(items) or 1))
     if threads == 1:
         return [digest_file(p, algorithm, threads=1) for p in items]
+
+    def one(p: str | os.PathLike[str] | int) -> bytes:
+        if isinstance(p, int):
+            return _digest_fd(p, algorithm, 1)
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        try:
+            return _digest_fd(fd, algorithm, 1)
+        finally:
+            os.close(fd)
+
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fsverity") as pool:
-        return list(pool.map(lambda p: digest_file(p, algorithm, threads=1), items))
+        return list(pool.map(one, items))
 
 
 # ---------------------------------------------------------------------------
