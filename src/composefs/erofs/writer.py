@@ -17,7 +17,6 @@ refer to inodes that come later in the table.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 
 import xxhash
 
@@ -301,7 +300,7 @@ def _fill_leaf(ino: _Inode, leaf: Leaf, epoch1: bool) -> None:
 # epoch 1 (C mkcomposefs)
 
 
-def _collect_epoch1(root: Directory) -> tuple[list[_Inode], bool]:
+def _collect_epoch1(root: Directory, mark_opaque: bool) -> tuple[list[_Inode], bool]:
     """Breadth-first inode list as C `lcfs_compute_tree` builds it, after the
     C rewrites (overlay xattrs, escaped whiteouts, root stubs). Returns the
     inodes and whether the tree had user whiteouts."""
@@ -368,8 +367,10 @@ def _collect_epoch1(root: Directory) -> tuple[list[_Inode], bool]:
                 xa[F.XATTR_USERXATTR_WHITEOUT] = b""
                 me.xattrs[F.XATTR_OVERLAY_WHITEOUTS] = b""
                 me.xattrs[F.XATTR_USERXATTR_WHITEOUTS] = b""
-                me.xattrs[F.XATTR_OVERLAY_OPAQUE] = b"x"
-                me.xattrs[F.XATTR_USERXATTR_OPAQUE] = b"x"
+                if mark_opaque:
+                    # composefs_version >= 1 marks such directories opaque too
+                    me.xattrs[F.XATTR_OVERLAY_OPAQUE] = b"x"
+                    me.xattrs[F.XATTR_USERXATTR_OPAQUE] = b"x"
             li.xattrs = xa
             leaf_inode[lid] = li
             inodes.append(li)
@@ -697,7 +698,7 @@ def _emit_epoch1(
         if xsize:
             out.append(ibody(0xFFFFFFFF & ~ino.xfilter, len(ino.shared)))
             if ino.shared:
-                out.append(b"".join([(((xbase + o) // 4)).to_bytes(4, "little") for o in ino.shared]))
+                out.append(b"".join([((xbase + o) // 4).to_bytes(4, "little") for o in ino.shared]))
             out.append(ino.xattr_local)
         if tail_bytes:
             out.append(tail_bytes)
@@ -717,8 +718,11 @@ def _zeros(n: int) -> bytes:
     return _ZEROS[:n] if n <= BLOCK else bytes(n)
 
 
-def _mkfs_epoch1(root: Directory, version: FormatVersion) -> bytes:
-    inodes, has_whiteout = _collect_epoch1(root)
+def _mkfs_epoch1(root: Directory, version: FormatVersion, max_version: FormatVersion) -> bytes:
+    # C bumps composefs_version 0 to 1 for trees with whiteouts unless
+    # --max-version=0; version 1 also marks directories holding whiteouts opaque.
+    may_bump = max_version >= FormatVersion.V1
+    inodes, has_whiteout = _collect_epoch1(root, version >= FormatVersion.V1 or may_bump)
     codec = _XattrCodec(_PREFIXES_EPOCH1)
     has_acl = False
     min_sec, min_nsec = inodes[0].mtime, inodes[0].nsec
@@ -730,7 +734,7 @@ def _mkfs_epoch1(root: Directory, version: FormatVersion) -> bytes:
             has_acl = True
     table = _share_epoch1(inodes, codec)
     inodes_end = _layout_epoch1(inodes, (min_sec, min_nsec))
-    cfs_version = 1 if (version == FormatVersion.V1 or has_whiteout) else 0
+    cfs_version = 1 if (version == FormatVersion.V1 or (has_whiteout and may_bump)) else 0
     header = F.COMPOSEFS_HEADER.pack(
         F.COMPOSEFS_MAGIC,
         F.COMPOSEFS_HEADER_VERSION,
@@ -773,7 +777,7 @@ def _collect_epoch2(root: Directory) -> list[_Inode]:
     idx = [0]
     ents_stack: list[list[tuple[bytes, _Inode]]] = [[(b".", r), (b"..", r)]]
     while stack:
-        d, me, parent, items = stack[-1]
+        _d, me, _parent, items = stack[-1]
         i = idx[-1]
         ents = ents_stack[-1]
         if i == len(items):
@@ -1030,19 +1034,25 @@ def _mkfs_epoch2(root: Directory) -> bytes:
     return result
 
 
-_WRITERS: dict[FormatVersion, Callable[[Directory], bytes]] = {
-    FormatVersion.V0: lambda root: _mkfs_epoch1(root, FormatVersion.V0),
-    FormatVersion.V1: lambda root: _mkfs_epoch1(root, FormatVersion.V1),
-    FormatVersion.V2: _mkfs_epoch2,
-}
-
-
-def mkfs(root: Directory, version: FormatVersion = FormatVersion.V0) -> bytes:
+def mkfs(
+    root: Directory,
+    version: FormatVersion = FormatVersion.V0,
+    *,
+    max_version: FormatVersion | None = None,
+) -> bytes:
     """The complete composefs EROFS image of `root` in format `version`.
+
+    `max_version` mirrors C `--max-version`: with V0 the image is bumped to
+    composefs_version 1 when the tree has whiteouts, unless `max_version`
+    is V0 (then whiteouts are written the version-0 way). Ignored for V2.
 
     Raises `errors.TreeError` for trees composefs cannot represent
     (hardlinked directories or whiteouts, invalid names, oversized values).
     """
     if not isinstance(root, Directory):
         raise TreeError("the root of a composefs image must be a directory")
-    return _WRITERS[FormatVersion(version)](root)
+    version = FormatVersion(version)
+    if version == FormatVersion.V2:
+        return _mkfs_epoch2(root)
+    top = FormatVersion.V1 if max_version is None else FormatVersion(max_version)
+    return _mkfs_epoch1(root, version, max(top, version))
