@@ -14,8 +14,10 @@ One line per entry, space separated:
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import BinaryIO
 
 from .errors import DumpfileError
@@ -454,6 +456,20 @@ def _parse_xattrs(field: bytes) -> dict[bytes, bytes]:
     return xattrs
 
 
+@contextmanager
+def no_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector. Building or walking a large tree
+    allocates many objects and no cycles: the collector would only rescan
+    them again and again (about a third of the parse time)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _show(b: bytes) -> str:
     s = b.decode(errors="backslashreplace")
     return s if len(s) <= 80 else s[:77] + "..."
@@ -467,12 +483,13 @@ def parse(source: bytes | BinaryIO, *, strict: bool = True) -> Directory:
     and content on a symlink are errors. Raises DumpfileError naming the line.
     """
     p = _Parser(strict)
-    for lineno, line in _lines(source, strict):
-        p._lineno = lineno
-        try:
-            p.line(line)
-        except ValueError as e:
-            raise DumpfileError(str(e), lineno) from None
+    with no_gc():
+        for lineno, line in _lines(source, strict):
+            p._lineno = lineno
+            try:
+                p.line(line)
+            except ValueError as e:
+                raise DumpfileError(str(e), lineno) from None
     if p.root is None:
         raise DumpfileError("no root directory (the first line must be /)")
     if p.hardlinks:
@@ -571,7 +588,8 @@ def dumps(root: Directory, *, style: str = "c") -> bytes:
     "rust" prints what composefs-rs `cfsctl create-dumpfile` prints: sorted
     xattrs, directory size 0, short hardlink lines.
     """
-    return b"".join(_iter_lines(root, style))
+    with no_gc():
+        return b"".join(_iter_lines(root, style))
 
 
 def write(root: Directory, out: BinaryIO, *, style: str = "c") -> None:
