@@ -1,0 +1,981 @@
+"""``docker://``: a native OCI Distribution client (composefs-rs shells out to skopeo).
+
+What it does, and the rules it keeps:
+
+* references ``[host[:port]/]name[:tag][@digest]`` with Docker Hub defaults
+  (``docker.io`` → ``registry-1.docker.io``, one-component names get ``library/``);
+* manifests and indexes, OCI and Docker schema 2. The full ``Accept`` list is
+  always sent: without it a registry may 404 OCI manifests or silently convert
+  schema 2 to schema 1 (a different digest);
+* anonymous, basic and bearer-token authentication (`composefs.oci.auth`);
+* blob redirects (301/302/303/307/308) are followed by hand so that
+  credentials never travel to another origin;
+* HTTPS with certificate verification (system CAs, ``SSL_CERT_FILE``, extra CA
+  files, ``certs.d``-style directories). Plain HTTP only for loopback registries
+  or when verification is explicitly disabled;
+* bounded retries with exponential backoff on 429/5xx and dropped connections;
+  a blob download that breaks mid-way resumes with a ``Range`` request;
+* every blob's size and digest are checked while it streams: the consumer gets
+  a file-like object that raises `DigestMismatch` before it reports EOF, so
+  nothing unverified is ever complete. Nothing is held in memory whole.
+
+The `RegistrySource` class implements the `transports.ImageSource` protocol;
+platform selection and storage live in shared code above it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import ipaddress
+import json
+import re
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+from ..errors import DigestMismatch, OciError, RegistryAuthError, RegistryError
+from . import auth as _auth
+from .transports import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    DOCKER_SCHEMA1,
+    INDEX_MEDIA_TYPES,
+    MANIFEST_MEDIA_TYPES,
+    MAX_JSON_SIZE,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    BaseSource,
+    parse_digest,
+)
+
+if TYPE_CHECKING:
+    import urllib3
+
+__all__ = [
+    "ACCEPT_MANIFEST",
+    "BlobStream",
+    "Reference",
+    "RegistryClient",
+    "RegistryOptions",
+    "RegistrySource",
+    "fetch_parallel",
+    "open_source",
+    "parse_reference",
+]
+
+#: Every manifest type we understand, in order of preference.
+ACCEPT_MANIFEST = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST))
+
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_API = "registry-1.docker.io"
+USER_AGENT = "composefs-py/0.1"
+
+_CHUNK = 1 << 20
+_ERROR_BODY_MAX = 64 * 1024
+
+# ---------------------------------------------------------------- references
+
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_HOST_RE = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+    r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A parsed ``docker://`` reference.
+
+    `registry` is the canonical host[:port] (``docker.io`` for Docker Hub),
+    `repository` the full path (``library/debian``). When both a tag and a
+    digest are given the digest decides what is fetched.
+    """
+
+    registry: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def api_host(self) -> str:
+        """Where the API actually lives (Docker Hub's API has its own name)."""
+        return DOCKER_HUB_API if self.registry == DOCKER_HUB else self.registry
+
+    @property
+    def hostname(self) -> str:
+        return split_host_port(self.registry)[0]
+
+    @property
+    def ref(self) -> str:
+        """What goes after ``/manifests/``: the digest if pinned, else the tag."""
+        return self.digest or self.tag or "latest"
+
+    def __str__(self) -> str:
+        s = f"{self.registry}/{self.repository}"
+        if self.tag:
+            s += f":{self.tag}"
+        if self.digest:
+            s += f"@{self.digest}"
+        return s
+
+
+def split_host_port(hostport: str) -> tuple[str, int | None]:
+    """``host``, ``host:5000``, ``[::1]:5000`` → (host without brackets, port)."""
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        host, rest = hostport[1:end], hostport[end + 1 :]
+        return host, int(rest[1:]) if rest.startswith(":") else None
+    host, sep, port = hostport.rpartition(":")
+    if sep and port.isdigit():
+        return host, int(port)
+    return hostport, None
+
+
+def parse_reference(text: str) -> Reference:
+    """Parse ``[docker://][host[:port]/]name[:tag][@digest]``.
+
+    The first path component is a registry when it contains ``.`` or ``:``,
+    is ``localhost``, or has upper case letters (the Docker rule); otherwise
+    the image is on Docker Hub.
+    """
+    original = text
+    if text.startswith("docker://"):
+        text = text[len("docker://") :]
+    if not text or len(text) > 1024:
+        raise OciError(f"invalid image reference {original[:200]!r}")
+
+    digest: str | None = None
+    if "@" in text:
+        text, _, digest = text.partition("@")
+        try:
+            parse_digest(digest)
+        except OciError:
+            raise OciError(
+                f"invalid image reference {original!r}: bad digest (sha256:<64 hex> or sha512:<128 hex>)"
+            ) from None
+
+    registry = DOCKER_HUB
+    first, slash, rest = text.partition("/")
+    if slash and (
+        "." in first or ":" in first or first == "localhost" or first.lower() != first or first.startswith("[")
+    ):
+        if not _HOST_RE.fullmatch(first):
+            raise OciError(f"invalid image reference {original!r}: bad registry host {first!r}")
+        registry = first
+        text = rest
+    tag: str | None = None
+    name, colon, maybe_tag = text.rpartition(":")
+    if colon:
+        if not _TAG_RE.fullmatch(maybe_tag):
+            raise OciError(f"invalid image reference {original!r}: bad tag {maybe_tag!r}")
+        tag, text = maybe_tag, name
+    if registry in ("index.docker.io", "registry-1.docker.io"):
+        registry = DOCKER_HUB
+    if registry == DOCKER_HUB and "/" not in text:
+        text = "library/" + text
+    if not _NAME_RE.fullmatch(text) or len(text) > 255:
+        raise OciError(
+            f"invalid image reference {original!r}: repository names are lower case "
+            "letters, digits and separators (. _ __ -) joined by '/'"
+        )
+    if tag is None and digest is None:
+        tag = "latest"
+    return Reference(registry, text, tag, digest)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost: where plain HTTP is acceptable."""
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------- options
+
+
+@dataclass
+class RegistryOptions:
+    """Everything a user can tune about talking to a registry (CLI flags map 1:1).
+
+    `creds` ``USER:PASS`` (``--creds``) wins over auth files; `auth_file`
+    (``--authfile``) replaces the default auth file search; `tls_verify`
+    False (``--tls-verify=false``) disables certificate checks and allows plain
+    HTTP; `cert_dir` (``--cert-dir``) holds ``*.crt`` CA files and optional
+    ``*.cert``/``*.key`` client pairs; `ca_file` is one extra CA bundle.
+    """
+
+    creds: str | None = None
+    auth_file: str | None = None
+    tls_verify: bool = True
+    cert_dir: str | None = None
+    ca_file: str | None = None
+    retries: int = 4
+    backoff: float = 0.25
+    max_backoff: float = 8.0
+    connect_timeout: float = 30.0
+    read_timeout: float = 120.0
+    max_workers: int = 4
+    #: directories searched for ``HOST[:PORT]/*.crt`` like podman/docker do
+    certs_d: tuple[str, ...] = ("/etc/containers/certs.d", "/etc/docker/certs.d")
+    env: Mapping[str, str] | None = field(default=None, repr=False)
+
+
+def _make_ssl_context(opts: RegistryOptions, hostport: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()  # honours SSL_CERT_FILE / SSL_CERT_DIR
+    if not opts.tls_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    dirs: list[Path] = []
+    if opts.cert_dir:
+        d = Path(opts.cert_dir)
+        if not d.is_dir():
+            raise RegistryError(f"certificate directory not found: {d}")
+        dirs.append(d)
+    for base in opts.certs_d:
+        d = Path(base) / hostport
+        if d.is_dir():
+            dirs.append(d)
+    try:
+        if opts.ca_file:
+            ctx.load_verify_locations(cafile=opts.ca_file)
+        for d in dirs:
+            for crt in sorted(d.glob("*.crt")):
+                ctx.load_verify_locations(cafile=str(crt))
+            for cert in sorted(d.glob("*.cert")):
+                key = cert.with_suffix(".key")
+                if not key.exists():
+                    raise RegistryError(f"client certificate {cert} has no matching {key.name}")
+                ctx.load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError) as e:
+        raise RegistryError(f"cannot load TLS certificates: {e}") from None
+    return ctx
+
+
+# ---------------------------------------------------------------- HTTP client
+
+
+class _CertError(RegistryError):
+    """TLS certificate verification failed (never answered by falling back to HTTP)."""
+
+
+_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+
+
+def _net_errors() -> tuple[type[BaseException], ...]:
+    import http.client
+
+    import urllib3.exceptions as ue
+
+    return (
+        ue.ProtocolError,
+        ue.TimeoutError,
+        ue.NewConnectionError,
+        ue.ProxyError,
+        ue.DecodeError,
+        http.client.HTTPException,
+        ConnectionError,
+        socket.timeout,
+    )
+
+
+def _ssl_error_cls() -> type[BaseException]:
+    import urllib3.exceptions as ue
+
+    return ue.SSLError
+
+
+def _describe(e: BaseException) -> str:
+    """One line for a network exception (urllib3's are verbose and nested)."""
+    inner: BaseException = e
+    for attr in ("reason", "__context__"):
+        nxt = getattr(inner, attr, None)
+        if isinstance(nxt, BaseException):
+            inner = nxt
+    text = str(inner) or type(inner).__name__
+    if isinstance(e, _ssl_error_cls()) and e.args and isinstance(e.args[0], BaseException):
+        text = str(e.args[0])
+    # urllib3 prefixes "<HTTPConnection object at 0x..>: "
+    text = re.sub(r"<[^>]*object at 0x[0-9a-f]+>:\s*", "", text)
+    return " ".join(text.split())
+
+
+def _is_cert_failure(e: BaseException) -> bool:
+    for cand in (e, *(e.args or ())):
+        if isinstance(cand, ssl.SSLCertVerificationError):
+            return True
+    return "CERTIFICATE_VERIFY_FAILED" in str(e)
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    p = urllib.parse.urlsplit(url)
+    port = p.port or (443 if p.scheme == "https" else 80)
+    return p.scheme, (p.hostname or "").lower(), port
+
+
+def _registry_error_text(body: bytes) -> str:
+    """The human part of a registry's JSON error body, if any."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    errs = doc.get("errors") if isinstance(doc, dict) else None
+    if not isinstance(errs, list):
+        return ""
+    parts = []
+    for err in errs[:3]:
+        if isinstance(err, dict):
+            msg = err.get("message") or err.get("code")
+            if isinstance(msg, str):
+                parts.append(" ".join(msg.split())[:200])
+    return "; ".join(parts)
+
+
+class RegistryClient:
+    """HTTP plumbing for one registry host: TLS, auth, retries, redirects.
+
+    Thread-safe: blob downloads may run concurrently (the connection pool
+    holds up to `max_workers` + 2 connections per host).
+    """
+
+    def __init__(
+        self,
+        registry: str,
+        *,
+        credentials: _auth.Credentials | None = None,
+        options: RegistryOptions | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        import urllib3
+
+        self.registry = registry
+        self.options = opts = options or RegistryOptions()
+        self.api_host = DOCKER_HUB_API if registry == DOCKER_HUB else registry
+        host, _port = split_host_port(self.api_host)
+        self._sleep = sleep
+        # Plain HTTP: loopback (nothing on the wire to protect) or explicit opt-out.
+        self.allow_http = is_loopback(host) or not opts.tls_verify
+        ctx = _make_ssl_context(opts, self.api_host)
+        self._pool = urllib3.PoolManager(
+            num_pools=8,
+            maxsize=max(2, opts.max_workers + 2),
+            block=False,
+            ssl_context=ctx,
+            cert_reqs=ssl.CERT_REQUIRED if opts.tls_verify else ssl.CERT_NONE,
+            assert_hostname=None if opts.tls_verify else False,
+            retries=False,
+            timeout=urllib3.Timeout(connect=opts.connect_timeout, read=opts.read_timeout),
+            headers={"User-Agent": USER_AGENT},
+        )
+        if not opts.tls_verify:
+            warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
+        self.auth = _auth.Authenticator(registry, credentials, self._fetch_token)
+        self._auth_lock = threading.Lock()
+        self._base_lock = threading.Lock()
+        self._base: str | None = None
+
+    def close(self) -> None:
+        self._pool.clear()
+
+    # -- low level -----------------------------------------------------------
+
+    def _backoff(self, attempt: int, retry_after: str | None = None) -> None:
+        delay = min(self.options.backoff * (2**attempt), self.options.max_backoff)
+        if retry_after and retry_after.strip().isdigit():
+            delay = min(max(delay, float(retry_after.strip())), self.options.max_backoff)
+        if delay > 0:
+            self._sleep(delay)
+
+    def _send(self, method: str, url: str, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
+        return self._pool.request(
+            method,
+            url,
+            headers=headers,
+            redirect=False,
+            preload_content=False,
+            retries=False,
+            decode_content=False,
+        )
+
+    def _fetch_token(self, url: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        """Token requests for the Authenticator: same TLS rules, retries, no redirects with creds."""
+        scheme, host, _ = _origin(url)
+        if scheme != "https" and not (is_loopback(host) or not self.options.tls_verify):
+            raise RegistryAuthError(
+                f"{self.registry}: refusing to send credentials to a plain-HTTP token server {host}"
+            )
+        resp = self._request("GET", url, headers=headers, scope=None, auth=False)
+        try:
+            body = _read_limited(resp, MAX_JSON_SIZE, f"{self.registry}: token response")
+        finally:
+            resp.release_conn()
+        return resp.status, body
+
+    def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        scope: str | None,
+        auth: bool = True,
+        ok_status: Iterable[int] = (),
+        retries: int | None = None,
+    ) -> urllib3.BaseHTTPResponse:
+        """One logical request: auth, redirects (credentials only to the same
+        origin), retries with backoff. Returns the final response unread
+        (caller releases it); raises RegistryError on network failure."""
+        net_errors = _net_errors()
+        ssl_error = _ssl_error_cls()
+        max_retries = self.options.retries if retries is None else retries
+        attempt = 0
+        auth_tries = 0
+        home = _origin(url)
+        target = url
+        hops = 0
+        while True:
+            hdrs = dict(headers or {})
+            same_origin = _origin(target) == home
+            if not same_origin:
+                # Never carry credentials (ours or the caller's) to another origin.
+                hdrs = {k: v for k, v in hdrs.items() if k.lower() != "authorization"}
+            sent_auth = False
+            if auth and scope is not None and same_origin:
+                with self._auth_lock:
+                    value = self.auth.header_for(scope)
+                if value:
+                    hdrs["Authorization"] = value
+                    sent_auth = True
+            try:
+                resp = self._send(method, target, hdrs)
+            except ssl_error as e:
+                if _is_cert_failure(e):
+                    raise _CertError(
+                        f"{_origin(target)[1]}: TLS certificate verification failed ({_describe(e)}); "
+                        "give the CA with --cert-dir, or use --tls-verify=false"
+                    ) from None
+                if attempt < max_retries:
+                    self._backoff(attempt)
+                    attempt += 1
+                    target, hops = url, 0
+                    continue
+                raise RegistryError(f"{_origin(target)[1]}: TLS error: {_describe(e)}") from None
+            except net_errors as e:
+                if attempt < max_retries:
+                    self._backoff(attempt)
+                    attempt += 1
+                    target, hops = url, 0
+                    continue
+                raise RegistryError(f"cannot reach {self.registry}: {_describe(e)}") from None
+
+            status = resp.status
+            if status in ok_status:
+                return resp
+            if status in _REDIRECT_STATUS:
+                location = resp.headers.get("Location")
+                _discard(resp)
+                if not location:
+                    raise RegistryError(f"{self.registry}: HTTP {status} redirect without Location")
+                hops += 1
+                if hops > 8:
+                    raise RegistryError(f"{self.registry}: too many redirects")
+                nxt = urllib.parse.urljoin(target, location)
+                nscheme, nhost, _ = _origin(nxt)
+                if nscheme not in ("http", "https"):
+                    raise RegistryError(f"{self.registry}: redirect to unsupported URL scheme {nscheme!r}")
+                if (
+                    nscheme == "http"
+                    and _origin(target)[0] == "https"
+                    and not (is_loopback(nhost) or not self.options.tls_verify)
+                ):
+                    raise RegistryError(f"{self.registry}: refusing redirect from HTTPS to plain HTTP ({nhost})")
+                target = nxt
+                if status == 303:
+                    method = "GET"
+                continue
+            if status == 401 and auth and scope is not None and _origin(target) == home:
+                challenge = resp.headers.get("WWW-Authenticate")
+                _discard(resp)
+                auth_tries += 1
+                if auth_tries > 2:
+                    raise self.auth.denied()
+                with self._auth_lock:
+                    self.auth.handle_challenge(challenge, scope, had_auth=sent_auth)
+                target, hops = url, 0
+                continue
+            if status in _RETRY_STATUS and attempt < max_retries:
+                retry_after = resp.headers.get("Retry-After")
+                _discard(resp)
+                self._backoff(attempt, retry_after)
+                attempt += 1
+                target, hops = url, 0
+                continue
+            return resp
+
+    # -- endpoints ---------------------------------------------------------------
+
+    def base_url(self) -> str:
+        """``scheme://host[:port]``, found by pinging ``/v2/`` once.
+
+        HTTPS first; plain HTTP only if allowed and HTTPS did not work for a
+        reason other than a bad certificate (a certificate problem is never
+        "solved" by dropping encryption).
+        """
+        with self._base_lock:
+            if self._base is not None:
+                return self._base
+            schemes = ["https", "http"] if self.allow_http else ["https"]
+            last: RegistryError | None = None
+            for i, scheme in enumerate(schemes):
+                base = f"{scheme}://{self.api_host}"
+                try:
+                    resp = self._ping(base, quick=i + 1 < len(schemes))
+                except _CertError:
+                    raise
+                except RegistryError as e:
+                    last = e
+                    continue
+                try:
+                    if resp.status == 401:
+                        self.auth.note_challenge(resp.headers.get("WWW-Authenticate"))
+                    elif resp.status == 404:
+                        raise RegistryError(f"{self.registry}: not a registry (no /v2/ API)")
+                    elif resp.status >= 500:
+                        raise RegistryError(f"{self.registry}: registry answered HTTP {resp.status}")
+                finally:
+                    _discard(resp)
+                self._base = base
+                return base
+            assert last is not None
+            raise last
+
+    def _ping(self, base: str, *, quick: bool) -> urllib3.BaseHTTPResponse:
+        # When HTTP is the fallback, probe HTTPS once without retries: a
+        # plain-HTTP server answers a TLS hello with garbage, not worth waiting for.
+        return self._request("GET", base + "/v2/", scope=None, auth=False, retries=0 if quick else None)
+
+    def _url(self, repository: str, kind: str, ref: str) -> str:
+        return f"{self.base_url()}/v2/{repository}/{kind}/{urllib.parse.quote(ref, safe=':')}"
+
+    def get_manifest(self, repository: str, ref: str) -> tuple[bytes, str | None, str]:
+        """Fetch a manifest or index: (raw bytes, media type, digest).
+
+        A digest `ref` is verified; for a tag the registry's
+        ``Docker-Content-Digest`` is checked when it uses the same algorithm.
+        """
+        scope = f"repository:{repository}:pull"
+        what = f"{self.registry}/{repository}:{ref}" if ":" not in ref else f"{self.registry}/{repository}@{ref}"
+        url = self._url(repository, "manifests", ref)
+        resp = self._request("GET", url, headers={"Accept": ACCEPT_MANIFEST}, scope=scope)
+        try:
+            if resp.status != 200:
+                raise _status_error(resp, what, "manifest")
+            body = _read_limited(resp, MAX_JSON_SIZE, f"{what}: manifest")
+            ctype = resp.headers.get("Content-Type")
+            header_digest = resp.headers.get("Docker-Content-Digest")
+        finally:
+            resp.release_conn()
+        media_type = (ctype or "").split(";", 1)[0].strip() or None
+        if media_type not in INDEX_MEDIA_TYPES | MANIFEST_MEDIA_TYPES:
+            media_type = _sniff_media_type(body, media_type, what)
+        if ":" in ref:
+            alg, _ = parse_digest(ref)
+            actual = f"{alg}:" + hashlib.new(alg, body).hexdigest()
+            if actual != ref:
+                raise DigestMismatch(f"{what}: manifest digest mismatch: got {actual}")
+            digest = ref
+        else:
+            digest = "sha256:" + hashlib.sha256(body).hexdigest()
+            if header_digest and header_digest.startswith("sha256:") and header_digest != digest:
+                raise DigestMismatch(
+                    f"{what}: manifest digest mismatch: registry says {header_digest}, content is {digest}"
+                )
+        return body, media_type, digest
+
+    def open_blob(self, repository: str, digest: str, size: int | None = None) -> BlobStream:
+        """A verifying stream of the blob's bytes (see `BlobStream`)."""
+        parse_digest(digest)
+        if size is not None and size < 0:
+            raise OciError(f"blob {digest}: negative size")
+        scope = f"repository:{repository}:pull"
+        url = self._url(repository, "blobs", digest)
+        what = f"{self.registry}/{repository}@{digest}"
+        resp = self._request("GET", url, scope=scope)
+        if resp.status != 200:
+            try:
+                raise _status_error(resp, what, "blob")
+            finally:
+                resp.release_conn()
+        return BlobStream(self, url, scope, digest, size, resp, what)
+
+
+def _discard(resp: urllib3.BaseHTTPResponse) -> None:
+    """Drop a response we will not read; keep the connection if cheap."""
+    try:
+        length = resp.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) <= 65536:
+            resp.drain_conn()
+            resp.release_conn()
+        else:
+            resp.close()
+    except Exception:
+        resp.close()
+
+
+def _read_limited(resp: urllib3.BaseHTTPResponse, limit: int, what: str) -> bytes:
+    buf = bytearray()
+    while True:
+        try:
+            chunk = resp.read(min(_CHUNK, limit + 1 - len(buf)))
+        except _net_errors() as e:
+            raise RegistryError(f"{what}: download failed: {_describe(e)}") from None
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > limit:
+            resp.close()
+            raise RegistryError(f"{what}: larger than {limit} bytes")
+
+
+def _status_error(resp: urllib3.BaseHTTPResponse, what: str, kind: str) -> RegistryError:
+    try:
+        body = resp.read(_ERROR_BODY_MAX)
+    except Exception:
+        body = b""
+    detail = _registry_error_text(body)
+    status = resp.status
+    if status == 401 or status == 403:
+        return RegistryAuthError(f"{what}: access denied (HTTP {status}{': ' + detail if detail else ''})")
+    if status == 404:
+        return RegistryError(f"{what}: {kind} not found{' (' + detail + ')' if detail else ''}")
+    return RegistryError(f"{what}: registry answered HTTP {status}{': ' + detail if detail else ''}")
+
+
+def _sniff_media_type(body: bytes, declared: str | None, what: str) -> str:
+    """Media type from the JSON when the header is missing or generic."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RegistryError(f"{what}: malformed manifest JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise RegistryError(f"{what}: malformed manifest JSON (not an object)")
+    mt = doc.get("mediaType")
+    if declared in DOCKER_SCHEMA1 or doc.get("schemaVersion") == 1:
+        raise RegistryError(f"{what}: Docker schema 1 manifests are not supported")
+    if isinstance(mt, str) and mt in INDEX_MEDIA_TYPES | MANIFEST_MEDIA_TYPES:
+        return mt
+    if mt is None and doc.get("schemaVersion") == 2 and declared in (None, "application/json", "text/plain"):
+        if "manifests" in doc:
+            return OCI_INDEX
+        if "config" in doc:
+            return OCI_MANIFEST
+    raise RegistryError(f"{what}: unsupported manifest media type {mt or declared or '(none)'!r}")
+
+
+# ---------------------------------------------------------------- blob stream
+
+
+class BlobStream(io.RawIOBase):
+    """A blob being downloaded, checked as it goes.
+
+    * never yields more than the declared size; a blob that is longer,
+      shorter or hashes differently raises `DigestMismatch` from the read
+      that would otherwise complete it, so a consumer that reads to EOF
+      never sees a successful end of bad content;
+    * a connection that drops mid-way is resumed (``Range`` request, or by
+      skipping already-seen bytes when the server ignores ranges), at most
+      `retries` times;
+    * `finish()` reads whatever the consumer left unread (e.g. padding after
+      a gzip trailer) and verifies: call it before committing anything.
+    """
+
+    def __init__(
+        self,
+        client: RegistryClient,
+        url: str,
+        scope: str,
+        digest: str,
+        size: int | None,
+        resp: urllib3.BaseHTTPResponse,
+        what: str,
+    ) -> None:
+        super().__init__()
+        alg, self._hex = parse_digest(digest)
+        self._hasher = hashlib.new(alg)
+        self._client = client
+        self._url = url
+        self._scope = scope
+        self.digest = digest
+        self.size = size
+        self._resp: urllib3.BaseHTTPResponse | None = resp
+        self._what = what
+        self._pos = 0
+        self._attempt = 0
+        self._verified = False
+        self._failed = False
+        # No declared size (rare: only for callers that do not know it): cap
+        # at something sane so a hostile server cannot stream forever.
+        self._limit = size if size is not None else MAX_JSON_SIZE
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        mv = memoryview(b).cast("B")
+        data = self.read(len(mv))
+        n = len(data)
+        mv[:n] = data
+        return n
+
+    def readall(self) -> bytes:
+        out = bytearray()
+        while chunk := self.read(_CHUNK):
+            out += chunk
+        return bytes(out)
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0:
+            return self.readall()
+        if self._verified or n == 0:
+            return b""
+        if self._failed:
+            raise RegistryError(f"{self._what}: read after a failed download")
+        if self.closed:
+            raise ValueError("read from a closed blob stream")
+        remaining = self._limit - self._pos
+        if remaining <= 0:
+            self._check_end()
+            return b""
+        data = self._read_some(min(n, remaining))
+        if not data:
+            # EOF from the server before the declared size
+            if self.size is None:
+                self._check_end()
+                return b""
+            data = self._resume_after_short()
+            if not data:
+                self._fail(DigestMismatch(
+                    f"{self._what}: truncated: got {self._pos} of {self.size} bytes"
+                ))
+        self._hasher.update(data)
+        self._pos += len(data)
+        if self._pos >= self._limit:
+            # Check now, not on the next call: the final bytes are only handed
+            # out once the whole blob is known to be right.
+            self._check_end()
+        return data
+
+    def _read_some(self, n: int) -> bytes:
+        net_errors = _net_errors()
+        while True:
+            resp = self._resp
+            assert resp is not None
+            try:
+                return resp.read(n)
+            except net_errors as e:
+                self._reopen(f"{_describe(e)}")
+
+    def _resume_after_short(self) -> bytes:
+        """The server closed early (no Content-Length to catch it): resume."""
+        while self._attempt < self._client.options.retries:
+            self._reopen("connection closed early")
+            data = self._read_some(min(_CHUNK, self._limit - self._pos))
+            if data:
+                return data
+        return b""
+
+    def _reopen(self, why: str) -> None:
+        if self._resp is not None:
+            self._resp.close()
+            self._resp = None
+        client = self._client
+        if self._attempt >= client.options.retries:
+            self._fail(RegistryError(f"{self._what}: download failed after {self._attempt + 1} attempts: {why}"))
+        client._backoff(self._attempt)
+        self._attempt += 1
+        headers = {"Range": f"bytes={self._pos}-"} if self._pos else {}
+        try:
+            resp = client._request("GET", self._url, headers=headers, scope=self._scope)
+        except RegistryError as e:
+            self._fail(e)
+        if resp.status == 206:
+            crange = resp.headers.get("Content-Range", "")
+            m = re.fullmatch(r"bytes (\d+)-\d+/(?:\d+|\*)", crange.strip())
+            if not m or int(m.group(1)) != self._pos:
+                resp.close()
+                self._fail(RegistryError(f"{self._what}: bad Content-Range {crange!r} when resuming"))
+        elif resp.status == 200:
+            # Range ignored: skip what we already have (it is hashed already;
+            # the final digest check catches a server that changed its mind).
+            skip = self._pos
+            try:
+                while skip:
+                    chunk = resp.read(min(skip, _CHUNK))
+                    if not chunk:
+                        break
+                    skip -= len(chunk)
+            except _net_errors():
+                skip = -1
+            if skip:
+                resp.close()
+                self._resp = None
+                self._reopen("connection closed early")
+                return
+        else:
+            try:
+                err = _status_error(resp, self._what, "blob")
+            finally:
+                resp.close()
+            self._fail(err)
+        self._resp = resp
+
+    def _fail(self, e: Exception) -> NoReturn:
+        self._failed = True
+        if self._resp is not None:
+            self._resp.close()
+            self._resp = None
+        raise e
+
+    def _check_end(self) -> None:
+        if self._verified:
+            return
+        if self.size is not None:
+            # Anything beyond the declared size means the blob is not what the
+            # manifest says, even if the first `size` bytes happen to hash right.
+            extra = b""
+            try:
+                assert self._resp is not None
+                extra = self._resp.read(1)
+            except _net_errors():
+                extra = b""
+            if extra:
+                self._fail(DigestMismatch(f"{self._what}: blob is larger than its declared size {self.size}"))
+        elif self._pos >= self._limit:
+            self._fail(RegistryError(f"{self._what}: blob larger than {self._limit} bytes without a declared size"))
+        actual = self._hasher.hexdigest()
+        if actual != self._hex:
+            alg = self.digest.partition(":")[0]
+            self._fail(DigestMismatch(f"{self._what}: digest mismatch: content is {alg}:{actual}"))
+        self._verified = True
+        if self._resp is not None:
+            self._resp.release_conn()
+            self._resp = None
+
+    def finish(self) -> None:
+        """Read the rest (unhashed tail a consumer did not need) and verify."""
+        while not self._verified:
+            if not self.read(_CHUNK) and not self._verified:
+                raise RegistryError(f"{self._what}: download incomplete")
+
+    @property
+    def verified(self) -> bool:
+        return self._verified
+
+    def close(self) -> None:
+        if self._resp is not None:
+            # Unread data: do not return the connection to the pool half-read.
+            self._resp.close()
+            self._resp = None
+        super().close()
+
+
+# ---------------------------------------------------------------- ImageSource
+
+
+class RegistrySource(BaseSource):
+    """`transports.ImageSource` for ``docker://REF``."""
+
+    def __init__(self, reference: Reference | str, options: RegistryOptions | None = None) -> None:
+        self.ref = reference if isinstance(reference, Reference) else parse_reference(reference)
+        self.options = opts = options or RegistryOptions()
+        self._reference = "docker://" + str(self.ref)
+        if opts.creds is not None:
+            creds: _auth.Credentials | None = _auth.parse_creds(opts.creds)
+        else:
+            creds = _auth.load_credentials(
+                self.ref.registry, self.ref.repository, auth_file=opts.auth_file, env=opts.env
+            )
+        self.client = RegistryClient(self.ref.registry, credentials=creds, options=opts)
+        self.manifest_digest: str | None = None
+
+    @property
+    def reference(self) -> str:
+        return self._reference
+
+    @property
+    def max_workers(self) -> int:
+        return self.options.max_workers
+
+    def get_manifest(self, digest: str | None = None) -> tuple[bytes, str | None]:
+        raw, media_type, got = self.client.get_manifest(self.ref.repository, digest or self.ref.ref)
+        if digest is None:
+            self.manifest_digest = got
+        return raw, media_type
+
+    def open_blob(self, digest: str, size: int | None = None) -> BlobStream:
+        return self.client.open_blob(self.ref.repository, digest, size)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> RegistrySource:
+        return self
+
+
+def open_source(ref: str, options: RegistryOptions | None = None, **kwargs: Any) -> RegistrySource:
+    """Open ``[docker://]REF``; `kwargs` are `RegistryOptions` fields."""
+    if kwargs:
+        base = options or RegistryOptions()
+        try:
+            options = RegistryOptions(**{**base.__dict__, **kwargs})
+        except TypeError as e:
+            raise OciError(f"bad registry option: {e}") from None
+    return RegistrySource(ref, options)
+
+
+# ---------------------------------------------------------------- parallel fetch
+
+T = TypeVar("T")
+D = TypeVar("D")
+
+
+def fetch_parallel(items: Iterable[D], work: Callable[[D], T], max_workers: int = 4) -> list[T]:
+    """Run `work` over `items` on a bounded thread pool; results in input order.
+
+    The first failure cancels everything not yet started and is re-raised
+    (the others' results are dropped), so a pull fails fast and cleanly.
+    """
+    todo = list(items)
+    if max_workers <= 1 or len(todo) <= 1:
+        return [work(x) for x in todo]
+    results: dict[int, T] = {}
+    with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="oci-fetch") as pool:
+        futures: dict[Future[T], int] = {pool.submit(work, x): i for i, x in enumerate(todo)}
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in done:
+            if f.exception() is not None:
+                for p in pending:
+                    p.cancel()
+                raise f.exception()  # type: ignore[misc]
+        for f in futures:
+            results[futures[f]] = f.result()
+    return [results[i] for i in range(len(todo))]
