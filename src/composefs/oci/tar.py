@@ -1,0 +1,615 @@
+"""Tar archives for OCI layers: header parsing and tar -> splitstream splitting.
+
+IO-free. Parsing follows what composefs-rs 0.7.0 does through tar-core 0.1,
+so that layers give the same trees (and image ids) in both:
+
+- ustar/GNU/v7 headers; numbers in octal or GNU base-256 (negative values
+  are rejected); checksums as unsigned (or historic signed) byte sums.
+- extension records before an entry: PAX ``x`` (path, linkpath, size, uid,
+  gid, mtime with a fractional part, ``SCHILY.xattr.NAME``), GNU ``L``/``K``
+  long name/link. They count only in ustar/GNU headers (a v7 header with
+  type ``x`` is an ordinary, unsupported entry). Each kind at most once per
+  entry, at most 16 records and 1 MiB of metadata per entry.
+- PAX global ``g`` records are kept byte for byte but not applied
+  (composefs-rs ignores them too).
+- name precedence: PAX path > GNU long name > ustar prefix + name.
+- a zero block followed by another zero block ends the archive; a single
+  stray zero block in the middle is skipped. Whatever follows the end
+  (record padding, even garbage) is kept so that the layer reassembles
+  byte for byte.
+- sparse entries (GNU ``S`` or PAX ``GNU.sparse.*``) and unknown entry
+  types are rejected; header-only types (directories, links, devices,
+  fifos) must have size 0.
+
+Names stay bytes throughout (no decoding); ``..`` handling is the merge's
+business (see `composefs.oci.layers`).
+
+Splitting (`TarSplitter`, push-based: feed it bytes, it calls a sink):
+headers, extension records, padding, contents of at most `inline_max`
+bytes (64, composefs-rs's INLINE_CONTENT_MAX_V0) and everything after the
+end-of-archive marker are inline; contents of regular files larger than
+that become external objects. Reading back (`read_members`) takes the
+splitstream's chunks and yields entries with their inline data or the
+external object that holds their content.
+"""
+
+from __future__ import annotations
+
+import os
+import stat as _stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..errors import OciError
+
+BLOCK = 512
+INLINE_MAX = 64
+MAX_METADATA = 1024 * 1024
+MAX_PENDING = 16
+# Sizes beyond this are nonsense for any real layer (and would overflow
+# the signed offsets other tools use).
+MAX_SIZE = (1 << 63) - 1
+_ZERO_BLOCK = bytes(BLOCK)
+
+# Entry kinds (the file types a tar entry can make).
+REG = "reg"
+DIR = "dir"
+SYMLINK = "symlink"
+HARDLINK = "hardlink"
+CHR = "chr"
+BLK = "blk"
+FIFO = "fifo"
+
+_KINDS = {
+    b"0": REG,
+    b"\0": REG,
+    b"7": REG,
+    b"1": HARDLINK,
+    b"2": SYMLINK,
+    b"3": CHR,
+    b"4": BLK,
+    b"5": DIR,
+    b"6": FIFO,
+}
+
+_TAR_WS = b" \t\n\v\f\r"
+
+
+class TarFormatError(OciError):
+    """A tar archive that is malformed, truncated or uses unsupported features."""
+
+
+@dataclass(slots=True)
+class TarEntry:
+    """One archive member, with every extension record applied."""
+
+    path: bytes
+    kind: str
+    mode: int  # permission bits only
+    uid: int
+    gid: int
+    mtime: int
+    mtime_nsec: int
+    size: int
+    linkname: bytes = b""
+    rdev: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+
+    @property
+    def padded_size(self) -> int:
+        return -(-self.size // BLOCK) * BLOCK
+
+    @property
+    def file_type(self) -> int:
+        return {
+            REG: _stat.S_IFREG,
+            DIR: _stat.S_IFDIR,
+            SYMLINK: _stat.S_IFLNK,
+            HARDLINK: _stat.S_IFREG,
+            CHR: _stat.S_IFCHR,
+            BLK: _stat.S_IFBLK,
+            FIFO: _stat.S_IFIFO,
+        }[self.kind]
+
+
+def _show(name: bytes) -> str:
+    text = name.decode("utf-8", "backslashreplace")
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+# -- numbers ----------------------------------------------------------------
+
+
+def parse_octal(fld: bytes, what: str = "number") -> int:
+    """An octal ASCII field: NUL-terminated, blank-padded; empty means 0."""
+    nul = fld.find(b"\0")
+    if nul >= 0:
+        fld = fld[:nul]
+    fld = fld.strip(_TAR_WS)
+    if not fld:
+        return 0
+    try:
+        if not all(0x30 <= c <= 0x37 for c in fld):
+            raise ValueError
+        return int(fld, 8)
+    except ValueError:
+        raise TarFormatError(f"tar header: invalid {what} field {fld[:20]!r}") from None
+
+
+def parse_number(fld: bytes, what: str = "number") -> int:
+    """Octal, or GNU base-256 when the top bit of the first byte is set."""
+    if fld and fld[0] & 0x80:
+        if fld[0] == 0xFF:
+            raise TarFormatError(f"tar header: negative {what}")
+        value = int.from_bytes(bytes([fld[0] & 0x7F]) + fld[1:], "big")
+        if value > 0xFFFF_FFFF_FFFF_FFFF:
+            raise TarFormatError(f"tar header: {what} out of range")
+        return value
+    return parse_octal(fld, what)
+
+
+def _checksum_ok(block: bytes | memoryview) -> bool:
+    b = bytes(block)
+    stored = parse_octal(b[148:156], "checksum")
+    unsigned = sum(b[:148]) + sum(b[156:]) + 8 * 0x20
+    if stored == unsigned:
+        return True
+    # Some historic tars summed signed chars.
+    signed = unsigned - 256 * sum(1 for c in b[:148] + b[156:] if c & 0x80)
+    return stored == signed
+
+
+# -- PAX -------------------------------------------------------------------------
+
+
+def parse_pax(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Records ``"LEN KEY=VALUE\\n"``; anything malformed is an error."""
+    out: list[tuple[bytes, bytes]] = []
+    pos = 0
+    n = len(data)
+    while pos < n:
+        if data[pos] == 0:
+            # NUL padding after the last record (some writers add it).
+            if data[pos:].strip(b"\0"):
+                raise TarFormatError("tar: malformed PAX record")
+            break
+        sp = data.find(b" ", pos, min(n, pos + 24))
+        if sp < 0:
+            raise TarFormatError("tar: malformed PAX record length")
+        digits = data[pos:sp]
+        if not digits.isdigit():
+            raise TarFormatError("tar: malformed PAX record length")
+        length = int(digits)
+        end = pos + length
+        if length < len(digits) + 3 or end > n or data[end - 1] != 0x0A:
+            raise TarFormatError("tar: malformed PAX record")
+        kv = data[sp + 1 : end - 1]
+        eq = kv.find(b"=")
+        if eq <= 0:
+            raise TarFormatError("tar: malformed PAX record (no key)")
+        out.append((kv[:eq], kv[eq + 1 :]))
+        pos = end
+    return out
+
+
+def _pax_uint(value: bytes, key: str) -> int:
+    if not value.isdigit():
+        raise TarFormatError(f"tar: invalid PAX {key} {value[:30]!r}")
+    v = int(value)
+    if v > 0xFFFF_FFFF_FFFF_FFFF:
+        raise TarFormatError(f"tar: PAX {key} out of range")
+    return v
+
+
+def pax_mtime(value: bytes) -> tuple[int, int]:
+    """``SEC[.FRAC]`` -> (seconds, nanoseconds), like composefs-rs: the
+    fraction is truncated or zero-padded to 9 digits; a fraction that is
+    not plain digits counts as 0."""
+    intpart, dot, frac = value.partition(b".")
+    sec = _pax_uint(intpart, "mtime")
+    nsec = 0
+    if dot and frac.isdigit():
+        nsec = int(frac[:9].ljust(9, b"0"))
+    return sec, nsec
+
+
+# -- header parsing ------------------------------------------------------------------
+
+# Parser events (first element of the tuple returned by `parse_header`).
+NEED = 0  # (NEED, min_bytes, None)
+ENTRY = 1  # (ENTRY, consumed, TarEntry) -- consumed covers headers only
+GLOBAL = 2  # (GLOBAL, consumed, None)
+STRAY = 3  # (STRAY, 512, None): a lone zero block mid-archive
+END = 4  # (END, 1024, None)
+
+Event = tuple[int, int, "TarEntry | None"]
+
+
+def _padded(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+def parse_header(buf: bytes | bytearray | memoryview, at_eof: bool = False) -> Event:
+    """Parse the next entry (with its extension records) at the start of `buf`.
+
+    Returns ``(NEED, n, None)`` when `buf` holds fewer than n bytes of what
+    is needed. With `at_eof`, a lone trailing zero block counts as the end.
+    """
+    mv = memoryview(buf)
+    pos = 0
+    pax: list[tuple[bytes, bytes]] | None = None
+    long_name: bytes | None = None
+    long_link: bytes | None = None
+    pending = 0
+    meta = 0
+    while True:
+        if len(mv) - pos < BLOCK:
+            return (NEED, pos + BLOCK, None)
+        block = mv[pos : pos + BLOCK]
+        if block == _ZERO_BLOCK:
+            if pending:
+                raise TarFormatError("tar: extension header without an entry")
+            if len(mv) - pos < 2 * BLOCK:
+                if at_eof:
+                    return (END, pos + BLOCK, None)
+                return (NEED, pos + 2 * BLOCK, None)
+            if mv[pos + BLOCK : pos + 2 * BLOCK] == _ZERO_BLOCK:
+                return (END, pos + 2 * BLOCK, None)
+            return (STRAY, pos + BLOCK, None)
+        hdr = bytes(block)
+        if not _checksum_ok(hdr):
+            raise TarFormatError("tar: header checksum mismatch (corrupt or not a tar archive)")
+        magic = hdr[257:265]
+        is_ustar = magic == b"ustar\x0000"
+        is_gnu = magic == b"ustar  \x00"
+        typeflag = hdr[156:157]
+        size = parse_number(hdr[124:136], "size")
+        if size > MAX_SIZE:
+            raise TarFormatError("tar: entry size is absurd")
+        ext_kind = None
+        if typeflag == b"g":
+            ext_kind = "g"
+        elif (is_ustar or is_gnu) and typeflag in (b"x", b"L", b"K"):
+            ext_kind = typeflag.decode()
+        if ext_kind is not None:
+            if size > MAX_METADATA or meta + size > MAX_METADATA:
+                raise TarFormatError("tar: extension header is too large")
+            total = BLOCK + _padded(size)
+            if len(mv) - pos < total:
+                return (NEED, pos + total, None)
+            data = bytes(mv[pos + BLOCK : pos + BLOCK + size])
+            if ext_kind == "g":
+                if pending:
+                    raise TarFormatError("tar: global header between extension headers")
+                parse_pax(data)  # validate only; not applied (as composefs-rs)
+                return (GLOBAL, pos + total, None)
+            pending += 1
+            meta += size
+            if pending > MAX_PENDING:
+                raise TarFormatError("tar: too many extension headers for one entry")
+            if ext_kind == "x":
+                if pax is not None:
+                    raise TarFormatError("tar: duplicate PAX header")
+                pax = parse_pax(data)
+            else:
+                nul = data.find(b"\0")
+                value = data if nul < 0 else data[:nul]
+                if ext_kind == "L":
+                    if long_name is not None:
+                        raise TarFormatError("tar: duplicate GNU long name")
+                    long_name = value
+                else:
+                    if long_link is not None:
+                        raise TarFormatError("tar: duplicate GNU long link")
+                    long_link = value
+            pos += total
+            continue
+        entry = _make_entry(hdr, is_ustar, is_gnu, size, pax, long_name, long_link)
+        return (ENTRY, pos + BLOCK, entry)
+
+
+def _cstr(b: bytes) -> bytes:
+    nul = b.find(b"\0")
+    return b if nul < 0 else b[:nul]
+
+
+def _make_entry(
+    hdr: bytes,
+    is_ustar: bool,
+    is_gnu: bool,
+    size: int,
+    pax: list[tuple[bytes, bytes]] | None,
+    long_name: bytes | None,
+    long_link: bytes | None,
+) -> TarEntry:
+    typeflag = hdr[156:157]
+    path = _cstr(hdr[0:100])
+    if is_ustar:
+        prefix = _cstr(hdr[345:500])
+        if prefix:
+            path = prefix + b"/" + path
+    if long_name is not None:
+        path = long_name
+    link = long_link if long_link is not None else _cstr(hdr[157:257])
+    uid = parse_number(hdr[108:116], "uid")
+    gid = parse_number(hdr[116:124], "gid")
+    mtime = parse_number(hdr[136:148], "mtime")
+    mtime_nsec = 0
+    mode = parse_number(hdr[100:108], "mode")
+    xattrs: dict[bytes, bytes] = {}
+    for key, value in pax or ():
+        if key == b"path":
+            path = value
+        elif key == b"linkpath":
+            link = value
+        elif key == b"size":
+            size = _pax_uint(value, "size")
+        elif key == b"uid":
+            uid = _pax_uint(value, "uid")
+        elif key == b"gid":
+            gid = _pax_uint(value, "gid")
+        elif key == b"mtime":
+            mtime, mtime_nsec = pax_mtime(value)
+        elif key.startswith(b"SCHILY.xattr."):
+            name = key[len(b"SCHILY.xattr.") :]
+            if not name:
+                raise TarFormatError("tar: PAX xattr record without a name")
+            xattrs[name] = value
+        elif key.startswith(b"GNU.sparse."):
+            raise TarFormatError(f"tar: sparse entries are not supported ({_show(path)})")
+    if not path:
+        raise TarFormatError("tar: entry with an empty name")
+    if b"\0" in path or b"\0" in link:
+        raise TarFormatError(f"tar: NUL byte in name {_show(path)}")
+    if size > MAX_SIZE:
+        raise TarFormatError(f"tar: size of {_show(path)} is absurd")
+    if uid > 0xFFFF_FFFF or gid > 0xFFFF_FFFF:
+        raise TarFormatError(f"tar: uid/gid of {_show(path)} out of range")
+    if typeflag == b"S" and (is_gnu or is_ustar):
+        raise TarFormatError(f"tar: sparse entries are not supported ({_show(path)})")
+    kind = _KINDS.get(typeflag)
+    if kind is None:
+        shown = typeflag.decode("ascii", "backslashreplace") if typeflag != b"\0" else "\\0"
+        raise TarFormatError(f"tar: unsupported entry type {shown!r} for {_show(path)}")
+    rdev = 0
+    if kind in (CHR, BLK):
+        if not (is_ustar or is_gnu):
+            raise TarFormatError(f"tar: device {_show(path)} without device numbers")
+        major = parse_octal(hdr[329:337], "devmajor")
+        minor = parse_octal(hdr[337:345], "devminor")
+        if major > 0xFFFF_FFFF or minor > 0xFFFF_FFFF:
+            raise TarFormatError(f"tar: device numbers of {_show(path)} out of range")
+        rdev = os.makedev(major, minor)
+    if kind != REG and size != 0:
+        raise TarFormatError(f"tar: {kind} entry {_show(path)} has a nonzero size")
+    if kind in (SYMLINK, HARDLINK) and not link:
+        raise TarFormatError(f"tar: {kind} {_show(path)} has an empty target")
+    return TarEntry(
+        path=path,
+        kind=kind,
+        mode=mode & 0o7777,
+        uid=uid,
+        gid=gid,
+        mtime=mtime,
+        mtime_nsec=mtime_nsec,
+        size=size,
+        linkname=link if kind in (SYMLINK, HARDLINK) else b"",
+        rdev=rdev,
+        xattrs=xattrs,
+    )
+
+
+# -- splitting -------------------------------------------------------------------------
+
+
+class SplitSink(Protocol):
+    """Receives the pieces of a tar stream, in order."""
+
+    def inline(self, data: bytes | memoryview) -> None: ...
+
+    def entry(self, entry: TarEntry) -> None: ...
+
+    def external_begin(self, entry: TarEntry) -> None: ...
+
+    def external_data(self, data: memoryview) -> None: ...
+
+    def external_end(self) -> None: ...
+
+
+_HEADER, _EXT, _INL, _TRAIL = range(4)
+
+
+class TarSplitter:
+    """Push-based tar splitter: ``feed()`` bytes as they arrive, then ``finish()``.
+
+    Concatenating every `inline` piece and every external content in call
+    order reproduces the input exactly. Memory use is bounded by the largest
+    header run (at most ~1 MiB of extension records), not by the layer.
+    """
+
+    def __init__(self, sink: SplitSink, inline_max: int = INLINE_MAX) -> None:
+        self._sink = sink
+        self._inline_max = inline_max
+        self._buf = bytearray()
+        self._state = _HEADER
+        self._remaining = 0  # content bytes left (EXT) or bytes left (INL)
+        self._pad = 0  # padding after external content
+        self._where = b""
+        self.entries = 0
+        self.finished = False
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        mv = memoryview(data).cast("B")
+        pos = 0
+        n = len(mv)
+        sink = self._sink
+        buf = self._buf
+        while True:
+            state = self._state
+            if state == _HEADER:
+                ev, amount, entry = parse_header(buf)
+                if ev == NEED:
+                    if pos >= n:
+                        return
+                    take = min(amount - len(buf), n - pos)
+                    buf += mv[pos : pos + take]
+                    pos += take
+                    continue
+                sink.inline(bytes(buf[:amount]))
+                del buf[:amount]
+                if ev == ENTRY:
+                    assert entry is not None
+                    self._start_content(entry)
+                elif ev == END:
+                    self._state = _TRAIL
+                continue
+            # content, padding or trailer: drain the buffer first, then input
+            if buf:
+                if state == _TRAIL:
+                    take = len(buf)
+                else:
+                    take = min(self._remaining, len(buf))
+                chunk = memoryview(bytes(buf[:take]))
+                del buf[:take]
+            elif pos < n:
+                take = n - pos if state == _TRAIL else min(self._remaining, n - pos)
+                chunk = mv[pos : pos + take]
+                pos += take
+            else:
+                return
+            if state == _EXT:
+                sink.external_data(chunk)
+                self._remaining -= take
+                if self._remaining == 0:
+                    sink.external_end()
+                    self._remaining = self._pad
+                    self._state = _INL if self._pad else _HEADER
+            else:
+                sink.inline(chunk)
+                if state == _INL:
+                    self._remaining -= take
+                    if self._remaining == 0:
+                        self._state = _HEADER
+
+    def _start_content(self, entry: TarEntry) -> None:
+        self.entries += 1
+        self._where = entry.path
+        self._sink.entry(entry)
+        if entry.kind == REG and entry.size > self._inline_max:
+            self._sink.external_begin(entry)
+            self._state = _EXT
+            self._remaining = entry.size
+            self._pad = entry.padded_size - entry.size
+        elif entry.size:
+            self._state = _INL
+            self._remaining = entry.padded_size
+        else:
+            self._state = _HEADER
+
+    def finish(self) -> None:
+        """Declare end of input; raises if the archive was cut short."""
+        if self._state == _HEADER and self._buf:
+            ev, amount, _ = parse_header(self._buf, at_eof=True)
+            if ev == END and amount == len(self._buf):
+                self._sink.inline(bytes(self._buf))
+                self._buf.clear()
+                self._state = _TRAIL
+            else:
+                raise TarFormatError("tar: archive is truncated (partial header at the end)")
+        if self._state in (_EXT, _INL):
+            raise TarFormatError(f"tar: archive is truncated (in {_show(self._where)})")
+        self.finished = True
+
+
+# -- reading back ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class External:
+    """A reference to an external object in a split stream: its fs-verity id."""
+
+    digest: str
+
+
+@dataclass(slots=True)
+class TarMember:
+    """An entry read back from a split stream, with where its content is."""
+
+    entry: TarEntry
+    data: bytes | None = None  # inline content (regular files)
+    external: str | None = None  # object id holding the content
+
+
+class _Chunks:
+    def __init__(self, chunks: Iterable[bytes | External]) -> None:
+        self._it = iter(chunks)
+        self._peek: bytes | External | None = None
+        self.buf = bytearray()
+
+    def _next(self) -> bytes | External | None:
+        if self._peek is not None:
+            item, self._peek = self._peek, None
+            return item
+        return next(self._it, None)
+
+    def fill(self, n: int) -> bool:
+        """Make the inline buffer at least n bytes; False at end of stream."""
+        while len(self.buf) < n:
+            item = self._next()
+            if item is None:
+                return False
+            if isinstance(item, External):
+                raise TarFormatError("split stream: external object where tar headers belong")
+            self.buf += item
+        return True
+
+    def take_external(self) -> str | None:
+        """The next chunk's object id, if the next chunk is an external reference."""
+        if self.buf:
+            return None
+        item = self._next()
+        if isinstance(item, External):
+            return item.digest
+        if item is not None:
+            self._peek = item
+        return None
+
+
+def read_members(chunks: Iterable[bytes | External]) -> Iterator[TarMember]:
+    """Entries of a split tar stream (or of plain tar bytes: pass ``[data]``)."""
+    src = _Chunks(chunks)
+    while True:
+        ev, amount, entry = parse_header(src.buf)
+        while ev == NEED:
+            if not src.fill(amount):
+                if not src.buf:
+                    return  # clean end at a header boundary
+                ev, amount, entry = parse_header(src.buf, at_eof=True)
+                if ev == END:
+                    return
+                raise TarFormatError("tar: archive is truncated (partial header at the end)")
+            ev, amount, entry = parse_header(src.buf)
+        del src.buf[:amount]
+        if ev == END:
+            return
+        if ev != ENTRY:
+            continue
+        assert entry is not None
+        member = TarMember(entry)
+        if entry.size:
+            ext = src.take_external() if entry.kind == REG else None
+            if ext is not None:
+                member.external = ext
+                pad = entry.padded_size - entry.size
+                if not src.fill(pad):
+                    raise TarFormatError(f"tar: archive is truncated (in {_show(entry.path)})")
+                del src.buf[:pad]
+            else:
+                if not src.fill(entry.padded_size):
+                    raise TarFormatError(f"tar: archive is truncated (in {_show(entry.path)})")
+                member.data = bytes(src.buf[: entry.size])
+                del src.buf[: entry.padded_size]
+        elif entry.kind == REG:
+            member.data = b""
+        yield member
