@@ -279,7 +279,9 @@ def _fill_leaf(ino: _Inode, leaf: Leaf, epoch1: bool) -> None:
             ino.size = c.size
             # C: any non-empty file without content is external; composefs-rs
             # also treats a digest-named empty file as external.
-            ino.external = c.size > 0 or (not epoch1 and (c.digest is not None or c.payload is not None))
+            ino.external = c.size > 0 or (
+                not epoch1 and (c.digest is not None or c.payload is not None)
+            )
     elif isinstance(c, Symlink):
         ino.ftype = F.S_IFLNK
         ino.data = c.target
@@ -393,12 +395,15 @@ def _collect_epoch1(root: Directory, mark_opaque: bool) -> tuple[list[_Inode], b
     return inodes, has_whiteout
 
 
-def _first(t: tuple[bytes, _Inode]) -> bytes:
+def _first(t: tuple[bytes, object]) -> bytes:
     return t[0]
 
 
 def _add_stubs(
-    r: _Inode, root: Directory, raw: list[tuple[bytes, Directory | Leaf | _Inode]], inodes: list[_Inode]
+    r: _Inode,
+    root: Directory,
+    raw: list[tuple[bytes, Directory | Leaf | _Inode]],
+    inodes: list[_Inode],
 ) -> None:
     """The 256 whiteout stubs `00`..`ff` (C `add_overlay_whiteouts`). C adds
     them as root children before numbering, so in BFS order they interleave
@@ -581,7 +586,11 @@ def _layout_epoch1(inodes: list[_Inode], min_mtime: tuple[int, int]) -> int:
 
 
 def _emit_epoch1(
-    inodes: list[_Inode], shared_table: list[bytes], inodes_end: int, header: bytes, sb_args: dict[str, int]
+    inodes: list[_Inode],
+    shared_table: list[bytes],
+    inodes_end: int,
+    header: bytes,
+    sb_args: dict[str, int],
 ) -> bytes:
     shared_size = sum(len(e) for e in shared_table)
     data_start = (inodes_end + shared_size + BLOCK - 1) & ~(BLOCK - 1)
@@ -875,6 +884,13 @@ def _mkfs_epoch2(root: Directory) -> bytes:
     # in a block's tail (beyond what composefs-rs accepts) goes out of line.
     for ino in inodes:
         ft = ino.ftype
+        if ino.external:
+            # composefs-rs always uses 2^43-byte chunks and writes one null
+            # index; files beyond 8 TiB get the indexes they need.
+            count = max(1, -(-ino.size >> (F.BLOCK_BITS + F.CHUNK_FORMAT_BLKBITS_MASK)))
+            if count > MAX_NONINLINE_CHUNKS:
+                raise TreeError(f"file too large for composefs ({ino.size} bytes)")
+            ino.chunk_count = count
         if ft == F.S_IFDIR:
             starts, tail = _dir_split(ino.entries)
             nb = len(starts) - 1
@@ -907,7 +923,7 @@ def _mkfs_epoch2(root: Directory) -> bytes:
         ino.nid = pos // 32
         pos += 64 + ino.xattr_size
         if ino.external:
-            pos += 4
+            pos += 4 * ino.chunk_count
         elif inline:
             pos += ino.tail
     inodes_end = (pos + 31) & ~31
@@ -980,8 +996,8 @@ def _mkfs_epoch2(root: Directory) -> bytes:
             layout = F.DATALAYOUT_FLAT_PLAIN
         elif ino.external:
             layout = F.DATALAYOUT_CHUNK_BASED
-            u = 31
-            tail_bytes = F.NULL_CHUNK_INDEX
+            u = F.CHUNK_FORMAT_BLKBITS_MASK
+            tail_bytes = F.NULL_CHUNK_INDEX * ino.chunk_count
         elif ft == F.S_IFREG or ft == F.S_IFLNK:
             data = ino.data or b""
             layout = F.DATALAYOUT_FLAT_INLINE if ino.tail else F.DATALAYOUT_FLAT_PLAIN
@@ -1019,7 +1035,9 @@ def _mkfs_epoch2(root: Directory) -> bytes:
         if xsize:
             out.append(ibody(0xFFFFFFFF & ~ino.xfilter, len(ino.shared) & 0xFF))
             if ino.shared:
-                out.append(b"".join([(xattr_offsets[s] // 4).to_bytes(4, "little") for s in ino.shared]))
+                out.append(
+                    b"".join([(xattr_offsets[s] // 4).to_bytes(4, "little") for s in ino.shared])
+                )
             out.append(ino.xattr_local)
             filled += xsize
         if tail_bytes:

@@ -1,0 +1,357 @@
+"""EROFS writer: byte identity with C mkcomposefs 1.0.8 and composefs-rs 0.7.0,
+fsck.erofs on every image, a kernel mount as a second oracle, and tree checks."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from composefs import dumpfile
+from composefs.erofs import format as F
+from composefs.erofs.format import FormatVersion
+from composefs.erofs.writer import mkfs
+from composefs.errors import TreeError
+from composefs.fsverity import digest_hex
+from composefs.tree import Device, Directory, Fifo, Leaf, Regular, Socket, Stat, Symlink
+from conftest import is_root, need_tool, needs_root
+
+V0, V1, V2 = FormatVersion.V0, FormatVersion.V1, FormatVersion.V2
+
+# (file, version) -> fs-verity sha256 of the image (composefs-rs tests/mkfs.rs)
+RS_DIGESTS = {
+    ("empty.dump", V0): "8f589e8f57ecb88823736b0d857ddca1e1068a23e264fad164b28f7038eb3682",
+    ("empty.dump", V2): "086b702a519b57d6ef5aea6f8b3f2be24355cd1fb835cd80fb4e3d388b24d5a5",
+    ("simple.dump", V0): "9f3f5620ee0c54708516467d0d58741e7963047c7106b245d94c298259d0fa01",
+    ("simple.dump", V2): "a8fcd41f8b313bede69f462f2af0a38d64b99a6333f5df884ea9ab4037fac722",
+    ("special_v1.dump", V1): "b1c78c25db8638be5b9b483472d32ee9624d8d32ded626a91cd536116e8df97c",
+}
+
+C_VECTORS = [
+    "bigfile-xattr.dump",
+    "bigfile.dump",
+    "config.dump.gz",
+    "cs9-x86_64-minimal.dump.gz",
+    "honggfuzz-bigfile-with-acl.dump",
+    "honggfuzz-chardev-nonzero-size.dump",
+    "honggfuzz-long-symlink.dump",
+    "honggfuzz-longlink-unterminated.dump",
+    "longlink.dump",
+    "no-newline.dump",
+    "special.dump",
+    "special_v1.dump",
+]
+LAX = {"no-newline.dump", "longlink.dump", "honggfuzz-longlink-unterminated.dump"}
+
+
+# C 1.0.8 moves the 1024 chunk indexes of a >8 TiB external file out of the
+# inode when they do not fit in its block; byte identity keeps that, and
+# `fsck.erofs --extract` then misreads the chunk map (plain fsck, which C's
+# own test suite runs, passes).
+NO_EXTRACT = {"bigfile-xattr.dump", "honggfuzz-bigfile-with-acl.dump"}
+
+
+def fsck(image: bytes, extract: bool = True) -> None:
+    """fsck.erofs; with --extract it walks every inode, dirent and data chunk."""
+    tool = need_tool("fsck.erofs")
+    with tempfile.NamedTemporaryFile(suffix=".img") as f:
+        f.write(image)
+        f.flush()
+        args = [tool, "--extract", f.name] if extract else [tool, f.name]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def load_c_vector(
+    vectors: Path, name: str
+) -> tuple[Directory, FormatVersion, FormatVersion | None]:
+    base = vectors / "c-mkcomposefs"
+    data = (base / name).read_bytes()
+    if name.endswith(".gz"):
+        data = gzip.decompress(data)
+    tree = dumpfile.parse(data, strict=name not in LAX)
+    vfile = base / f"{name}.version"
+    if vfile.exists():
+        v = FormatVersion(int(vfile.read_text().strip()))
+        return tree, v, v
+    return tree, V0, None
+
+
+# -- byte identity --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", C_VECTORS)
+def test_c_mkcomposefs_identical(vectors: Path, name: str) -> None:
+    tree, version, max_version = load_c_vector(vectors, name)
+    image = mkfs(tree, version, max_version=max_version)
+    expected = (vectors / "c-mkcomposefs" / f"{name}.sha256").read_text().split()[0]
+    assert hashlib.sha256(image).hexdigest() == expected
+    fsck(image, extract=name not in NO_EXTRACT)
+
+
+@pytest.mark.parametrize(("name", "version"), list(RS_DIGESTS))
+def test_composefs_rs_identical(vectors: Path, name: str, version: FormatVersion) -> None:
+    tree = dumpfile.parse((vectors / "composefs-rs" / name).read_bytes())
+    image = mkfs(tree, version)
+    assert digest_hex(image) == RS_DIGESTS[(name, version)]
+    fsck(image)
+
+
+@pytest.mark.parametrize("version", [V0, V1, V2])
+@pytest.mark.parametrize("name", ["special.dump", "special_v1.dump", "simple.dump", "empty.dump"])
+def test_rs_trees_every_format_fsck(vectors: Path, name: str, version: FormatVersion) -> None:
+    tree = dumpfile.parse((vectors / "composefs-rs" / name).read_bytes())
+    image = mkfs(tree, version)
+    assert len(image) % F.BLOCK_SIZE == 0
+    hdr = F.COMPOSEFS_HEADER.unpack_from(image, 0)
+    assert hdr[0] == F.COMPOSEFS_MAGIC and hdr[1] == 1
+    fsck(image)
+
+
+@pytest.mark.parametrize("version", [V1, V2])
+@pytest.mark.parametrize(
+    "name", ["special.dump", "longlink.dump", "bigfile.dump", "config.dump.gz"]
+)
+def test_c_trees_other_formats_fsck(vectors: Path, name: str, version: FormatVersion) -> None:
+    tree, _, _ = load_c_vector(vectors, name)
+    fsck(mkfs(tree, version))
+
+
+def simple_tree() -> Directory:
+    """composefs-rs `simple.dump`, built by hand (independent of the parser)."""
+    root = Directory(Stat(0o755))
+
+    def leaf(content: Regular | Symlink | Device | Fifo | Socket) -> Leaf:
+        return Leaf(Stat(0), content)
+
+    root.entries[b"blkdev"] = leaf(Device(stat.S_IFBLK, 123))
+    root.entries[b"chrdev"] = leaf(Device(stat.S_IFCHR, 123))
+    root.entries[b"fifo"] = leaf(Fifo())
+    root.entries[b"regular-external"] = leaf(Regular(1234, digest="5a" * 32))
+    root.entries[b"regular-inline"] = leaf(Regular(4, data=b"hihi"))
+    root.entries[b"socket"] = leaf(Socket())
+    root.entries[b"symlink"] = leaf(Symlink(b"/target"))
+    return root
+
+
+def test_hand_built_trees() -> None:
+    assert digest_hex(mkfs(Directory(Stat(0o755)), V2)) == RS_DIGESTS[("empty.dump", V2)]
+    assert digest_hex(mkfs(Directory(Stat(0o755)), V0)) == RS_DIGESTS[("empty.dump", V0)]
+    assert digest_hex(mkfs(simple_tree(), V2)) == RS_DIGESTS[("simple.dump", V2)]
+    assert digest_hex(mkfs(simple_tree(), V0)) == RS_DIGESTS[("simple.dump", V0)]
+
+
+def test_v2_worked_example_layout() -> None:
+    """Spot checks of the §2c V2 `simple` walk-through."""
+    img = mkfs(simple_tree(), V2)
+    sb = F.SUPERBLOCK.unpack_from(img, F.SUPERBLOCK_OFFSET)
+    assert sb[0] == F.EROFS_MAGIC and sb[5] == 36 and sb[6] == 8  # root_nid, inos
+    ext = F.EXTENDED_INODE.unpack_from(img, 1600)  # regular-external
+    assert ext[0] == 1 | F.DATALAYOUT_CHUNK_BASED and ext[4] == 1234 and ext[5] == 31
+    assert img[1888:1892] == b"hihi"
+
+
+def test_input_tree_not_modified(vectors: Path) -> None:
+    tree, _, _ = load_c_vector(vectors, "special.dump")
+    before = dumpfile.dumps(tree)
+    a = mkfs(tree, V2)
+    mkfs(tree, V0)
+    mkfs(tree, V1)
+    assert dumpfile.dumps(tree) == before
+    assert mkfs(tree, V2) == a
+
+
+# -- version handling ---------------------------------------------------------
+
+
+def whiteout_tree() -> Directory:
+    root = Directory(Stat(0o755))
+    sub = Directory(Stat(0o755))
+    root.entries[b"d"] = sub
+    sub.entries[b"gone"] = Leaf(Stat(0o644), Device(stat.S_IFCHR, 0))
+    return root
+
+
+def cfs_version(img: bytes) -> int:
+    return int(F.COMPOSEFS_HEADER.unpack_from(img, 0)[3])
+
+
+def test_whiteouts_bump_v0() -> None:
+    assert cfs_version(mkfs(Directory(), V0)) == 0
+    assert cfs_version(mkfs(whiteout_tree(), V0)) == 1
+    assert cfs_version(mkfs(whiteout_tree(), V0, max_version=V0)) == 0
+    assert cfs_version(mkfs(Directory(), V1)) == 1
+    assert cfs_version(mkfs(whiteout_tree(), V2)) == 2
+    for v in (V0, V1, V2):
+        fsck(mkfs(whiteout_tree(), v))
+
+
+def test_acl_flag() -> None:
+    root = Directory(Stat(0o755, xattrs={b"system.posix_acl_access": b"\x02\0\0\0"}))
+    assert F.COMPOSEFS_HEADER.unpack_from(mkfs(root, V0), 0)[2] == F.COMPOSEFS_FLAGS_HAS_ACL
+    assert F.COMPOSEFS_HEADER.unpack_from(mkfs(root, V2), 0)[2] == 0
+
+
+def test_hardlinks_share_inode() -> None:
+    root = Directory(Stat(0o755))
+    f = Leaf(Stat(0o644), Regular(3, data=b"abc"))
+    root.entries[b"a"] = f
+    d = Directory(Stat(0o755))
+    root.entries[b"d"] = d
+    d.entries[b"b"] = f
+    for v in (V0, V2):
+        img = mkfs(root, v)
+        fsck(img)
+        # the same file content appears once
+        assert img.count(b"abc") == 1
+
+
+def test_deterministic_and_sorted_names() -> None:
+    root = Directory(Stat(0o755))
+    for name in (b"z", b"-x", b"a" * 255, b"\xff", b"!"):
+        root.entries[name] = Leaf(Stat(0o644), Regular(0, data=b""))
+    for v in (V0, V2):
+        assert mkfs(root, v) == mkfs(root, v)
+        fsck(mkfs(root, v))
+
+
+def test_big_directory_and_xattrs() -> None:
+    """Many entries (multi-block dirs) and shared/unshared xattrs."""
+    root = Directory(Stat(0o755, xattrs={b"security.selinux": b"system_u:object_r:root_t:s0"}))
+    for i in range(600):
+        sub = Directory(Stat(0o700, uid=i, mtime=i, xattrs={b"user.i": b"%d" % (i % 3)}))
+        root.entries[b"dir-%04d" % i] = sub
+        sub.entries[b"f"] = Leaf(Stat(0o644, mtime=5), Regular(10 * i + 1, digest=f"{i:064x}"))
+        sub.entries[b"l"] = Leaf(Stat(0o777), Symlink(b"t" * (i + 1)))
+    for v in (V0, V1, V2):
+        fsck(mkfs(root, v))
+
+
+# -- rejected trees -------------------------------------------------------------
+
+
+def test_reject_hardlinked_directory() -> None:
+    root = Directory()
+    d = Directory()
+    root.entries[b"a"] = d
+    root.entries[b"b"] = d
+    for v in (V0, V2):
+        with pytest.raises(TreeError):
+            mkfs(root, v)
+
+
+def test_reject_directory_cycle() -> None:
+    root = Directory()
+    root.entries[b"self"] = root
+    with pytest.raises(TreeError):
+        mkfs(root, V0)
+
+
+def test_reject_hardlinked_whiteout() -> None:
+    root = Directory()
+    w = Leaf(Stat(0o644), Device(stat.S_IFCHR, 0))
+    root.entries[b"a"] = w
+    root.entries[b"b"] = w
+    for v in (V0, V1, V2):
+        with pytest.raises(TreeError, match="whiteout"):
+            mkfs(root, v)
+
+
+@pytest.mark.parametrize("name", [b"", b".", b"..", b"a/b", b"a\0b", b"x" * 256])
+def test_reject_bad_names(name: bytes) -> None:
+    root = Directory()
+    root.entries[name] = Leaf(Stat(0o644), Fifo())
+    with pytest.raises(TreeError):
+        mkfs(root, V0)
+
+
+@pytest.mark.parametrize(
+    "leaf",
+    [
+        Leaf(Stat(0o777), Symlink(b"")),
+        Leaf(Stat(0o777), Symlink(b"x" * 4096)),
+        Leaf(Stat(0o644), Device(stat.S_IFBLK, 1 << 32)),
+        Leaf(Stat(0o644, xattrs={b"user." + b"k" * 256: b""}), Fifo()),
+        Leaf(Stat(0o644, xattrs={b"user.k": b"v" * 65536}), Fifo()),
+        Leaf(Stat(0o644, uid=1 << 32), Fifo()),
+    ],
+)
+def test_reject_unrepresentable_leaves(leaf: Leaf) -> None:
+    root = Directory()
+    root.entries[b"x"] = leaf
+    with pytest.raises(TreeError):
+        mkfs(root, V0)
+
+
+def test_reject_non_directory_root() -> None:
+    with pytest.raises(TreeError):
+        mkfs(Leaf(Stat(), Fifo()), V0)  # type: ignore[arg-type]
+
+
+# -- kernel mount as a second oracle ---------------------------------------------
+
+
+def _mount_walk(image: bytes) -> dict[str, tuple[int, int, int, bytes | None, dict[str, bytes]]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        img = os.path.join(tmp, "img")
+        mnt = os.path.join(tmp, "mnt")
+        os.mkdir(mnt)
+        Path(img).write_bytes(image)
+        r = subprocess.run(["mount", "-t", "erofs", "-o", "loop,ro", img, mnt], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount erofs here: {r.stderr.decode(errors='replace').strip()}")
+        try:
+            out = {}
+            for dirpath, dirnames, filenames in os.walk(mnt):
+                for n in dirnames + filenames:
+                    p = os.path.join(dirpath, n)
+                    st = os.lstat(p)
+                    extra: bytes | None = None
+                    if stat.S_ISLNK(st.st_mode):
+                        extra = os.fsencode(os.readlink(p))
+                    elif stat.S_ISREG(st.st_mode) and st.st_size <= 5000:
+                        try:
+                            extra = Path(p).read_bytes()
+                        except OSError:
+                            extra = None  # external files have no backing data here
+                    xattrs = {
+                        k: os.getxattr(p, k, follow_symlinks=False)
+                        for k in os.listxattr(p, follow_symlinks=False)
+                    }
+                    out[os.path.relpath(p, mnt)] = (
+                        st.st_mode,
+                        st.st_uid,
+                        st.st_nlink,
+                        extra,
+                        xattrs,
+                    )
+            return out
+        finally:
+            subprocess.run(["umount", mnt], check=True)
+
+
+@needs_root
+@pytest.mark.parametrize("version", [V0, V2])
+def test_kernel_mount_matches_tree(vectors: Path, version: FormatVersion) -> None:
+    assert is_root()
+    tree, _, _ = load_c_vector(vectors, "special.dump")
+    seen = _mount_walk(mkfs(tree, version))
+    inline = tree.entries[b"inline"]
+    assert isinstance(inline, Leaf)
+    mode, _uid, _nlink, data, xattrs = seen["inline"]
+    assert stat.S_ISREG(mode) and data == b"FOOBAR\nINAFILE\n"
+    assert xattrs.get("user.foo") == b"bar-2"
+    big = seen["inline-large3"]
+    assert big[3] is not None and len(big[3]) == 4097
+    assert seen["escaped-xattr"][4]["trusted.overlay.overlay.redirect"] == b"/foo\n"
+    if version == V0:
+        assert stat.S_ISREG(seen["whiteout"][0])  # escaped whiteout
+        assert "00" in seen and stat.S_ISCHR(seen["00"][0])
+    else:
+        assert stat.S_ISCHR(seen["whiteout"][0]) and "00" not in seen
