@@ -446,7 +446,7 @@ def guest_script(share: Path, pytest_args: Sequence[str]) -> str:
         "COMPOSEFS_IN_VM": "1",
     }
     cmd = [python, "-m", "pytest", "-p", "no:cacheprovider", "-m", "vm", "-v",
-           "--color=no", f"--junitxml={share / 'junit.xml'}", *args]
+           "--color=no", "--durations=5", f"--junitxml={share / 'junit.xml'}", *args]
     lines = ["# written by tests/vm/run.py; runs chrooted into the host's / in the VM",
              f"cd {shlex.quote(str(REPO))} || exit 98",
              *(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
