@@ -24,7 +24,7 @@ so that layers give the same trees (and image ids) in both:
 Names stay bytes throughout (no decoding); ``..`` handling is the merge's
 business (see `composefs.oci.layers`).
 
-Splitting (`TarSplitter`, push-based: feed it bytes, it calls a sink):
+Splitting (`split_tar`: reads a file-like source, hands pieces to a sink):
 headers, extension records, padding, contents of at most `inline_max`
 bytes (64, composefs-rs's INLINE_CONTENT_MAX_V0) and everything after the
 end-of-archive marker are inline; contents of regular files larger than
@@ -403,123 +403,146 @@ def _make_entry(
 # -- splitting -------------------------------------------------------------------------
 
 
+class Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
 class SplitSink(Protocol):
     """Receives the pieces of a tar stream, in order."""
 
-    def inline(self, data: bytes | memoryview) -> None: ...
+    def inline(self, data: bytes | bytearray | memoryview) -> None:
+        """Bytes stored inside the split stream."""
+        ...
 
-    def entry(self, entry: TarEntry) -> None: ...
+    def entry(self, entry: TarEntry) -> None:
+        """An entry was parsed (its headers were just passed to `inline`)."""
+        ...
 
-    def external_begin(self, entry: TarEntry) -> None: ...
-
-    def external_data(self, data: memoryview) -> None: ...
-
-    def external_end(self) -> None: ...
-
-
-_HEADER, _EXT, _INL, _TRAIL = range(4)
+    def external(self, entry: TarEntry, content: ContentReader) -> None:
+        """The content of `entry` (exactly ``entry.size`` bytes) must be read
+        from `content` and stored as an object."""
+        ...
 
 
-class TarSplitter:
-    """Push-based tar splitter: ``feed()`` bytes as they arrive, then ``finish()``.
+class _Buffer:
+    """A read buffer with a start offset, so consuming small pieces is O(1)."""
+
+    __slots__ = ("block", "buf", "eof", "pos", "src")
+
+    def __init__(self, src: Readable, block: int) -> None:
+        self.src = src
+        self.block = block
+        self.buf = bytearray()
+        self.pos = 0
+        self.eof = False
+
+    def __len__(self) -> int:
+        return len(self.buf) - self.pos
+
+    def fill(self, n: int) -> bool:
+        """At least n bytes buffered (True), or the source ended first."""
+        if len(self.buf) - self.pos >= n:
+            return True
+        if self.pos:
+            del self.buf[: self.pos]
+            self.pos = 0
+        while len(self.buf) < n and not self.eof:
+            data = self.src.read(max(self.block, n - len(self.buf)))
+            if not data:
+                self.eof = True
+            else:
+                self.buf += data
+        return len(self.buf) >= n
+
+    def take(self, n: int) -> bytes:
+        data = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += len(data)
+        return data
+
+    def parse(self) -> Event:
+        with memoryview(self.buf) as mv:
+            return parse_header(mv[self.pos :], at_eof=self.eof)
+
+
+class ContentReader:
+    """Reads exactly one entry's content from the archive; a short archive
+    raises `TarFormatError`. File-like (``read``/``readinto``)."""
+
+    def __init__(self, buf: _Buffer, size: int, name: bytes) -> None:
+        self._buf = buf
+        self.remaining = size
+        self._name = name
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1, /) -> bytes:
+        if n is None or n < 0 or n > self.remaining:
+            n = self.remaining
+        if n == 0:
+            return b""
+        b = self._buf
+        if len(b):
+            data = b.take(min(n, len(b)))
+        else:
+            data = b.src.read(n)
+            if not data:
+                raise TarFormatError(f"tar: archive is truncated (in {_show(self._name)})")
+        self.remaining -= len(data)
+        return data
+
+    def readinto(self, target: bytearray | memoryview) -> int:
+        data = self.read(len(target))
+        target[: len(data)] = data
+        return len(data)
+
+
+def split_tar(
+    src: Readable, sink: SplitSink, *, inline_max: int = INLINE_MAX, block: int = 1 << 20
+) -> int:
+    """Split the tar archive read from `src` into `sink`; returns the entry count.
 
     Concatenating every `inline` piece and every external content in call
-    order reproduces the input exactly. Memory use is bounded by the largest
-    header run (at most ~1 MiB of extension records), not by the layer.
+    order reproduces the input exactly. Memory use is bounded by `block`
+    plus the largest header run (at most ~1 MiB of extension records).
     """
-
-    def __init__(self, sink: SplitSink, inline_max: int = INLINE_MAX) -> None:
-        self._sink = sink
-        self._inline_max = inline_max
-        self._buf = bytearray()
-        self._state = _HEADER
-        self._remaining = 0  # content bytes left (EXT) or bytes left (INL)
-        self._pad = 0  # padding after external content
-        self._where = b""
-        self.entries = 0
-        self.finished = False
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        mv = memoryview(data).cast("B")
-        pos = 0
-        n = len(mv)
-        sink = self._sink
-        buf = self._buf
-        while True:
-            state = self._state
-            if state == _HEADER:
-                ev, amount, entry = parse_header(buf)
-                if ev == NEED:
-                    if pos >= n:
-                        return
-                    take = min(amount - len(buf), n - pos)
-                    buf += mv[pos : pos + take]
-                    pos += take
-                    continue
-                sink.inline(bytes(buf[:amount]))
-                del buf[:amount]
-                if ev == ENTRY:
-                    assert entry is not None
-                    self._start_content(entry)
-                elif ev == END:
-                    self._state = _TRAIL
+    buf = _Buffer(src, block)
+    count = 0
+    while True:
+        ev, amount, entry = buf.parse()
+        if ev == NEED:
+            if buf.fill(amount):
                 continue
-            # content, padding or trailer: drain the buffer first, then input
-            if buf:
-                if state == _TRAIL:
-                    take = len(buf)
-                else:
-                    take = min(self._remaining, len(buf))
-                chunk = memoryview(bytes(buf[:take]))
-                del buf[:take]
-            elif pos < n:
-                take = n - pos if state == _TRAIL else min(self._remaining, n - pos)
-                chunk = mv[pos : pos + take]
-                pos += take
-            else:
-                return
-            if state == _EXT:
-                sink.external_data(chunk)
-                self._remaining -= take
-                if self._remaining == 0:
-                    sink.external_end()
-                    self._remaining = self._pad
-                    self._state = _INL if self._pad else _HEADER
-            else:
-                sink.inline(chunk)
-                if state == _INL:
-                    self._remaining -= take
-                    if self._remaining == 0:
-                        self._state = _HEADER
-
-    def _start_content(self, entry: TarEntry) -> None:
-        self.entries += 1
-        self._where = entry.path
-        self._sink.entry(entry)
-        if entry.kind == REG and entry.size > self._inline_max:
-            self._sink.external_begin(entry)
-            self._state = _EXT
-            self._remaining = entry.size
-            self._pad = entry.padded_size - entry.size
-        elif entry.size:
-            self._state = _INL
-            self._remaining = entry.padded_size
-        else:
-            self._state = _HEADER
-
-    def finish(self) -> None:
-        """Declare end of input; raises if the archive was cut short."""
-        if self._state == _HEADER and self._buf:
-            ev, amount, _ = parse_header(self._buf, at_eof=True)
-            if ev == END and amount == len(self._buf):
-                self._sink.inline(bytes(self._buf))
-                self._buf.clear()
-                self._state = _TRAIL
-            else:
+            if not len(buf):
+                return count  # clean end at a header boundary, no end marker
+            ev, amount, entry = buf.parse()
+            if ev == NEED:
                 raise TarFormatError("tar: archive is truncated (partial header at the end)")
-        if self._state in (_EXT, _INL):
-            raise TarFormatError(f"tar: archive is truncated (in {_show(self._where)})")
-        self.finished = True
+        sink.inline(buf.take(amount))
+        if ev == END:
+            # Record padding (or anything else) after the end marker.
+            if len(buf):
+                sink.inline(buf.take(len(buf)))
+            while data := src.read(block):
+                sink.inline(data)
+            return count
+        if ev != ENTRY:
+            continue
+        assert entry is not None
+        count += 1
+        sink.entry(entry)
+        if entry.kind == REG and entry.size > inline_max:
+            reader = ContentReader(buf, entry.size, entry.path)
+            sink.external(entry, reader)
+            if reader.remaining:
+                raise TarFormatError(f"tar: content of {_show(entry.path)} was not consumed")
+            pad = entry.padded_size - entry.size
+        else:
+            pad = entry.padded_size
+        if pad:
+            if not buf.fill(pad):
+                raise TarFormatError(f"tar: archive is truncated (in {_show(entry.path)})")
+            sink.inline(buf.take(pad))
 
 
 # -- reading back ---------------------------------------------------------------------
@@ -546,6 +569,10 @@ class _Chunks:
         self._it = iter(chunks)
         self._peek: bytes | External | None = None
         self.buf = bytearray()
+        self.pos = 0
+
+    def __len__(self) -> int:
+        return len(self.buf) - self.pos
 
     def _next(self) -> bytes | External | None:
         if self._peek is not None:
@@ -555,6 +582,11 @@ class _Chunks:
 
     def fill(self, n: int) -> bool:
         """Make the inline buffer at least n bytes; False at end of stream."""
+        if len(self) >= n:
+            return True
+        if self.pos:
+            del self.buf[: self.pos]
+            self.pos = 0
         while len(self.buf) < n:
             item = self._next()
             if item is None:
@@ -564,9 +596,18 @@ class _Chunks:
             self.buf += item
         return True
 
+    def take(self, n: int) -> bytes:
+        data = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += len(data)
+        return data
+
+    def parse(self, at_eof: bool = False) -> Event:
+        with memoryview(self.buf) as mv:
+            return parse_header(mv[self.pos :], at_eof=at_eof)
+
     def take_external(self) -> str | None:
         """The next chunk's object id, if the next chunk is an external reference."""
-        if self.buf:
+        if len(self):
             return None
         item = self._next()
         if isinstance(item, External):
@@ -580,17 +621,17 @@ def read_members(chunks: Iterable[bytes | External]) -> Iterator[TarMember]:
     """Entries of a split tar stream (or of plain tar bytes: pass ``[data]``)."""
     src = _Chunks(chunks)
     while True:
-        ev, amount, entry = parse_header(src.buf)
+        ev, amount, entry = src.parse()
         while ev == NEED:
             if not src.fill(amount):
-                if not src.buf:
+                if not len(src):
                     return  # clean end at a header boundary
-                ev, amount, entry = parse_header(src.buf, at_eof=True)
+                ev, amount, entry = src.parse(at_eof=True)
                 if ev == END:
                     return
                 raise TarFormatError("tar: archive is truncated (partial header at the end)")
-            ev, amount, entry = parse_header(src.buf)
-        del src.buf[:amount]
+            ev, amount, entry = src.parse()
+        src.take(amount)
         if ev == END:
             return
         if ev != ENTRY:
@@ -604,12 +645,11 @@ def read_members(chunks: Iterable[bytes | External]) -> Iterator[TarMember]:
                 pad = entry.padded_size - entry.size
                 if not src.fill(pad):
                     raise TarFormatError(f"tar: archive is truncated (in {_show(entry.path)})")
-                del src.buf[:pad]
+                src.take(pad)
             else:
                 if not src.fill(entry.padded_size):
                     raise TarFormatError(f"tar: archive is truncated (in {_show(entry.path)})")
-                member.data = bytes(src.buf[: entry.size])
-                del src.buf[: entry.padded_size]
+                member.data = src.take(entry.padded_size)[: entry.size]
         elif entry.kind == REG:
             member.data = b""
         yield member
