@@ -73,3 +73,7 @@ class VerityNotEnabled(VerityError):
 
 class RegistryAuthError(RegistryError):
     """The registry (or its token server) refused our credentials or wants some."""
+
+
+class SourceError(ComposefsError):
+    """A source directory tree could not be read (or changed while it was read)."""

@@ -45,6 +45,7 @@ __all__ = [
     "default_threads",
     "descriptor",
     "digest",
+    "digest_fd",
     "digest_file",
     "digest_files",
     "digest_hex",
@@ -436,6 +437,17 @@ def _digest_fd(fd: int, algorithm: str, workers: int) -> bytes:
     except OSError:
         reader = open(fd, "rb", buffering=0, closefd=False)
     return digest_stream(reader, algorithm)
+
+
+def digest_fd(fd: int, algorithm: str = "sha256", *, helper_processes: int = 0) -> bytes:
+    """fs-verity digest of open file `fd` (read with pread from offset 0).
+
+    With `helper_processes` > 0 a large regular file is hashed by that many
+    helper processes; worker threads that hash many files should pass 1, so
+    that they spend their time waiting instead of contending for the GIL.
+    """
+    _ctor(algorithm)
+    return _digest_fd(fd, algorithm, max(0, helper_processes))
 
 
 def digest_file(

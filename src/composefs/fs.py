@@ -1,0 +1,695 @@
+"""Read a directory tree from disk into the in-memory tree model.
+
+Two sets of rules are provided:
+
+* `read_directory` is what C `mkcomposefs SOURCE` does (`lcfs_build`):
+  regular files of at most 64 bytes are inlined, larger ones become external
+  files named by their fs-verity digest (sha256), hardlinks are broken into
+  independent inodes (unless `hardlinks=True`, the composefs-rs extension),
+  and `--skip-devices/--skip-xattrs/--user-xattrs/--use-epoch/--digest-store`
+  are honoured.
+* `read_filesystem` / `read_container_root` are composefs-rs `cfsctl
+  create-image` (and `compute-id`, `create-dumpfile`): hardlinks tracked by
+  (st_dev, st_ino), the same 64-byte inline rule, sha512 object ids by
+  default; `read_container_root` keeps only `security.capability` xattrs and
+  then applies `transform_for_oci`.
+
+Safety: the tree is walked with directory file descriptors and `*at()`
+calls with O_NOFOLLOW, so no symlink inside the tree is ever followed and
+nothing outside it is read; only the path naming the source itself is
+resolved normally.  Every inode is checked to still be the one that was
+`lstat`ed when it is opened.
+
+Hashing runs in worker threads while the walk continues (large files are
+handed to helper processes, see `fsverity.digest_fd`).  An `object_sink`
+callback lets a caller (the repository) store each external file's content
+while it is read, without this module knowing about repositories.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import secrets
+import stat as st_
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from . import fsverity
+from .errors import ComposefsError, SourceError, TreeError, VerityError
+from .tree import Device, Directory, Fifo, Leaf, Regular, Socket, Stat, Symlink
+
+__all__ = [
+    "CONTAINER_XATTR_ALLOWLIST",
+    "INLINE_CONTENT_MAX",
+    "ObjectSink",
+    "canonicalize_run",
+    "copy_root_metadata_from_usr",
+    "filter_xattrs",
+    "is_allowed_container_xattr",
+    "read_container_root",
+    "read_directory",
+    "read_filesystem",
+    "store_in_flat_digest_store",
+    "transform_for_oci",
+]
+
+# C LCFS_RECOMMENDED_INLINE_CONTENT_MAX, composefs-rs INLINE_CONTENT_MAX_V0.
+INLINE_CONTENT_MAX = 64
+
+# composefs-rs CONTAINER_XATTR_ALLOWLIST: host xattrs (SELinux labels from the
+# build host, overlayfs internals) must not leak into container images.
+CONTAINER_XATTR_ALLOWLIST: tuple[bytes, ...] = (b"security.capability",)
+
+ObjectSink = Callable[[str, int, str], None]
+"""`sink(src_path, size, digest_hex)`, called once per distinct external file
+content (per inode) after its digest is known.
+
+`src_path` is a ``/proc/self/fd/N`` path of a descriptor this module holds
+open on the very inode it hashed, valid only during the call: opening it
+gives that file (no symlink, no race with the tree changing).  Without
+/proc it is the file's real path.  The sink runs in worker threads,
+concurrently when ``threads > 1``; an exception it raises aborts the read.
+"""
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: should a FIFO replace the file between lstat and open, the open
+# must not hang (the inode check then reports the change).
+_O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+
+_FICLONE = 0x40049409  # _IOW(0x94, 9, int)
+
+
+def is_allowed_container_xattr(name: bytes) -> bool:
+    """Whether composefs-rs keeps xattr `name` when reading a container root."""
+    return name in CONTAINER_XATTR_ALLOWLIST
+
+
+def _proc_fd_ok() -> bool:
+    return os.path.isdir("/proc/self/fd")
+
+
+@dataclass
+class _Options:
+    inline_max: int = INLINE_CONTENT_MAX
+    skip_devices: bool = False
+    skip_xattrs: bool = False
+    user_xattrs: bool = False
+    use_epoch: bool = False
+    hardlinks: bool = False
+    digest_store: str | None = None
+    algorithm: str = "sha256"
+    threads: int = 1
+    xattr_filter: Callable[[bytes], bool] | None = None
+    object_sink: ObjectSink | None = None
+
+
+@dataclass
+class _Pending:
+    """External regular files waiting for one digest (one source inode)."""
+
+    leaves: list[Regular] = field(default_factory=list)
+    future: Future[str] | None = None
+    digest: str | None = None
+
+
+class _Scanner:
+    def __init__(self, opts: _Options) -> None:
+        self.o = opts
+        self.proc = _proc_fd_ok()
+        self.inodes: dict[tuple[int, int], Leaf] = {}
+        self.pending: dict[tuple[int, int], _Pending] = {}
+        self.pool: ThreadPoolExecutor | None = None
+        # Bounds the open descriptors (and queued work) the walk can race ahead by.
+        self.slots = threading.BoundedSemaphore(max(4, 4 * opts.threads))
+        self.inflight: dict[Future[str], int] = {}
+        self.store_fd: int | None = None
+        if opts.threads > 1:
+            self.pool = ThreadPoolExecutor(opts.threads, thread_name_prefix="composefs-read")
+
+    # -- helpers ------------------------------------------------------
+    def _xattrs(self, target: int | bytes, follow: bool, shown: str) -> dict[bytes, bytes]:
+        """Xattrs of an open fd, or of a path (not following a final symlink)."""
+        o = self.o
+        try:
+            names = os.listxattr(target, follow_symlinks=follow)
+        except OSError as e:
+            if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return {}  # a filesystem without xattrs: nothing to copy
+            raise _source_error(shown, e) from None
+        result: dict[bytes, bytes] = {}
+        for sname in names:
+            name = os.fsencode(sname)
+            if o.user_xattrs and not name.startswith(b"user."):
+                continue
+            if o.xattr_filter is not None and not o.xattr_filter(name):
+                continue
+            try:
+                result[name] = os.getxattr(target, name, follow_symlinks=follow)
+            except OSError as e:
+                if e.errno == errno.ENODATA:
+                    continue  # removed since listxattr
+                raise _source_error(shown, e) from None
+        return result
+
+    def _stat(self, st: os.stat_result, xattrs: dict[bytes, bytes]) -> Stat:
+        if self.o.use_epoch:
+            sec, nsec = 0, 0
+        else:
+            sec, nsec = divmod(st.st_mtime_ns, 1_000_000_000)
+        return Stat(st.st_mode & 0o7777, st.st_uid, st.st_gid, sec, nsec, xattrs)
+
+    def _entry_xattrs(
+        self, dfd: int, name: bytes, shown: str, opened: int | None
+    ) -> dict[bytes, bytes]:
+        """Xattrs of `name` in directory `dfd`, via `opened` (its open fd) if
+        given; symlinks, devices, FIFOs and sockets are not opened, so they
+        are named through /proc/self/fd/DFD/NAME without following NAME."""
+        if self.o.skip_xattrs:
+            return {}
+        if opened is not None:
+            return self._xattrs(opened, True, shown)
+        if self.proc:
+            return self._xattrs(b"/proc/self/fd/%d/" % dfd + name, False, shown)
+        return self._xattrs(os.fsencode(shown), False, shown)
+
+    # -- the walk -----------------------------------------------------
+    def read(self, path: str | os.PathLike[str]) -> Directory:
+        shown_root = os.fsdecode(path)
+        try:
+            rootfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ENOTDIR:
+                raise SourceError(f"{shown_root}: not a directory") from None
+            raise _source_error(shown_root, e) from None
+        try:
+            if self.o.digest_store is not None:
+                self.store_fd = _open_store(self.o.digest_store)
+            root = self._walk(rootfd, shown_root)
+            self._finish()
+            return root
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            os.close(rootfd)
+            if self.store_fd is not None:
+                os.close(self.store_fd)
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+
+    def _walk(self, rootfd: int, shown_root: str) -> Directory:
+        try:
+            st = os.fstat(rootfd)
+        except OSError as e:
+            raise _source_error(shown_root, e) from None
+        root = Directory(self._stat(st, self._entry_xattrs(rootfd, b"", shown_root, rootfd)))
+        # Iterative depth-first walk: deep trees must not hit the recursion limit.
+        # Each frame: (dir fd, node, names still to visit, shown path); the
+        # root fd belongs to the caller.
+        stack: list[tuple[int, Directory, list[bytes], str]] = []
+        try:
+            stack.append((rootfd, root, self._list(rootfd, shown_root), shown_root))
+            while stack:
+                dfd, node, names, shown_dir = stack[-1]
+                if not names:
+                    stack.pop()
+                    if dfd != rootfd:
+                        os.close(dfd)
+                    continue
+                name = names.pop()
+                shown = f"{shown_dir}/{os.fsdecode(name)}"
+                try:
+                    lst = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # vanished since readdir
+                except OSError as e:
+                    raise _source_error(shown, e) from None
+                if st_.S_ISDIR(lst.st_mode):
+                    try:
+                        cfd = os.open(name, _O_DIR, dir_fd=dfd)
+                    except OSError as e:
+                        raise _source_error(shown, e) from None
+                    try:
+                        cst = os.fstat(cfd)
+                        _same_inode(lst, cst, shown)
+                        child = Directory(
+                            self._stat(cst, self._entry_xattrs(dfd, name, shown, cfd))
+                        )
+                        children = self._list(cfd, shown)
+                    except BaseException:
+                        os.close(cfd)
+                        raise
+                    node.entries[name] = child
+                    stack.append((cfd, child, children, shown))
+                    continue
+                leaf = self._leaf(dfd, name, lst, shown)
+                if leaf is not None:
+                    node.entries[name] = leaf
+        finally:
+            for dfd, _, _, _ in stack:
+                if dfd != rootfd:
+                    os.close(dfd)
+        return root
+
+    def _list(self, dfd: int, shown: str) -> list[bytes]:
+        try:
+            names = os.listdir(dfd)
+        except OSError as e:
+            raise _source_error(shown, e) from None
+        # Popped from the end: reverse-sorted makes the walk (and errors) deterministic.
+        return sorted((os.fsencode(n) for n in names), reverse=True)
+
+    def _leaf(self, dfd: int, name: bytes, lst: os.stat_result, shown: str) -> Leaf | None:
+        o = self.o
+        mode = lst.st_mode
+        if o.skip_devices and (st_.S_ISBLK(mode) or st_.S_ISCHR(mode)):
+            return None
+        key = (lst.st_dev, lst.st_ino)
+        if o.hardlinks:
+            seen = self.inodes.get(key)
+            if seen is not None:
+                return seen
+        leaf: Leaf
+        if st_.S_ISREG(mode):
+            leaf = self._regular(dfd, name, lst, shown, key)
+        else:
+            if st_.S_ISLNK(mode):
+                try:
+                    target = os.readlink(name, dir_fd=dfd)
+                except OSError as e:
+                    raise _source_error(shown, e) from None
+                content: Symlink | Device | Fifo | Socket = Symlink(target)
+            elif st_.S_ISBLK(mode):
+                content = Device(st_.S_IFBLK, lst.st_rdev)
+            elif st_.S_ISCHR(mode):
+                content = Device(st_.S_IFCHR, lst.st_rdev)
+            elif st_.S_ISFIFO(mode):
+                content = Fifo()
+            elif st_.S_ISSOCK(mode):
+                content = Socket()
+            else:
+                raise SourceError(f"error accessing {shown}: unknown file type {mode:o}")
+            leaf = Leaf(self._stat(lst, self._entry_xattrs(dfd, name, shown, None)), content)
+        if o.hardlinks:
+            self.inodes[key] = leaf
+        return leaf
+
+    def _regular(
+        self, dfd: int, name: bytes, lst: os.stat_result, shown: str, key: tuple[int, int]
+    ) -> Leaf:
+        o = self.o
+        size = lst.st_size
+        pend = self.pending.get(key) if size > o.inline_max else None
+        if pend is not None and pend.leaves and pend.leaves[0].size == size:
+            # Another name of an inode already queued (hardlinks broken):
+            # hash it once, give every name the digest.
+            content = Regular(size)
+            pend.leaves.append(content)
+            xattrs = self._entry_xattrs(dfd, name, shown, None)
+            return Leaf(self._stat(lst, xattrs), content)
+        if size == 0:
+            return Leaf(self._stat(lst, self._entry_xattrs(dfd, name, shown, None)), Regular(0))
+        try:
+            fd = os.open(name, _O_FILE, dir_fd=dfd)
+        except OSError as e:
+            raise _source_error(shown, e) from None
+        try:
+            fst = os.fstat(fd)
+            _same_inode(lst, fst, shown)
+            xattrs = self._entry_xattrs(dfd, name, shown, fd)
+            if size <= o.inline_max:
+                data = _read_exact(fd, size, shown)
+                os.close(fd)
+                return Leaf(self._stat(fst, xattrs), Regular(size, data=data))
+        except BaseException:
+            os.close(fd)
+            raise
+        content = Regular(size)
+        pend = _Pending([content])
+        self.pending[key] = pend
+        self._submit(pend, fd, shown)
+        return Leaf(self._stat(fst, xattrs), content)
+
+    # -- hashing, storing ---------------------------------------------
+    def _submit(self, pend: _Pending, fd: int, shown: str) -> None:
+        """Hash `fd` (which this call now owns) now or in the pool."""
+        if self.pool is None:
+            try:
+                pend.digest = self._process(fd, shown)
+            finally:
+                os.close(fd)
+            return
+        self.slots.acquire()
+        try:
+            fut = self.pool.submit(self._job, fd, shown)
+        except BaseException:
+            self.slots.release()
+            os.close(fd)
+            raise
+        self.inflight[fut] = fd
+        pend.future = fut
+
+    def _job(self, fd: int, shown: str) -> str:
+        try:
+            return self._process(fd, shown)
+        finally:
+            os.close(fd)
+            self.slots.release()
+
+    def _process(self, fd: int, shown: str) -> str:
+        o = self.o
+        try:
+            raw = fsverity.digest_fd(fd, o.algorithm, helper_processes=1 if self.pool else 0)
+        except OSError as e:
+            raise _source_error(shown, e) from None
+        hexd = raw.hex()
+        if self.store_fd is not None:
+            try:
+                store_in_flat_digest_store(self.store_fd, fd, hexd, o.algorithm)
+            except OSError as e:
+                raise SourceError(f"cannot fill store with {shown}: {_strerror(e)}") from None
+        if o.object_sink is not None:
+            path = f"/proc/self/fd/{fd}" if self.proc else shown
+            o.object_sink(path, os.fstat(fd).st_size, hexd)
+        return hexd
+
+    def _finish(self) -> None:
+        for pend in self.pending.values():
+            if pend.future is not None:
+                fut = pend.future
+                pend.digest = fut.result()
+                self.inflight.pop(fut, None)
+            assert pend.digest is not None
+            for content in pend.leaves:
+                content.digest = pend.digest
+
+    def _abort(self) -> None:
+        for fut in self.inflight:
+            fut.cancel()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        # Cancelled jobs never ran, so their descriptors are still ours.
+        for fut, fd in self.inflight.items():
+            if fut.cancelled():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.inflight.clear()
+
+
+def _same_inode(a: os.stat_result, b: os.stat_result, shown: str) -> None:
+    if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino) or st_.S_IFMT(a.st_mode) != st_.S_IFMT(
+        b.st_mode
+    ):
+        raise SourceError(f"error accessing {shown}: changed while it was being read")
+
+
+def _read_exact(fd: int, size: int, shown: str) -> bytes:
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        try:
+            chunk = os.pread(fd, size - got, got)
+        except OSError as e:
+            raise _source_error(shown, e) from None
+        if not chunk:
+            raise SourceError(f"error accessing {shown}: file shrank while it was being read")
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _strerror(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+def _source_error(shown: str, e: OSError) -> SourceError:
+    # The C tool's wording: "error accessing PATH: <strerror>".
+    return SourceError(f"error accessing {shown}: {_strerror(e)}")
+
+
+# -- digest store (mkcomposefs --digest-store) --------------------------------
+
+
+def _open_store(path: str) -> int:
+    try:
+        os.makedirs(path, 0o755, exist_ok=True)
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SourceError(f"cannot open digest store {path}: {_strerror(e)}") from None
+
+
+def store_in_flat_digest_store(
+    store: int | str, src_fd: int, digest_hex: str, algorithm: str = "sha256"
+) -> bool:
+    """Copy the content of `src_fd` into a flat digest store as `XX/REST`.
+
+    The C `mkcomposefs --digest-store` layout: `<store>/<first two hex
+    digits>/<remaining hex digits>`, mode 0644.  Atomic: the copy is written to
+    a temporary file, fsynced, fs-verity is tried on it (failures ignored, as
+    C does) and it is renamed into place.  An existing object is kept.  The
+    copy tries a reflink, then copy_file_range, then plain reads and writes.
+    Returns True if a new object was written.
+    """
+    own = isinstance(store, str)
+    store_fd = (
+        os.open(store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if isinstance(store, str)
+        else store
+    )
+    try:
+        sub, rest = digest_hex[:2], digest_hex[2:]
+        try:
+            os.mkdir(sub, 0o755, dir_fd=store_fd)
+        except FileExistsError:
+            pass
+        subfd = os.open(
+            sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=store_fd
+        )
+        try:
+            try:
+                os.stat(rest, dir_fd=subfd, follow_symlinks=False)
+                return False
+            except FileNotFoundError:
+                pass
+            tmp = f".tmp{secrets.token_hex(8)}"
+            tfd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=subfd
+            )
+            try:
+                try:
+                    _copy_data(src_fd, tfd)
+                    os.fchmod(tfd, 0o644)
+                    os.fsync(tfd)
+                finally:
+                    os.close(tfd)
+                # fs-verity needs no writable descriptor open: reopen read-only.
+                rfd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=subfd)
+                try:
+                    fsverity.enable_verity(rfd, algorithm)
+                except VerityError:
+                    pass  # insecure store, exactly like C
+                finally:
+                    os.close(rfd)
+                os.rename(tmp, rest, src_dir_fd=subfd, dst_dir_fd=subfd)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=subfd)
+                except OSError:
+                    pass
+                raise
+            return True
+        finally:
+            os.close(subfd)
+    finally:
+        if own:
+            os.close(store_fd)
+
+
+def _copy_data(src: int, dst: int) -> None:
+    """Copy all of `src` (from offset 0; its own offset untouched) to `dst`."""
+    try:
+        fcntl.ioctl(dst, _FICLONE, src)
+        return
+    except OSError:
+        pass  # not the same filesystem, or no reflinks: copy
+    off = 0
+    try:
+        while True:
+            n = os.copy_file_range(src, dst, 1 << 30, off, off)
+            if n == 0:
+                break
+            off += n
+    except OSError as e:
+        if e.errno not in (
+            errno.EXDEV,
+            errno.EINVAL,
+            errno.EOPNOTSUPP,
+            errno.ENOSYS,
+            errno.EPERM,
+            errno.EBADF,
+            errno.ETXTBSY,
+        ):
+            raise
+    # copy_file_range may also stop early and wrongly report EOF (overlayfs,
+    # some FUSE): finish with plain reads from where it got to.
+    while True:
+        chunk = os.pread(src, 1 << 20, off)
+        if not chunk:
+            break
+        view = memoryview(chunk)
+        while view:
+            w = os.pwrite(dst, view, off)
+            off += w
+            view = view[w:]
+
+
+# -- public entry points -----------------------------------------------------
+
+
+def _threads(threads: int | None) -> int:
+    return fsverity.default_threads() if threads is None else max(1, threads)
+
+
+def read_directory(
+    path: str | os.PathLike[str],
+    *,
+    inline_max: int = INLINE_CONTENT_MAX,
+    skip_devices: bool = False,
+    skip_xattrs: bool = False,
+    user_xattrs: bool = False,
+    use_epoch: bool = False,
+    hardlinks: bool = False,
+    digest_store: str | None = None,
+    algorithm: str = "sha256",
+    threads: int | None = None,
+    xattr_filter: Callable[[bytes], bool] | None = None,
+    object_sink: ObjectSink | None = None,
+) -> Directory:
+    """Read the tree at `path` the way C `mkcomposefs SOURCE` does.
+
+    Regular files of at most `inline_max` bytes are inline, larger ones
+    external with their fs-verity digest (`algorithm`).  `hardlinks=False`
+    (C behaviour) gives every name its own inode; True shares one `Leaf`
+    per source inode.  `digest_store` copies external contents into a C
+    flat digest store.  `xattr_filter(name)` keeps an xattr when true.
+    Errors reading the source raise `errors.SourceError`.
+    """
+    if skip_xattrs and user_xattrs:
+        # C lcfs_load_node_from_file rejects the combination (EINVAL).
+        raise ComposefsError("--skip-xattrs and --user-xattrs cannot be used together")
+    fsverity.digest_size(algorithm)
+    opts = _Options(
+        inline_max=inline_max,
+        skip_devices=skip_devices,
+        skip_xattrs=skip_xattrs,
+        user_xattrs=user_xattrs,
+        use_epoch=use_epoch,
+        hardlinks=hardlinks,
+        digest_store=os.fspath(digest_store) if digest_store is not None else None,
+        algorithm=algorithm,
+        threads=_threads(threads),
+        xattr_filter=xattr_filter,
+        object_sink=object_sink,
+    )
+    return _Scanner(opts).read(path)
+
+
+def read_filesystem(
+    path: str | os.PathLike[str],
+    *,
+    algorithm: str = "sha512",
+    object_sink: ObjectSink | None = None,
+    threads: int | None = None,
+    xattr_filter: Callable[[bytes], bool] | None = None,
+) -> Directory:
+    """composefs-rs `read_filesystem`: hardlinks tracked by (st_dev, st_ino),
+    files of at most 64 bytes inline, all xattrs (or those `xattr_filter`
+    keeps), no transformation (`create-image --no-propagate-usr-to-root`)."""
+    fsverity.digest_size(algorithm)
+    opts = _Options(
+        hardlinks=True,
+        algorithm=algorithm,
+        threads=_threads(threads),
+        xattr_filter=xattr_filter,
+        object_sink=object_sink,
+    )
+    return _Scanner(opts).read(path)
+
+
+def read_container_root(
+    path: str | os.PathLike[str],
+    *,
+    algorithm: str = "sha512",
+    object_sink: ObjectSink | None = None,
+    threads: int | None = None,
+) -> Directory:
+    """composefs-rs `read_container_root` (`cfsctl create-image` default):
+    `read_filesystem` keeping only `CONTAINER_XATTR_ALLOWLIST` xattrs, then
+    `transform_for_oci` (which needs a `/usr` directory)."""
+    root = read_filesystem(
+        path,
+        algorithm=algorithm,
+        object_sink=object_sink,
+        threads=threads,
+        xattr_filter=is_allowed_container_xattr,
+    )
+    transform_for_oci(root)
+    return root
+
+
+# -- tree transformations (composefs-rs generic_tree.rs) -----------------------
+
+
+def _usr(root: Directory) -> Directory:
+    usr = root.entries.get(b"usr")
+    if not isinstance(usr, Directory):
+        raise TreeError("/usr is missing or not a directory (needed for the root's metadata)")
+    return usr
+
+
+def copy_root_metadata_from_usr(root: Directory) -> None:
+    """Give the root `/usr`'s mode, uid, gid, mtime and xattrs."""
+    u = _usr(root).stat
+    s = root.stat
+    s.mode, s.uid, s.gid = u.mode, u.uid, u.gid
+    s.mtime, s.mtime_nsec = u.mtime, u.mtime_nsec
+    s.xattrs = dict(u.xattrs)
+
+
+def canonicalize_run(root: Directory) -> None:
+    """Empty `/run` (a tmpfs at runtime) and give it `/usr`'s mtime."""
+    run = root.entries.get(b"run")
+    if run is None:
+        return
+    if not isinstance(run, Directory):
+        raise TreeError("/run is not a directory")
+    u = _usr(root).stat
+    run.stat.mtime, run.stat.mtime_nsec = u.mtime, u.mtime_nsec
+    run.entries.clear()
+
+
+def transform_for_oci(root: Directory) -> None:
+    """composefs-rs `transform_for_oci`: root metadata from `/usr`, `/run` emptied."""
+    copy_root_metadata_from_usr(root)
+    canonicalize_run(root)
+
+
+def filter_xattrs(root: Directory, keep: Callable[[bytes], bool]) -> None:
+    """Drop, everywhere in the tree, the xattrs whose names `keep` rejects."""
+    seen: set[int] = set()
+    todo: list[Directory] = [root]
+    while todo:
+        d = todo.pop()
+        d.stat.xattrs = {k: v for k, v in d.stat.xattrs.items() if keep(k)}
+        for child in d.entries.values():
+            if isinstance(child, Directory):
+                todo.append(child)
+            elif id(child) not in seen:
+                seen.add(id(child))
+                child.stat.xattrs = {k: v for k, v in child.stat.xattrs.items() if keep(k)}
