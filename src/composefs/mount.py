@@ -320,6 +320,9 @@ def _why(e: OSError, ctx: FsContext | None = None) -> str:
     errs = [m[2:] for m in msgs if m.startswith("e ")]
     if errs:
         reason += f" ({errs[-1]})"
+    elif e.errno == errno.EINVAL and ctx is not None and ctx.fstype == "overlay":
+        # overlayfs logs most of its reasons only to the kernel log.
+        reason += " (see the kernel log, dmesg, for overlayfs's reason)"
     return reason
 
 
@@ -711,6 +714,11 @@ class _Overlay:
                 if e.errno != errno.EINVAL:
                     break
         assert err is not None
+        if err.errno == errno.EINVAL:
+            raise MountError(
+                "cannot mount overlayfs: Invalid argument "
+                "(see the kernel log, dmesg, for overlayfs's reason)"
+            )
         raise _mount_error("cannot mount overlayfs", err)
 
 
@@ -775,6 +783,21 @@ def _check_dir(path: str, what: str) -> str:
     return os.path.abspath(path)
 
 
+def _check_upper_work(upperdir: str, workdir: str) -> tuple[str, str]:
+    """Catch the common upperdir/workdir mistakes before the kernel does:
+    overlayfs reports them only as EINVAL plus a line in the kernel log."""
+    upper = _check_dir(upperdir, "upperdir")
+    work = _check_dir(workdir, "workdir")
+    ru, rw = os.path.realpath(upper), os.path.realpath(work)
+    if ru == rw or rw.startswith(ru.rstrip("/") + "/") or ru.startswith(rw.rstrip("/") + "/"):
+        raise MountError("upperdir and workdir must be separate subtrees")
+    if os.stat(ru).st_dev != os.stat(rw).st_dev:
+        raise MountError("upperdir and workdir must be on the same filesystem")
+    if os.statvfs(ru).f_flag & os.ST_RDONLY:
+        raise MountError(f"upperdir {upperdir} is on a read-only filesystem")
+    return upper, work
+
+
 def _image_flags(fd: int, label: str) -> int:
     try:
         hdr = os.pread(fd, COMPOSEFS_HEADER.size, 0)
@@ -820,8 +843,7 @@ def _prepare(
         raise MountError("upperdir and workdir must be given together")
     datadirs = [_check_dir(d, "object directory") for d in basedirs]
     if upperdir is not None and workdir is not None:
-        upperdir = _check_dir(upperdir, "upperdir")
-        workdir = _check_dir(workdir, "workdir")
+        upperdir, workdir = _check_upper_work(upperdir, workdir)
     if digest is not None:
         parse_digest(digest)
 
@@ -899,14 +921,14 @@ def composefs_fsmount(
     close the fd. Raises MountError on kernels without the new mount API
     (use `mount_composefs`, which falls back to mount(2)).
     """
-    support = kernel_support()
-    if support.overlay_mode == "legacy":
-        raise MountError("detached composefs mounts need the new mount API (Linux >= 6.7)")
     with ExitStack() as stack:
         p = _prepare(
             stack, image, basedirs, digest, verity, try_verity, upperdir, workdir,
             readonly, idmap, attributes,
         )  # fmt: skip
+        support = kernel_support()
+        if support.overlay_mode == "legacy":
+            raise MountError("detached composefs mounts need the new mount API (Linux >= 6.7)")
         return _fsmount_prepared(stack, p, support.overlay_mode)
 
 
@@ -938,12 +960,13 @@ def mount_composefs(
     such as ``nosuid``, ``nodev``, ``noatime`` (see MOUNT_ATTRIBUTES).
     """
     target_abs = _check_dir(target, "mount target")
-    support = kernel_support()
     with ExitStack() as stack:
+        # Input errors first, then what the kernel can (or lets us) do.
         p = _prepare(
             stack, image, basedirs, digest, verity, try_verity, upperdir, workdir,
             readonly, idmap, attributes,
         )  # fmt: skip
+        support = kernel_support()
         if support.overlay_mode != "legacy":
             mnt = _fsmount_prepared(stack, p, support.overlay_mode)
             with ExitStack() as s2:
