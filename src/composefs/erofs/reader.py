@@ -130,10 +130,31 @@ def image_info(data: bytes) -> ImageInfo:
         raise _err(f"unsupported composefs header version {version}")
     if cfs_version not in (0, 1, 2):
         raise _err(f"unknown composefs_version {cfs_version}")
-    (sb_magic, _checksum, compat, blkszbits, extslots, root_nid, inos, build_time,
-     build_time_nsec, blocks, meta_blkaddr, xattr_blkaddr, _uuid, _volume, incompat,
-     compr_algs, extra_devices, _devt_slotoff, dirblkbits, prefix_count, _prefix_start,
-     packed_nid, _filter_reserved) = fmt.SUPERBLOCK.unpack_from(data, fmt.SUPERBLOCK_OFFSET)
+    (
+        sb_magic,
+        _checksum,
+        compat,
+        blkszbits,
+        extslots,
+        root_nid,
+        inos,
+        build_time,
+        build_time_nsec,
+        blocks,
+        meta_blkaddr,
+        xattr_blkaddr,
+        _uuid,
+        _volume,
+        incompat,
+        compr_algs,
+        extra_devices,
+        _devt_slotoff,
+        dirblkbits,
+        prefix_count,
+        _prefix_start,
+        packed_nid,
+        _filter_reserved,
+    ) = fmt.SUPERBLOCK.unpack_from(data, fmt.SUPERBLOCK_OFFSET)
     if sb_magic != fmt.EROFS_MAGIC:
         raise _err(f"bad EROFS magic {sb_magic:#x}")
     if blkszbits != fmt.BLOCK_BITS:
@@ -186,8 +207,23 @@ def _signed64(v: int) -> int:
 
 
 class _Inode:
-    __slots__ = ("datalayout", "gid", "icount", "inline_end", "inline_start", "isize", "mode",
-                 "mtime", "mtime_nsec", "nid", "nlink", "pos", "size", "u", "uid")
+    __slots__ = (
+        "datalayout",
+        "gid",
+        "icount",
+        "inline_end",
+        "inline_start",
+        "isize",
+        "mode",
+        "mtime",
+        "mtime_nsec",
+        "nid",
+        "nlink",
+        "pos",
+        "size",
+        "u",
+        "uid",
+    )
 
     nid: int
     pos: int
@@ -223,7 +259,8 @@ class _Xattrs:
 
 
 class _Reader:
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, keep_opaque_markers: bool = True) -> None:
+        self.keep_opaque_markers = keep_opaque_markers
         self.info = image_info(data)
         self.data = data
         self.n = len(data)
@@ -252,13 +289,26 @@ class _Reader:
         if format_ & fmt.INODE_LAYOUT_MASK:
             if pos + fmt.EXTENDED_INODE_SIZE > n:
                 raise _err(f"inode {nid} extends beyond the image")
-            (_, ino.icount, ino.mode, _, ino.size, ino.u, _, ino.uid, ino.gid, mtime,
-             ino.mtime_nsec, ino.nlink) = fmt.EXTENDED_INODE.unpack_from(data, pos)
+            (
+                _,
+                ino.icount,
+                ino.mode,
+                _,
+                ino.size,
+                ino.u,
+                _,
+                ino.uid,
+                ino.gid,
+                mtime,
+                ino.mtime_nsec,
+                ino.nlink,
+            ) = fmt.EXTENDED_INODE.unpack_from(data, pos)
             ino.mtime = _signed64(mtime)
             ino.isize = fmt.EXTENDED_INODE_SIZE
         else:
-            (_, ino.icount, ino.mode, ino.nlink, ino.size, _, ino.u, _, ino.uid,
-             ino.gid) = fmt.COMPACT_INODE.unpack_from(data, pos)
+            (_, ino.icount, ino.mode, ino.nlink, ino.size, _, ino.u, _, ino.uid, ino.gid) = (
+                fmt.COMPACT_INODE.unpack_from(data, pos)
+            )
             # Compact inodes carry no mtime: it is the image's build time.
             ino.mtime = self.info.build_time
             ino.mtime_nsec = self.info.build_time_nsec
@@ -364,10 +414,14 @@ class _Reader:
                 x.redirect = value
             elif name == fmt.XATTR_OVERLAY_WHITEOUT and is_reg:
                 x.whiteout = True
-            elif name in _DROPPED_MARKERS:
+            elif name in _DROPPED_MARKERS or (
+                name in _OPAQUE_MARKERS and not self.keep_opaque_markers
+            ):
                 pass
             elif name.startswith(fmt.XATTR_OVERLAY_ESCAPED_PREFIX):
-                x.user[fmt.XATTR_OVERLAY_PREFIX + name[len(fmt.XATTR_OVERLAY_ESCAPED_PREFIX):]] = value
+                x.user[fmt.XATTR_OVERLAY_PREFIX + name[len(fmt.XATTR_OVERLAY_ESCAPED_PREFIX) :]] = (
+                    value
+                )
             elif name.startswith(fmt.XATTR_OVERLAY_PREFIX):
                 pass  # composefs-internal (e.g. the root's opaque marker)
             else:
@@ -403,8 +457,9 @@ class _Reader:
                 raise _err(f"directory {ino.nid}: entries not sorted or duplicated")
         return out
 
-    def _dirent_block(self, off: int, length: int, nid: int,
-                      out: list[tuple[bytes, int, int]]) -> None:
+    def _dirent_block(
+        self, off: int, length: int, nid: int, out: list[tuple[bytes, int, int]]
+    ) -> None:
         data = self.data
         if length < fmt.DIRENT_SIZE:
             raise _err(f"directory {nid}: truncated dirent block")
@@ -431,15 +486,22 @@ class _Reader:
             out.append((name, child, ftype))
 
 
-_DROPPED_MARKERS = frozenset((
-    fmt.XATTR_OVERLAY_WHITEOUTS,
-    fmt.XATTR_USERXATTR_WHITEOUT,
-    fmt.XATTR_USERXATTR_WHITEOUTS,
-))
+# The "directory has whiteouts" markers V1 adds (C keeps them when reading).
+_OPAQUE_MARKERS = frozenset((fmt.XATTR_OVERLAY_OPAQUE, fmt.XATTR_USERXATTR_OPAQUE))
+_DROPPED_MARKERS = frozenset(
+    (
+        fmt.XATTR_OVERLAY_WHITEOUTS,
+        fmt.XATTR_USERXATTR_WHITEOUT,
+        fmt.XATTR_USERXATTR_WHITEOUTS,
+    )
+)
 
 
 def _filter_bit(index: int, suffix: bytes) -> int:
-    return int(xxhash.xxh32_intdigest(suffix, seed=fmt.XATTR_FILTER_SEED + index)) % fmt.XATTR_FILTER_BITS
+    return (
+        int(xxhash.xxh32_intdigest(suffix, seed=fmt.XATTR_FILTER_SEED + index))
+        % fmt.XATTR_FILTER_BITS
+    )
 
 
 def _metacopy_digest(nid: int, value: bytes) -> str | None:
@@ -450,15 +512,20 @@ def _metacopy_digest(nid: int, value: bytes) -> str | None:
         raise _err(f"inode {nid}: malformed overlay metacopy")
     version, length, flags, algo = fmt.METACOPY_HEADER.unpack_from(value)
     hashlen = fmt.METACOPY_DIGEST_SIZES.get(algo)
-    if version != fmt.METACOPY_VERSION or flags or hashlen is None or length != len(value) \
-            or length != 4 + hashlen:
+    if (
+        version != fmt.METACOPY_VERSION
+        or flags
+        or hashlen is None
+        or length != len(value)
+        or length != 4 + hashlen
+    ):
         raise _err(f"inode {nid}: malformed overlay metacopy")
     return value[4:].hex()
 
 
 class _Builder:
-    def __init__(self, data: bytes) -> None:
-        self.r = _Reader(data)
+    def __init__(self, data: bytes, keep_opaque_markers: bool) -> None:
+        self.r = _Reader(data, keep_opaque_markers)
         # nid -> (leaf, on-disk nlink, dirent type); a hardlink is the same Leaf.
         self.leaves: dict[int, tuple[Leaf, int, int]] = {}
         self.whiteout_nids: set[int] = set()
@@ -486,8 +553,9 @@ class _Builder:
         d.size = ino.size
         return d
 
-    def _fill(self, d: Directory, ino: _Inode, parent_nid: int, depth: int,
-              is_root: bool) -> list[tuple[Directory, _Inode, int, int]]:
+    def _fill(
+        self, d: Directory, ino: _Inode, parent_nid: int, depth: int, is_root: bool
+    ) -> list[tuple[Directory, _Inode, int, int]]:
         r = self.r
         nid = ino.nid
         subdirs: list[tuple[Directory, _Inode, int, int]] = []
@@ -566,15 +634,19 @@ class _Builder:
                 content = self._external(ino, x)
             else:
                 if ino.size > INLINE_CONTENT_MAX:
-                    raise _err(f"inline file {name!r} of {ino.size} bytes (max {INLINE_CONTENT_MAX})")
+                    raise _err(
+                        f"inline file {name!r} of {ino.size} bytes (max {INLINE_CONTENT_MAX})"
+                    )
                 content = Regular(ino.size, data=r.content(ino) if ino.size else None)
         elif t == fmt.S_IFLNK:
             if ino.datalayout == fmt.DATALAYOUT_CHUNK_BASED:
                 raise _err(f"symlink {name!r}: chunk-based layout")
             if not 0 < ino.size <= SYMLINK_MAX:
                 raise _err(f"symlink {name!r}: target length {ino.size}")
-            if r.epoch1 and ino.datalayout == fmt.DATALAYOUT_FLAT_INLINE and (
-                ino.pos % _BLK + (ino.inline_end - ino.pos) > _BLK
+            if (
+                r.epoch1
+                and ino.datalayout == fmt.DATALAYOUT_FLAT_INLINE
+                and (ino.pos % _BLK + (ino.inline_end - ino.pos) > _BLK)
             ):
                 # Kernels before 6.12 refuse these (EFSCORRUPTED).
                 raise _err(f"symlink {name!r}: inode and target straddle a block")
@@ -595,7 +667,9 @@ class _Builder:
 
     def _external(self, ino: _Inode, x: _Xattrs) -> Regular:
         nid = ino.nid
-        if ino.size == 0:
+        if ino.size == 0 and self.r.epoch1:
+            # composefs-rs (V2) keeps empty files that have a digest external;
+            # C never writes an empty external file.
             raise _err(f"inode {nid}: chunk-based file of size 0")
         if (ino.u & 0xFFFF) & ~fmt.CHUNK_FORMAT_BLKBITS_MASK:
             # Only the low 16 bits are the chunk format (C may leave a block
@@ -625,15 +699,23 @@ class _Builder:
                 leaf.nlink = None if nlink == names else nlink
 
 
-def read_image(data: bytes, *, toplevel: Collection[bytes] | None = None) -> Directory:
+def read_image(
+    data: bytes,
+    *,
+    toplevel: Collection[bytes] | None = None,
+    keep_opaque_markers: bool = True,
+) -> Directory:
     """Read a composefs image into a tree; `errors.ImageError` if it is invalid.
 
     `toplevel` keeps only those names in the root (C `composefs-info
-    --filter`); the whole image is still validated.
+    --filter`); the whole image is still validated. With
+    `keep_opaque_markers=False` the `trusted.overlay.opaque` /
+    `user.overlay.opaque` directory xattrs are dropped as composefs-rs does
+    (then also where a user had set them).
     """
     if not isinstance(data, bytes):
         data = bytes(data)
-    b = _Builder(data)
+    b = _Builder(data, keep_opaque_markers)
     try:
         root = b.build()
     except (struct.error, ValueError, IndexError, OverflowError) as e:
@@ -681,8 +763,11 @@ def _external_leaves(root: Directory) -> list[Leaf]:
         for child in d.entries.values():
             if isinstance(child, Directory):
                 todo.append(child)
-            elif isinstance(child.content, Regular) and child.content.is_external \
-                    and id(child) not in seen:
+            elif (
+                isinstance(child.content, Regular)
+                and child.content.is_external
+                and id(child) not in seen
+            ):
                 seen.add(id(child))
                 out.append(child)
     return out

@@ -1,0 +1,63 @@
+"""composefs-dump: rewrite a composefs image (compatible with C composefs 1.0.8).
+
+    composefs-dump SRC DEST
+
+Reads the image SRC and writes it again to DEST in the same format version
+(C uses this to check that images are reproducible). DEST appears only when
+it is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import NoReturn
+
+from ..errors import ComposefsError
+from ._util import run
+
+PROG = "composefs-dump"
+
+
+class UsageError(ComposefsError):
+    """A command-line mistake (printed as one line, exit status 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _main(argv: Sequence[str]) -> int:
+    p = _Parser(
+        prog=PROG,
+        usage="%(prog)s SRC DEST",
+        description="Read a composefs image and write it again.",
+    )
+    p.add_argument("src", metavar="SRC", nargs="?", help="source image")
+    p.add_argument("dest", metavar="DEST", nargs="?", help="destination image")
+    args = p.parse_args(argv)
+    if args.src is None:
+        raise UsageError("No source path specified")
+    if args.dest is None:
+        raise UsageError("No destination path specified")
+
+    from ..erofs.reader import image_version
+    from ..erofs.writer import mkfs
+    from .composefs_info import load_image, read_tree
+    from .mkcomposefs import write_atomically
+
+    root = read_tree(args.src)
+    # Same composefs_version, never bumped (C passes version as min and max).
+    version = image_version(load_image(args.src))
+    image = mkfs(root, version, max_version=version)
+    write_atomically(args.dest, lambda f: f.write(image))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(PROG, _main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

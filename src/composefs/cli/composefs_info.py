@@ -1,0 +1,227 @@
+"""composefs-info: inspect composefs images (compatible with C composefs 1.0.8).
+
+    composefs-info [--basedir=PATH] [--filter=NAME]... COMMAND ARGS...
+
+Commands: `ls IMAGES...`, `dump IMAGES...`, `objects IMAGES...`,
+`missing-objects --basedir=DIR IMAGES...`, `measure-file FILES...`.
+Output formats are those of C composefs-info; `--filter` keeps only the
+named top-level entries (ls, dump, objects).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, BinaryIO, NoReturn
+
+from ..errors import ComposefsError
+from ._util import run
+
+if TYPE_CHECKING:
+    from ..tree import Directory
+
+PROG = "composefs-info"
+COMMANDS = ("ls", "dump", "objects", "missing-objects", "measure-file")
+
+
+class UsageError(ComposefsError):
+    """A command-line mistake (printed as one line, exit status 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        usage="%(prog)s [--basedir=path] [--filter=name]... "
+        "[ls|objects|dump|missing-objects|measure-file] IMAGES...",
+        description="Show the contents of composefs images.",
+    )
+    p.add_argument("command", metavar="COMMAND", nargs="?", help=", ".join(COMMANDS))
+    p.add_argument("paths", metavar="IMAGES", nargs="*", help="images (files for measure-file)")
+    p.add_argument("--basedir", metavar="PATH", help="object directory (missing-objects)")
+    p.add_argument(
+        "--filter",
+        metavar="NAME",
+        action="append",
+        help="only show this top-level entry (repeatable)",
+    )
+    return p
+
+
+# -- C print_escaped ------------------------------------------------------
+_ESC_SPECIAL = {0x5C: b"\\\\", 0x0A: b"\\n", 0x0D: b"\\r", 0x09: b"\\t"}
+
+
+def _table(keep_space: bool) -> list[bytes]:
+    out = []
+    for c in range(256):
+        if c in _ESC_SPECIAL:
+            out.append(_ESC_SPECIAL[c])
+        elif 0x21 <= c <= 0x7E or (keep_space and c == 0x20):
+            out.append(bytes((c,)))
+        else:
+            out.append(b"\\x%02x" % c)
+    return out
+
+
+_STANDARD = _table(False)
+_KEEP_SPACE = _table(True)
+
+
+def escape(value: bytes, *, keep_space: bool = False) -> bytes:
+    """C composefs-info escaping (ESCAPE_STANDARD, or NOESCAPE_SPACE)."""
+    table = _KEEP_SPACE if keep_space else _STANDARD
+    return b"".join([table[c] for c in value])
+
+
+# -- image access ---------------------------------------------------------
+def load_image(path: str) -> bytes:
+    """An image file's bytes, refusing files no composefs image can be."""
+    from ..erofs.reader import MAX_IMAGE_SIZE
+
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ComposefsError(f"Failed to open '{path}': {e.strerror}") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_IMAGE_SIZE:
+            raise ComposefsError(f"Failed to load '{path}': image larger than 1 GiB")
+        return f.read(MAX_IMAGE_SIZE + 1)
+
+
+def read_tree(path: str, toplevel: Sequence[bytes] | None = None) -> Directory:
+    from ..erofs.reader import read_image
+    from ..errors import ImageError
+
+    data = load_image(path)
+    try:
+        return read_image(data, toplevel=toplevel)
+    except ImageError as e:
+        raise ImageError(f"Failed to load '{path}': {e}") from None
+
+
+# -- commands -------------------------------------------------------------
+def _ls(root: Directory, out: BinaryIO) -> None:
+    from ..tree import Directory, Regular, Symlink, walk
+
+    seen: set[int] = set()
+    buf: list[bytes] = []
+    it = walk(root)
+    next(it)  # C prints the root's children, not the root
+    for path, node in it:
+        line = escape(path, keep_space=True)
+        if isinstance(node, Directory):
+            line += b"/\t"
+        elif id(node) not in seen:
+            # C loads later names of a hardlinked inode as bare links with
+            # no type, and prints just their path.
+            seen.add(id(node))
+            c = node.content
+            if isinstance(c, Symlink):
+                line += b"\t-> " + escape(c.target)
+            elif isinstance(c, Regular) and c.is_external:
+                payload = c.backing_path()
+                if payload:
+                    line += b"\t@ " + escape(payload)
+        buf.append(line + b"\n")
+        if len(buf) >= 4096:
+            out.write(b"".join(buf))
+            buf.clear()
+    out.write(b"".join(buf))
+
+
+def _objects(root: Directory, found: set[bytes], basedir: str | None) -> None:
+    from ..tree import Directory, Regular
+
+    todo = [root]
+    while todo:
+        d = todo.pop()
+        for child in d.entries.values():
+            if isinstance(child, Directory):
+                todo.append(child)
+                continue
+            c = child.content
+            if not isinstance(c, Regular) or not c.is_external:
+                continue
+            payload = c.backing_path()
+            if not payload or payload in found:
+                continue
+            # C fstatat()s the object, following symlinks.
+            if basedir is not None and os.path.exists(
+                os.path.join(basedir, payload.lstrip(b"/").decode("utf-8", "surrogateescape"))
+            ):
+                continue
+            found.add(payload)
+
+
+def _measure(files: Sequence[str], out: BinaryIO) -> None:
+    from ..fsverity import measure_or_compute
+
+    if not files:
+        raise UsageError("No files specified")
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise ComposefsError(f"Failed to open '{path}': {e.strerror}") from None
+        try:
+            digest = measure_or_compute(fd)
+        except OSError as e:
+            raise ComposefsError(f"failed to measure '{path}': {e.strerror}") from None
+        finally:
+            os.close(fd)
+        out.write(digest.hex().encode() + b"\n")
+
+
+def _main(argv: Sequence[str]) -> int:
+    args = _parser().parse_intermixed_args(argv)
+    filters: list[bytes] | None = None
+    for name in args.filter or ():
+        if "/" in name:
+            raise UsageError(f"Filter must be a single name: {name}")
+        filters = (filters or []) + [os.fsencode(name)]
+    if args.command is None:
+        raise UsageError("No command specified")
+    if args.command not in COMMANDS:
+        raise UsageError(f"Unknown command '{args.command}'")
+    out = sys.stdout.buffer
+    if args.command == "measure-file":
+        _measure(args.paths, out)
+        return 0
+    if args.command == "missing-objects" and args.basedir is None:
+        raise UsageError("missing-objects needs --basedir=PATH")
+    if args.basedir is not None and not os.path.isdir(args.basedir):
+        raise ComposefsError(f"Can't open basedir `{args.basedir}`")
+    if not args.paths:
+        raise UsageError("No image path specified")
+    if args.command in ("objects", "missing-objects"):
+        found: set[bytes] = set()
+        basedir = args.basedir if args.command == "missing-objects" else None
+        for path in args.paths:
+            _objects(read_tree(path, filters), found, basedir)
+        out.write(b"".join(p + b"\n" for p in sorted(found)))
+        return 0
+    for path in args.paths:
+        root = read_tree(path, filters)
+        if args.command == "ls":
+            _ls(root, out)
+        else:
+            from ..dumpfile import write
+
+            write(root, out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(PROG, _main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
