@@ -16,12 +16,15 @@ refer to inodes that come later in the table.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Sequence
+from itertools import chain
+from typing import Any
 
 import xxhash
 
 from ..errors import TreeError
-from ..tree import Device, Directory, Fifo, Leaf, Regular, Socket, Symlink
+from ..tree import Device, Directory, Fifo, Leaf, Regular, Socket, Stat, Symlink
 from . import format as F
 from .format import FormatVersion
 
@@ -45,6 +48,13 @@ _ZEROS = bytes(BLOCK)
 _NULL_CHUNKS_BLOCK = b"\xff" * BLOCK
 
 _FT = F.MODE_TO_FT
+S_IFDIR = F.S_IFDIR
+S_IFREG = F.S_IFREG
+S_IFLNK = F.S_IFLNK
+S_IFCHR = F.S_IFCHR
+S_IFBLK = F.S_IFBLK
+S_IFIFO = F.S_IFIFO
+S_IFSOCK = F.S_IFSOCK
 
 # Prefix matching order. C (epoch 1) has no "lustre." entry; composefs-rs
 # matches the longest index first, which is equivalent for these prefixes.
@@ -105,139 +115,110 @@ class _XattrCodec:
 
 
 class _Inode:
-    """One inode to write, with the layout facts the two passes share."""
+    """One inode to write, with the layout facts the two passes share.
 
-    __slots__ = (
-        "blkaddr",
-        "block_data",
-        "chunk_count",
-        "chunk_format",
-        "compact",
-        "data",
-        "entries",
-        "external",
-        "ftype",
-        "gid",
-        "ino",
-        "ipad",
-        "mode",
-        "mtime",
-        "n_blocks",
-        "nid",
-        "nlink",
-        "nsec",
-        "rdev",
-        "shared",
-        "size",
-        "tail",
-        "uid",
-        "xattr_local",
-        "xattr_size",
-        "xattrs",
-        "xfilter",
-    )
+    Class attributes are the defaults; an inode stores only what differs
+    (tens of thousands are created per image, so fewer stores matter).
+    """
 
-    def __init__(self) -> None:
-        self.ftype = 0
-        self.mode = 0
-        self.uid = 0
-        self.gid = 0
-        self.mtime = 0
-        self.nsec = 0
-        self.nlink = 1
-        self.size = 0
-        self.rdev = 0
-        self.data: bytes | None = None  # inline file content or symlink target
-        self.external = False
-        self.chunk_format = 0
-        self.chunk_count = 0
-        self.xattrs: dict[bytes, bytes] = {}
-        # directory entries including "." and "..", sorted by name
-        self.entries: list[tuple[bytes, _Inode]] = []
-        self.shared: list[int] = []
-        self.xattr_local = b""
-        self.xattr_size = 0
-        self.xfilter = 0
-        self.n_blocks = 0
-        self.tail = 0
-        self.compact = False
-        self.nid = 0
-        self.ipad = 0
-        self.ino = 0
-        self.blkaddr = 0
-        self.block_data: bytes | None = None
+    size = 0
+    rdev = 0
+    data: bytes | None = None  # inline file content or symlink target
+    external = False
+    chunk_format = 0
+    chunk_count = 0
+    nlink = 1
+    # directory entries including "." and "..", sorted by name
+    entries: Sequence[tuple[bytes, _Inode]] = ()
+    dir_starts: Sequence[int] = ()  # index of the first entry of each dirent block
+    shared: Sequence[int] = ()
+    xattr_local = b""
+    xattr_size = 0
+    xfilter = 0
+    n_blocks = 0
+    tail = 0
+    compact = False
+    nid = 0
+    ipad = 0
+    ino = 0
+    blkaddr = 0
+
+    def __init__(self, ftype: int, mode: int, st: Stat, xattrs: dict[bytes, bytes]) -> None:
+        self.ftype = ftype
+        self.mode = mode
+        self.uid = st.uid
+        self.gid = st.gid
+        self.mtime = st.mtime
+        self.nsec = st.mtime_nsec
+        self.xattrs = xattrs
 
 
 # --------------------------------------------------------------------------
 # tree checks shared by both epochs
 
+_BAD_NAMES = frozenset((b"", b".", b".."))
 
-def _check_name(name: bytes) -> None:
-    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
-        raise TreeError(f"invalid file name {name!r}")
+
+def _bad_name(name: bytes) -> TreeError:
     if len(name) > NAME_MAX:
-        raise TreeError(f"file name too long: {name[:64]!r}...")
+        return TreeError(f"file name too long: {name[:64]!r}...")
+    return TreeError(f"invalid file name {name!r}")
 
 
 def _scan(root: Directory) -> tuple[dict[int, int], dict[int, tuple[int, bytes]]]:
-    """Depth-first sorted walk: name count per leaf (by id) and, for every
-    leaf, the (directory id, name) of its first occurrence. Rejects
-    hardlinked directories and invalid names."""
+    """Name count of every leaf (by id) and, for leaves with several names,
+    the (directory id, name) of the first one in depth-first sorted order.
+    Rejects hardlinked directories, cycles and invalid names."""
     counts: dict[int, int] = {}
-    first: dict[int, tuple[int, bytes]] = {}
+    get = counts.get
     seen_dirs = {id(root)}
     stack = [root]
+    multi = False
     while stack:
         d = stack.pop()
-        did = id(d)
-        subdirs = []
-        for name, child in sorted(d.entries.items()):
-            _check_name(name)
+        for name, child in d.entries.items():
+            if name in _BAD_NAMES or len(name) > NAME_MAX or b"/" in name or b"\0" in name:
+                raise _bad_name(name)
             if isinstance(child, Directory):
                 if id(child) in seen_dirs:
                     raise TreeError(f"directory {name!r} is hardlinked or part of a cycle")
                 seen_dirs.add(id(child))
-                subdirs.append(child)
+                stack.append(child)
             else:
                 lid = id(child)
-                n = counts.get(lid)
+                n = get(lid)
                 if n is None:
                     counts[lid] = 1
-                    first[lid] = (did, name)
                 else:
                     counts[lid] = n + 1
-        # depth-first in sorted order: the first subdirectory is visited next
-        stack.extend(reversed(subdirs))
+                    multi = True
+    first: dict[int, tuple[int, bytes]] = {}
+    if multi:
+        # only hardlinks need the (slower) depth-first sorted walk
+        dstack = [root]
+        while dstack:
+            d = dstack.pop()
+            did = id(d)
+            subdirs = []
+            for name, child in sorted(d.entries.items()):
+                if isinstance(child, Directory):
+                    subdirs.append(child)
+                elif counts[id(child)] > 1 and id(child) not in first:
+                    first[id(child)] = (did, name)
+            dstack.extend(reversed(subdirs))
     return counts, first
-
-
-def _check_leaf(leaf: Leaf, path_name: bytes, names: int) -> None:
-    c = leaf.content
-    if isinstance(c, Symlink):
-        if not c.target:
-            raise TreeError(f"symlink {path_name!r} has an empty target")
-        if len(c.target) >= PATH_MAX or b"\0" in c.target:
-            raise TreeError(f"invalid symlink target for {path_name!r}")
-    elif isinstance(c, Device):
-        if c.kind == F.S_IFCHR and c.rdev == 0 and names > 1:
-            raise TreeError(f"whiteout {path_name!r} is hardlinked")
-        if not 0 <= c.rdev <= 0xFFFFFFFF:
-            raise TreeError(f"device number of {path_name!r} does not fit in 32 bits")
-    elif isinstance(c, Regular):
-        if c.data is None and c.size < 0:
-            raise TreeError(f"negative size for {path_name!r}")
-    st = leaf.stat
-    if not (0 <= st.uid <= 0xFFFFFFFF and 0 <= st.gid <= 0xFFFFFFFF):
-        raise TreeError(f"uid/gid of {path_name!r} out of range")
 
 
 def _metacopy(digest: str | None) -> bytes:
     if digest is None:
         return b""
-    raw = bytes.fromhex(digest)
-    algo = F.METACOPY_ALGO_SHA256 if len(raw) == 32 else F.METACOPY_ALGO_SHA512
+    try:
+        raw = bytes.fromhex(digest)
+    except ValueError:
+        raise TreeError(f"invalid fs-verity digest {digest!r}") from None
     if len(raw) not in (32, 64):
         raise TreeError(f"invalid fs-verity digest {digest!r}")
+    algo = F.METACOPY_ALGO_SHA256 if len(raw) == 32 else F.METACOPY_ALGO_SHA512
     return F.METACOPY_HEADER.pack(F.METACOPY_VERSION, 4 + len(raw), 0, algo) + raw
 
 
@@ -252,50 +233,99 @@ def _chunking(size: int) -> tuple[int, int]:
     return chunkbits - F.BLOCK_BITS, (size + chunksize - 1) // chunksize
 
 
-def _escape_xattrs(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
-    """User `trusted.overlay.X` becomes `trusted.overlay.overlay.X` (both epochs)."""
+_OVL = F.XATTR_OVERLAY_PREFIX
+_OVL_LEN = len(_OVL)
+_OVL_ESC = F.XATTR_OVERLAY_ESCAPED_PREFIX
+
+
+def _own_xattrs(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """A fresh copy with user `trusted.overlay.X` renamed to
+    `trusted.overlay.overlay.X` (the escaping both references do)."""
     out: dict[bytes, bytes] = {}
     for k, v in xattrs.items():
-        if k.startswith(F.XATTR_OVERLAY_PREFIX):
-            k = F.XATTR_OVERLAY_ESCAPED_PREFIX + k[len(F.XATTR_OVERLAY_PREFIX) :]
+        if k.startswith(_OVL):
+            k = _OVL_ESC + k[_OVL_LEN:]
         out[k] = v
     return out
 
 
-def _fill_leaf(ino: _Inode, leaf: Leaf, epoch1: bool) -> None:
+def _dir_inode(d: Directory, epoch1: bool) -> _Inode:
+    st = d.stat
+    xa = st.xattrs
+    if xa:
+        xa = _own_xattrs(xa if epoch1 else dict(sorted(xa.items())))
+    else:
+        xa = {}
+    return _Inode(S_IFDIR, S_IFDIR | (st.mode & 0o7777), st, xa)
+
+
+def _leaf_inode(leaf: Leaf, name: bytes, names: int, epoch1: bool) -> _Inode:
+    """The inode of a leaf (before whiteout escaping), with its overlay
+    xattrs: metacopy and redirect first for external files, as composefs-rs
+    orders them (C sorts all xattrs by name later anyway)."""
     st = leaf.stat
     c = leaf.content
-    ino.uid = st.uid
-    ino.gid = st.gid
-    ino.mtime = st.mtime
-    ino.nsec = st.mtime_nsec
     perm = st.mode & 0o7777
-    if isinstance(c, Regular):
-        ino.ftype = F.S_IFREG
-        if c.data is not None:
-            ino.data = c.data
-            ino.size = len(c.data)
+    ct = type(c)
+    xa: dict[bytes, bytes] = {}
+    if ct is Regular:
+        assert isinstance(c, Regular)
+        ino = _Inode(S_IFREG, S_IFREG | perm, st, xa)
+        data = c.data
+        if data is not None:
+            ino.data = data
+            ino.size = len(data)
         else:
-            ino.size = c.size
+            size = c.size
+            if size < 0:
+                raise TreeError(f"negative size for {name!r}")
+            ino.size = size
             # C: any non-empty file without content is external; composefs-rs
             # also treats a digest-named empty file as external.
-            ino.external = c.size > 0 or (
-                not epoch1 and (c.digest is not None or c.payload is not None)
-            )
-    elif isinstance(c, Symlink):
-        ino.ftype = F.S_IFLNK
-        ino.data = c.target
-        ino.size = len(c.target)
-    elif isinstance(c, Device):
-        ino.ftype = c.kind
+            if size > 0 or (not epoch1 and (c.digest is not None or c.payload is not None)):
+                ino.external = True
+                xa[F.XATTR_OVERLAY_METACOPY] = _metacopy(c.digest)
+                path = c.payload
+                if path is None and c.digest is not None:
+                    dg = c.digest
+                    path = f"{dg[:2]}/{dg[2:]}".encode()
+                if path:
+                    xa[F.XATTR_OVERLAY_REDIRECT] = b"/" + path
+    elif ct is Symlink:
+        assert isinstance(c, Symlink)
+        target = c.target
+        if not target:
+            raise TreeError(f"symlink {name!r} has an empty target")
+        if len(target) >= PATH_MAX or b"\0" in target:
+            raise TreeError(f"invalid symlink target for {name!r}")
+        ino = _Inode(S_IFLNK, S_IFLNK | perm, st, xa)
+        ino.data = target
+        ino.size = len(target)
+    elif ct is Device:
+        assert isinstance(c, Device)
+        if c.kind not in (S_IFCHR, S_IFBLK):
+            raise TreeError(f"invalid device type for {name!r}")
+        if c.kind == S_IFCHR and c.rdev == 0 and names > 1:
+            raise TreeError(f"whiteout {name!r} is hardlinked")
+        if not 0 <= c.rdev <= 0xFFFFFFFF:
+            raise TreeError(f"device number of {name!r} does not fit in 32 bits")
+        ino = _Inode(c.kind, c.kind | perm, st, xa)
         ino.rdev = c.rdev
-    elif isinstance(c, Fifo):
-        ino.ftype = F.S_IFIFO
-    elif isinstance(c, Socket):
-        ino.ftype = F.S_IFSOCK
-    else:  # pragma: no cover - exhaustive over LeafContent
-        raise TreeError(f"unknown leaf content {c!r}")
-    ino.mode = ino.ftype | perm
+    elif ct is Fifo:
+        ino = _Inode(S_IFIFO, S_IFIFO | perm, st, xa)
+    elif ct is Socket:
+        ino = _Inode(S_IFSOCK, S_IFSOCK | perm, st, xa)
+    else:
+        raise TreeError(f"unknown content for {name!r}: {c!r}")
+    own = st.xattrs
+    if own:
+        if not epoch1:
+            own = dict(sorted(own.items()))
+        for k, v in own.items():
+            if k.startswith(_OVL):
+                k = _OVL_ESC + k[_OVL_LEN:]
+            xa[k] = v
+    return ino
 
 
 # --------------------------------------------------------------------------
@@ -307,75 +337,58 @@ def _collect_epoch1(root: Directory, mark_opaque: bool) -> tuple[list[_Inode], b
     C rewrites (overlay xattrs, escaped whiteouts, root stubs). Returns the
     inodes and whether the tree had user whiteouts."""
     counts, first = _scan(root)
-    leaf_inode: dict[int, _Inode] = {}
+    leaf_inodes: dict[int, _Inode] = {}
     has_whiteout = False
+    deferred = False
 
-    r = _Inode()
-    r.ftype = F.S_IFDIR
-    st = root.stat
-    r.mode = F.S_IFDIR | (st.mode & 0o7777)
-    r.uid, r.gid, r.mtime, r.nsec = st.uid, st.gid, st.mtime, st.mtime_nsec
-    if not (0 <= st.uid <= 0xFFFFFFFF and 0 <= st.gid <= 0xFFFFFFFF):
-        raise TreeError("uid/gid of / out of range")
-    r.xattrs = _escape_xattrs(st.xattrs)
+    r = _dir_inode(root, True)
     inodes = [r]
-    pending: list[tuple[_Inode, list[tuple[bytes, Directory | Leaf | _Inode]]]] = []
+    append = inodes.append
+    pending: list[tuple[_Inode, list[tuple[bytes, Any]]]] = []
     queue: deque[tuple[Directory, _Inode, _Inode]] = deque([(root, r, r)])
+    popleft = queue.popleft
     while queue:
-        d, me, parent = queue.popleft()
+        d, me, parent = popleft()
         did = id(d)
-        raw: list[tuple[bytes, Directory | Leaf | _Inode]] = [(b".", me), (b"..", parent)]
+        raw: list[tuple[bytes, Any]] = [(b".", me), (b"..", parent)]
         subdirs = 0
         for name, child in sorted(d.entries.items()):
             if isinstance(child, Directory):
                 subdirs += 1
-                ci = _Inode()
-                cst = child.stat
-                ci.ftype = F.S_IFDIR
-                ci.mode = F.S_IFDIR | (cst.mode & 0o7777)
-                ci.uid, ci.gid, ci.mtime, ci.nsec = cst.uid, cst.gid, cst.mtime, cst.mtime_nsec
-                if not (0 <= cst.uid <= 0xFFFFFFFF and 0 <= cst.gid <= 0xFFFFFFFF):
-                    raise TreeError(f"uid/gid of {name!r} out of range")
-                ci.xattrs = _escape_xattrs(cst.xattrs)
-                inodes.append(ci)
+                ci = _dir_inode(child, True)
+                append(ci)
                 queue.append((child, ci, me))
                 raw.append((name, ci))
                 continue
             lid = id(child)
             n = counts[lid]
-            if n > 1 and first[lid] != (did, name):
-                # a later name of a hardlinked leaf: resolved once all inodes exist
-                raw.append((name, child))
-                continue
-            _check_leaf(child, name, n)
-            li = _Inode()
-            _fill_leaf(li, child, True)
-            li.nlink = child.nlink if child.nlink is not None else n
-            xa = _escape_xattrs(child.stat.xattrs)
-            if li.external:
-                c = child.content
-                assert isinstance(c, Regular)
-                xa[F.XATTR_OVERLAY_METACOPY] = _metacopy(c.digest)
-                path = c.backing_path()
-                if path:
-                    xa[F.XATTR_OVERLAY_REDIRECT] = b"/" + path
-            elif li.ftype == F.S_IFCHR and li.rdev == 0:
+            if n > 1:
+                if first[lid] != (did, name):
+                    # a later name of a hardlinked leaf: resolved at the end
+                    raw.append((name, child))
+                    deferred = True
+                    continue
+            li = _leaf_inode(child, name, n, True)
+            nl = child.nlink
+            li.nlink = nl if nl is not None else n
+            if li.ftype == S_IFCHR and li.rdev == 0:
                 # user whiteout: C stores it as an empty regular file with markers
                 has_whiteout = True
-                li.ftype = F.S_IFREG
-                li.mode = F.S_IFREG | (li.mode & 0o7777)
-                li.size = 0
+                li.ftype = S_IFREG
+                li.mode = S_IFREG | (li.mode & 0o7777)
+                xa = li.xattrs
                 xa[F.XATTR_OVERLAY_WHITEOUT] = b""
                 xa[F.XATTR_USERXATTR_WHITEOUT] = b""
-                me.xattrs[F.XATTR_OVERLAY_WHITEOUTS] = b""
-                me.xattrs[F.XATTR_USERXATTR_WHITEOUTS] = b""
+                mx = me.xattrs
+                mx[F.XATTR_OVERLAY_WHITEOUTS] = b""
+                mx[F.XATTR_USERXATTR_WHITEOUTS] = b""
                 if mark_opaque:
                     # composefs_version >= 1 marks such directories opaque too
-                    me.xattrs[F.XATTR_OVERLAY_OPAQUE] = b"x"
-                    me.xattrs[F.XATTR_USERXATTR_OPAQUE] = b"x"
-            li.xattrs = xa
-            leaf_inode[lid] = li
-            inodes.append(li)
+                    mx[F.XATTR_OVERLAY_OPAQUE] = b"x"
+                    mx[F.XATTR_USERXATTR_OPAQUE] = b"x"
+            if n > 1:
+                leaf_inodes[lid] = li
+            append(li)
             raw.append((name, li))
         me.nlink = 2 + subdirs
         if me is r:
@@ -383,48 +396,37 @@ def _collect_epoch1(root: Directory, mark_opaque: bool) -> tuple[list[_Inode], b
         pending.append((me, raw))
 
     for me, raw in pending:
-        ents: list[tuple[bytes, _Inode]] = []
-        for name, obj in raw:
-            if isinstance(obj, _Inode):
-                ents.append((name, obj))
-            else:
-                ents.append((name, leaf_inode[id(obj)]))
-        ents.sort(key=_first)
-        me.entries = ents
+        if deferred:
+            raw = [
+                (name, obj if type(obj) is _Inode else leaf_inodes[id(obj)]) for name, obj in raw
+            ]
+        # names are unique within a directory, so tuples compare by name only
+        raw.sort()
+        me.entries = raw
     r.xattrs[F.XATTR_OVERLAY_OPAQUE_ROOT] = b"y"
     return inodes, has_whiteout
 
 
-def _first(t: tuple[bytes, object]) -> bytes:
-    return t[0]
-
-
 def _add_stubs(
-    r: _Inode,
-    root: Directory,
-    raw: list[tuple[bytes, Directory | Leaf | _Inode]],
-    inodes: list[_Inode],
+    r: _Inode, root: Directory, raw: list[tuple[bytes, Any]], inodes: list[_Inode]
 ) -> None:
     """The 256 whiteout stubs `00`..`ff` (C `add_overlay_whiteouts`). C adds
     them as root children before numbering, so in BFS order they interleave
     with the root's own children by name."""
     selinux = root.stat.xattrs.get(F.XATTR_SECURITY_SELINUX)
     # inodes[1:] are exactly the root's children numbered so far, in raw's order
-    merged = [(n, o) for n, o in raw[2:] if isinstance(o, _Inode)]
+    merged = [(n, o) for n, o in raw[2:] if type(o) is _Inode]
     assert len(merged) == len(inodes) - 1
+    st = Stat(0o644, r.uid, r.gid, r.mtime, r.nsec)
     for i in range(F.WHITEOUT_STUB_COUNT):
         name = b"%02x" % i
         if name in root.entries:
             continue
-        s = _Inode()
-        s.ftype = F.S_IFCHR
-        s.mode = F.S_IFCHR | 0o644
-        s.uid, s.gid, s.mtime, s.nsec = r.uid, r.gid, r.mtime, r.nsec
-        if selinux is not None:
-            s.xattrs = {F.XATTR_SECURITY_SELINUX: selinux}
+        xa = {F.XATTR_SECURITY_SELINUX: selinux} if selinux is not None else {}
+        s = _Inode(S_IFCHR, S_IFCHR | 0o644, st, xa)
         merged.append((name, s))
         raw.append((name, s))
-    merged.sort(key=_first)
+    merged.sort()
     del inodes[1:]
     inodes.extend(i for _, i in merged)
 
@@ -432,136 +434,146 @@ def _add_stubs(
 def _share_epoch1(inodes: list[_Inode], codec: _XattrCodec) -> list[bytes]:
     """C `compute_erofs_shared_xattrs`: (key, value) pairs used more than once
     go to the shared table, written in descending (key, len(value), value)
-    order; each inode refers to at most 128 of them."""
-    counts: dict[tuple[bytes, bytes], int] = {}
-    get = counts.get
-    for ino in inodes:
-        for kv in ino.xattrs.items():
-            counts[kv] = get(kv, 0) + 1
+    order; each inode refers to at most 128 of them. Local xattrs are
+    sorted by name (C `cmp_xattr`)."""
+    with_x = [ino for ino in inodes if ino.xattrs]
+    counts = Counter(chain.from_iterable(ino.xattrs.items() for ino in with_x))
     multi = [kv for kv, n in counts.items() if n > 1]
     multi.sort(key=lambda kv: (kv[0], len(kv[1]), kv[1]), reverse=True)
     offsets: dict[tuple[bytes, bytes], int] = {}
     table: list[bytes] = []
     off = 0
+    entry = codec.entry
     for kv in multi:
-        e = codec.entry(*kv)
+        e = entry(*kv)
         offsets[kv] = off
         table.append(e)
         off += len(e)
     split = codec.split
-    entry = codec.entry
-    for ino in inodes:
+    oget = offsets.get
+    for ino in with_x:
         xa = ino.xattrs
-        if not xa:
-            continue
+        items = sorted(xa.items()) if len(xa) > 1 else list(xa.items())
         shared: list[int] = []
         local: list[bytes] = []
         filt = 0
-        for kv in sorted(xa.items(), key=_first):
+        for kv in items:
             filt |= split(kv[0])[2]
-            o = offsets.get(kv) if len(shared) < MAX_SHARED_PER_INODE else None
-            if o is not None:
+            o = oget(kv)
+            if o is not None and len(shared) < MAX_SHARED_PER_INODE:
                 shared.append(o)
             else:
                 local.append(entry(*kv))
         ino.shared = shared
-        ino.xattr_local = b"".join(local)
-        ino.xattr_size = F.XATTR_IBODY_HEADER_SIZE + 4 * len(shared) + len(ino.xattr_local)
+        loc = ino.xattr_local = b"".join(local)
+        ino.xattr_size = F.XATTR_IBODY_HEADER_SIZE + 4 * len(shared) + len(loc)
         ino.xfilter = filt
     return table
 
 
-def _dir_split(entries: list[tuple[bytes, _Inode]]) -> tuple[list[int], int]:
-    """Greedy packing of dirents into blocks: start index of each block
-    (plus the trailing remainder) and the remainder's byte size."""
+def _dir_split(ino: _Inode) -> int:
+    """Greedy packing of a directory's dirents into 4096-byte blocks: sets
+    `dir_starts` (first entry of each block plus the remainder) and returns
+    the remainder's byte size."""
     starts = [0]
     block_size = 0
-    for i, (name, _) in enumerate(entries):
-        ln = F.DIRENT_SIZE + len(name)
+    i = 0
+    for name, _ in ino.entries:
+        ln = 12 + len(name)
         if block_size + ln > BLOCK:
             starts.append(i)
             block_size = 0
         block_size += ln
-    return starts, block_size
+        i += 1
+    ino.dir_starts = starts
+    return block_size
 
 
-def _dirent_chunk(entries: list[tuple[bytes, _Inode]]) -> bytes:
-    nameoff = F.DIRENT_SIZE * len(entries)
+def _dirent_chunk(entries: Sequence[tuple[bytes, _Inode]]) -> bytes:
+    nameoff = 12 * len(entries)
     heads: list[bytes] = []
+    ft = _FT
     for name, target in entries:
-        heads.append(_pack_dirent(target.nid, nameoff, _FT[target.ftype & F.S_IFMT]))
+        heads.append(_pack_dirent(target.nid, nameoff, ft[target.ftype]))
         nameoff += len(name)
-    heads.extend(name for name, _ in entries)
+    heads.extend([name for name, _ in entries])
     return b"".join(heads)
 
 
 def _dir_chunks(ino: _Inode) -> tuple[list[bytes], bytes]:
     """(full-block chunks, inline tail) of a directory whose n_blocks/tail are final."""
     entries = ino.entries
-    starts, _ = _dir_split(entries)
+    starts = ino.dir_starts
+    if len(starts) == 1 and ino.tail:  # the common case: everything inline
+        return [], _dirent_chunk(entries)
     bounds = [*starts, len(entries)]
     chunks = [entries[bounds[i] : bounds[i + 1]] for i in range(len(starts))]
-    full = chunks[:-1]
-    rest = chunks[-1]
-    blocks = [_dirent_chunk(c) for c in full]
+    rest = chunks.pop()
+    blocks = [_dirent_chunk(c) for c in chunks]
     if len(blocks) < ino.n_blocks:
         blocks.append(_dirent_chunk(rest))
-        rest = []
+        rest = ()
     tail = _dirent_chunk(rest) if rest and ino.tail else b""
     return blocks, tail
 
 
 def _layout_epoch1(inodes: list[_Inode], min_mtime: tuple[int, int]) -> int:
-    """C `compute_erofs_inodes`: assign nids and padding; returns inodes_end."""
+    """C `compute_erofs_inodes`: data sizes, compact or extended, padding
+    that keeps inline tails inside one block, nids; returns inodes_end."""
     pos = F.INODE_TABLE_OFFSET
     min_sec, min_nsec = min_mtime
-    for idx, ino in enumerate(inodes):
+    idx = 0
+    for ino in inodes:
         ino.ino = idx
+        idx += 1
         ft = ino.ftype
         # data size: n_blocks out of line plus an inline tail
-        if ft == F.S_IFDIR:
-            starts, tail = _dir_split(ino.entries)
-            nb = len(starts) - 1
+        if ft == S_IFDIR:
+            tail = _dir_split(ino)
+            nb = len(ino.dir_starts) - 1
             if tail > HALF_BLOCK:
                 nb += 1
                 tail = 0
-            ino.n_blocks, ino.tail = nb, tail
+            if nb:
+                ino.n_blocks = nb
+            ino.tail = tail
             size = nb * BLOCK + tail
-        elif ft == F.S_IFLNK:
-            ino.n_blocks, ino.tail = 0, ino.size
-            size = ino.size
-        elif ft == F.S_IFREG and ino.size > 0:
-            size = ino.size
-            if not ino.external:
-                nb, tail = divmod(size, BLOCK)
-                if tail > HALF_BLOCK:
-                    nb += 1
-                    tail = 0
-                ino.n_blocks, ino.tail = nb, tail
-            else:
-                fmt, count = _chunking(size)
-                if count > MAX_NONINLINE_CHUNKS:
-                    raise TreeError(f"file too large for composefs ({size} bytes)")
-                ino.chunk_format, ino.chunk_count = fmt, count
-                ino.n_blocks, ino.tail = 0, count * 4
         else:
-            size = ino.size  # C compares st_size even for devices
-            ino.n_blocks, ino.tail = 0, 0
-        ino.compact = (
-            ino.mtime == min_sec
-            and ino.nsec == min_nsec
-            and ino.nlink <= 0xFFFF
-            and ino.uid <= 0xFFFF
-            and ino.gid <= 0xFFFF
-            and size <= 0xFFFFFFFF
-        )
-        isz = 32 if ino.compact else 64
+            size = ino.size
+            if ft == S_IFLNK:
+                ino.tail = size
+            elif size > 0 and ft == S_IFREG:
+                if not ino.external:
+                    nb, tail = divmod(size, BLOCK)
+                    if tail > HALF_BLOCK:
+                        nb += 1
+                        tail = 0
+                    ino.n_blocks, ino.tail = nb, tail
+                else:
+                    fmt, count = _chunking(size)
+                    if count > MAX_NONINLINE_CHUNKS:
+                        raise TreeError(f"file too large for composefs ({size} bytes)")
+                    ino.chunk_format, ino.chunk_count = fmt, count
+                    ino.tail = count * 4
+        uid, gid = ino.uid, ino.gid
+        if uid > 0xFFFF or gid > 0xFFFF or uid < 0 or gid < 0:
+            if not (0 <= uid <= 0xFFFFFFFF and 0 <= gid <= 0xFFFFFFFF):
+                raise TreeError(f"uid/gid {uid}/{gid} out of range")
+            compact = False
+        else:
+            compact = (
+                ino.mtime == min_sec
+                and ino.nsec == min_nsec
+                and ino.nlink <= 0xFFFF
+                and size <= 0xFFFFFFFF
+            )
+        ino.compact = compact
         ppos = pos
         pos = (pos + 31) & ~31
-        non_tail = isz + ino.xattr_size
+        non_tail = (32 if compact else 64) + ino.xattr_size
         tail = ino.tail
         extra = 0
-        if ft == F.S_IFLNK:
+        if ft == S_IFLNK:
             total = non_tail + tail
             if total >= BLOCK:
                 ino.n_blocks += 1
@@ -578,9 +590,10 @@ def _layout_epoch1(inodes: list[_Inode], min_mtime: tuple[int, int]) -> int:
                     ino.n_blocks += 1
                     ino.tail = 0
                     extra = -pos % BLOCK
-        ino.ipad = pos - ppos + extra
-        pos += extra
-        ino.nid = pos // 32
+        if pos != ppos or extra:
+            ino.ipad = pos - ppos + extra
+            pos += extra
+        ino.nid = pos >> 5
         pos += non_tail + ino.tail
     return (pos + 31) & ~31
 
@@ -627,13 +640,21 @@ def _emit_epoch1(
     cur = data_start // BLOCK
     xbase = inodes_end % BLOCK
     ibody = _pack_ibody
+    refs: dict[int, bytes] = {}
+    append = out.append
     for ino in inodes:
         if ino.ipad:
-            out.append(_zeros(ino.ipad))
+            append(_zeros(ino.ipad))
         ft = ino.ftype
         tail_bytes = b""
         u = 0
-        if ft == F.S_IFDIR:
+        if ft == S_IFREG and ino.external and not ino.n_blocks:
+            # the common case first: an external file with its chunk index inline
+            size = ino.size
+            layout = F.DATALAYOUT_CHUNK_BASED
+            u = ino.chunk_format
+            tail_bytes = _NULL_CHUNKS_BLOCK[: ino.tail]
+        elif ft == S_IFDIR:
             size = ino.n_blocks * BLOCK + ino.tail
             full, tail_bytes = _dir_chunks(ino)
             if ino.n_blocks:
@@ -643,11 +664,11 @@ def _emit_epoch1(
                     blocks.append(b)
                     blocks.append(_zeros(-len(b) % BLOCK))
             layout = F.DATALAYOUT_FLAT_INLINE if ino.tail else F.DATALAYOUT_FLAT_PLAIN
-        elif ft == F.S_IFCHR or ft == F.S_IFBLK:
+        elif ft == S_IFCHR or ft == S_IFBLK:
             size = 0
             u = ino.rdev
             layout = F.DATALAYOUT_FLAT_PLAIN
-        elif ft == F.S_IFREG or ft == F.S_IFLNK:
+        elif ft == S_IFREG or ft == S_IFLNK:
             size = ino.size
             layout = F.DATALAYOUT_FLAT_INLINE if ino.tail else F.DATALAYOUT_FLAT_PLAIN
             if ino.n_blocks:
@@ -667,7 +688,7 @@ def _emit_epoch1(
                 # C sets the chunk format through a u16 in the i_u union
                 u = (u & 0xFFFF0000) | ino.chunk_format
                 if ino.tail:
-                    tail_bytes = b"\xff" * ino.tail
+                    tail_bytes = _NULL_CHUNKS_BLOCK[: ino.tail]
             elif ino.tail:
                 data = ino.data
                 assert data is not None
@@ -705,12 +726,16 @@ def _emit_epoch1(
                 )
             )
         if xsize:
-            out.append(ibody(0xFFFFFFFF & ~ino.xfilter, len(ino.shared)))
-            if ino.shared:
-                out.append(b"".join([((xbase + o) // 4).to_bytes(4, "little") for o in ino.shared]))
-            out.append(ino.xattr_local)
+            shared = ino.shared
+            append(ibody(0xFFFFFFFF & ~ino.xfilter, len(shared)))
+            for o in shared:
+                ref = refs.get(o)
+                if ref is None:
+                    ref = refs[o] = ((xbase + o) >> 2).to_bytes(4, "little")
+                append(ref)
+            append(ino.xattr_local)
         if tail_bytes:
-            out.append(tail_bytes)
+            append(tail_bytes)
     img = b"".join(out)
     pad = -len(img) % 32
     assert len(img) + pad == inodes_end, (len(img), inodes_end)
@@ -762,72 +787,45 @@ def _mkfs_epoch1(root: Directory, version: FormatVersion, max_version: FormatVer
 def _collect_epoch2(root: Directory) -> list[_Inode]:
     """Depth-first inode list (composefs-rs `collect_dir`): a directory comes
     before its children; a hardlinked leaf gets the inode of its first name."""
-    counts, _first_occ = _scan(root)
-    leaf_inode: dict[int, _Inode] = {}
-    inodes: list[_Inode] = []
-
-    def new_dir(d: Directory) -> _Inode:
-        st = d.stat
-        if not (0 <= st.uid <= 0xFFFFFFFF and 0 <= st.gid <= 0xFFFFFFFF):
-            raise TreeError("directory uid/gid out of range")
-        di = _Inode()
-        di.ftype = F.S_IFDIR
-        di.mode = F.S_IFDIR | (st.mode & 0o7777)
-        di.uid, di.gid, di.mtime, di.nsec = st.uid, st.gid, st.mtime, st.mtime_nsec
-        di.xattrs = _escape_xattrs(dict(sorted(st.xattrs.items())))
-        inodes.append(di)
-        return di
-
-    r = new_dir(root)
-    # explicit stack of (directory, its inode, parent inode, sorted items, position)
-    stack: list[tuple[Directory, _Inode, _Inode, list[tuple[bytes, Directory | Leaf]]]] = [
-        (root, r, r, sorted(root.entries.items()))
+    counts, _ = _scan(root)
+    leaf_inodes: dict[int, _Inode] = {}
+    r = _dir_inode(root, False)
+    inodes = [r]
+    append = inodes.append
+    # explicit stack (trees may be deeper than Python's recursion limit):
+    # (directory inode, its sorted items, next position, entries so far)
+    stack: list[tuple[_Inode, list[tuple[bytes, Directory | Leaf]], list[int], list[Any]]] = [
+        (r, sorted(root.entries.items()), [0], [(b".", r), (b"..", r)])
     ]
-    idx = [0]
-    ents_stack: list[list[tuple[bytes, _Inode]]] = [[(b".", r), (b"..", r)]]
     while stack:
-        _d, me, _parent, items = stack[-1]
-        i = idx[-1]
-        ents = ents_stack[-1]
-        if i == len(items):
+        me, items, at, ents = stack[-1]
+        i = at[0]
+        n_items = len(items)
+        while i < n_items:
+            name, child = items[i]
+            i += 1
+            if isinstance(child, Directory):
+                ci = _dir_inode(child, False)
+                append(ci)
+                ents.append((name, ci))
+                at[0] = i
+                stack.append((ci, sorted(child.entries.items()), [0], [(b".", ci), (b"..", me)]))
+                break
+            lid = id(child)
+            n = counts[lid]
+            li = leaf_inodes.get(lid) if n > 1 else None
+            if li is None:
+                li = _leaf_inode(child, name, n, False)
+                li.nlink = n
+                if n > 1:
+                    leaf_inodes[lid] = li
+                append(li)
+            ents.append((name, li))
+        else:
             stack.pop()
-            idx.pop()
-            ents_stack.pop()
-            ents.sort(key=_first)
+            ents.sort()
             me.entries = ents
             me.nlink = 2 + sum(1 for _, c in items if isinstance(c, Directory))
-            continue
-        idx[-1] = i + 1
-        name, child = items[i]
-        if isinstance(child, Directory):
-            ci = new_dir(child)
-            ents.append((name, ci))
-            stack.append((child, ci, me, sorted(child.entries.items())))
-            idx.append(0)
-            ents_stack.append([(b".", ci), (b"..", me)])
-            continue
-        lid = id(child)
-        li = leaf_inode.get(lid)
-        if li is None:
-            n = counts[lid]
-            _check_leaf(child, name, n)
-            li = _Inode()
-            _fill_leaf(li, child, False)
-            li.nlink = n
-            xa: dict[bytes, bytes] = {}
-            if li.external:
-                c = child.content
-                assert isinstance(c, Regular)
-                xa[F.XATTR_OVERLAY_METACOPY] = _metacopy(c.digest)
-                path = c.backing_path()
-                if path:
-                    xa[F.XATTR_OVERLAY_REDIRECT] = b"/" + path
-            for k, v in _escape_xattrs(dict(sorted(child.stat.xattrs.items()))).items():
-                xa[k] = v
-            li.xattrs = xa
-            leaf_inode[lid] = li
-            inodes.append(li)
-        ents.append((name, li))
     return inodes
 
 
@@ -891,9 +889,11 @@ def _mkfs_epoch2(root: Directory) -> bytes:
             if count > MAX_NONINLINE_CHUNKS:
                 raise TreeError(f"file too large for composefs ({ino.size} bytes)")
             ino.chunk_count = count
-        if ft == F.S_IFDIR:
-            starts, tail = _dir_split(ino.entries)
-            nb = len(starts) - 1
+        if not (0 <= ino.uid <= 0xFFFFFFFF and 0 <= ino.gid <= 0xFFFFFFFF):
+            raise TreeError(f"uid/gid {ino.uid}/{ino.gid} out of range")
+        if ft == S_IFDIR:
+            tail = _dir_split(ino)
+            nb = len(ino.dir_starts) - 1
             if tail > HALF_BLOCK:
                 nb += 1
                 tail = 0
