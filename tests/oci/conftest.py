@@ -1,0 +1,666 @@
+"""Real registries for the OCI tests, all on loopback, all started here.
+
+* `registry_plain`: Debian's ``docker-registry`` (CNCF distribution 2.8),
+  plain HTTP. Test images are pushed to it with ``skopeo copy``.
+* `registry_auth`: the same storage behind htpasswd basic auth (bcrypt entry
+  made by ``htpasswd -B``).
+* `registry_tls`: the same storage over HTTPS with a self-signed certificate
+  made by ``openssl``; `ca_file` is the CA to trust.
+* `front`: a small Python server of our own in front of `registry_plain`
+  that speaks bearer-token auth (its own ``/token`` endpoint), redirects blob
+  downloads to a second address (127.0.0.2) and injects faults (5xx, dropped
+  or short bodies, corrupted or replaced content). It records every request,
+  so tests can check which credentials went where.
+
+Everything is session scoped (free ports, temporary storage) and stopped at
+the end; `front` resets its faults and logs for every test.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import http.client
+import io
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import tarfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+
+USER = "cfsuser"
+PASSWORD = "cfs-Pa55:word"  # a ':' inside on purpose
+
+
+# ---------------------------------------------------------------- processes
+
+
+def need_tool(name: str) -> str:
+    # Local copy of tests/conftest.py's helper: importing it by name would
+    # clash with this conftest module.
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} not installed (make system-deps installs it)")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _answers(url: str, ca: str | None = None) -> bool:
+    import ssl
+
+    p = urllib.parse.urlsplit(url)
+    conn: http.client.HTTPConnection
+    if p.scheme == "https":
+        ctx = ssl.create_default_context(cafile=ca)
+        conn = http.client.HTTPSConnection(p.hostname or "", p.port, timeout=2, context=ctx)
+    else:
+        conn = http.client.HTTPConnection(p.hostname or "", p.port, timeout=2)
+    try:
+        conn.request("GET", p.path)
+        return conn.getresponse().status in (200, 401)
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+@dataclass
+class Registry:
+    """One running registry process (or our front server)."""
+
+    host: str  # "127.0.0.1:PORT", what goes into references
+    scheme: str
+    storage: Path
+    proc: subprocess.Popen[bytes] | None = None
+    ca_file: str | None = None
+    username: str | None = None
+    password: str | None = None
+    log: Path | None = None
+
+    def ref(self, name: str) -> str:
+        return f"{self.host}/{name}"
+
+    @property
+    def creds(self) -> str:
+        return f"{self.username}:{self.password}"
+
+
+_REGISTRY_CONFIG = """\
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {storage}
+  cache:
+    blobdescriptor: inmemory
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:{port}
+  secret: composefs-tests-only
+{extra}"""
+
+
+def _start_registry(workdir: Path, storage: Path, name: str, extra: str, scheme: str) -> Registry:
+    exe = need_tool("docker-registry")
+    for _ in range(5):  # a free port can be taken between probe and bind
+        port = free_port()
+        conf = workdir / f"{name}.yml"
+        conf.write_text(_REGISTRY_CONFIG.format(storage=storage, port=port, extra=extra))
+        log = workdir / f"{name}.log"
+        logf = open(log, "ab")
+        proc = subprocess.Popen(
+            [exe, "serve", str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        logf.close()
+        reg = Registry(f"127.0.0.1:{port}", scheme, storage, proc, log=log)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and proc.poll() is None:
+            if _answers(f"{scheme}://127.0.0.1:{port}/v2/", ca=str(workdir / "tls" / "cert.pem")
+                        if scheme == "https" else None):
+                return reg
+            time.sleep(0.05)
+        _stop(reg)
+    raise RuntimeError(f"docker-registry {name} did not start; see {log}:\n{log.read_text()[-2000:]}")
+
+
+def _stop(reg: Registry) -> None:
+    proc = reg.proc
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def registry_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("registry")
+
+
+@pytest.fixture(scope="session")
+def registry_plain(registry_workdir: Path) -> Iterator[Registry]:
+    storage = registry_workdir / "storage"
+    storage.mkdir()
+    reg = _start_registry(registry_workdir, storage, "plain", "", "http")
+    yield reg
+    _stop(reg)
+
+
+@pytest.fixture(scope="session")
+def registry_auth(registry_workdir: Path, registry_plain: Registry) -> Iterator[Registry]:
+    htpasswd = need_tool("htpasswd")
+    hfile = registry_workdir / "htpasswd"
+    # -B: bcrypt, the only hash the registry accepts; -i: password on stdin.
+    subprocess.run(
+        [htpasswd, "-B", "-i", "-c", str(hfile), USER],
+        input=PASSWORD.encode(),
+        check=True,
+        capture_output=True,
+    )
+    extra = f"auth:\n  htpasswd:\n    realm: cfs-test-realm\n    path: {hfile}\n"
+    reg = _start_registry(registry_workdir, registry_plain.storage, "auth", extra, "http")
+    reg.username, reg.password = USER, PASSWORD
+    yield reg
+    _stop(reg)
+
+
+@pytest.fixture(scope="session")
+def registry_tls(registry_workdir: Path, registry_plain: Registry) -> Iterator[Registry]:
+    openssl = need_tool("openssl")
+    tls = registry_workdir / "tls"
+    tls.mkdir()
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "2", "-keyout", str(tls / "key.pem"), "-out", str(tls / "cert.pem"),
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True,
+        capture_output=True,
+    )
+    extra = f"  tls:\n    certificate: {tls / 'cert.pem'}\n    key: {tls / 'key.pem'}\n"
+    reg = _start_registry(registry_workdir, registry_plain.storage, "tls", extra, "https")
+    reg.ca_file = str(tls / "cert.pem")
+    yield reg
+    _stop(reg)
+
+
+# ---------------------------------------------------------------- test images
+
+
+def _det_bytes(seed: int, n: int) -> bytes:
+    """Incompressible but reproducible content (so blobs have real size)."""
+    return random.Random(seed).randbytes(n)
+
+
+@dataclass
+class LayerSpec:
+    files: dict[str, bytes]
+    compression: str = "gzip"  # gzip | zstd | none
+    dirs: tuple[str, ...] = ()
+    symlinks: dict[str, str] = field(default_factory=dict)
+
+
+def layer_tar(spec: LayerSpec) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        seen: set[str] = set()
+
+        def add_dir(path: str) -> None:
+            parts = path.split("/")
+            for i in range(1, len(parts) + 1):
+                d = "/".join(parts[:i])
+                if d and d not in seen:
+                    seen.add(d)
+                    ti = tarfile.TarInfo(d)
+                    ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1700000000
+                    t.addfile(ti)
+
+        for d in spec.dirs:
+            add_dir(d)
+        for name, data in sorted(spec.files.items()):
+            add_dir(os.path.dirname(name))
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime = len(data), 0o644, 1700000000
+            t.addfile(ti, io.BytesIO(data))
+        for name, target in sorted(spec.symlinks.items()):
+            add_dir(os.path.dirname(name))
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.linkname, ti.mtime = tarfile.SYMTYPE, target, 1700000000
+            t.addfile(ti)
+    return buf.getvalue()
+
+
+def compress(data: bytes, how: str) -> tuple[bytes, str]:
+    if how == "gzip":
+        return gzip.compress(data, compresslevel=6, mtime=0), LAYER_GZIP
+    if how == "zstd":
+        try:
+            from compression import zstd  # type: ignore[import-not-found]
+        except ImportError:
+            from backports import zstd
+        return zstd.compress(data), LAYER_ZSTD
+    return data, LAYER_TAR
+
+
+class LayoutBuilder:
+    """A minimal OCI image layout writer (tests only; deterministic)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        (path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        (path / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+        self.index: list[dict[str, Any]] = []
+
+    def blob(self, data: bytes) -> str:
+        h = hashlib.sha256(data).hexdigest()
+        (self.path / "blobs" / "sha256" / h).write_bytes(data)
+        return "sha256:" + h
+
+    def image(self, layers: list[LayerSpec], arch: str = "amd64", variant: str | None = None) -> dict[str, Any]:
+        """Write config, layers and manifest; return the manifest descriptor."""
+        descs, diff_ids = [], []
+        for spec in layers:
+            tar = layer_tar(spec)
+            diff_ids.append("sha256:" + hashlib.sha256(tar).hexdigest())
+            data, mt = compress(tar, spec.compression)
+            descs.append({"mediaType": mt, "digest": self.blob(data), "size": len(data)})
+        config: dict[str, Any] = {
+            "architecture": arch,
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "config": {"Env": ["PATH=/usr/bin"]},
+        }
+        if variant:
+            config["variant"] = variant
+        cfg = json.dumps(config, separators=(",", ":")).encode()
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": self.blob(cfg), "size": len(cfg)},
+            "layers": descs,
+        }
+        raw = json.dumps(manifest, separators=(",", ":")).encode()
+        platform = {"architecture": arch, "os": "linux", **({"variant": variant} if variant else {})}
+        return {"mediaType": OCI_MANIFEST, "digest": self.blob(raw), "size": len(raw), "platform": platform}
+
+    def tag(self, desc: dict[str, Any], tag: str) -> None:
+        entry = {k: v for k, v in desc.items() if k != "platform"}
+        entry["annotations"] = {"org.opencontainers.image.ref.name": tag}
+        self.index.append(entry)
+        self._write_index()
+
+    def tag_index(self, descs: list[dict[str, Any]], tag: str) -> dict[str, Any]:
+        raw = json.dumps(
+            {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descs}, separators=(",", ":")
+        ).encode()
+        d = {"mediaType": OCI_INDEX, "digest": self.blob(raw), "size": len(raw)}
+        self.tag(d, tag)
+        return d
+
+    def _write_index(self) -> None:
+        (self.path / "index.json").write_text(
+            json.dumps({"schemaVersion": 2, "manifests": self.index}, separators=(",", ":"))
+        )
+
+
+@dataclass
+class PushedImage:
+    name: str  # repository:tag inside the registry
+    digest: str | None  # manifest (or index) digest, when preserved by the push
+    files: dict[str, bytes]  # what the merged image should contain
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+
+def skopeo_copy(src: str, dest: str, *extra: str) -> None:
+    skopeo = need_tool("skopeo")
+    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    policy = Path(os.environ.get("TMPDIR", "/tmp")) / "cfs-test-skopeo-policy.json"
+    if not policy.exists():
+        policy.write_text('{"default":[{"type":"insecureAcceptAnything"}]}')
+    proc = subprocess.run(
+        [skopeo, "--policy", str(policy), "copy", "--quiet", "--dest-tls-verify=false", *extra, src, dest],
+        env=env,
+        capture_output=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"skopeo copy {src} {dest} failed: {proc.stderr.decode(errors='replace')}")
+
+
+BASE_FILES = {
+    "etc/hostname": b"composefs-test\n",
+    "usr/bin/tool": _det_bytes(1, 300_000),
+    "usr/share/doc/readme": b"read me\n" * 50,
+}
+TOP_FILES = {"usr/lib/data.bin": _det_bytes(2, 150_000), "etc/motd": b"hello\n"}
+
+
+@pytest.fixture(scope="session")
+def oci_images(registry_plain: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict[str, PushedImage]:
+    """Test images pushed to `registry_plain` (and so visible through the others).
+
+    plain    two gzip layers (OCI manifest, digests preserved)
+    multi    an index: linux/amd64, linux/arm64/v8, linux/arm/v7
+    zstd     one zstd layer
+    v2s2     `plain` converted by skopeo to a Docker schema 2 manifest
+    """
+    layout = tmp_path_factory.mktemp("layout")
+    b = LayoutBuilder(layout)
+    images: dict[str, PushedImage] = {}
+
+    base = LayerSpec(BASE_FILES, dirs=("tmp",), symlinks={"bin": "usr/bin"})
+    top = LayerSpec(TOP_FILES)
+    plain = b.image([base, top])
+    b.tag(plain, "plain")
+    images["plain"] = PushedImage("test/plain:v1", plain["digest"], {**BASE_FILES, **TOP_FILES})
+
+    arches = [("amd64", None), ("arm64", "v8"), ("arm", "v7")]
+    descs = []
+    for i, (arch, variant) in enumerate(arches):
+        f = {"etc/arch": f"{arch}{variant or ''}\n".encode(), "usr/bin/tool": _det_bytes(10 + i, 20_000)}
+        descs.append(b.image([LayerSpec(f)], arch, variant))
+    idx = b.tag_index(descs, "multi")
+    images["multi"] = PushedImage("test/multi:v1", idx["digest"], {})
+    images["multi"].layers = descs
+
+    zfiles = {"opt/z/data": _det_bytes(3, 100_000), "opt/z/small": b"zstd!\n"}
+    zimg = b.image([LayerSpec(zfiles, compression="zstd")])
+    b.tag(zimg, "zstd")
+    images["zstd"] = PushedImage("test/zstd:v1", zimg["digest"], zfiles)
+
+    host = registry_plain.host
+    skopeo_copy(f"oci:{layout}:plain", f"docker://{host}/test/plain:v1", "--preserve-digests")
+    skopeo_copy(f"oci:{layout}:multi", f"docker://{host}/test/multi:v1", "--all", "--preserve-digests")
+    skopeo_copy(f"oci:{layout}:zstd", f"docker://{host}/test/zstd:v1", "--preserve-digests")
+    skopeo_copy(f"oci:{layout}:plain", f"docker://{host}/test/v2s2:v1", "--format", "v2s2")
+    images["v2s2"] = PushedImage("test/v2s2:v1", None, {**BASE_FILES, **TOP_FILES})
+    return images
+
+
+# ---------------------------------------------------------------- front server
+
+
+@dataclass
+class Fault:
+    """One injected misbehaviour. `where`: "front" or "blobs" (the 127.0.0.2 host).
+
+    actions: status (arg: HTTP code), drop (close after `arg` body bytes with
+    the full Content-Length announced), short (no Content-Length, close
+    after `arg` bytes), corrupt (flip the byte at `arg`), append (arg bytes
+    added), replace (arg: (body, content type)).
+    """
+
+    where: str
+    path: str  # regex searched in the request path
+    action: str
+    arg: Any = None
+    count: int | None = 1  # None: forever
+    hits: int = 0
+
+
+@dataclass
+class Logged:
+    where: str
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+class FrontState:
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.lock = threading.Lock()
+        self.port = 0
+        self.blob_port = 0
+        self.reset()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.require_token = True
+            self.require_creds: tuple[str, str] | None = None
+            self.redirect_blobs = False
+            self.faults: list[Fault] = []
+            self.tokens: set[str] = set()
+            self.log: list[Logged] = []
+            self.token_requests: list[Logged] = []
+            self.honor_range = True
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def ref(self, name: str) -> str:
+        return f"{self.host}/{name}"
+
+    def fault(self, where: str, path: str, action: str, arg: Any = None, count: int | None = 1) -> Fault:
+        f = Fault(where, path, action, arg, count)
+        with self.lock:
+            self.faults.append(f)
+        return f
+
+    def take_fault(self, where: str, path: str) -> Fault | None:
+        with self.lock:
+            for f in self.faults:
+                if f.where == where and re.search(f.path, path) and (f.count is None or f.hits < f.count):
+                    f.hits += 1
+                    return f
+        return None
+
+    def requests(self, where: str | None = None, path: str = "") -> list[Logged]:
+        with self.lock:
+            return [r for r in self.log if (where is None or r.where == where) and re.search(path, r.path)]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Any
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_HEAD(self) -> None:
+        self._handle("HEAD")
+
+    # -- helpers
+    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None, method: str = "GET") -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if method != "HEAD":
+            self.wfile.write(body)
+
+    def _error(self, status: int, code: str, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps({"errors": [{"code": code, "message": code.lower().replace("_", " ")}]}).encode()
+        self._send(status, body, {"Content-Type": "application/json", **(headers or {})})
+
+    def _handle(self, method: str) -> None:
+        st: FrontState = self.server.state
+        where: str = self.server.role
+        path, _, query = self.path.partition("?")
+        with st.lock:
+            st.log.append(Logged(where, method, self.path, dict(self.headers.items())))
+        if where == "front" and path == "/token":
+            return self._token(st, query)
+        if where == "front":
+            if not path.startswith("/v2/"):
+                return self._error(404, "NOT_FOUND")
+            m = re.match(r"/v2/(.+?)/(manifests|blobs|tags)/", path)
+            repo = m.group(1) if m else ""
+            if st.require_token:
+                authz = self.headers.get("Authorization", "")
+                if not (authz.startswith("Bearer ") and authz[7:] in st.tokens):
+                    challenge = (
+                        f'Bearer realm="http://{st.host}/token",service="cfs-test"'
+                        + (f',scope="repository:{repo}:pull"' if repo else "")
+                    )
+                    return self._error(401, "UNAUTHORIZED", {"WWW-Authenticate": challenge})
+            backend_path = path
+            fault = st.take_fault("front", path)
+            if fault is not None and fault.action == "status":
+                return self._error(int(fault.arg), "INJECTED")
+            bm = re.fullmatch(r"/v2/(.+)/blobs/(sha\d+:[0-9a-f]+)", path)
+            if bm and st.redirect_blobs and fault is None and method == "GET":
+                loc = f"http://127.0.0.2:{st.blob_port}/blobs/{bm.group(1)}/{bm.group(2)}?sig=x"
+                return self._send(307, b"", {"Location": loc})
+        else:
+            bm = re.fullmatch(r"/blobs/(.+)/(sha\d+:[0-9a-f]+)", path)
+            if not bm:
+                return self._error(404, "NOT_FOUND")
+            backend_path = f"/v2/{bm.group(1)}/blobs/{bm.group(2)}"
+            fault = st.take_fault("blobs", path)
+            if fault is not None and fault.action == "status":
+                return self._error(int(fault.arg), "INJECTED")
+        self._proxy(st, method, backend_path, fault)
+        return None
+
+    def _token(self, st: FrontState, query: str) -> None:
+        with st.lock:
+            st.token_requests.append(Logged("front", "GET", self.path, dict(self.headers.items())))
+        if st.require_creds is not None:
+            want = "Basic " + base64.b64encode(":".join(st.require_creds).encode()).decode()
+            if self.headers.get("Authorization") != want:
+                return self._error(401, "UNAUTHORIZED")
+        fault = st.take_fault("front", "/token")
+        if fault is not None and fault.action == "status":
+            return self._error(int(fault.arg), "INJECTED")
+        tok = secrets.token_hex(12)
+        with st.lock:
+            st.tokens.add(tok)
+        body = json.dumps({"token": tok, "expires_in": 300}).encode()
+        return self._send(200, body, {"Content-Type": "application/json"})
+
+    def _proxy(self, st: FrontState, method: str, path: str, fault: Fault | None) -> None:
+        headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept",)}
+        rng = self.headers.get("Range")
+        if rng and st.honor_range:
+            headers["Range"] = rng
+        conn = http.client.HTTPConnection(st.backend, timeout=30)
+        try:
+            conn.request(method, path, headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()
+            out_headers = {
+                k: v
+                for k, v in resp.getheaders()
+                if k.lower() in ("content-type", "docker-content-digest", "content-range", "accept-ranges")
+            }
+            status = resp.status
+        finally:
+            conn.close()
+        if fault is not None:
+            if fault.action == "corrupt":
+                pos = int(fault.arg or 0) % max(len(body), 1)
+                body = body[:pos] + bytes([body[pos] ^ 0xFF]) + body[pos + 1 :]
+            elif fault.action == "append":
+                body = body + bytes(fault.arg)
+            elif fault.action == "replace":
+                body, ctype = fault.arg
+                out_headers["Content-Type"] = ctype
+                out_headers.pop("Docker-Content-Digest", None)
+            elif fault.action in ("drop", "short"):
+                return self._cut(status, body, out_headers, int(fault.arg), fault.action == "drop")
+        self._send(status, body, out_headers, method)
+        return None
+
+    def _cut(self, status: int, body: bytes, headers: dict[str, str], n: int, with_length: bool) -> None:
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        if with_length:
+            self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body[:n])
+        self.wfile.flush()
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, addr: tuple[str, int], state: FrontState, role: str) -> None:
+        super().__init__(addr, _Handler)
+        self.state = state
+        self.role = role
+
+
+@pytest.fixture(scope="session")
+def front_server(registry_plain: Registry) -> Iterator[FrontState]:
+    state = FrontState(registry_plain.host)
+    front = _Server(("127.0.0.1", 0), state, "front")
+    blobs = _Server(("127.0.0.2", 0), state, "blobs")
+    state.port = front.server_address[1]
+    state.blob_port = blobs.server_address[1]
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (front, blobs)]
+    for t in threads:
+        t.start()
+    yield state
+    for s in (front, blobs):
+        s.shutdown()
+        s.server_close()
+
+
+@pytest.fixture
+def front(front_server: FrontState) -> FrontState:
+    """The front server with no faults, empty logs, bearer auth on."""
+    front_server.reset()
+    return front_server
+
+
+@pytest.fixture
+def fast_options() -> Any:
+    """Registry options with short backoff so retry tests stay fast."""
+    from composefs.oci.registry import RegistryOptions
+
+    return RegistryOptions(backoff=0.01, max_backoff=0.05, retries=3, env={"HOME": "/nonexistent"})
+

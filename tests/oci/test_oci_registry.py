@@ -1,0 +1,641 @@
+"""The native registry client against real registries on loopback.
+
+Fixtures (tests/oci/conftest.py) start Debian's docker-registry (plain,
+htpasswd basic auth, TLS) and our own bearer-token/redirect/fault-injecting
+front server; test images are pushed with skopeo.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pytest
+
+from composefs.errors import DigestMismatch, OciError, RegistryAuthError, RegistryError
+from composefs.oci import auth as oauth
+from composefs.oci import registry as reg
+from composefs.oci import transports as tr
+
+# ---------------------------------------------------------------- helpers
+
+
+def _decompressed(f: BinaryIO, media_type: str) -> BinaryIO:
+    comp = tr.layer_compression(media_type)
+    if comp == "gzip":
+        return gzip.GzipFile(fileobj=f)  # type: ignore[return-value]
+    if comp == "zstd":
+        try:
+            from compression import zstd  # type: ignore[import-not-found]
+        except ImportError:
+            from backports import zstd
+        return zstd.ZstdFile(f)  # type: ignore[no-any-return]
+    return f
+
+
+def layer_files(src: reg.RegistrySource, desc: tr.Descriptor) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    with src.open_blob(desc.digest, desc.size) as blob:
+        with tarfile.open(fileobj=_decompressed(blob, desc.media_type), mode="r|") as t:
+            for m in t:
+                if m.isfile():
+                    fh = t.extractfile(m)
+                    assert fh is not None
+                    out[m.name] = fh.read()
+        blob.finish()
+        assert blob.verified
+    return out
+
+
+def pull_files(src: reg.RegistrySource, platform: str | None = None) -> tuple[tr.ResolvedImage, dict[str, bytes]]:
+    """Resolve and download every layer; the merged regular files (no whiteouts in test images)."""
+    resolved = tr.resolve_manifest(src, tr.Platform.parse(platform) if platform else None)
+    files: dict[str, bytes] = {}
+    for layer in resolved.manifest.layers:
+        files.update(layer_files(src, layer))
+    with src.open_blob(resolved.manifest.config.digest, resolved.manifest.config.size) as c:
+        json.loads(c.read())
+    return resolved, files
+
+
+def drain(stream: BinaryIO, chunk: int = 4096) -> bytes:
+    """Read like a consumer that keeps whatever it got before a failure."""
+    got = bytearray()
+    try:
+        while data := stream.read(chunk):
+            got += data
+    finally:
+        drain.got = bytes(got)  # type: ignore[attr-defined]
+    return bytes(got)
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e)
+    assert text and "\n" not in text, repr(text)
+    assert "Traceback" not in text
+    return text
+
+
+def opts(base: Any, **kw: Any) -> reg.RegistryOptions:
+    return reg.RegistryOptions(**{**base.__dict__, **kw})
+
+
+# ---------------------------------------------------------------- references
+
+
+@pytest.mark.parametrize(
+    ("text", "registry", "repo", "tag", "digest"),
+    [
+        ("busybox", "docker.io", "library/busybox", "latest", None),
+        ("docker://busybox:1.36", "docker.io", "library/busybox", "1.36", None),
+        ("docker.io/library/debian:bookworm", "docker.io", "library/debian", "bookworm", None),
+        ("index.docker.io/foo/bar", "docker.io", "foo/bar", "latest", None),
+        ("foo/bar", "docker.io", "foo/bar", "latest", None),
+        ("quay.io/fedora/fedora:40", "quay.io", "fedora/fedora", "40", None),
+        ("127.0.0.1:5000/a/b/c:v1.2_x", "127.0.0.1:5000", "a/b/c", "v1.2_x", None),
+        ("localhost/x", "localhost", "x", "latest", None),
+        ("localhost:5000/x", "localhost:5000", "x", "latest", None),
+        ("[::1]:5000/img:t", "[::1]:5000", "img", "t", None),
+        ("r.example/a__b/c-d.e@sha256:" + "a" * 64, "r.example", "a__b/c-d.e", None, "sha256:" + "a" * 64),
+        ("r.example/a:t@sha512:" + "b" * 128, "r.example", "a", "t", "sha512:" + "b" * 128),
+    ],
+)
+def test_parse_reference(text: str, registry: str, repo: str, tag: str | None, digest: str | None) -> None:
+    r = reg.parse_reference(text)
+    assert (r.registry, r.repository, r.tag, r.digest) == (registry, repo, tag, digest)
+    assert r.ref == (digest or tag)
+    assert r.api_host == ("registry-1.docker.io" if registry == "docker.io" else registry)
+    assert reg.parse_reference(str(r)) == r
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "UPPER/case:tag",  # "UPPER" is a host by the Docker rule, then "case" ok... but host has no dot
+        "foo/Bar",
+        "foo:bad/tag",
+        "foo@sha256:abc",
+        "foo@md5:" + "a" * 32,
+        "foo:" + "t" * 129,
+        "a//b",
+        "-a/b",
+        "host:port/x",
+    ],
+)
+def test_parse_reference_rejects(text: str) -> None:
+    if text == "UPPER/case:tag":
+        # The Docker rule makes an upper-case first component a registry host.
+        assert reg.parse_reference(text).registry == "UPPER"
+        return
+    with pytest.raises(OciError) as ei:
+        reg.parse_reference(text)
+    one_line(ei.value)
+
+
+def test_loopback_rules() -> None:
+    for host in ("127.0.0.1", "127.9.8.7", "localhost", "::1"):
+        assert reg.is_loopback(host)
+    for host in ("10.0.0.1", "registry.example", "::2", "localhost.example"):
+        assert not reg.is_loopback(host)
+    assert reg.RegistryClient("127.0.0.1:1").allow_http
+    assert reg.RegistryClient("[::1]:1").allow_http
+    assert not reg.RegistryClient("registry.example:5000").allow_http
+    insecure = reg.RegistryOptions(tls_verify=False)
+    assert reg.RegistryClient("registry.example:5000", options=insecure).allow_http
+
+
+# ---------------------------------------------------------------- auth helpers
+
+
+def test_www_authenticate_parsing() -> None:
+    chs = oauth.parse_www_authenticate(
+        'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+        'scope="repository:library/busybox:pull"'
+    )
+    assert len(chs) == 1 and chs[0].scheme == "bearer"
+    assert chs[0].params == {
+        "realm": "https://auth.docker.io/token",
+        "service": "registry.docker.io",
+        "scope": "repository:library/busybox:pull",
+    }
+    chs = oauth.parse_www_authenticate('Basic realm="a \\"quoted\\" realm", Bearer realm=x ,service=y')
+    assert [c.scheme for c in chs] == ["basic", "bearer"]
+    assert chs[0].params["realm"] == 'a "quoted" realm'
+    assert chs[1].params == {"realm": "x", "service": "y"}
+    chs = oauth.parse_www_authenticate("Negotiate abc+/==, Basic")
+    assert chs[0].params == {"token68": "abc+/=="} and chs[1].scheme == "basic"
+    assert oauth.parse_www_authenticate("") == []
+    assert oauth.parse_www_authenticate('Basic realm="unterminated')[0].params["realm"] == "unterminated"
+
+
+def _b64(s: str) -> str:
+    return base64.b64encode(s.encode()).decode()
+
+
+def test_credentials_lookup(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / ".docker").mkdir(parents=True)
+    (home / ".docker" / "config.json").write_text(
+        json.dumps({"auths": {"https://index.docker.io/v1/": {"auth": _b64("hub:pw")},
+                              "reg.example:5000": {"auth": _b64("u:p:with:colons")}}})
+    )
+    env = {"HOME": str(home)}
+    assert oauth.load_credentials("docker.io", "library/x", env=env) == oauth.Credentials("hub", "pw")
+    assert oauth.load_credentials("reg.example:5000", "a/b", env=env) == oauth.Credentials("u", "p:with:colons")
+    assert oauth.load_credentials("other.example", None, env=env) is None
+
+    # XDG_RUNTIME_DIR (podman's file) comes before docker's; namespace keys are most specific.
+    run = tmp_path / "run"
+    (run / "containers").mkdir(parents=True)
+    (run / "containers" / "auth.json").write_text(
+        json.dumps({"auths": {"reg.example:5000": {"auth": _b64("podman:1")},
+                              "reg.example:5000/team": {"auth": _b64("team:2")}}})
+    )
+    env["XDG_RUNTIME_DIR"] = str(run)
+    assert oauth.load_credentials("reg.example:5000", "a/b", env=env) == oauth.Credentials("podman", "1")
+    assert oauth.load_credentials("reg.example:5000", "team/img", env=env) == oauth.Credentials("team", "2")
+
+    # REGISTRY_AUTH_FILE replaces the search entirely.
+    explicit = tmp_path / "auth.json"
+    explicit.write_text(json.dumps({"auths": {"other.example": {"username": "x", "password": "y"}}}))
+    env["REGISTRY_AUTH_FILE"] = str(explicit)
+    assert oauth.load_credentials("reg.example:5000", "a/b", env=env) is None
+    assert oauth.load_credentials("other.example", "a", env=env) == oauth.Credentials("x", "y")
+
+    explicit.write_text("{not json")
+    with pytest.raises(RegistryAuthError) as ei:
+        oauth.load_credentials("other.example", "a", env=env)
+    assert "not valid JSON" in one_line(ei.value)
+    with pytest.raises(RegistryAuthError):
+        oauth.load_credentials("x", None, auth_file=tmp_path / "missing.json")
+
+    assert oauth.parse_creds("a:b:c") == oauth.Credentials("a", "b:c")
+    assert "b:c" not in repr(oauth.parse_creds("a:b:c"))
+    with pytest.raises(RegistryAuthError):
+        oauth.parse_creds("nocolon")
+
+
+def test_no_credentials_to_plain_http_token_server() -> None:
+    client = reg.RegistryClient("registry.example")
+    with pytest.raises(RegistryAuthError) as ei:
+        client._fetch_token("http://auth.example/token", {"Authorization": "Basic eDp5"})
+    assert "plain-HTTP" in one_line(ei.value)
+
+
+# ---------------------------------------------------------------- plain registry
+
+
+def test_pull_plain(registry_plain: Any, oci_images: Any) -> None:
+    img = oci_images["plain"]
+    with reg.open_source(registry_plain.ref(img.name)) as src:
+        resolved, files = pull_files(src)
+        assert src.client.base_url() == f"http://{registry_plain.host}"
+    assert resolved.digest == img.digest
+    assert resolved.media_type == tr.OCI_MANIFEST
+    assert len(resolved.manifest.layers) == 2
+    assert files == img.files
+
+
+def test_pull_by_digest_and_docker_prefix(registry_plain: Any, oci_images: Any) -> None:
+    img = oci_images["plain"]
+    repo = img.name.split(":")[0]
+    with reg.open_source(f"docker://{registry_plain.host}/{repo}@{img.digest}") as src:
+        resolved, files = pull_files(src)
+    assert resolved.digest == img.digest and files == img.files
+
+
+def test_missing_image(registry_plain: Any, oci_images: Any) -> None:
+    with reg.open_source(registry_plain.ref("test/plain:nope")) as src, pytest.raises(RegistryError) as ei:
+        src.get_manifest()
+    assert "not found" in one_line(ei.value)
+    with reg.open_source(registry_plain.ref("test/plain@sha256:" + "0" * 64)) as src, pytest.raises(RegistryError):
+        src.get_manifest()
+    with reg.open_source(registry_plain.ref("test/plain:v1")) as src, pytest.raises(RegistryError) as ei:
+        src.open_blob("sha256:" + "1" * 64, 10)
+    assert "blob not found" in one_line(ei.value)
+
+
+def test_nothing_listens() -> None:
+    from conftest import free_port  # type: ignore[import-not-found]
+
+    o = reg.RegistryOptions(retries=1, backoff=0.01)
+    with reg.open_source(f"127.0.0.1:{free_port()}/x:y", o) as src, pytest.raises(RegistryError) as ei:
+        src.get_manifest()
+    assert "cannot reach" in one_line(ei.value)
+
+
+def test_docker_schema2(registry_plain: Any, oci_images: Any) -> None:
+    img = oci_images["v2s2"]
+    with reg.open_source(registry_plain.ref(img.name)) as src:
+        _raw, media_type = src.get_manifest()
+        assert media_type == tr.DOCKER_MANIFEST
+        resolved, files = pull_files(src)
+    assert resolved.media_type == tr.DOCKER_MANIFEST
+    assert all(layer.media_type.startswith("application/vnd.docker.image.rootfs") for layer in resolved.manifest.layers)
+    assert files == img.files
+    # Same layers as the OCI original (skopeo only rewrote the manifest).
+    with reg.open_source(registry_plain.ref(oci_images["plain"].name)) as src:
+        plain = tr.resolve_manifest(src)
+    assert [x.digest for x in plain.manifest.layers] == [x.digest for x in resolved.manifest.layers]
+
+
+def test_zstd_layer(registry_plain: Any, oci_images: Any) -> None:
+    img = oci_images["zstd"]
+    with reg.open_source(registry_plain.ref(img.name)) as src:
+        resolved, files = pull_files(src)
+    assert resolved.manifest.layers[0].media_type == tr.LAYER_ZSTD if hasattr(tr, "LAYER_ZSTD") else True
+    assert tr.layer_compression(resolved.manifest.layers[0].media_type) == "zstd"
+    assert files == img.files
+
+
+@pytest.mark.parametrize(
+    ("platform", "expect"),
+    [("linux/arm64", b"arm64v8\n"), ("linux/arm64/v8", b"arm64v8\n"), ("linux/arm/v7", b"armv7\n"),
+     ("linux/amd64", b"amd64\n"), (None, None)],
+)
+def test_multi_arch(registry_plain: Any, oci_images: Any, platform: str | None, expect: bytes | None) -> None:
+    img = oci_images["multi"]
+    with reg.open_source(registry_plain.ref(img.name)) as src:
+        raw, media_type = src.get_manifest()
+        assert media_type == tr.OCI_INDEX
+        assert reg.hashlib.sha256(raw).hexdigest() == img.digest.split(":")[1]
+        if platform is None:
+            host = tr.Platform.host()
+            if host.architecture not in ("amd64", "arm64", "arm"):
+                pytest.skip(f"no test image for {host}")
+            expect = {"amd64": b"amd64\n", "arm64": b"arm64v8\n", "arm": b"armv7\n"}[host.architecture]
+        resolved, files = pull_files(src, platform)
+    assert files["etc/arch"] == expect
+    assert resolved.digest in {d["digest"] for d in img.layers}
+
+
+def test_multi_arch_unknown_platform(registry_plain: Any, oci_images: Any) -> None:
+    with reg.open_source(registry_plain.ref(oci_images["multi"].name)) as src, pytest.raises(OciError) as ei:
+        tr.resolve_manifest(src, tr.Platform.parse("linux/s390x"))
+    msg = one_line(ei.value)
+    assert "linux/s390x" in msg and "linux/arm64" in msg
+
+
+def test_parallel_downloads(registry_plain: Any, oci_images: Any) -> None:
+    img = oci_images["plain"]
+    with reg.open_source(registry_plain.ref(img.name), max_workers=3) as src:
+        resolved = tr.resolve_manifest(src)
+        results = reg.fetch_parallel(resolved.manifest.layers, lambda d: layer_files(src, d), 3)
+    merged: dict[str, bytes] = {}
+    for r in results:
+        merged.update(r)
+    assert merged == img.files
+
+    def boom(x: int) -> int:
+        if x == 2:
+            raise RegistryError("layer 2 failed")
+        return x * 10
+
+    assert reg.fetch_parallel([1, 3, 4], boom, 2) == [10, 30, 40]
+    with pytest.raises(RegistryError, match="layer 2"):
+        reg.fetch_parallel([1, 2, 3, 4], boom, 2)
+
+
+# ---------------------------------------------------------------- basic auth
+
+
+def test_basic_auth_good(registry_auth: Any, oci_images: Any) -> None:
+    img = oci_images["plain"]
+    with reg.open_source(registry_auth.ref(img.name), creds=registry_auth.creds) as src:
+        resolved, files = pull_files(src)
+    assert resolved.digest == img.digest and files == img.files
+
+
+def test_basic_auth_from_auth_file(registry_auth: Any, oci_images: Any, tmp_path: Path) -> None:
+    f = tmp_path / "auth.json"
+    f.write_text(json.dumps({"auths": {registry_auth.host: {"auth": _b64(registry_auth.creds)}}}))
+    img = oci_images["zstd"]
+    env = {"REGISTRY_AUTH_FILE": str(f), "HOME": str(tmp_path)}
+    with reg.open_source(registry_auth.ref(img.name), env=env) as src:
+        _, files = pull_files(src)
+    assert files == img.files
+    with reg.open_source(registry_auth.ref(img.name), auth_file=str(f), env={"HOME": str(tmp_path)}) as src:
+        _, files = pull_files(src)
+    assert files == img.files
+
+
+@pytest.mark.parametrize("creds", [None, "cfsuser:wrong", "nobody:cfs-Pa55:word"])
+def test_basic_auth_bad(registry_auth: Any, oci_images: Any, creds: str | None, tmp_path: Path) -> None:
+    o = reg.RegistryOptions(creds=creds, env={"HOME": str(tmp_path)})
+    with reg.open_source(registry_auth.ref(oci_images["plain"].name), o) as src:
+        with pytest.raises(RegistryAuthError) as ei:
+            src.get_manifest()
+    msg = one_line(ei.value)
+    assert ("invalid username or password" if creds else "authentication required") in msg
+    assert "Pa55" not in msg and "wrong" not in msg
+
+
+# ---------------------------------------------------------------- TLS
+
+
+def test_tls_with_ca(registry_tls: Any, oci_images: Any, tmp_path: Path) -> None:
+    img = oci_images["plain"]
+    with reg.open_source(registry_tls.ref(img.name), ca_file=registry_tls.ca_file) as src:
+        _resolved, files = pull_files(src)
+        assert src.client.base_url() == f"https://{registry_tls.host}"
+    assert files == img.files
+    # certs.d-style directory (--cert-dir)
+    certdir = tmp_path / "certs"
+    certdir.mkdir()
+    (certdir / "ca.crt").write_bytes(Path(registry_tls.ca_file).read_bytes())
+    with reg.open_source(registry_tls.ref(img.name), cert_dir=str(certdir)) as src:
+        assert tr.resolve_manifest(src).digest == img.digest
+
+
+def test_tls_ssl_cert_file(registry_tls: Any, oci_images: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", registry_tls.ca_file)
+    with reg.open_source(registry_tls.ref(oci_images["plain"].name)) as src:
+        assert tr.resolve_manifest(src).digest == oci_images["plain"].digest
+
+
+def test_tls_without_ca_fails(registry_tls: Any, oci_images: Any) -> None:
+    with reg.open_source(registry_tls.ref(oci_images["plain"].name)) as src:
+        with pytest.raises(RegistryError) as ei:
+            src.get_manifest()
+    msg = one_line(ei.value)
+    assert "certificate verification failed" in msg
+    # A certificate problem must not be "solved" by falling back to plain HTTP.
+    assert src.client._base is None
+
+
+def test_tls_verify_false(registry_tls: Any, oci_images: Any) -> None:
+    img = oci_images["plain"]
+    with reg.open_source(registry_tls.ref(img.name), tls_verify=False) as src:
+        _, files = pull_files(src)
+        assert src.client.base_url().startswith("https://")
+    assert files == img.files
+
+
+# ---------------------------------------------------------------- bearer tokens, redirects
+
+
+def test_bearer_token(front: Any, oci_images: Any, fast_options: Any) -> None:
+    img = oci_images["plain"]
+    with reg.open_source(front.ref(img.name), fast_options) as src:
+        resolved, files = pull_files(src)
+    assert files == img.files and resolved.digest == img.digest
+    assert front.token_requests, "no token was requested"
+    q = front.token_requests[0].path
+    assert "service=cfs-test" in q and "scope=repository%3Atest%2Fplain%3Apull" in q
+    # Anonymous token requests carry no credentials.
+    assert all("Authorization" not in r.headers for r in front.token_requests)
+    # One token is reused: not one token round trip per request.
+    assert len(front.token_requests) <= 2
+    v2 = [r for r in front.requests("front", "/v2/test/") if "Authorization" in r.headers]
+    assert v2 and all(r.headers["Authorization"].startswith("Bearer ") for r in v2)
+
+
+def test_bearer_token_with_credentials(front: Any, oci_images: Any, fast_options: Any) -> None:
+    front.require_creds = ("tokuser", "tok:pass")
+    img = oci_images["zstd"]
+    with reg.open_source(front.ref(img.name), opts(fast_options, creds="tokuser:tok:pass")) as src:
+        _, files = pull_files(src)
+    assert files == img.files
+    want = "Basic " + _b64("tokuser:tok:pass")
+    assert front.token_requests and all(r.headers.get("Authorization") == want for r in front.token_requests)
+    # Basic credentials went only to the token endpoint, never to /v2/.
+    assert all(r.headers.get("Authorization", "").startswith("Bearer") for r in front.requests("front", "/v2/test"))
+
+    with reg.open_source(front.ref(img.name), opts(fast_options, creds="tokuser:bad")) as src:
+        with pytest.raises(RegistryAuthError) as ei:
+            src.get_manifest()
+    assert "invalid username or password" in one_line(ei.value)
+    with reg.open_source(front.ref(img.name), fast_options) as src, pytest.raises(RegistryAuthError) as ei:
+        src.get_manifest()
+    assert "anonymous" in one_line(ei.value)
+
+
+def test_redirect_does_not_leak_credentials(front: Any, oci_images: Any, fast_options: Any) -> None:
+    front.require_creds = ("tokuser", "secret")
+    front.redirect_blobs = True
+    img = oci_images["plain"]
+    with reg.open_source(front.ref(img.name), opts(fast_options, creds="tokuser:secret")) as src:
+        _, files = pull_files(src)
+    assert files == img.files
+    blob_requests = front.requests("blobs")
+    assert len(blob_requests) == 3  # two layers and the config, all redirected
+    for r in blob_requests:
+        assert "Authorization" not in r.headers, r.headers
+    # The registry itself got the bearer token for the (redirecting) blob URL.
+    front_blobs = front.requests("front", "/blobs/")
+    assert front_blobs and all(r.headers.get("Authorization", "").startswith("Bearer ") for r in front_blobs)
+
+
+def test_retries_on_5xx(front: Any, oci_images: Any, fast_options: Any) -> None:
+    img = oci_images["plain"]
+    front.fault("front", "/manifests/", "status", 503, count=2)
+    front.fault("front", "/blobs/", "status", 500, count=1)
+    front.fault("front", "/token", "status", 502, count=1)
+    with reg.open_source(front.ref(img.name), fast_options) as src:
+        _, files = pull_files(src)
+    assert files == img.files
+    assert all(f.hits == f.count for f in front.faults)
+    assert len(front.requests("front", "/manifests/v1")) >= 3
+
+
+def test_retries_are_bounded(front: Any, oci_images: Any, fast_options: Any) -> None:
+    front.require_token = False
+    f = front.fault("front", "/manifests/", "status", 503, count=None)
+    with reg.open_source(front.ref(oci_images["plain"].name), fast_options) as src:
+        with pytest.raises(RegistryError) as ei:
+            src.get_manifest()
+    assert "HTTP 503" in one_line(ei.value)
+    assert f.hits == fast_options.retries + 1
+
+
+@pytest.mark.parametrize("honor_range", [True, False])
+@pytest.mark.parametrize("redirect", [False, True])
+def test_dropped_connection_resumes(
+    front: Any, oci_images: Any, fast_options: Any, honor_range: bool, redirect: bool
+) -> None:
+    img = oci_images["plain"]
+    front.honor_range = honor_range
+    front.redirect_blobs = redirect
+    with reg.open_source(front.ref(img.name), fast_options) as src:
+        resolved = tr.resolve_manifest(src)
+        big = max(resolved.manifest.layers, key=lambda d: d.size)
+        front.fault("blobs" if redirect else "front", big.digest.split(":")[1], "drop", 70_000, count=2)
+        with src.open_blob(big.digest, big.size) as blob:
+            data = drain(blob, 10_000)
+            assert blob.verified
+    assert len(data) == big.size
+    assert reg.hashlib.sha256(data).hexdigest() == big.digest.split(":")[1]
+    where = "blobs" if redirect else "front"
+    tries = front.requests(where, big.digest.split(":")[1])
+    assert len(tries) == 3
+    if honor_range:
+        assert tries[1].headers.get("Range") == "bytes=70000-"
+
+
+def test_short_body_without_length_resumes(front: Any, oci_images: Any, fast_options: Any) -> None:
+    front.require_token = False
+    img = oci_images["zstd"]
+    with reg.open_source(front.ref(img.name), fast_options) as src:
+        layer = tr.resolve_manifest(src).manifest.layers[0]
+        front.fault("front", layer.digest.split(":")[1], "short", 5000, count=1)
+        with src.open_blob(layer.digest, layer.size) as blob:
+            assert len(drain(blob)) == layer.size and blob.verified
+
+
+@pytest.mark.parametrize("action", ["drop", "short"])
+def test_truncated_forever_fails(front: Any, oci_images: Any, fast_options: Any, action: str) -> None:
+    front.require_token = False
+    img = oci_images["plain"]
+    with reg.open_source(front.ref(img.name), fast_options) as src:
+        layer = max(tr.resolve_manifest(src).manifest.layers, key=lambda d: d.size)
+        front.honor_range = False  # each retry truncates at the same place again
+        front.fault("front", layer.digest.split(":")[1], action, 1000, count=None)
+        with src.open_blob(layer.digest, layer.size) as blob:
+            with pytest.raises((RegistryError, DigestMismatch)) as ei:
+                drain(blob)
+            # The consumer never saw a clean end, nor the whole blob.
+            assert len(drain.got) < layer.size  # type: ignore[attr-defined]
+            assert not blob.verified
+            with pytest.raises(RegistryError):
+                blob.read(10)
+    msg = one_line(ei.value)
+    assert "truncated" in msg or "download failed" in msg
+
+
+@pytest.mark.parametrize(("action", "arg", "words"), [
+    ("corrupt", 12345, "digest mismatch"),
+    ("append", b"trailing junk", "larger than its declared size"),
+])
+def test_hostile_blob(front: Any, oci_images: Any, fast_options: Any, action: str, arg: Any, words: str) -> None:
+    front.require_token = False
+    img = oci_images["plain"]
+    with reg.open_source(front.ref(img.name), fast_options) as src:
+        layer = max(tr.resolve_manifest(src).manifest.layers, key=lambda d: d.size)
+        front.fault("front", layer.digest.split(":")[1], action, arg, count=None)
+        with src.open_blob(layer.digest, layer.size) as blob:
+            with pytest.raises(DigestMismatch) as ei:
+                drain(blob, 65536)
+            # The read that would have completed the blob raised instead.
+            assert len(drain.got) < layer.size  # type: ignore[attr-defined]
+            assert not blob.verified
+    assert words in one_line(ei.value)
+
+
+def test_hostile_blob_finish(front: Any, oci_images: Any, fast_options: Any) -> None:
+    """A consumer that stops early (gzip trailer, tar EOF blocks) still gets the check."""
+    front.require_token = False
+    img = oci_images["plain"]
+    with reg.open_source(front.ref(img.name), fast_options) as src:
+        layer = max(tr.resolve_manifest(src).manifest.layers, key=lambda d: d.size)
+        front.fault("front", layer.digest.split(":")[1], "corrupt", layer.size - 3, count=None)
+        with src.open_blob(layer.digest, layer.size) as blob:
+            blob.read(1000)
+            with pytest.raises(DigestMismatch):
+                blob.finish()
+
+
+@pytest.mark.parametrize(("body", "ctype", "words"), [
+    (b'{"schemaVersion": 2, "mediaType": "application/vnd.example.thing+json"}',
+     "application/vnd.example.thing+json", "unsupported manifest media type"),
+    (b'{"schemaVersion": 2, "layers": [', "application/vnd.oci.image.manifest.v1+json", "JSON"),
+    (b"\xff\xfe not json", "application/json", "malformed manifest JSON"),
+    (b'{"schemaVersion": 1, "name": "x", "fsLayers": []}',
+     "application/vnd.docker.distribution.manifest.v1+prettyjws", "schema 1"),
+])
+def test_hostile_manifest(
+    front: Any, oci_images: Any, fast_options: Any, body: bytes, ctype: str, words: str
+) -> None:
+    front.require_token = False
+    front.fault("front", "/manifests/", "replace", (body, ctype), count=None)
+    with reg.open_source(front.ref(oci_images["plain"].name), fast_options) as src:
+        with pytest.raises(OciError) as ei:
+            tr.resolve_manifest(src)
+    assert words in one_line(ei.value)
+
+
+def test_manifest_digest_checks(front: Any, oci_images: Any, fast_options: Any) -> None:
+    front.require_token = False
+    img = oci_images["plain"]
+    repo = img.name.split(":")[0]
+    # By tag: the registry's Docker-Content-Digest no longer matches the bytes.
+    front.fault("front", "/manifests/", "corrupt", 5, count=None)
+    with reg.open_source(front.ref(img.name), fast_options) as src, pytest.raises(DigestMismatch) as ei:
+        src.get_manifest()
+    one_line(ei.value)
+    # By digest: the bytes must hash to the pinned digest, header or not.
+    front.reset()
+    front.require_token = False
+    front.fault("front", "/manifests/", "replace",
+                (b'{"schemaVersion":2,"config":{},"layers":[]}', tr.OCI_MANIFEST), count=None)
+    with reg.open_source(front.ref(f"{repo}@{img.digest}"), fast_options) as src:
+        with pytest.raises(DigestMismatch) as ei:
+            src.get_manifest()
+    assert "digest mismatch" in one_line(ei.value)
+
+
+def test_oversized_manifest_refused(front: Any, oci_images: Any, fast_options: Any) -> None:
+    front.require_token = False
+    big = b'{"schemaVersion":2,"x":"' + b"a" * (tr.MAX_JSON_SIZE + 10) + b'"}'
+    front.fault("front", "/manifests/", "replace", (big, tr.OCI_MANIFEST), count=None)
+    with reg.open_source(front.ref(oci_images["plain"].name), fast_options) as src:
+        with pytest.raises(RegistryError) as ei:
+            src.get_manifest()
+    assert "larger than" in one_line(ei.value)
+
+
+def test_blob_stream_is_file_like(registry_plain: Any, oci_images: Any) -> None:
+    img = oci_images["plain"]
+    with reg.open_source(registry_plain.ref(img.name)) as src:
+        layer = tr.resolve_manifest(src).manifest.layers[0]
+        blob = src.open_blob(layer.digest, layer.size)
+        buf = io.BufferedReader(blob, 65536)  # type: ignore[arg-type]
+        data = buf.read()
+        assert len(data) == layer.size and blob.verified
+        buf.close()
+        assert blob.closed
