@@ -690,3 +690,52 @@ def test_upper_work_prechecks(
             str(img), str(mnt), [str(objs_a)], upperdir=str(up), workdir="/dev/shm"
         )
     assert mounts_under(tmp_path) == []
+
+
+@needs_root
+@pytest.mark.root
+def test_verity_options(small_image: tuple[Path, Path, Path], mnt: Path) -> None:
+    img, objs_a, objs_b = small_image
+    base = f"basedir={objs_a}:{objs_b}"
+
+    def options() -> list[str]:
+        line = next(ln for ln in open("/proc/self/mountinfo") if f" {mnt} " in ln)
+        return line.split()[-1].split(",")
+
+    # verity: overlayfs requires a digest on every backing file; these
+    # objects have no fs-verity, so their content is refused.
+    assert mount_main(["-o", base + ",verity", str(img), str(mnt)]) == 0
+    try:
+        assert "verity=require" in options()
+        with pytest.raises(OSError) as ei:
+            (mnt / "big").read_bytes()
+        assert ei.value.errno == errno.EIO
+        assert (mnt / "small").read_bytes() == b"small"  # inline: no backing file
+    finally:
+        cfsmount.unmount(str(mnt))
+
+    # tryverity: only where the objects' filesystem can carry fs-verity.
+    assert mount_main(["-o", base + ",tryverity", str(img), str(mnt)]) == 0
+    try:
+        if cfsmount._fs_has_verity(str(objs_a)):
+            assert "verity=require" in options()
+        else:
+            assert "verity=require" not in options()
+            assert (mnt / "big").read_bytes() == BIG
+    finally:
+        cfsmount.unmount(str(mnt))
+
+    # digest= implies verity only where the kernel measured the image.
+    assert mount_main(["-o", f"{base},digest={image_digest(img)}", str(img), str(mnt)]) == 0
+    try:
+        fd = os.open(img, os.O_RDONLY)
+        try:
+            fsverity.measure_verity(fd)
+            kernel_verity = True
+        except Exception:
+            kernel_verity = False
+        finally:
+            os.close(fd)
+        assert ("verity=require" in options()) == kernel_verity
+    finally:
+        cfsmount.unmount(str(mnt))

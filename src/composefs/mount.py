@@ -773,6 +773,30 @@ def verify_image_digest(image_fd: int, digest: str, name: str | None = None) -> 
 # -- the composefs mount ------------------------------------------------------
 
 
+def _fs_has_verity(directory: str) -> bool:
+    """Whether the filesystem holding `directory` supports fs-verity.
+
+    `tryverity` means "if the kernel supports it": beyond overlayfs knowing
+    the option (C's only test), the objects' filesystem must be able to
+    carry fs-verity, or verity=require would fail every file read.
+    """
+    from . import fsverity
+
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return True
+    try:
+        fsverity.measure_verity(fd)
+    except VerityNotSupported:
+        return False
+    except VerityError:
+        pass  # e.g. ENODATA: supported, just not on a directory
+    finally:
+        os.close(fd)
+    return True
+
+
 def _check_dir(path: str, what: str) -> str:
     try:
         st = os.stat(path)
@@ -886,7 +910,7 @@ def _prepare(
             upperdir=upperdir,
             workdir=workdir,
             require_verity=require_verity,
-            try_verity=try_verity and not require_verity,
+            try_verity=try_verity and not require_verity and _fs_has_verity(datadirs[0]),
             readonly=readonly,
             attributes=attrs,
         ),
