@@ -235,3 +235,164 @@ def test_mount_composefs_image_without_verity_refused(cfs: ComposefsFixture) -> 
     assert res.returncode != 0
     assert res.stderr.startswith("mount.composefs: "), res.stderr
     assert not os.path.ismount(cfs.mnt)
+
+
+# -- a secure repository (cfsctl) -----------------------------------------
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _replace(path: Path, data: bytes, *, verity: bool = True) -> None:
+    """Put other content under an object's name (a new inode: the old one is immutable)."""
+    path.unlink()
+    _write(path, data)
+    if verity:
+        _enable(path, "sha512")
+
+
+class RepoFixture:
+    """A secure (sha512) repository on the verity scratch filesystem with one
+    committed image over a few objects."""
+
+    FILES: dict[bytes, bytes] = {
+        b"hello": b"hello from a secure repository\n" * 100,
+        b"victim": b"this object will be replaced\n" * 10,
+        b"big": random.Random(7).randbytes(300_000),
+    }
+    INLINE = b"small"
+
+    def __init__(self, base: Path) -> None:
+        from composefs.repository import Repository
+        from composefs.tree import Directory, Leaf, Regular, Stat
+
+        self.path = base / "repo"
+        self.mnt = base / "mnt"
+        self.mnt.mkdir()
+        self.have_cli = _has_module("composefs.cli.cfsctl")
+        if self.have_cli:
+            res = self.cfsctl("init")
+            assert res.returncode == 0, res.stderr
+            repo = Repository.open(self.path)
+        else:
+            repo, created = Repository.init(self.path)
+            assert created
+        with repo:
+            assert not repo.insecure
+            assert repo.algorithm == "sha512"
+            root = Directory(Stat(0o755))
+            self.ids: dict[bytes, str] = {}
+            for name, data in self.FILES.items():
+                self.ids[name] = repo.ensure_object(data)
+                root.entries[name] = Leaf(Stat(0o644), Regular(len(data), digest=self.ids[name]))
+            root.entries[b"inline"] = Leaf(Stat(0o600), Regular(len(self.INLINE), data=self.INLINE))
+            self.image_id = repo.commit_image(root)
+            self.image_object = Path(repo.objects_dir) / repo.object_relpath(self.image_id)
+
+    def object_path(self, object_id: str) -> Path:
+        return self.path / "objects" / object_id[:2] / object_id[2:]
+
+    def cfsctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [*_cli("cfsctl", "composefs.cli.cfsctl"), "--repo", str(self.path), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+    def mount(self, name: str) -> None:
+        """`cfsctl mount` (or the library's Repository.mount without the CLI)."""
+        if self.have_cli:
+            res = self.cfsctl("mount", name, str(self.mnt))
+            if res.returncode != 0:
+                assert res.stderr.startswith("cfsctl: ") and res.stderr.count("\n") == 1, res.stderr
+                raise OSError(res.returncode, res.stderr.strip())
+            return
+        from composefs.errors import ComposefsError
+        from composefs.repository import Repository
+
+        with Repository.open(self.path) as repo:
+            try:
+                repo.mount(name, str(self.mnt))
+            except ComposefsError as e:
+                raise OSError(1, str(e)) from None
+
+    def unmount(self) -> None:
+        while os.path.ismount(self.mnt):
+            subprocess.run(["umount", str(self.mnt)], check=True)
+
+
+@pytest.fixture
+def repo(verity_dir: Path) -> Iterator[RepoFixture]:
+    for module in ("composefs.repository", "composefs.mount", "composefs.erofs.writer"):
+        if not _has_module(module):
+            pytest.skip(f"{module} not there yet")
+    fx = RepoFixture(verity_dir)
+    try:
+        yield fx
+    finally:
+        fx.unmount()
+
+
+def test_secure_repository_everything_has_verity(repo: RepoFixture) -> None:
+    from composefs.repository import Repository
+
+    alg, _ = _measure(repo.path / "meta.json")
+    assert alg in ("sha256", "sha512")
+    objects = sorted(p for p in (repo.path / "objects").glob("??/*") if p.is_file())
+    names = {p.parent.name + p.name for p in objects}
+    assert names == {*repo.ids.values(), repo.image_id}
+    for p in objects:
+        assert _measure(p) == ("sha512", bytes.fromhex(p.parent.name + p.name)), p
+    with Repository.open(repo.path, require_verity=True) as r:
+        fd, verity = r.open_image(repo.image_id)
+        os.close(fd)
+        assert verity
+
+
+def test_cfsctl_mount_by_digest(repo: RepoFixture) -> None:
+    repo.mount(repo.image_id)
+    assert os.path.ismount(repo.mnt)
+    for name, data in repo.FILES.items():
+        assert (repo.mnt / name.decode()).read_bytes() == data
+    assert (repo.mnt / "inline").read_bytes() == repo.INLINE
+
+
+def test_replaced_object_gives_eio(repo: RepoFixture) -> None:
+    _replace(repo.object_path(repo.ids[b"victim"]), b"evil content\n")
+    repo.mount(repo.image_id)
+    assert _read_errno(repo.mnt / "victim") == errno.EIO
+    assert (repo.mnt / "hello").read_bytes() == repo.FILES[b"hello"]
+
+
+def test_object_without_verity_gives_eio(repo: RepoFixture) -> None:
+    path = repo.object_path(repo.ids[b"victim"])
+    _replace(path, repo.FILES[b"victim"], verity=False)  # right content, no fs-verity
+    repo.mount(repo.image_id)
+    assert _read_errno(repo.mnt / "victim") == errno.EIO
+
+
+def test_wrong_image_digest_refused(repo: RepoFixture) -> None:
+    # An images/ entry whose name is not the digest of what it points to.
+    fake = fsverity.digest_hex(b"some other image", "sha512")
+    images = repo.path / "images"
+    os.symlink(os.readlink(images / repo.image_id), images / fake)
+    with pytest.raises(OSError):
+        repo.mount(fake)
+    assert not os.path.ismount(repo.mnt)
+    missing = fsverity.digest_hex(b"not in the repository", "sha512")
+    with pytest.raises(OSError):
+        repo.mount(missing)
+    assert not os.path.ismount(repo.mnt)
+
+
+@pytest.mark.parametrize("verity", [True, False], ids=["with-verity", "without-verity"])
+def test_tampered_image_refused(repo: RepoFixture, verity: bool) -> None:
+    data = bytearray(repo.image_object.read_bytes())
+    data[-1] ^= 0xFF  # any change at all must be caught
+    _replace(repo.image_object, bytes(data), verity=verity)
+    with pytest.raises(OSError):
+        repo.mount(repo.image_id)
+    assert not os.path.ismount(repo.mnt)
