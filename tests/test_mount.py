@@ -610,7 +610,7 @@ def test_not_root_message(small_image: tuple[Path, Path, Path]) -> None:
 
 @needs_root
 @pytest.mark.root
-@pytest.mark.parametrize("overlay_mode", ["fd", "tmpdir", "legacy"])
+@pytest.mark.parametrize("overlay_mode", ["fd", "tmpdir", "legacy", "mount2-only"])
 @pytest.mark.parametrize("backing", ["file", "loop"])
 def test_unmount_leaves_nothing(
     small_image: tuple[Path, Path, Path],
@@ -624,9 +624,11 @@ def test_unmount_leaves_nothing(
     need_tool("losetup")
     real = cfsmount.kernel_support()
     order = ["legacy", "tmpdir", "fd"]
-    if order.index(overlay_mode) > order.index(real.overlay_mode):
+    new_api = overlay_mode != "mount2-only"  # as if there were no fsopen() at all
+    mode = overlay_mode if new_api else "legacy"
+    if order.index(mode) > order.index(real.overlay_mode):
         pytest.skip(f"kernel supports only {real.overlay_mode!r} overlay setup")
-    forced = cfsmount.KernelSupport(overlay_mode, erofs_file_backed=(backing == "file"))
+    forced = cfsmount.KernelSupport(mode, new_api=new_api, erofs_file_backed=(backing == "file"))
     monkeypatch.setattr(cfsmount, "_support", forced)
     img, objs_a, objs_b = small_image
     for _ in range(2):
@@ -739,3 +741,35 @@ def test_verity_options(small_image: tuple[Path, Path, Path], mnt: Path) -> None
         assert ("verity=require" in options()) == kernel_verity
     finally:
         cfsmount.unmount(str(mnt))
+
+
+@needs_root
+@pytest.mark.root
+def test_fake_and_namespace(small_image: tuple[Path, Path, Path], mnt: Path) -> None:
+    """-f checks without mounting; -N mounts in another mount namespace."""
+    need_tool("unshare")
+    img, objs_a, objs_b = small_image
+    opts = f"basedir={objs_a}:{objs_b}"
+    assert mount_main(["-f", "-o", opts, str(img), str(mnt)]) == 0
+    assert mounts_under(mnt) == []
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "60"])
+    try:
+        deadline = time.monotonic() + 5
+        while os.readlink(f"/proc/{proc.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt"):
+            if time.monotonic() > deadline:
+                pytest.fail("unshare did not create a mount namespace")
+            time.sleep(0.02)
+        # A child process: setns() would move the test process itself.
+        cmd = [sys.executable, "-m", "composefs.cli.mount_composefs", "-N", str(proc.pid)]
+        res = subprocess.run(
+            [*cmd, "-o", opts, str(img), str(mnt)], capture_output=True, text=True, check=False
+        )
+        assert res.returncode == 0, res.stderr
+        assert mounts_under(mnt) == []  # not in our namespace...
+        theirs = Path(f"/proc/{proc.pid}/mountinfo").read_text()
+        assert f" {mnt} " in theirs  # ...but in theirs
+        root = Path(f"/proc/{proc.pid}/root")
+        assert (root / str(mnt).lstrip("/") / "big").read_bytes() == BIG
+    finally:
+        proc.kill()
+        proc.wait()

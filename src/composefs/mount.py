@@ -598,18 +598,26 @@ def _legacy_erofs(image_fd: int, acl: bool, name: str | None) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=".composefs.")
     loop_fd = -1
     what = f"cannot mount EROFS image {name or f'fd {image_fd}'}"
+    support = kernel_support()
+    data = None if acl else "noacl"
     try:
-        source = f"/proc/self/fd/{image_fd}"
         try:
-            sys_mount(source, tmp, "erofs", MS_RDONLY, None if acl else "noacl")
+            if support.erofs_file_backed is False:
+                loop_fd, source = _loop_attach(image_fd, name)
+                sys_mount(source, tmp, "erofs", MS_RDONLY, data)
+            else:
+                try:
+                    sys_mount(f"/proc/self/fd/{image_fd}", tmp, "erofs", MS_RDONLY, data)
+                    support.erofs_file_backed = True
+                except OSError as e:
+                    if e.errno != errno.ENOTBLK:
+                        raise
+                    # No file-backed EROFS (< 6.12): use a loop device.
+                    loop_fd, source = _loop_attach(image_fd, name)
+                    sys_mount(source, tmp, "erofs", MS_RDONLY, data)
+                    support.erofs_file_backed = False
         except OSError as e:
-            if e.errno != errno.ENOTBLK:
-                raise _mount_error(what, e) from None
-            loop_fd, source = _loop_attach(image_fd, name)
-            try:
-                sys_mount(source, tmp, "erofs", MS_RDONLY, None if acl else "noacl")
-            except OSError as e2:
-                raise _mount_error(what, e2) from None
+            raise _mount_error(what, e) from None
         finally:
             if loop_fd >= 0:
                 os.close(loop_fd)
