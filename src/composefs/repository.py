@@ -77,6 +77,8 @@ __all__ = [
     "StoreMethod",
     "algorithm_from_string",
     "algorithm_string",
+    "default_path",
+    "peek_algorithm",
     "system_path",
     "user_path",
 ]
@@ -113,6 +115,27 @@ def system_path() -> str:
 def default_path() -> str:
     """System repository for root, the user's otherwise (composefs-rs rule)."""
     return system_path() if os.geteuid() == 0 else user_path()
+
+
+def peek_algorithm(path: str | os.PathLike[str], *, infer: bool = True) -> str | None:
+    """The hash algorithm of the repository at `path` without opening it
+    (no lock, nothing written): from ``meta.json``, else (with `infer`)
+    from object name lengths; None when it cannot be told."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        meta, _ = _read_metadata(fd)
+        if meta is not None:
+            return meta.algorithm
+        if infer and _exists(fd, "objects"):
+            return _infer_metadata(fd)[0]
+        return None
+    except (OSError, ComposefsError):
+        return None
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------
@@ -949,7 +972,7 @@ class Repository:
         return self._store_stream_object(source, size)[0]
 
     def _store_file_object(
-        self, path_or_fd: str | os.PathLike[str] | int
+        self, path_or_fd: str | os.PathLike[str] | int, expected_id: str | None = None
     ) -> tuple[str, StoreMethod, int]:
         self.ensure_writable()
         if isinstance(path_or_fd, int):
@@ -957,13 +980,12 @@ class Repository:
         else:
             src, owned = os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY), True
         try:
-            st = os.fstat(src)
-            if not stat.S_ISREG(st.st_mode):
+            before = os.fstat(src)
+            if not stat.S_ISREG(before.st_mode):
                 raise RepositoryError("only regular files can be stored as objects")
-            key = (st.st_dev, os.fstat(self._objects_fd()).st_dev)
+            key = (before.st_dev, os.fstat(self._objects_fd()).st_dev)
             with _TmpObject(self) as tmp:
                 method = StoreMethod.COPIED
-                userspace_id: str | None = None
                 if key not in self._no_reflink:
                     try:
                         fcntl.ioctl(tmp.fd, _FICLONE, src)
@@ -972,39 +994,56 @@ class Repository:
                         if e.errno not in _NO_REFLINK:
                             raise
                         self._no_reflink.add(key)
+                # Hash while copying unless the id is known (the kernel
+                # measures the copy anyway in a secure repository).
+                want_hash = self.insecure and expected_id is None
+                userspace_id = expected_id
                 if method is StoreMethod.COPIED:
-                    userspace_id = self._copy_fd(src, tmp.fd, st.st_size)
+                    computed = self._copy_fd(src, tmp.fd, before.st_size, want_hash)
+                    userspace_id = computed or userspace_id
+                after = os.fstat(src)
                 size = os.fstat(tmp.fd).st_size
-                if size != st.st_size:
-                    raise RepositoryError("source file changed size while it was stored")
+                if size != before.st_size or (after.st_mtime_ns, after.st_ctime_ns) != (
+                    before.st_mtime_ns,
+                    before.st_ctime_ns,
+                ):
+                    raise RepositoryError("source file changed while it was being stored")
                 object_id, created = self._finalize(tmp, userspace_id, size)
             return object_id, (method if created else StoreMethod.ALREADY_PRESENT), size
         finally:
             if owned:
                 os.close(src)
 
-    def _copy_fd(self, src: int, dst: int, size: int) -> str | None:
-        """Copy; in an insecure repository hash on the way (one read pass)."""
-        if not self.insecure:
-            offset = 0
-            while offset < size:
-                n = os.copy_file_range(src, dst, size - offset, offset)
-                if not n:
-                    break
-                offset += n
-            return None
-        hasher = fsverity.FsVerityHasher(self.algorithm)
+    def _copy_fd(self, src: int, dst: int, size: int, want_hash: bool) -> str | None:
+        """Copy `src` into `dst`: in-kernel unless we must hash on the way
+        (then one read pass feeds both). Returns the digest if hashed."""
+        offset = 0
+        if not want_hash:
+            try:
+                while offset < size:
+                    n = os.copy_file_range(src, dst, size - offset, offset)
+                    if not n:
+                        break
+                    offset += n
+                return None
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                os.lseek(dst, 0, os.SEEK_SET)
+                os.ftruncate(dst, 0)
+                offset = 0
+        hasher = fsverity.FsVerityHasher(self.algorithm) if want_hash else None
         buf = bytearray(_COPY_BLOCK)
         view = memoryview(buf)
-        offset = 0
         while True:
             n = os.preadv(src, [view], offset)
             if not n:
                 break
-            hasher.update(view[:n])
+            if hasher is not None:
+                hasher.update(view[:n])
             _write_all(dst, view[:n])
             offset += n
-        return hasher.hexdigest()
+        return hasher.hexdigest() if hasher is not None else None
 
     def ensure_object_from_file(
         self, path_or_fd: str | os.PathLike[str] | int
@@ -1014,20 +1053,35 @@ class Repository:
         object_id, method, _ = self._store_file_object(path_or_fd)
         return object_id, method
 
-    def store_file_with_digest(self, path: str | os.PathLike[str], object_id: str) -> bool:
-        """Store a file whose digest the caller already computed (a tree
-        reader). Skips the copy when the object exists; otherwise copies
-        (reflink when possible) and verifies the digest. Returns True if a
-        new object was created."""
+    def store_file_with_digest(
+        self, path_or_fd: str | os.PathLike[str] | int, object_id: str
+    ) -> bool:
+        """Store a file whose fs-verity digest the caller already computed
+        (a tree reader's object sink). Nothing is read if the object exists;
+        otherwise the file is reflinked or copied in-kernel without hashing
+        it again — a secure repository still has the kernel measure the
+        copy, an insecure one trusts `object_id` (the copy fails if the
+        source changes while it is copied). Returns True if an object was
+        created."""
+        self.object_relpath(object_id)
         if self.has_object(object_id):
             return False
-        stored, method, _ = self._store_file_object(path)
+        stored, method, _ = self._store_file_object(path_or_fd, object_id)
         if stored != object_id:
             raise RepositoryError(
-                f"{os.fspath(path)} changed while it was read (digest {stored}, "
-                f"expected {object_id})"
+                f"{path_or_fd} changed while it was read (digest {stored}, expected {object_id})"
             )
         return method is not StoreMethod.ALREADY_PRESENT
+
+    def object_sink(self) -> Callable[[str, int, str], None]:
+        """A `composefs.fs` object sink storing each external file's content."""
+        self._objects_fd()  # open it before worker threads race for it
+        self.ensure_writable()
+
+        def sink(src_path: str, size: int, digest_hex: str) -> None:
+            self.store_file_with_digest(src_path, digest_hex)
+
+        return sink
 
     def open_object(self, object_id: str) -> int:
         """A read-only fd for an object; in a secure repository its
@@ -1374,22 +1428,20 @@ class Repository:
             return f.read()
 
     def objects_for_image(self, name: str) -> list[str]:
-        """Ids of the objects image `name` references, in discovery order."""
+        """Ids of the objects image `name` references (sorted)."""
         return self._image_objects(self.read_image(name))
 
     def _image_objects(self, data: bytes) -> list[str]:
+        """Sorted ids of the repository objects an image's files live in
+        (backing paths that are not ``XX/<rest>`` ids are not ours)."""
         from .erofs.reader import collect_objects
 
-        out: list[str] = []
-        seen: set[str] = set()
-        for item in collect_objects(data):
-            # The reader may report backing paths (``XX/rest``) or bare ids.
-            raw = item.decode() if isinstance(item, bytes) else str(item)
-            object_id = raw.replace("/", "")
-            if object_id not in seen:
-                seen.add(object_id)
-                out.append(object_id)
-        return out
+        out: set[str] = set()
+        for path in collect_objects(data):
+            object_id = _object_id_from_path(path, self.algorithm)
+            if object_id is not None:
+                out.add(object_id)
+        return sorted(out)
 
     def mount(
         self,
