@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = (ROOT.parent / "shared" / "vectors" / "c-mkcomposefs").resolve()
@@ -36,9 +37,7 @@ def _timed(fn: Callable[[], object], runs: int) -> tuple[float, float, object]:
     return statistics.median(times), min(times), result
 
 
-def _info_dump(
-    dumps: Callable[[object], bytes], read: Callable[[bytes], object], img: bytes
-) -> bytes:
+def _info_dump(dumps: Callable[..., bytes], read: Callable[[bytes], Any], img: bytes) -> bytes:
     return dumps(read(img))
 
 
