@@ -1,0 +1,431 @@
+"""Reading directory trees from disk (composefs.fs).
+
+Digests are checked against Debian's `fsverity digest`; everything else
+against what the kernel reports for the generated tree (os.lstat,
+os.listxattr).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from composefs import fs, fsverity
+from composefs.errors import ComposefsError, SourceError, TreeError
+from composefs.tree import Device, Directory, Fifo, Leaf, Regular, Socket, Symlink, walk
+from conftest import is_root, need_tool, needs_root
+
+CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_bind_service
+
+
+def _oracle(path: Path, algorithm: str = "sha256") -> str:
+    out = subprocess.run(
+        [need_tool("fsverity"), "digest", f"--hash-alg={algorithm}", "--compact", str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return out.strip()
+
+
+def _try_setxattr(path: Path, name: str, value: bytes, follow: bool = True) -> bool:
+    try:
+        os.setxattr(path, name, value, follow_symlinks=follow)
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _make_socket(path: Path) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.bind(str(path))
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A source tree with every file type, xattrs, hardlinks and the inline boundary."""
+    src = tmp_path / "src"
+    (src / "usr" / "bin").mkdir(parents=True)
+    (src / "run" / "sub").mkdir(parents=True)
+    (src / "run" / "sub" / "pidfile").write_bytes(b"1\n")
+    (src / "dir" / "deeper").mkdir(parents=True)
+    (src / "empty").write_bytes(b"")
+    (src / "f1").write_bytes(b"x")
+    (src / "f64").write_bytes(b"a" * 64)
+    (src / "f65").write_bytes(b"b" * 65)
+    (src / "big").write_bytes(os.urandom(300_000))
+    (src / "dir" / "deeper" / "mid").write_bytes(os.urandom(4097))
+    (src / "usr" / "bin" / "tool").write_bytes(b"#!/bin/sh\necho tool\n" * 10)
+    os.chmod(src / "usr" / "bin" / "tool", 0o4755)
+    os.link(src / "big", src / "dir" / "big-link")
+    os.link(src / "f64", src / "dir" / "f64-link")
+    os.symlink("../etc/passwd", src / "rel-link")
+    os.symlink("/etc", src / "abs-dir-link")
+    os.symlink("nowhere", src / "dangling")
+    os.mkfifo(src / "fifo", 0o600)
+    _make_socket(src / "sock")
+    os.setxattr(src / "f64", "user.foo", b"bar")
+    os.setxattr(src / "dir", "user.dirattr", b"\x00\x01binary")
+    os.setxattr(src / "big", "user.big", b"v" * 300)
+    os.chmod(src / "usr", 0o750)
+    os.utime(src / "usr", ns=(1_000_000_000, 1_234_567_890_123_456_789))
+    if is_root():
+        os.mknod(src / "blk", 0o640 | stat.S_IFBLK, os.makedev(7, 3))
+        os.mknod(src / "chr", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+        os.mknod(src / "whiteout", 0o000 | stat.S_IFCHR, os.makedev(0, 0))
+        os.chown(src / "f65", 1234, 5678)
+        os.chown(src / "usr", 42, 43)
+        os.lchown(src / "rel-link", 7, 8)
+        _try_setxattr(src / "f65", "trusted.private", b"t")
+        _try_setxattr(src / "rel-link", "trusted.onlink", b"s", follow=False)
+        _try_setxattr(src / "usr" / "bin" / "tool", "security.capability", CAP)
+        _try_setxattr(src / "usr", "security.capability", CAP)
+    return src
+
+
+def _xattrs_on_disk(path: Path) -> dict[bytes, bytes]:
+    return {
+        os.fsencode(n): os.getxattr(path, n, follow_symlinks=False)
+        for n in os.listxattr(path, follow_symlinks=False)
+    }
+
+
+def _check_against_disk(
+    root: Directory,
+    src: Path,
+    *,
+    algorithm: str = "sha256",
+    xattrs: Callable[[bytes], bool] = lambda n: True,
+) -> int:
+    """Every node's metadata and content equals what the kernel says; returns node count."""
+    n = 0
+    for path, node in walk(root):
+        n += 1
+        disk = src / os.fsdecode(path.lstrip(b"/"))
+        st = os.lstat(disk)
+        assert node.stat.mode == st.st_mode & 0o7777, path
+        assert (node.stat.uid, node.stat.gid) == (st.st_uid, st.st_gid), path
+        assert node.stat.mtime * 10**9 + node.stat.mtime_nsec == st.st_mtime_ns, path
+        assert node.stat.xattrs == {k: v for k, v in _xattrs_on_disk(disk).items() if xattrs(k)}, (
+            path
+        )
+        assert node.mode == st.st_mode, path
+        if isinstance(node, Directory):
+            assert sorted(node.entries) == sorted(os.fsencode(x) for x in os.listdir(disk)), path
+            continue
+        c = node.content
+        if isinstance(c, Regular):
+            assert c.size == st.st_size
+            if st.st_size == 0:
+                assert c.data is None and c.digest is None
+            elif st.st_size <= 64:
+                assert c.data == disk.read_bytes() and c.digest is None
+            else:
+                assert c.data is None and c.digest == _oracle(disk, algorithm), path
+                assert c.backing_path() == f"{c.digest[:2]}/{c.digest[2:]}".encode()
+        elif isinstance(c, Symlink):
+            assert c.target == os.readlink(os.fsencode(disk))
+        elif isinstance(c, Device):
+            assert c.rdev == st.st_rdev and c.kind == stat.S_IFMT(st.st_mode)
+        elif isinstance(c, Fifo):
+            assert stat.S_ISFIFO(st.st_mode)
+        else:
+            assert isinstance(c, Socket) and stat.S_ISSOCK(st.st_mode)
+    return n
+
+
+def test_read_directory_matches_disk(tree: Path) -> None:
+    root = fs.read_directory(tree, threads=2)
+    count = _check_against_disk(root, tree)
+    assert count == sum(1 for _ in tree.rglob("*")) + 1
+    e = root.entries
+    assert isinstance(e[b"f64"], Leaf) and e[b"f64"].content == Regular(64, data=b"a" * 64)
+    f65 = e[b"f65"]
+    assert isinstance(f65, Leaf) and isinstance(f65.content, Regular)
+    assert f65.content.data is None and f65.content.size == 65
+    assert isinstance(e[b"rel-link"], Leaf) and e[b"rel-link"].content == Symlink(b"../etc/passwd")
+    # Symlinks are never followed: /etc's content is not in the tree.
+    assert isinstance(e[b"abs-dir-link"], Leaf)
+    if is_root():
+        assert e[b"whiteout"].is_whiteout()  # type: ignore[union-attr]
+        assert isinstance(e[b"blk"], Leaf) and e[b"blk"].content == Device(
+            stat.S_IFBLK, os.makedev(7, 3)
+        )
+
+
+def test_hardlinks_broken_by_default_kept_on_request(tree: Path) -> None:
+    root = fs.read_directory(tree, threads=1)
+    big, link = root.lookup(b"/big"), root.lookup(b"/dir/big-link")
+    assert isinstance(big, Leaf) and isinstance(link, Leaf)
+    assert big is not link and big.content == link.content  # C: independent inodes
+    kept = fs.read_directory(tree, hardlinks=True)
+    big, link = kept.lookup(b"/big"), kept.lookup(b"/dir/big-link")
+    assert big is link
+    small, small_link = kept.lookup(b"/f64"), kept.lookup(b"/dir/f64-link")
+    assert small is small_link
+
+
+def test_inline_threshold(tmp_path: Path) -> None:
+    src = tmp_path / "s"
+    src.mkdir()
+    for n in (0, 1, 63, 64, 65, 4096):
+        (src / f"f{n}").write_bytes(bytes([n % 251]) * n)
+    root = fs.read_directory(src)
+    for n in (1, 63, 64):
+        c = root.lookup(f"/f{n}".encode()).content  # type: ignore[union-attr]
+        assert c.data == bytes([n % 251]) * n and c.digest is None
+    for n in (65, 4096):
+        c = root.lookup(f"/f{n}".encode()).content  # type: ignore[union-attr]
+        assert c.data is None and c.digest == _oracle(src / f"f{n}")
+    c0 = root.lookup(b"/f0").content  # type: ignore[union-attr]
+    assert c0 == Regular(0)
+    # A different threshold is honoured too.
+    root = fs.read_directory(src, inline_max=0)
+    assert root.lookup(b"/f1").content.data is None  # type: ignore[union-attr]
+
+
+def test_flags(tree: Path) -> None:
+    no_x = fs.read_directory(tree, skip_xattrs=True, use_epoch=True)
+    for _, node in walk(no_x):
+        assert node.stat.xattrs == {}
+        assert (node.stat.mtime, node.stat.mtime_nsec) == (0, 0)
+    user = fs.read_directory(tree, user_xattrs=True)
+    _check_against_disk(user, tree, xattrs=lambda n: n.startswith(b"user."))
+    assert user.lookup(b"/f64").stat.xattrs == {b"user.foo": b"bar"}  # type: ignore[union-attr]
+    no_dev = fs.read_directory(tree, skip_devices=True)
+    for name in (b"blk", b"chr", b"whiteout"):
+        assert name not in no_dev.entries
+    assert b"fifo" in no_dev.entries and b"sock" in no_dev.entries
+    only = fs.read_directory(tree, xattr_filter=lambda n: n == b"user.big")
+    assert only.lookup(b"/big").stat.xattrs == {b"user.big": b"v" * 300}  # type: ignore[union-attr]
+    assert only.lookup(b"/f64").stat.xattrs == {}  # type: ignore[union-attr]
+    with pytest.raises(ComposefsError, match="together"):
+        fs.read_directory(tree, skip_xattrs=True, user_xattrs=True)
+
+
+@needs_root
+def test_privileged_metadata(tree: Path) -> None:
+    root = fs.read_directory(tree)
+    f65 = root.lookup(b"/f65")
+    assert f65 is not None and (f65.stat.uid, f65.stat.gid) == (1234, 5678)
+    link = root.lookup(b"/rel-link")
+    assert link is not None and (link.stat.uid, link.stat.gid) == (7, 8)
+    if _xattrs_on_disk(tree / "rel-link"):
+        assert link.stat.xattrs == {b"trusted.onlink": b"s"}
+    assert root.lookup(b"/usr/bin/tool").stat.mode == 0o4755  # type: ignore[union-attr]
+
+
+def test_digest_store(tree: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store" / "nested"
+    # A pre-existing object is kept as it is (C: skip when it exists).
+    f65_digest = _oracle(tree / "f65")
+    (store / f65_digest[:2]).mkdir(parents=True)
+    (store / f65_digest[:2] / f65_digest[2:]).write_bytes(b"already here")
+    root = fs.read_directory(tree, digest_store=str(store), threads=2)
+    expected = {}
+    for _, node in walk(root):
+        if isinstance(node, Leaf) and isinstance(node.content, Regular) and node.content.digest:
+            expected[node.content.digest] = node
+    files = sorted(p for p in store.rglob("*") if p.is_file())
+    assert len(files) == len(expected)
+    for p in files:
+        rel = p.relative_to(store)
+        assert len(rel.parts) == 2 and len(rel.parts[0]) == 2
+        digest = rel.parts[0] + rel.parts[1]
+        assert digest in expected
+        if digest == f65_digest:
+            assert p.read_bytes() == b"already here"
+            continue
+        assert _oracle(p) == digest
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644
+    assert not [p for p in store.rglob(".tmp*")]
+    # Reading again changes nothing.
+    before = {p: p.stat().st_mtime_ns for p in files}
+    fs.read_directory(tree, digest_store=str(store))
+    assert {p: p.stat().st_mtime_ns for p in files} == before
+
+
+def test_object_sink(tree: Path) -> None:
+    seen: list[tuple[int, str, bytes]] = []
+
+    def sink(src: str, size: int, digest: str) -> None:
+        with open(src, "rb") as f:
+            data = f.read()
+        seen.append((size, digest, data))
+
+    for threads in (1, 3):
+        seen.clear()
+        root = fs.read_container_root(tree, object_sink=sink, threads=threads)
+        digests = {
+            n.content.digest
+            for _, n in walk(root)
+            if isinstance(n, Leaf) and isinstance(n.content, Regular) and n.content.digest
+        }
+        # Once per inode (big and dir/big-link are one), with the right content.
+        assert sorted(d for _, d, _ in seen) == sorted(digests)
+        for size, digest, data in seen:
+            assert len(data) == size
+            assert fsverity.digest_hex(data, "sha512") == digest
+
+
+def test_object_sink_failure_aborts_cleanly(tree: Path) -> None:
+    fds_before = len(os.listdir("/proc/self/fd"))
+
+    def sink(src: str, size: int, digest: str) -> None:
+        raise RuntimeError("repository full")
+
+    for threads in (1, 4):
+        with pytest.raises(RuntimeError, match="repository full"):
+            fs.read_directory(tree, object_sink=sink, threads=threads)
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_no_escape_through_symlinks(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"s" * 100)
+    src = tmp_path / "src"
+    src.mkdir()
+    os.symlink(outside, src / "dirlink")
+    os.symlink(outside / "secret", src / "filelink")
+    root = fs.read_directory(src)
+    assert root.entries[b"dirlink"].content == Symlink(os.fsencode(outside))  # type: ignore[union-attr]
+    assert root.entries[b"filelink"].content == Symlink(os.fsencode(outside / "secret"))  # type: ignore[union-attr]
+    # The source path itself may be a symlink to a directory (resolved like any argument).
+    os.symlink(src, tmp_path / "srclink")
+    again = fs.read_directory(tmp_path / "srclink")
+    assert sorted(again.entries) == [b"dirlink", b"filelink"]
+
+
+def test_errors(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match=r"error accessing .*missing"):
+        fs.read_directory(tmp_path / "missing")
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(SourceError, match="not a directory"):
+        fs.read_directory(tmp_path / "file")
+    with pytest.raises(ValueError):
+        fs.read_directory(tmp_path, algorithm="md5")
+
+
+def test_deep_tree(tmp_path: Path) -> None:
+    # Deeper than Python's recursion limit; the walk is iterative.
+    src = tmp_path / "deep"
+    src.mkdir()
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    depth = 1100
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        os.close(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    try:
+        root = fs.read_directory(src)
+    finally:
+        # shutil.rmtree (pytest's tmp_path cleanup) recurses: remove it here.
+        subprocess.run(["rm", "-rf", str(src)], check=True)
+    node: Directory | Leaf = root
+    for _ in range(depth):
+        assert isinstance(node, Directory)
+        node = node.entries[b"d"]
+    assert isinstance(node, Directory) and isinstance(node.entries[b"leaf"], Leaf)
+
+
+# -- composefs-rs create-image rules ----------------------------------------
+
+
+def test_read_container_root(tree: Path) -> None:
+    root = fs.read_container_root(tree, threads=2)
+    usr = root.entries[b"usr"]
+    assert isinstance(usr, Directory)
+    # Hardlinks tracked by (dev, ino), sha512 ids.
+    assert root.lookup(b"/big") is root.lookup(b"/dir/big-link")
+    big = root.lookup(b"/big")
+    assert isinstance(big, Leaf) and isinstance(big.content, Regular)
+    assert big.content.digest == _oracle(tree / "big", "sha512")
+    # Only security.capability survives.
+    for _, node in walk(root):
+        assert set(node.stat.xattrs) <= {b"security.capability"}
+    tool = root.lookup(b"/usr/bin/tool")
+    assert tool is not None
+    assert tool.stat.xattrs == {
+        k: v
+        for k, v in _xattrs_on_disk(tree / "usr/bin/tool").items()
+        if k == b"security.capability"
+    }
+    # The root took /usr's metadata (mode, owner, mtime with nsec, xattrs).
+    st = os.lstat(tree / "usr")
+    assert root.stat.mode == 0o750 == usr.stat.mode
+    assert (root.stat.uid, root.stat.gid) == (st.st_uid, st.st_gid)
+    assert (root.stat.mtime, root.stat.mtime_nsec) == divmod(st.st_mtime_ns, 10**9)
+    assert root.stat.xattrs == usr.stat.xattrs
+    assert root.stat.xattrs is not usr.stat.xattrs
+    # /run emptied, with /usr's mtime.
+    run = root.entries[b"run"]
+    assert isinstance(run, Directory) and run.entries == {}
+    assert (run.stat.mtime, run.stat.mtime_nsec) == (usr.stat.mtime, usr.stat.mtime_nsec)
+    assert run.stat.mode == stat.S_IMODE(os.lstat(tree / "run").st_mode)
+
+
+def test_read_filesystem_no_propagate(tree: Path) -> None:
+    root = fs.read_filesystem(tree)
+    _check_against_disk(root, tree, algorithm="sha512")
+    assert root.lookup(b"/big") is root.lookup(b"/dir/big-link")
+    assert b"sub" in root.get_dir(b"/run").entries
+    st = os.lstat(tree)
+    assert root.stat.mode == stat.S_IMODE(st.st_mode)
+
+
+def test_transform_for_oci_needs_usr(tmp_path: Path) -> None:
+    src = tmp_path / "s"
+    src.mkdir()
+    (src / "run").mkdir()
+    with pytest.raises(TreeError, match="/usr"):
+        fs.read_container_root(src)
+    root = Directory()
+    root.entries[b"usr"] = Directory()
+    root.entries[b"run"] = Leaf(root.stat.copy(), Regular(0))
+    with pytest.raises(TreeError, match="/run"):
+        fs.transform_for_oci(root)
+    # No /run at all is fine.
+    root = Directory()
+    root.entries[b"usr"] = Directory()
+    root.entries[b"usr"].stat.mode = 0o700
+    fs.transform_for_oci(root)
+    assert root.stat.mode == 0o700
+
+
+def test_filter_xattrs_shared_leaf() -> None:
+    from composefs.tree import Stat
+
+    leaf = Leaf(Stat(xattrs={b"user.a": b"1", b"security.capability": b"c"}), Regular(0))
+    root = Directory(Stat(xattrs={b"user.b": b"2"}))
+    root.entries[b"x"] = leaf
+    root.entries[b"y"] = leaf
+    fs.filter_xattrs(root, fs.is_allowed_container_xattr)
+    assert leaf.stat.xattrs == {b"security.capability": b"c"}
+    assert root.stat.xattrs == {}
+
+
+def test_image_from_read_tree_passes_fsck(tree: Path, tmp_path: Path) -> None:
+    # Integration: what we read is something the image writer accepts and
+    # an independent EROFS checker is happy with.
+    writer = pytest.importorskip("composefs.erofs.writer")
+    image = tmp_path / "img.cfs"
+    image.write_bytes(writer.mkfs(fs.read_directory(tree)))
+    subprocess.run([need_tool("fsck.erofs"), str(image)], check=True, capture_output=True)
