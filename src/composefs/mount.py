@@ -984,8 +984,8 @@ def mount_composefs(
     in order). `digest` (hex) is the expected fs-verity digest of the image
     and implies `verity` when the kernel can measure it (see
     `verify_image_digest`). `verity` makes overlayfs require fs-verity
-    digests on every backing file; `try_verity` does so only where the
-    kernel supports the option. `upperdir`/`workdir` (both or neither) add a
+    digests on every backing file; `try_verity` does so only where
+    overlayfs knows the option and the objects' filesystem has fs-verity. `upperdir`/`workdir` (both or neither) add a
     writable layer; `readonly=False` makes the mount writable. `idmap` is a
     user namespace (path like ``/proc/PID/ns/user``, or an fd) whose ID
     mapping is applied to the image. `attributes` are generic mount flags
@@ -1001,12 +1001,12 @@ def mount_composefs(
         support = kernel_support()
         if support.overlay_mode != "legacy":
             mnt = _fsmount_prepared(stack, p, support.overlay_mode)
-            with ExitStack() as s2:
-                s2.callback(os.close, mnt)
-                try:
-                    mount_at(mnt, target_abs)
-                except OSError as e:
-                    raise _mount_error(f"cannot attach the mount at {target}", e) from None
+            try:
+                mount_at(mnt, target_abs)
+            except OSError as e:
+                raise _mount_error(f"cannot attach the mount at {target}", e) from None
+            finally:
+                os.close(mnt)
             return
         # mount(2) path: EROFS on a temporary directory, overlay by options.
         if p.idmap_fd is not None:
