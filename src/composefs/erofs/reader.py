@@ -179,6 +179,8 @@ def image_info(data: bytes) -> ImageInfo:
         raise _err("custom xattr prefixes are not supported")
     if dirblkbits:
         raise _err("directory block size must be the block size")
+    if blocks * _BLK > n:
+        raise _err(f"image truncated: {n} bytes, the superblock says {blocks} blocks")
     if xattr_blkaddr * _BLK > n:
         raise _err(f"xattr block address {xattr_blkaddr} beyond the image")
     return ImageInfo(
