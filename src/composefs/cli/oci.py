@@ -1,0 +1,392 @@
+"""``cfsctl oci …``: OCI images in a composefs repository (composefs-rs 0.7.0).
+
+Registered through cfsctl's `add_parser(subparsers)` hook. References:
+a tag name, or ``@DIGEST``. composefs-rs reads ``@DIGEST`` as a config digest
+in ``dump``/``compute-id`` and as a manifest digest in ``inspect``; here
+every command accepts either (a stored manifest with that digest wins,
+otherwise the one tagged image whose config has it).
+
+Differences from composefs-rs, on purpose: ``pull`` prints the final
+manifest verity (composefs-rs prints a stale one), ``import-layer`` checks
+the layer against its diff_id and accepts gzip/zstd input, ``pull`` takes
+``--platform``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..errors import OciError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..oci.transports import ProgressEvent
+    from ..repository import Repository
+    from ..tree import Directory
+
+    RepoOpener = Callable[[], Repository]
+
+
+# -- helpers ----------------------------------------------------------------
+
+
+def _json_out(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def _boot_transform(repo: Repository, root: Directory) -> None:
+    try:
+        from .. import boot
+    except ImportError:
+        boot = None  # type: ignore[assignment]
+    fn = getattr(boot, "transform_for_boot", None) if boot is not None else None
+    if fn is None:
+        raise OciError("--bootable is not available in this installation")
+    fn(root, repo=repo)
+
+
+def _tree(args: argparse.Namespace, repo: Repository) -> Directory:
+    from ..oci import storage
+
+    root = storage.resolve_tree(repo, args.reference, args.config_verity)
+    if getattr(args, "bootable", False):
+        _boot_transform(repo, root)
+    return root
+
+
+class _Progress:
+    """One status line on stderr (only used when stderr is a terminal)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        from ..oci.storage import human_bytes
+
+        if ev.kind == "message":
+            self._clear()
+            sys.stderr.write(ev.message + "\n")
+            return
+        if ev.kind == "skipped":
+            self._clear()
+            sys.stderr.write(f"{ev.id[:19]}: already present\n")
+            return
+        if ev.kind == "started":
+            self.totals[ev.id] = ev.total or 0
+            self.done[ev.id] = 0
+        elif ev.kind in ("progress", "done"):
+            self.done[ev.id] = ev.fetched
+        now = time.monotonic()
+        if ev.kind == "done":
+            self._clear()
+            sys.stderr.write(f"{ev.id[:19]}: {human_bytes(ev.fetched)} done\n")
+        elif now - self.last >= 0.1:
+            self.last = now
+            got = sum(self.done.values())
+            total = sum(self.totals.values())
+            active = sum(1 for k in self.done if self.done[k] < self.totals.get(k, 0))
+            sys.stderr.write(
+                f"\r\x1b[Kfetching {active} layer(s): {human_bytes(got)} / {human_bytes(total)}"
+            )
+            self.shown = True
+        sys.stderr.flush()
+
+    def _clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            self.shown = False
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A table drawn like comfy-table's UTF8_FULL preset (what cfsctl prints)."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(left: str, fill: str, mid: str, right: str) -> str:
+        return left + mid.join(fill * (w + 2) for w in widths) + right
+
+    def row(cells: list[str]) -> str:
+        return "│" + "┆".join(f" {c.ljust(w)} " for c, w in zip(cells, widths, strict=True)) + "│"
+
+    out = [line("┌", "─", "┬", "┐"), row(header), line("╞", "═", "╪", "╡")]
+    for i, r in enumerate(rows):
+        if i:
+            out.append(line("├", "╌", "┼", "┤"))
+        out.append(row(r))
+    out.append(line("└", "─", "┴", "┘"))
+    return "\n".join(out)
+
+
+# -- commands -----------------------------------------------------------------
+
+
+def cmd_pull(args: argparse.Namespace, opener: RepoOpener) -> None:
+    from ..oci import storage
+
+    if args.local_fetch == "zerocopy":
+        raise OciError("--local-fetch=zerocopy is not supported (objects are always copied)")
+    repo = opener()
+    tag = args.name if args.name is not None else args.image
+    progress = _Progress() if sys.stderr.isatty() else None
+    result = storage.pull(repo, args.image, tag, platform=args.platform, progress=progress)
+    if progress is not None:
+        progress._clear()
+    print(f"manifest {result.manifest_digest}")
+    print(f"config   {result.config_digest}")
+    print(f"verity   {result.manifest_verity}")
+    print(f"tagged   {tag}")
+    print(f"objects  {result.stats}")
+    if args.bootable:
+        img = storage.open_image(repo, result.manifest_digest, result.manifest_verity)
+        root = storage.image_tree(repo, img)
+        _boot_transform(repo, root)
+        ids = repo.commit_images(root)
+        print(f"Boot image: {ids[repo.erofs_version]}")
+
+
+def cmd_images(args: argparse.Namespace, opener: RepoOpener) -> None:
+    from ..oci import storage
+
+    images = storage.list_images(opener())
+    if args.json:
+        _json_out({"images": [i.to_json() for i in images]})
+        return
+    if not images:
+        print("No images found")
+        return
+    rows = []
+    for i in images:
+        short = i.manifest_digest.split(":", 1)[-1][:12]
+        rows.append(
+            [i.name, short, i.architecture or "artifact", str(i.layer_count), str(i.referrer_count)]
+        )
+    print(_table(["NAME", "DIGEST", "ARCH", "LAYERS", "REFS"], rows))
+
+
+def cmd_inspect(args: argparse.Namespace, opener: RepoOpener) -> None:
+    from ..oci import storage
+
+    repo = opener()
+    img = storage.open_image_ref(repo, args.image)
+    out = sys.stdout.buffer
+    if args.manifest:
+        out.write(img.manifest_raw + b"\n")
+    elif args.config:
+        out.write(img.config_raw + b"\n")
+    else:
+        _json_out(storage.inspect_json(repo, img))
+
+
+def cmd_tag(args: argparse.Namespace, opener: RepoOpener) -> None:
+    from ..oci import storage
+
+    digest = args.manifest_digest.removeprefix("@")
+    storage.tag_image(opener(), digest, args.name)
+    print(f"Tagged {digest} as {args.name}")
+
+
+def cmd_untag(args: argparse.Namespace, opener: RepoOpener) -> None:
+    from ..oci import storage
+
+    storage.untag_image(opener(), args.name)
+    print(f"Removed tag {args.name}")
+
+
+def cmd_layer(args: argparse.Namespace, opener: RepoOpener) -> None:
+    from ..oci import storage
+    from ..oci.transports import parse_digest
+
+    parse_digest(args.layer)
+    repo = opener()
+    out = sys.stdout.buffer
+    if args.json:
+        _json_out(storage.layer_info(repo, args.layer))
+    elif args.dumpfile:
+        storage.layer_dumpfile(repo, args.layer, out)
+    else:
+        if out.isatty():
+            raise OciError(
+                "Refusing to write tar data to terminal. "
+                "Redirect to a file, pipe to tar, or use --json for metadata."
+            )
+        storage.layer_tar(repo, args.layer, out)
+    out.flush()
+
+
+def cmd_dump(args: argparse.Namespace, opener: RepoOpener) -> None:
+    from .. import dumpfile
+
+    root = _tree(args, opener())
+    dumpfile.write(root, sys.stdout.buffer, style="rust")
+    sys.stdout.buffer.flush()
+
+
+def cmd_compute_id(args: argparse.Namespace, opener: RepoOpener) -> None:
+    from .. import fsverity
+    from ..erofs.format import FormatVersion
+    from ..erofs.writer import mkfs
+
+    repo = opener()
+    root = _tree(args, repo)
+    image = mkfs(root, FormatVersion(repo.erofs_version))
+    print(fsverity.digest_hex(image, repo.algorithm))
+
+
+def cmd_mount(args: argparse.Namespace, opener: RepoOpener) -> None:
+    from ..oci import storage
+
+    if (args.upperdir is None) != (args.workdir is None):
+        raise OciError("--upperdir and --workdir must be given together")
+    if args.read_write and args.upperdir is None:
+        raise OciError("--read-write requires --upperdir and --workdir")
+    repo = opener()
+    ref = args.image
+    if not ref.startswith("@") and ref.startswith(("sha256:", "sha512:")):
+        ref = "@" + ref  # composefs-rs: a bare digest here is a manifest digest
+    img = storage.open_image_ref(repo, ref)
+    version = repo.erofs_version
+    image_id = img.boot_image_id(version) if args.bootable else img.image_id(version)
+    if image_id is None:
+        if args.bootable:
+            raise OciError("No boot EROFS image linked — try pulling with --bootable")
+        raise OciError("No composefs EROFS image linked — try re-pulling the image")
+    repo.mount(
+        image_id,
+        args.mountpoint,
+        upperdir=args.upperdir,
+        workdir=args.workdir,
+        read_write=args.read_write,
+    )
+
+
+def cmd_fsck(args: argparse.Namespace, opener: RepoOpener) -> int:
+    from ..oci import storage
+
+    result = storage.oci_fsck(opener(), args.image)
+    if args.json:
+        _json_out(result.to_json())
+        return 0
+    sys.stdout.write(str(result))
+    sys.stdout.flush()
+    if not result.ok:
+        raise OciError("OCI integrity check failed")
+    return 0
+
+
+def cmd_import_layer(args: argparse.Namespace, opener: RepoOpener) -> None:
+    from ..oci import storage
+    from ..oci.transports import parse_digest
+
+    parse_digest(args.digest)
+    repo = opener()
+    stdin = sys.stdin.buffer
+    # Peek (without consuming) to accept compressed layers too.
+    head = stdin.peek(4)[:4] if hasattr(stdin, "peek") else b""
+    compression = "none"
+    if head[:2] == b"\x1f\x8b":
+        compression = "gzip"
+    elif head == b"\x28\xb5\x2f\xfd":
+        compression = "zstd"
+    verity, _stats = storage.import_layer(
+        repo, args.digest, stdin, compression=compression, name=args.name
+    )
+    print(repo.to_id(verity))
+
+
+# -- parser ----------------------------------------------------------------------
+
+
+def add_parser(subparsers: Any) -> None:
+    """cfsctl's hook: add the ``oci`` command group."""
+    oci = subparsers.add_parser(
+        "oci", help="OCI images: pull, list, inspect, mount", description=__doc__.split("\n")[0]
+    )
+    sub = oci.add_subparsers(dest="oci_command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Any, help: str) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        return sp
+
+    def tree_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "reference", metavar="REF", help="tag, or @DIGEST (manifest or config digest)"
+        )
+        sp.add_argument(
+            "config_verity",
+            nargs="?",
+            metavar="CONFIG_VERITY",
+            help="fs-verity id of the config stream (with @CONFIG: skip re-hashing)",
+        )
+        sp.add_argument("--bootable", action="store_true", help="apply the boot transformation")
+
+    sp = add("pull", cmd_pull, "pull an image into the repository and tag it")
+    sp.add_argument(
+        "image",
+        help="oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE, "
+        "containers-storage:REF or docker://REF",
+    )
+    sp.add_argument("name", nargs="?", help="tag to give the image (default: IMAGE itself)")
+    sp.add_argument("--bootable", action="store_true", help="also commit a bootable image")
+    sp.add_argument(
+        "--platform", metavar="OS/ARCH[/VARIANT]", help="platform to pick from an index"
+    )
+    sp.add_argument(
+        "--local-fetch",
+        choices=("disabled", "auto", "zerocopy"),
+        default="disabled",
+        help="accepted for compatibility; local images are always copied",
+    )
+
+    sp = add("images", cmd_images, "list tagged images")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+
+    sp = add("inspect", cmd_inspect, "show an image's manifest, config and composefs image")
+    sp.add_argument("image", metavar="REF", help="tag, or @DIGEST (manifest or config digest)")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--manifest", action="store_true", help="print only the raw manifest")
+    g.add_argument("--config", action="store_true", help="print only the raw config")
+
+    sp = add("tag", cmd_tag, "give a stored image (by manifest digest) a tag")
+    sp.add_argument("manifest_digest", metavar="MANIFEST_DIGEST")
+    sp.add_argument("name", metavar="NAME")
+
+    sp = add("untag", cmd_untag, "remove a tag")
+    sp.add_argument("name", metavar="NAME")
+
+    sp = add("layer", cmd_layer, "a stored layer: raw tar (default), dumpfile or JSON")
+    sp.add_argument("layer", metavar="DIFF_ID")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--dumpfile", action="store_true", help="one dumpfile line per entry")
+    g.add_argument("--json", action="store_true", help="metadata as JSON")
+
+    sp = add("dump", cmd_dump, "print the dumpfile of an image's merged filesystem")
+    tree_args(sp)
+
+    sp = add("compute-id", cmd_compute_id, "print the composefs image id of an image")
+    tree_args(sp)
+
+    sp = add("mount", cmd_mount, "mount an image's composefs filesystem")
+    sp.add_argument("image", metavar="IMAGE", help="tag, or manifest digest")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sp.add_argument("--bootable", action="store_true", help="mount the bootable image")
+    sp.add_argument("--upperdir", metavar="DIR", help="writable overlayfs upper directory")
+    sp.add_argument("--workdir", metavar="DIR", help="overlayfs work directory")
+    sp.add_argument("--read-write", action="store_true", help="mount read-write")
+
+    sp = add("fsck", cmd_fsck, "check the repository and its OCI images")
+    sp.add_argument("image", nargs="?", metavar="IMAGE", help="check only this tag")
+    sp.add_argument("--json", action="store_true", help="print JSON (exit 0)")
+
+    sp = add(
+        "import-layer", cmd_import_layer, "import a layer tar from stdin (checked against DIGEST)"
+    )
+    sp.add_argument("digest", metavar="DIGEST", help="the layer's diff_id (sha256:…)")
+    sp.add_argument("name", nargs="?", metavar="NAME", help="stream ref name (refs/NAME)")
