@@ -639,3 +639,203 @@ def test_blob_stream_is_file_like(registry_plain: Any, oci_images: Any) -> None:
         assert len(data) == layer.size and blob.verified
         buf.close()
         assert blob.closed
+
+
+# ---------------------------------------------------------------- end to end: repository
+
+
+def _repo(path: Path) -> Any:
+    from composefs.repository import Repository
+
+    return Repository.init(path, insecure=True)[0]
+
+
+def tree_files(repo: Any, manifest_digest: str) -> dict[str, bytes]:
+    """Regular files of the stored image, read back through the repository."""
+    from composefs.oci import storage
+    from composefs.tree import Directory, Leaf, Regular
+
+    root = storage.image_tree(repo, storage.open_image(repo, manifest_digest))
+    out: dict[str, bytes] = {}
+
+    def walk(d: Directory, prefix: str) -> None:
+        for name, node in d.sorted_entries():
+            path = prefix + name.decode()
+            if isinstance(node, Directory):
+                walk(node, path + "/")
+            elif isinstance(node, Leaf) and isinstance(node.content, Regular):
+                c = node.content
+                if c.data is not None:
+                    out[path] = bytes(c.data)
+                elif c.size == 0:
+                    out[path] = b""
+                else:
+                    assert c.digest is not None
+                    out[path] = repo.read_object(c.digest)
+
+    walk(root, "")
+    return out
+
+
+def assert_clean(repo: Any) -> None:
+    from composefs.oci import storage
+
+    result = storage.oci_fsck(repo)
+    assert result.ok, str(result)
+
+
+def layer_gets(front: Any, layers: Any) -> int:
+    hexes = [d.digest.split(":")[1] for d in layers]
+    return sum(1 for r in front.requests() if r.method == "GET" and any(h in r.path for h in hexes))
+
+
+def test_pull_into_repository(registry_plain: Any, oci_images: Any, tmp_path: Path) -> None:
+    from composefs.oci import storage
+
+    repo = _repo(tmp_path / "repo")
+    img = oci_images["plain"]
+    result = storage.pull(repo, "docker://" + registry_plain.ref(img.name), "plain")
+    assert result.manifest_digest == img.digest
+    assert result.image_id is not None
+    assert storage.list_tags(repo) == [("plain", img.digest)]
+    files = tree_files(repo, img.digest)
+    assert {k: v for k, v in files.items() if k in img.files} == img.files
+    assert_clean(repo)
+
+
+@pytest.mark.parametrize("name", ["zstd", "v2s2"])
+def test_pull_other_formats_into_repository(
+    registry_plain: Any, oci_images: Any, tmp_path: Path, name: str
+) -> None:
+    from composefs.oci import storage
+
+    repo = _repo(tmp_path / "repo")
+    img = oci_images[name]
+    result = storage.pull(repo, "docker://" + registry_plain.ref(img.name), name)
+    if img.digest:
+        assert result.manifest_digest == img.digest
+    files = tree_files(repo, result.manifest_digest)
+    assert {k: v for k, v in files.items() if k in img.files} == img.files
+    assert_clean(repo)
+
+
+def test_pull_v2s2_same_image_id_as_oci(registry_plain: Any, oci_images: Any, tmp_path: Path) -> None:
+    """Docker schema 2 and OCI manifests of the same layers give the same composefs image."""
+    from composefs.oci import storage
+
+    repo = _repo(tmp_path / "repo")
+    a = storage.pull(repo, "docker://" + registry_plain.ref(oci_images["plain"].name), "a")
+    b = storage.pull(repo, "docker://" + registry_plain.ref(oci_images["v2s2"].name), "b")
+    assert a.manifest_digest != b.manifest_digest
+    assert a.image_ids == b.image_ids
+
+
+def test_pull_multi_arch_platform(registry_plain: Any, oci_images: Any, tmp_path: Path) -> None:
+    from composefs.oci import storage
+
+    repo = _repo(tmp_path / "repo")
+    img = oci_images["multi"]
+    result = storage.pull(repo, "docker://" + registry_plain.ref(img.name), "m", platform="linux/arm/v7")
+    assert tree_files(repo, result.manifest_digest)["etc/arch"] == b"armv7\n"
+    assert result.manifest_digest in {d["digest"] for d in img.layers}
+
+
+def test_repeated_pull_fetches_no_layers(front: Any, oci_images: Any, fast_options: Any, tmp_path: Path) -> None:
+    from composefs.oci import storage
+
+    repo = _repo(tmp_path / "repo")
+    img = oci_images["plain"]
+    front.redirect_blobs = True
+    with reg.RegistrySource(front.ref(img.name), fast_options) as src:
+        first = storage.pull_from_source(repo, src, "one")
+        layers = tr.resolve_manifest(src).manifest.layers
+    assert layer_gets(front, layers) >= 2
+    front.reset()
+    with reg.RegistrySource(front.ref(img.name), fast_options) as src:
+        again = storage.pull_from_source(repo, src, "two")
+    assert again.manifest_digest == first.manifest_digest and again.image_ids == first.image_ids
+    assert layer_gets(front, layers) == 0, [r.path for r in front.requests()]
+    assert again.stats.layers_already_present == 2
+    assert_clean(repo)
+
+
+@pytest.mark.parametrize(("action", "arg", "count"), [
+    ("corrupt", 4321, None),
+    ("append", b"x", None),
+    ("drop", 50_000, None),
+    ("short", 50_000, None),
+    ("status", 500, None),
+])
+def test_hostile_pull_leaves_nothing(
+    front: Any, oci_images: Any, fast_options: Any, tmp_path: Path, action: str, arg: Any, count: Any
+) -> None:
+    from composefs.oci import storage
+
+    repo = _repo(tmp_path / "repo")
+    img = oci_images["plain"]
+    front.require_token = False
+    front.honor_range = False
+    with reg.RegistrySource(front.ref(img.name), opts(fast_options, max_workers=2)) as src:
+        layers = tr.resolve_manifest(src).manifest.layers
+        big = max(layers, key=lambda d: d.size)
+        front.fault("front", big.digest.split(":")[1], action, arg, count=count)
+        with pytest.raises(OciError) as ei:
+            storage.pull_from_source(repo, src, "bad")
+    one_line(ei.value)
+    assert storage.list_tags(repo) == []
+    assert not any(name.startswith("oci-layer-") and big.digest in name for name in _stream_names(repo))
+    assert_clean(repo)
+    # The same repository then pulls the good image fine.
+    front.reset()
+    front.require_token = False
+    with reg.RegistrySource(front.ref(img.name), fast_options) as src:
+        assert storage.pull_from_source(repo, src, "good").manifest_digest == img.digest
+    assert_clean(repo)
+
+
+def _stream_names(repo: Any) -> list[str]:
+    streams = Path(repo.path) / "streams"
+    return [p.name for p in streams.iterdir()] if streams.is_dir() else []
+
+
+# ---------------------------------------------------------------- end to end: cfsctl
+
+
+def _cfsctl(*args: str, env: dict[str, str] | None = None) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("cfsctl")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "composefs.cli.cfsctl"]
+    return subprocess.run(
+        [*cmd, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120
+    )
+
+
+def test_cfsctl_oci_pull(registry_plain: Any, registry_auth: Any, oci_images: Any, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    r = _cfsctl("init", "--insecure", str(repo))
+    assert r.returncode == 0, r.stderr
+    img = oci_images["plain"]
+    r = _cfsctl("--repo", str(repo), "oci", "pull", "docker://" + registry_plain.ref(img.name), "mytag")
+    assert r.returncode == 0, r.stderr
+    assert f"manifest {img.digest}" in r.stdout and "tagged   mytag" in r.stdout
+    r = _cfsctl("--repo", str(repo), "oci", "images")
+    assert r.returncode == 0 and "mytag" in r.stdout
+    r = _cfsctl("--repo", str(repo), "oci", "fsck")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    # basic auth: no credentials -> one clean line; REGISTRY_AUTH_FILE -> works
+    ref = "docker://" + registry_auth.ref(oci_images["zstd"].name)
+    r = _cfsctl("--repo", str(repo), "oci", "pull", ref, "z", env={"HOME": str(tmp_path)})
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1 and "authentication required" in r.stderr, r.stderr
+    auth = tmp_path / "auth.json"
+    auth.write_text(json.dumps({"auths": {registry_auth.host: {"auth": _b64(registry_auth.creds)}}}))
+    r = _cfsctl("--repo", str(repo), "oci", "pull", ref, "z", env={"REGISTRY_AUTH_FILE": str(auth)})
+    assert r.returncode == 0, r.stderr
+    r = _cfsctl("--repo", str(repo), "oci", "pull", "docker://" + registry_plain.ref("test/nothing:here"), "n")
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "not found" in r.stderr, r.stderr
+    r = _cfsctl("--repo", str(repo), "oci", "images")
+    assert "mytag" in r.stdout and " n " not in r.stdout

@@ -1,0 +1,483 @@
+"""Benchmark: pulling a real image from a local registry.
+
+    python -m bench oci_pull          (or: python bench/bench_oci_pull.py)
+
+A Debian bookworm minbase rootfs (debootstrap, cached under
+``~/.cache/composefs-py/bench``) becomes a one-gzip-layer OCI image, plus a
+second image that shares that layer and adds a small one. Both are pushed to
+a docker-registry started on 127.0.0.1 for the run. Then, in the same run:
+
+* ours:  pull into a fresh repository and build the composefs image
+         (a child process, so its peak RSS is measured on its own)
+* ours, repeated pull of the same image (everything is already there)
+* ours, the second image (only its small layer is new)
+* reference: ``skopeo copy`` to an OCI layout + ``umoci unpack`` of it
+
+Targets: faster than skopeo + umoci, peak memory < 200 MB.
+Options: ``--rebuild`` remakes the cached rootfs/image, ``--json FILE``
+writes the figures, ``--runs N`` repeats the cold pulls and keeps the best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "composefs-py" / "bench"
+SUITE = "bookworm"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+TARGET_SECONDS_NOTE = "skopeo+umoci"
+MEMORY_TARGET_MB = 200
+
+
+def log(msg: str) -> None:
+    print(f"[oci_pull] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- preparing the image
+
+
+def apt_mirror() -> str:
+    """The Debian mirror apt already uses (from `apt-cache policy`)."""
+    out = subprocess.run(
+        ["apt-cache", "policy"], capture_output=True, text=True, check=False
+    ).stdout
+    for line in out.splitlines():
+        m = re.search(r"(https?://\S+)\s+" + SUITE + r"/main\b", line)
+        if m:
+            return m.group(1)
+    return "http://deb.debian.org/debian"
+
+
+def build_rootfs_tar(dest: Path) -> None:
+    """debootstrap --variant=minbase, then a deterministic tar of it."""
+    if os.geteuid() != 0:
+        raise SystemExit("oci_pull: building the Debian rootfs needs root (debootstrap)")
+    debootstrap = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
+    if not os.path.exists(debootstrap):
+        raise SystemExit("oci_pull: needs debootstrap (apt-get install debootstrap)")
+    work = Path(tempfile.mkdtemp(prefix="rootfs-", dir=dest.parent))
+    try:
+        rootfs = work / "rootfs"
+        mirror = apt_mirror()
+        log(f"debootstrap --variant=minbase {SUITE} from {mirror} (once; cached)")
+        t0 = time.monotonic()
+        subprocess.run(
+            [debootstrap, "--variant=minbase", SUITE, str(rootfs), mirror],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        log(f"debootstrap done in {time.monotonic() - t0:.0f} s")
+        # apt caches are not part of an image
+        for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for p in (rootfs / sub).glob("*"):
+                if p.is_file():
+                    p.unlink()
+        tmp = work / "rootfs.tar"
+        subprocess.run(
+            [
+                "tar",
+                "--sort=name",
+                "--numeric-owner",
+                "--xattrs",
+                "--xattrs-include=*",
+                "--format=pax",
+                "--pax-option=delete=atime,delete=ctime",
+                "-C",
+                str(rootfs),
+                "-cf",
+                str(tmp),
+                ".",
+            ],
+            check=True,
+        )
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _blob(layout: Path, data: bytes) -> dict[str, Any]:
+    h = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / h).write_bytes(data)
+    return {"digest": "sha256:" + h, "size": len(data)}
+
+
+def _blob_file(layout: Path, path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    os.replace(path, layout / "blobs" / "sha256" / h.hexdigest())
+    return {"digest": "sha256:" + h.hexdigest(), "size": size}
+
+
+def _diff_id(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _gzip_file(src: Path, dest: Path) -> None:
+    with (
+        open(src, "rb") as fin,
+        open(dest, "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz,
+    ):
+        shutil.copyfileobj(fin, gz, 1 << 20)
+
+
+def _extra_layer_tar(dest: Path) -> None:
+    """A small application layer on top of the base (about 2 MB)."""
+    import io
+    import random
+
+    rnd = random.Random(7)
+    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as t:
+        for d in ("opt", "opt/app", "opt/app/lib"):
+            ti = tarfile.TarInfo(d)
+            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1700000000
+            t.addfile(ti)
+        for i in range(40):
+            data = rnd.randbytes(50_000) if i % 2 else (b"config line %d\n" % i) * 100
+            ti = tarfile.TarInfo(f"opt/app/lib/file{i:02d}")
+            ti.size, ti.mode, ti.mtime = len(data), 0o644, 1700000000
+            t.addfile(ti, io.BytesIO(data))
+
+
+def build_layout(layout: Path, rootfs_tar: Path) -> None:
+    """OCI layout with tag `a` (one gzip layer) and `b` (same layer + a small one)."""
+    tmp = Path(tempfile.mkdtemp(prefix="layout-", dir=layout.parent))
+    try:
+        (tmp / "blobs" / "sha256").mkdir(parents=True)
+        (tmp / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+        log("compressing the base layer (gzip -6, once; cached)")
+        base_diff = _diff_id(rootfs_tar)
+        gz = tmp / "base.tar.gz"
+        _gzip_file(rootfs_tar, gz)
+        base = {"mediaType": LAYER_GZIP, **_blob_file(tmp, gz)}
+        extra_tar = tmp / "extra.tar"
+        _extra_layer_tar(extra_tar)
+        extra_diff = _diff_id(extra_tar)
+        egz = tmp / "extra.tar.gz"
+        _gzip_file(extra_tar, egz)
+        extra_tar.unlink()
+        extra = {"mediaType": LAYER_GZIP, **_blob_file(tmp, egz)}
+        index = []
+        for tag, layers, diffs in (
+            ("a", [base], [base_diff]),
+            ("b", [base, extra], [base_diff, extra_diff]),
+        ):
+            cfg = json.dumps(
+                {
+                    "architecture": "amd64",
+                    "os": "linux",
+                    "config": {"Env": ["PATH=/usr/bin:/bin"]},
+                    "rootfs": {"type": "layers", "diff_ids": diffs},
+                },
+                separators=(",", ":"),
+            ).encode()
+            manifest = json.dumps(
+                {
+                    "schemaVersion": 2,
+                    "mediaType": OCI_MANIFEST,
+                    "config": {"mediaType": OCI_CONFIG, **_blob(tmp, cfg)},
+                    "layers": layers,
+                },
+                separators=(",", ":"),
+            ).encode()
+            index.append(
+                {
+                    "mediaType": OCI_MANIFEST,
+                    **_blob(tmp, manifest),
+                    "annotations": {"org.opencontainers.image.ref.name": tag},
+                }
+            )
+        (tmp / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": index}))
+        shutil.rmtree(layout, ignore_errors=True)
+        os.replace(tmp, layout)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare(rebuild: bool) -> Path:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    rootfs_tar = CACHE / f"debian-{SUITE}-minbase.tar"
+    layout = CACHE / f"oci-{SUITE}-minbase"
+    if rebuild:
+        rootfs_tar.unlink(missing_ok=True)
+        shutil.rmtree(layout, ignore_errors=True)
+    if not rootfs_tar.exists():
+        build_rootfs_tar(rootfs_tar)
+    if not (layout / "index.json").exists():
+        build_layout(layout, rootfs_tar)
+    return layout
+
+
+# ---------------------------------------------------------------- registry
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def local_registry(workdir: Path) -> Iterator[str]:
+    exe = shutil.which("docker-registry")
+    if exe is None:
+        raise SystemExit("oci_pull: needs docker-registry (apt-get install docker-registry)")
+    port = _free_port()
+    storage = workdir / "storage"
+    storage.mkdir()
+    conf = workdir / "registry.yml"
+    conf.write_text(
+        "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  cache:\n    blobdescriptor: inmemory\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n  secret: bench-only\n"
+    )
+    logf = open(workdir / "registry.log", "wb")
+    proc = subprocess.Popen(
+        [exe, "serve", str(conf)],
+        stdin=subprocess.DEVNULL,
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    logf.close()
+    try:
+        url = f"http://127.0.0.1:{port}/v2/"
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(url, timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    raise SystemExit("oci_pull: docker-registry died") from None
+                time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _skopeo(*args: str) -> None:
+    policy = CACHE / "skopeo-policy.json"
+    if not policy.exists():
+        policy.write_text('{"default":[{"type":"insecureAcceptAnything"}]}')
+    env = {**os.environ, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    subprocess.run(
+        ["skopeo", "--policy", str(policy), *args], check=True, env=env, stdout=subprocess.DEVNULL
+    )
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def run_child(args: list[str]) -> tuple[float, int, dict[str, Any]]:
+    """Run this file as a child; wall seconds, peak RSS (bytes), its JSON report."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--child", *args], stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"oci_pull: child {' '.join(args)} failed with {proc.returncode}")
+    return wall, usage.ru_maxrss * 1024, json.loads(out or b"{}")
+
+
+def run_timed(cmd: list[str]) -> tuple[float, int]:
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"oci_pull: {' '.join(cmd)} failed")
+    return time.monotonic() - t0, usage.ru_maxrss * 1024
+
+
+def child_main(argv: list[str]) -> int:
+    """In the child: one pull with the library API; prints a small JSON report."""
+    kind, repo_path, ref = argv
+    t0 = time.monotonic()
+    report: dict[str, Any] = {}
+    if kind == "pull":
+        from composefs.oci import registry, storage  # OCI-A's pull API
+        from composefs.repository import Repository
+
+        if os.path.exists(repo_path):
+            repo = Repository.open(repo_path)
+        else:
+            repo = Repository.init(repo_path, insecure=True)[0]
+        with registry.open_source(ref) as src:
+            result = storage.pull_from_source(repo, src, "bench")
+        report["result"] = repr(result)[:400]
+    elif kind == "fetch":
+        # Transport only: download, verify and decompress every layer.
+        import zlib
+
+        from composefs.oci import registry, transports
+
+        with registry.open_source(ref) as src:
+            resolved = transports.resolve_manifest(src)
+            total = 0
+            for layer in resolved.manifest.layers:
+                d = zlib.decompressobj(31)
+                with src.open_blob(layer.digest, layer.size) as blob:
+                    while chunk := blob.read(1 << 20):
+                        total += len(d.decompress(chunk))
+                    blob.finish()
+            report["uncompressed"] = total
+    report["seconds"] = time.monotonic() - t0
+    sys.stdout.write(json.dumps(report))
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.0f} MB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        return child_main(argv[1:])
+    ap = argparse.ArgumentParser(
+        prog="python -m bench oci_pull", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--rebuild", action="store_true", help="rebuild the cached rootfs and image")
+    ap.add_argument("--runs", type=int, default=1, help="repeat cold pulls, keep the best")
+    ap.add_argument("--json", help="write figures to this file")
+    args = ap.parse_args(argv)
+    for tool in ("skopeo", "umoci", "docker-registry"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"oci_pull: needs {tool}")
+
+    layout = prepare(args.rebuild)
+    figures: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-oci-pull-") as tmpd:
+        tmp = Path(tmpd)
+        (tmp / "reg").mkdir()
+        with local_registry(tmp / "reg") as host:
+            for tag in ("a", "b"):
+                _skopeo(
+                    "copy",
+                    "--quiet",
+                    "--dest-tls-verify=false",
+                    "--preserve-digests",
+                    f"oci:{layout}:{tag}",
+                    f"docker://{host}/bench/minbase:{tag}",
+                )
+            ref_a, ref_b = f"{host}/bench/minbase:a", f"{host}/bench/minbase:b"
+
+            # reference: skopeo copy + umoci unpack
+            best_ref = None
+            for i in range(args.runs):
+                d = tmp / f"ref{i}"
+                d.mkdir()
+                t_copy, _ = run_timed(
+                    [
+                        "skopeo",
+                        "copy",
+                        "--quiet",
+                        "--src-tls-verify=false",
+                        f"docker://{ref_a}",
+                        f"oci:{d}/layout:img",
+                    ]
+                )
+                umoci = ["umoci", "unpack", "--image", f"{d}/layout:img", f"{d}/bundle"]
+                if os.geteuid() != 0:
+                    umoci.insert(2, "--rootless")
+                t_unpack, _ = run_timed(umoci)
+                total = t_copy + t_unpack
+                best_ref = total if best_ref is None else min(best_ref, total)
+                figures["skopeo_copy_s"], figures["umoci_unpack_s"] = t_copy, t_unpack
+                shutil.rmtree(d, ignore_errors=True)
+            figures["skopeo_umoci_s"] = best_ref
+
+            # transport alone (download + verify + gunzip), for context
+            wall, rss, _ = run_child(["fetch", "-", ref_a])
+            figures["fetch_only_s"] = wall
+            figures["fetch_only_rss"] = rss
+
+            have_pull = _have_pull_api()
+            if have_pull:
+                best = None
+                for i in range(args.runs):
+                    repo = tmp / f"repo{i}"
+                    wall, rss, _rep = run_child(["pull", str(repo), ref_a])
+                    if best is None or wall < best[0]:
+                        best = (wall, rss, repo)
+                assert best is not None
+                figures["pull_cold_s"], figures["pull_cold_rss"] = best[0], best[1]
+                repo = best[2]
+                wall, rss, _ = run_child(["pull", str(repo), ref_a])
+                figures["pull_repeat_s"], figures["pull_repeat_rss"] = wall, rss
+                wall, rss, _ = run_child(["pull", str(repo), ref_b])
+                figures["pull_shared_base_s"], figures["pull_shared_base_rss"] = wall, rss
+
+    report(figures)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+def _have_pull_api() -> bool:
+    try:
+        from composefs.oci import storage
+
+        return hasattr(storage, "pull_from_source")
+    except ImportError:
+        log("composefs.oci.storage.pull not available yet: timing the transport only")
+        return False
+
+
+def report(f: dict[str, Any]) -> None:
+    lines = [
+        f"skopeo copy + umoci unpack        {f['skopeo_umoci_s']:6.2f} s "
+        f"(copy {f['skopeo_copy_s']:.2f} + unpack {f['umoci_unpack_s']:.2f})",
+        f"ours: fetch+verify+gunzip only    {f['fetch_only_s']:6.2f} s   peak {_mb(f['fetch_only_rss'])}",
+    ]
+    if "pull_cold_s" in f:
+        ok_t = "OK" if f["pull_cold_s"] < f["skopeo_umoci_s"] else "SLOWER"
+        ok_m = "OK" if f["pull_cold_rss"] < MEMORY_TARGET_MB * 1e6 else "OVER"
+        lines += [
+            f"ours: pull + image, fresh repo    {f['pull_cold_s']:6.2f} s   peak {_mb(f['pull_cold_rss'])}"
+            f"   [{ok_t} vs skopeo+umoci, {ok_m} vs {MEMORY_TARGET_MB} MB]",
+            f"ours: repeated pull               {f['pull_repeat_s']:6.2f} s   peak {_mb(f['pull_repeat_rss'])}",
+            f"ours: 2nd image, shared base      {f['pull_shared_base_s']:6.2f} s   "
+            f"peak {_mb(f['pull_shared_base_rss'])}",
+        ]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
