@@ -333,14 +333,34 @@ def _leaf_inode(leaf: Leaf, name: bytes, names: int, epoch1: bool) -> _Inode:
 # epoch 1 (C mkcomposefs)
 
 
+class _HasHardlinks(Exception):
+    """The optimistic single-pass collection met a leaf with several names."""
+
+
 def _collect_epoch1(root: Directory, mark_opaque: bool) -> tuple[list[_Inode], bool]:
     """Breadth-first inode list as C `lcfs_compute_tree` builds it, after the
     C rewrites (overlay xattrs, escaped whiteouts, root stubs). Returns the
-    inodes and whether the tree had user whiteouts."""
-    counts, first = _scan(root)
+    inodes and whether the tree had user whiteouts.
+
+    Most trees have no hardlinks: one pass validates and collects them; a
+    tree with hardlinks is scanned first to find each leaf's first name."""
+    try:
+        return _collect_epoch1_pass(root, mark_opaque, None, {})
+    except _HasHardlinks:
+        return _collect_epoch1_pass(root, mark_opaque, *_scan(root))
+
+
+def _collect_epoch1_pass(
+    root: Directory,
+    mark_opaque: bool,
+    counts: dict[int, int] | None,
+    first: dict[int, tuple[int, bytes]],
+) -> tuple[list[_Inode], bool]:
     leaf_inodes: dict[int, _Inode] = {}
     has_whiteout = False
     deferred = False
+    seen_leaves: set[int] = set()
+    seen_dirs = {id(root)}
 
     r = _dir_inode(root, True)
     inodes = [r]
@@ -354,7 +374,15 @@ def _collect_epoch1(root: Directory, mark_opaque: bool) -> tuple[list[_Inode], b
         raw: list[tuple[bytes, Any]] = [(b".", me), (b"..", parent)]
         subdirs = 0
         for name, child in sorted(d.entries.items()):
+            if counts is None and (
+                name in _BAD_NAMES or len(name) > NAME_MAX or b"/" in name or b"\0" in name
+            ):
+                raise _bad_name(name)
             if isinstance(child, Directory):
+                if counts is None:
+                    if id(child) in seen_dirs:
+                        raise TreeError(f"directory {name!r} is hardlinked or part of a cycle")
+                    seen_dirs.add(id(child))
                 subdirs += 1
                 ci = _dir_inode(child, True)
                 append(ci)
@@ -362,7 +390,13 @@ def _collect_epoch1(root: Directory, mark_opaque: bool) -> tuple[list[_Inode], b
                 raw.append((name, ci))
                 continue
             lid = id(child)
-            n = counts[lid]
+            if counts is None:
+                if lid in seen_leaves:
+                    raise _HasHardlinks
+                seen_leaves.add(lid)
+                n = 1
+            else:
+                n = counts[lid]
             if n > 1:
                 if first[lid] != (did, name):
                     # a later name of a hardlinked leaf: resolved at the end
@@ -450,24 +484,33 @@ def _share_epoch1(inodes: list[_Inode], codec: _XattrCodec) -> list[bytes]:
         offsets[kv] = off
         table.append(e)
         off += len(e)
-    split = codec.split
+    # (name index, suffix, filter bit) of every distinct name, looked up inline below
+    info = {k: codec.split(k) for k in {k for k, _ in counts}}
     oget = offsets.get
+    pack = _pack_xattr_entry
+    zeros = _ZEROS
     for ino in with_x:
         xa = ino.xattrs
-        items = sorted(xa.items()) if len(xa) > 1 else list(xa.items())
+        items = sorted(xa.items()) if len(xa) > 1 else xa.items()
         shared: list[int] = []
         local: list[bytes] = []
         filt = 0
         for kv in items:
-            filt |= split(kv[0])[2]
+            k, v = kv
+            index, suffix, bit = info[k]
+            filt |= bit
             o = oget(kv)
             if o is not None and len(shared) < MAX_SHARED_PER_INODE:
                 shared.append(o)
             else:
-                local.append(entry(*kv))
+                if len(v) > 0xFFFF:
+                    raise TreeError(f"xattr value too long for {k!r}")
+                e = pack(len(suffix), index, len(v)) + suffix + v
+                pad = -len(e) & 3
+                local.append(e + zeros[:pad] if pad else e)
         ino.shared = shared
         loc = ino.xattr_local = b"".join(local)
-        ino.xattr_size = F.XATTR_IBODY_HEADER_SIZE + 4 * len(shared) + len(loc)
+        ino.xattr_size = 12 + 4 * len(shared) + len(loc)
         ino.xfilter = filt
     return table
 
@@ -787,12 +830,14 @@ def _mkfs_epoch1(root: Directory, version: FormatVersion, max_version: FormatVer
 
 def _collect_epoch2(root: Directory) -> list[_Inode]:
     """Depth-first inode list (composefs-rs `collect_dir`): a directory comes
-    before its children; a hardlinked leaf gets the inode of its first name."""
-    counts, _ = _scan(root)
+    before its children; a hardlinked leaf gets the inode of its first name
+    and an nlink counting its names."""
     leaf_inodes: dict[int, _Inode] = {}
+    seen_dirs = {id(root)}
     r = _dir_inode(root, False)
     inodes = [r]
     append = inodes.append
+    hardlinked = False
     # explicit stack (trees may be deeper than Python's recursion limit):
     # (directory inode, its sorted items, next position, entries so far)
     stack: list[tuple[_Inode, list[tuple[bytes, Directory | Leaf]], list[int], list[Any]]] = [
@@ -805,7 +850,12 @@ def _collect_epoch2(root: Directory) -> list[_Inode]:
         while i < n_items:
             name, child = items[i]
             i += 1
+            if name in _BAD_NAMES or len(name) > NAME_MAX or b"/" in name or b"\0" in name:
+                raise _bad_name(name)
             if isinstance(child, Directory):
+                if id(child) in seen_dirs:
+                    raise TreeError(f"directory {name!r} is hardlinked or part of a cycle")
+                seen_dirs.add(id(child))
                 ci = _dir_inode(child, False)
                 append(ci)
                 ents.append((name, ci))
@@ -813,20 +863,23 @@ def _collect_epoch2(root: Directory) -> list[_Inode]:
                 stack.append((ci, sorted(child.entries.items()), [0], [(b".", ci), (b"..", me)]))
                 break
             lid = id(child)
-            n = counts[lid]
-            li = leaf_inodes.get(lid) if n > 1 else None
+            li = leaf_inodes.get(lid)
             if li is None:
-                li = _leaf_inode(child, name, n, False)
-                li.nlink = n
-                if n > 1:
-                    leaf_inodes[lid] = li
+                li = leaf_inodes[lid] = _leaf_inode(child, name, 1, False)
                 append(li)
+            else:
+                li.nlink += 1
+                hardlinked = True
             ents.append((name, li))
         else:
             stack.pop()
             ents.sort()
             me.entries = ents
             me.nlink = 2 + sum(1 for _, c in items if isinstance(c, Directory))
+    if hardlinked:
+        for li in leaf_inodes.values():
+            if li.nlink > 1 and li.ftype == S_IFCHR and li.rdev == 0:
+                raise TreeError("a whiteout is hardlinked")
     return inodes
 
 
@@ -861,72 +914,77 @@ def _mkfs_epoch2(root: Directory) -> bytes:
         table_entries.append(codec.entry(k, v))
     split = codec.split
     entry = codec.entry
+    tget = table_index.get
+    chunk_shift = F.BLOCK_BITS + F.CHUNK_FORMAT_BLKBITS_MASK
+    pos = F.INODE_TABLE_OFFSET
     for ino in inodes:
-        if not ino.xattrs:
-            continue
-        shared: list[int] = []
-        local: list[bytes] = []
-        filt = 0
-        for kv in ino.xattrs.items():
-            filt |= split(kv[0])[2]
-            t = table_index.get(kv)
-            if t is not None:
-                shared.append(t)
-            else:
-                local.append(entry(*kv))
-        ino.shared = shared
-        ino.xattr_local = b"".join(local)
-        ino.xattr_size = F.XATTR_IBODY_HEADER_SIZE + 4 * len(shared) + len(ino.xattr_local)
-        ino.xfilter = filt
+        xa = ino.xattrs
+        xsize = 0
+        if xa:
+            shared: list[int] = []
+            local: list[bytes] = []
+            filt = 0
+            for kv in xa.items():
+                filt |= split(kv[0])[2]
+                t = tget(kv)
+                if t is not None:
+                    shared.append(t)
+                else:
+                    local.append(entry(*kv))
+            ino.shared = shared
+            loc = ino.xattr_local = b"".join(local)
+            xsize = ino.xattr_size = 12 + 4 * len(shared) + len(loc)
+            ino.xfilter = filt
+        uid, gid = ino.uid, ino.gid
+        if uid < 0 or gid < 0 or uid > 0xFFFFFFFF or gid > 0xFFFFFFFF:
+            raise TreeError(f"uid/gid {uid}/{gid} out of range")
 
-    # sizes: composefs-rs keeps inline data inline; data that could never fit
-    # in a block's tail (beyond what composefs-rs accepts) goes out of line.
-    for ino in inodes:
+        # sizes: composefs-rs keeps inline data inline; data that could never
+        # fit in a block's tail (beyond what composefs-rs accepts) goes out of line.
         ft = ino.ftype
+        tail = 0
         if ino.external:
             # composefs-rs always uses 2^43-byte chunks and writes one null
             # index; files beyond 8 TiB get the indexes they need.
-            count = max(1, -(-ino.size >> (F.BLOCK_BITS + F.CHUNK_FORMAT_BLKBITS_MASK)))
+            count = max(1, -(-ino.size >> chunk_shift))
             if count > MAX_NONINLINE_CHUNKS:
                 raise TreeError(f"file too large for composefs ({ino.size} bytes)")
             ino.chunk_count = count
-        if not (0 <= ino.uid <= 0xFFFFFFFF and 0 <= ino.gid <= 0xFFFFFFFF):
-            raise TreeError(f"uid/gid {ino.uid}/{ino.gid} out of range")
+            pos = (pos + 31) & ~31
+            ino.nid = pos >> 5
+            pos += 64 + xsize + 4 * count
+            continue
         if ft == S_IFDIR:
             tail = _dir_split(ino)
             nb = len(ino.dir_starts) - 1
             if tail > HALF_BLOCK:
                 nb += 1
                 tail = 0
-            ino.n_blocks, ino.tail = nb, tail
+            if nb:
+                ino.n_blocks = nb
+            ino.tail = tail
             ino.size = nb * BLOCK + tail
-        elif (ft == F.S_IFREG and not ino.external) or ft == F.S_IFLNK:
+        elif ft == S_IFREG or ft == S_IFLNK:
             nb, tail = divmod(ino.size, BLOCK)
             if tail > HALF_BLOCK:
                 nb += 1
                 tail = 0
-            ino.n_blocks, ino.tail = nb, tail
+            if nb:
+                ino.n_blocks = nb
+            ino.tail = tail
 
-    # pass 1: positions
-    pos = F.INODE_TABLE_OFFSET
-    for ino in inodes:
+        # position, with composefs-rs' padding so an inline tail stays in one block
         pos = (pos + 31) & ~31
-        ppos = pos
-        inline = ino.tail > 0 and not ino.external
-        if inline:
-            inline_start = pos + 64 + ino.xattr_size
+        if tail:
+            inline_start = pos + 64 + xsize
             end_meta = inline_start - 1
-            inline_end = inline_start + ino.tail
-            if end_meta // BLOCK != inline_end // BLOCK:
+            if end_meta // BLOCK != (inline_start + tail) // BLOCK:
+                ppos = pos
                 pos += BLOCK - end_meta % BLOCK
                 pos = (pos + 31) & ~31
-        ino.ipad = pos - ppos
-        ino.nid = pos // 32
-        pos += 64 + ino.xattr_size
-        if ino.external:
-            pos += 4 * ino.chunk_count
-        elif inline:
-            pos += ino.tail
+                ino.ipad = pos - ppos
+        ino.nid = pos >> 5
+        pos += 64 + xsize + tail
     inodes_end = (pos + 31) & ~31
     xattr_offsets: list[int] = []
     off = inodes_end
@@ -973,12 +1031,14 @@ def _mkfs_epoch2(root: Directory) -> bytes:
     )
     blocks: list[bytes] = []
     ibody = _pack_ibody
+    refs = [(o >> 2).to_bytes(4, "little") for o in xattr_offsets]
+    append = out.append
     filled = F.INODE_TABLE_OFFSET
     for ino in inodes:
-        lead = -filled % 32 + ino.ipad
-        if lead:
-            out.append(_zeros(lead))
-            filled += lead
+        start = ino.nid << 5
+        if start != filled:
+            append(_zeros(start - filled))
+        filled = start
         ft = ino.ftype
         tail_bytes = b""
         u = 0
@@ -998,7 +1058,7 @@ def _mkfs_epoch2(root: Directory) -> bytes:
         elif ino.external:
             layout = F.DATALAYOUT_CHUNK_BASED
             u = F.CHUNK_FORMAT_BLKBITS_MASK
-            tail_bytes = F.NULL_CHUNK_INDEX * ino.chunk_count
+            tail_bytes = _NULL_CHUNKS_BLOCK[: 4 * ino.chunk_count]
         elif ft == F.S_IFREG or ft == F.S_IFLNK:
             data = ino.data or b""
             layout = F.DATALAYOUT_FLAT_INLINE if ino.tail else F.DATALAYOUT_FLAT_PLAIN
@@ -1034,15 +1094,14 @@ def _mkfs_epoch2(root: Directory) -> bytes:
         )
         filled += 64
         if xsize:
-            out.append(ibody(0xFFFFFFFF & ~ino.xfilter, len(ino.shared) & 0xFF))
-            if ino.shared:
-                out.append(
-                    b"".join([(xattr_offsets[s] // 4).to_bytes(4, "little") for s in ino.shared])
-                )
-            out.append(ino.xattr_local)
+            shared_refs = ino.shared
+            append(ibody(0xFFFFFFFF & ~ino.xfilter, len(shared_refs) & 0xFF))
+            for t in shared_refs:
+                append(refs[t])
+            append(ino.xattr_local)
             filled += xsize
         if tail_bytes:
-            out.append(tail_bytes)
+            append(tail_bytes)
             filled += len(tail_bytes)
     out.append(_zeros(inodes_end - filled))
     out.extend(table_entries)
