@@ -17,6 +17,7 @@ refer to inodes that come later in the table.
 from __future__ import annotations
 
 import gc
+import struct
 from collections import Counter, deque
 from collections.abc import Sequence
 from itertools import chain
@@ -1139,6 +1140,9 @@ def mkfs(
         if version == FormatVersion.V2:
             return _mkfs_epoch2(root)
         return _mkfs_epoch1(root, version, max(top, version))
+    except (struct.error, OverflowError) as e:
+        # e.g. a negative or >32-bit nanosecond count, mode or link count
+        raise TreeError(f"a value in the tree does not fit the EROFS format: {e}") from None
     finally:
         if was_enabled:
             gc.enable()
