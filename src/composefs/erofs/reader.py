@@ -179,6 +179,8 @@ def image_info(data: bytes) -> ImageInfo:
         raise _err("custom xattr prefixes are not supported")
     if dirblkbits:
         raise _err("directory block size must be the block size")
+    if build_time_nsec >= 1_000_000_000:
+        raise _err(f"build time nanoseconds {build_time_nsec} out of range")
     if blocks * _BLK > n:
         raise _err(f"image truncated: {n} bytes, the superblock says {blocks} blocks")
     if xattr_blkaddr * _BLK > n:
@@ -306,6 +308,8 @@ class _Reader:
                 ino.nlink,
             ) = fmt.EXTENDED_INODE.unpack_from(data, pos)
             ino.mtime = _signed64(mtime)
+            if ino.mtime_nsec >= 1_000_000_000:
+                raise _err(f"inode {nid}: mtime nanoseconds {ino.mtime_nsec} out of range")
             ino.isize = fmt.EXTENDED_INODE_SIZE
         else:
             (_, ino.icount, ino.mode, ino.nlink, ino.size, _, ino.u, _, ino.uid, ino.gid) = (
