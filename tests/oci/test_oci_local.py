@@ -1,0 +1,667 @@
+"""Pulling from local transports (oci:, oci-archive:, docker-archive:) and the
+``cfsctl oci`` commands, on real repositories; as root, real mounts.
+
+Images are built here with `ocitestlib` (tarfile + json). Oracles: the
+merged tree computed directly from the same layer tars, composefs-rs's
+pinned image ids, the original tar bytes, and the kernel's view of the
+mounted image.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import ocitestlib as L
+import pytest
+
+from composefs import dumpfile, fsverity
+from composefs.cli import cfsctl
+from composefs.erofs.format import FormatVersion
+from composefs.erofs.writer import mkfs
+from composefs.errors import DigestMismatch, OciError
+from composefs.oci import storage
+from composefs.oci import tar as T
+from composefs.oci.layers import merge_layers
+from composefs.repository import FormatConfig, Repository
+
+OCI_LAYOUT_V2_SHA512 = (
+    "f7684c21050615c02cec250e0c7d4118fb0ff6340af5039e06f2f372a7614fff25dfd38cf7f28ad67"
+    "d8b86e86371b7deafa9ae4bf543630322aee6196417de92"
+)
+OCI_LAYOUT_V1_SHA512 = (
+    "d06f1f6a73f62ed48e05ce9442ff045cdf2a9f5ba1ec623795de3d6177a253d9"
+    "1076459795d94f55d8c3d71dab458bb3fc0071255a50c0a4896d86ffdc870b9a"
+)
+
+# tests/conftest.py's marker (importing it by name would get tests/oci/conftest.py)
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for kernel mounts")
+
+BIG = bytes(range(256)) * 40  # 10240 bytes, external
+
+
+def base_layer() -> bytes:
+    return L.tar_layer(
+        [
+            L.directory("usr", mtime=1000),
+            L.directory("usr/bin"),
+            L.file("usr/bin/tool", BIG, mode=0o755),
+            L.file("usr/bin/small", b"#!/bin/sh\necho hi\n", mode=0o755),
+            L.hardlink("usr/bin/tool-link", "usr/bin/tool"),
+            L.symlink("bin", "usr/bin"),
+            L.directory("etc"),
+            L.file("etc/hostname", b"base\n"),
+            L.file("etc/removed", b"gone soon"),
+            L.directory("etc/opaque"),
+            L.file("etc/opaque/old", b"old"),
+            L.file("etc/xattr", b"x", xattrs={"user.key": b"value\x00\xff"}),
+            L.fifo("etc/fifo"),
+            L.chardev("etc/null", 1, 3, mode=0o666),
+            L.directory("run"),
+            L.file("run/junk", b"j"),
+        ]
+    )
+
+
+def top_layer() -> bytes:
+    return L.tar_layer(
+        [
+            L.whiteout("etc/removed"),
+            L.opaque("etc/opaque"),
+            L.file("etc/opaque/new", b"new"),
+            L.file("etc/hostname", b"top\n", mode=0o600),
+            L.file("usr/bin/added", BIG[::-1]),
+        ]
+    )
+
+
+def expected_tree(layers: list[bytes]):  # type: ignore[no-untyped-def]
+    return merge_layers(
+        [T.read_members([t]) for t in layers],
+        large_inline=lambda d: fsverity.digest_hex(d, "sha512"),
+    )
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[Repository]:
+    r, _ = Repository.init(tmp_path / "repo", algorithm="sha512", insecure=True)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> tuple[Path, list[L.BuiltImage]]:
+    path = tmp_path / "layout"
+    built = L.write_oci_layout(
+        path, [L.ImageSpec([base_layer(), top_layer()], compression=["gzip", "zstd"])]
+    )
+    return path, built
+
+
+Run = Callable[..., tuple[int, bytes, bytes]]
+
+
+@pytest.fixture
+def cfs(repo: Repository, capsysbinary: pytest.CaptureFixture[bytes]) -> Run:
+    """Run ``cfsctl --repo REPO ARGS…`` in-process: (status, stdout, stderr)."""
+
+    def run(*args: str, repo_path: str | None = None) -> tuple[int, bytes, bytes]:
+        capsysbinary.readouterr()
+        try:
+            rc = cfsctl.main(["--repo", repo_path or repo.path, *args])
+        except SystemExit as e:
+            rc = int(e.code or 0)
+        out, err = capsysbinary.readouterr()
+        return rc, out, err
+
+    return run
+
+
+def image_id_of(repo: Repository, tree_layers: list[bytes], version: int = 2) -> str:
+    return fsverity.digest_hex(
+        mkfs(expected_tree(tree_layers), FormatVersion(version)), repo.algorithm
+    )
+
+
+# -- pulling ---------------------------------------------------------------------
+
+
+def test_pull_oci_layout(repo: Repository, layout: tuple[Path, list[L.BuiltImage]]) -> None:
+    path, (built,) = layout
+    result = storage.pull(repo, f"oci:{path}", "myimage")
+    assert result.manifest_digest == built.manifest_digest
+    assert result.config_digest == built.config_digest
+    assert result.image_ids == {2: image_id_of(repo, [base_layer(), top_layer()])}
+    assert result.stats.layers == 2 and result.stats.objects_copied == 2
+    assert result.manifest_verity == repo.has_stream(storage.manifest_stream(built.manifest_digest))
+    img = storage.open_image_ref(repo, "myimage")
+    assert img.image_id(2) == result.image_id
+    assert img.layer_refs.keys() == set(built.diff_ids)
+    # the committed image is in the repository and names the objects it needs
+    assert set(repo.objects_for_image(result.image_ids[2])) >= {fsverity.digest_hex(BIG, "sha512")}
+    assert storage.oci_fsck(repo).ok
+
+
+def test_composefs_rs_known_image_ids(tmp_path: Path) -> None:
+    path = tmp_path / "layout"
+    L.write_oci_layout(
+        path,
+        [
+            L.ImageSpec(
+                [
+                    L.tar_layer(
+                        [
+                            L.directory("usr/"),
+                            L.file("hello.txt", b"hello from test layer\n"),
+                            L.hardlink("hello-link.txt", "hello.txt"),
+                        ],
+                        format=tarfile.GNU_FORMAT,
+                    )
+                ],
+                compression="none",
+            )
+        ],
+    )
+    r, _ = Repository.init(tmp_path / "r2", insecure=True, formats=FormatConfig(2, (1,)))
+    with r:
+        result = storage.pull(r, f"oci:{path}", "test-image")
+        assert result.image_ids == {2: OCI_LAYOUT_V2_SHA512, 1: OCI_LAYOUT_V1_SHA512}
+        img = storage.open_image_ref(r, "test-image")
+        assert img.image_refs == {
+            "composefs.image": OCI_LAYOUT_V2_SHA512,
+            "composefs.image.v1": OCI_LAYOUT_V1_SHA512,
+        }
+        rc = cfsctl.main(["--repo", r.path, "oci", "compute-id", f"@{result.config_digest}"])
+        assert rc == 0
+
+
+def test_oci_archive_and_docker_archive_give_the_same_image(
+    repo: Repository, layout: tuple[Path, list[L.BuiltImage]], tmp_path: Path
+) -> None:
+    path, (built,) = layout
+    L.write_oci_archive(path, tmp_path / "img.tar")
+    L.write_docker_archive(
+        tmp_path / "docker.tar", [base_layer(), top_layer()], repo_tags=["demo:1", "demo:2"]
+    )
+    a = storage.pull(repo, f"oci-archive:{tmp_path / 'img.tar'}:latest", "a")
+    b = storage.pull(repo, f"docker-archive:{tmp_path / 'docker.tar'}", "b")
+    c = storage.pull(repo, f"docker-archive:{tmp_path / 'docker.tar'}:demo:2", "c")
+    assert a.manifest_digest == built.manifest_digest
+    assert a.image_ids == b.image_ids == c.image_ids
+    assert b.stats.layers_already_present == 2  # same diff_ids: nothing imported again
+    assert [i.name for i in storage.list_images(repo)] == ["a", "b", "c"]
+    with pytest.raises(OciError, match="no image tagged"):
+        storage.pull(repo, f"docker-archive:{tmp_path / 'docker.tar'}:demo:9", "d")
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
+def test_layer_compressions(repo: Repository, tmp_path: Path, compression: str) -> None:
+    layers = [base_layer(), top_layer()]
+    L.write_oci_layout(tmp_path / "l", [L.ImageSpec(layers, compression=compression)])
+    result = storage.pull(repo, f"oci:{tmp_path / 'l'}", "x")
+    assert result.image_id == image_id_of(repo, layers)
+    for diff_id, tar in zip(storage.open_image_ref(repo, "x").diff_ids, layers, strict=True):
+        out = io.BytesIO()
+        storage.layer_tar(repo, diff_id, out)
+        assert out.getvalue() == tar
+
+
+def test_multi_member_gzip_layer(repo: Repository, tmp_path: Path) -> None:
+    tar = base_layer()
+    half = len(tar) // 2
+    blob = gzip.compress(tar[:half]) + gzip.compress(tar[half:])
+    spec = L.ImageSpec([tar], compression="none")
+    built = L.write_oci_layout(tmp_path / "l", [spec])[0]
+    # swap in the two-member gzip blob
+    layout = tmp_path / "l"
+    digest = L._write_blob(layout, blob)
+    manifest = json.loads(built.manifest)
+    manifest["layers"][0] = {
+        "mediaType": L.LAYER_MEDIA_TYPES["gzip"],
+        "digest": digest,
+        "size": len(blob),
+    }
+    raw = L.dumps(manifest)
+    mdigest = L._write_blob(layout, raw)
+    (layout / "index.json").write_bytes(
+        L.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [{"mediaType": L.OCI_MANIFEST, "digest": mdigest, "size": len(raw)}],
+            }
+        )
+    )
+    result = storage.pull(repo, f"oci:{layout}", "x")
+    assert result.image_id == image_id_of(repo, [tar])
+
+
+def test_platform_selection(repo: Repository, tmp_path: Path) -> None:
+    amd = L.tar_layer([L.directory("usr"), L.file("arch", b"amd64")])
+    arm = L.tar_layer([L.directory("usr"), L.file("arch", b"arm64")])
+    L.write_oci_layout(
+        tmp_path / "l",
+        [
+            L.ImageSpec([amd], tag=None, architecture="amd64"),
+            L.ImageSpec([arm], tag=None, architecture="arm64", variant="v8"),
+        ],
+    )
+    ref = f"oci:{tmp_path / 'l'}"
+    arm_result = storage.pull(repo, ref, "arm", platform="linux/arm64")
+    assert arm_result.image_id == image_id_of(repo, [arm])
+    arm2 = storage.pull(repo, ref, "arm2", platform="linux/arm64/v8")
+    assert arm2.manifest_digest == arm_result.manifest_digest
+    if os.uname().machine == "x86_64":
+        host = storage.pull(repo, ref, "host")
+        assert host.image_id == image_id_of(repo, [amd])
+    with pytest.raises(
+        OciError,
+        match=r"no image for platform linux/s390x \(available: linux/amd64, linux/arm64/v8\)",
+    ):
+        storage.pull(repo, ref, "none", platform="linux/s390x")
+
+
+def test_layout_tags(repo: Repository, tmp_path: Path) -> None:
+    one = L.tar_layer([L.file("v", b"1")])
+    two = L.tar_layer([L.file("v", b"2")])
+    L.write_oci_layout(tmp_path / "l", [L.ImageSpec([one], tag="v1"), L.ImageSpec([two], tag="v2")])
+    r1 = storage.pull(repo, f"oci:{tmp_path / 'l'}:v1", "one")
+    r2 = storage.pull(repo, f"oci:{tmp_path / 'l'}:v2", "two")
+    assert r1.image_id == image_id_of(repo, [one])
+    assert r2.image_id == image_id_of(repo, [two])
+    with pytest.raises(OciError, match=r"no image tagged 'v3' \(tags: v1, v2\)"):
+        storage.pull(repo, f"oci:{tmp_path / 'l'}:v3", "three")
+
+
+def test_repull_is_cheap_and_retags(
+    repo: Repository, layout: tuple[Path, list[L.BuiltImage]]
+) -> None:
+    path, _ = layout
+    first = storage.pull(repo, f"oci:{path}", "one")
+    second = storage.pull(repo, f"oci:{path}", "two")
+    assert second.stats.layers == 0 and second.stats.layers_already_present == 2
+    assert second.image_ids == first.image_ids
+    assert second.manifest_verity == first.manifest_verity
+    assert [t for t, _ in storage.list_tags(repo)] == ["one", "two"]
+
+
+def test_artifact(repo: Repository, tmp_path: Path) -> None:
+    layout = tmp_path / "art"
+    layout.mkdir()
+    (layout / "oci-layout").write_bytes(L.dumps({"imageLayoutVersion": "1.0.0"}))
+    payload = b"signature bytes" * 10
+    blob = L._write_blob(layout, payload)
+    config = L._write_blob(layout, b"{}")
+    raw = L.dumps({
+        "schemaVersion": 2, "mediaType": L.OCI_MANIFEST, "artifactType": "application/x-test",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config, "size": 2},
+        "layers": [{"mediaType": "application/x-sig", "digest": blob, "size": len(payload)}],
+    })  # fmt: skip
+    mdigest = L._write_blob(layout, raw)
+    (layout / "index.json").write_bytes(
+        L.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [{"mediaType": L.OCI_MANIFEST, "digest": mdigest, "size": len(raw)}],
+            }
+        )
+    )
+    result = storage.pull(repo, f"oci:{layout}", "art")
+    assert result.image_ids == {}
+    (info,) = storage.list_images(repo)
+    assert (info.is_container, info.architecture, info.layer_count) == (False, "", 1)
+    img = storage.open_image_ref(repo, "art")
+    obj = repo.open_stream(storage.layer_stream(blob), img.layer_refs[blob]).object_refs
+    assert repo.read_object(obj[0]) == payload
+    assert storage.oci_fsck(repo).ok
+
+
+# -- failures leave nothing behind -------------------------------------------------
+
+
+def assert_untouched(repo: Repository) -> None:
+    assert storage.list_tags(repo) == []
+    streams = os.path.join(repo.path, "streams")
+    names = os.listdir(streams) if os.path.isdir(streams) else []
+    assert not [n for n in names if n.startswith(("oci-manifest-", "oci-config-"))]
+    assert storage.oci_fsck(repo).ok
+
+
+def test_corrupt_layer_blob(repo: Repository, layout: tuple[Path, list[L.BuiltImage]]) -> None:
+    path, (built,) = layout
+    blob = path / "blobs" / "sha256" / built.layer_digests[1].split(":")[1]
+    data = bytearray(blob.read_bytes())
+    data[-5] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(OciError):
+        storage.pull(repo, f"oci:{path}", "bad")
+    assert_untouched(repo)
+    assert repo.has_stream(storage.layer_stream(built.diff_ids[1])) is None
+
+
+def test_wrong_diff_id(repo: Repository, tmp_path: Path) -> None:
+    spec = L.ImageSpec([base_layer()], compression="gzip", config_extra={})
+    built = L.write_oci_layout(tmp_path / "l", [spec])[0]
+    layout = tmp_path / "l"
+    config = json.loads(built.config)
+    config["rootfs"]["diff_ids"] = ["sha256:" + "0" * 64]
+    raw_config = L.dumps(config)
+    cdigest = L._write_blob(layout, raw_config)
+    manifest = json.loads(built.manifest)
+    manifest["config"] = {"mediaType": L.OCI_CONFIG, "digest": cdigest, "size": len(raw_config)}
+    raw = L.dumps(manifest)
+    mdigest = L._write_blob(layout, raw)
+    (layout / "index.json").write_bytes(
+        L.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [{"mediaType": L.OCI_MANIFEST, "digest": mdigest, "size": len(raw)}],
+            }
+        )
+    )
+    with pytest.raises(DigestMismatch, match="diff_id mismatch"):
+        storage.pull(repo, f"oci:{layout}", "bad")
+    assert_untouched(repo)
+
+
+@pytest.mark.parametrize(
+    "entries, match",
+    [
+        ([L.file("../../etc/passwd", b"x")], r"'\.\.'"),
+        ([L.symlink("lib", "/usr/lib"), L.file("lib/evil", b"x")], "not a directory"),
+        ([L.hardlink("x", "/etc/shadow")], "does not exist"),
+    ],
+)
+def test_hostile_layers_fail_cleanly(
+    repo: Repository, tmp_path: Path, entries: list[L.Member], match: str
+) -> None:
+    L.write_oci_layout(tmp_path / "l", [L.ImageSpec([L.tar_layer(entries)])])
+    with pytest.raises(OciError, match=match):
+        storage.pull(repo, f"oci:{tmp_path / 'l'}", "evil")
+    assert_untouched(repo)
+
+
+def test_truncated_and_garbage_layers(repo: Repository, tmp_path: Path) -> None:
+    tar = base_layer()
+    for name, blob in [("trunc", gzip.compress(tar[:3000])), ("garbage", b"not gzip at all" * 10)]:
+        layout = tmp_path / name
+        built = L.write_oci_layout(layout, [L.ImageSpec([tar], compression="gzip")])[0]
+        (layout / "blobs" / "sha256" / built.layer_digests[0].split(":")[1]).write_bytes(blob)
+        with pytest.raises(OciError):
+            storage.pull(repo, f"oci:{layout}", name)
+    assert_untouched(repo)
+
+
+def test_bad_references(repo: Repository, tmp_path: Path) -> None:
+    with pytest.raises(OciError, match="unsupported transport"):
+        storage.pull(repo, "ftp:foo")
+    with pytest.raises(OciError, match="no such directory"):
+        storage.pull(repo, f"oci:{tmp_path / 'missing'}")
+    (tmp_path / "notlayout").mkdir()
+    with pytest.raises(OciError, match="not an OCI image layout"):
+        storage.pull(repo, f"oci:{tmp_path / 'notlayout'}")
+    with pytest.raises(OciError, match="reserved"):
+        storage.pull(repo, f"oci:{tmp_path}", "@bad")
+    (tmp_path / "x.tar").write_bytes(b"junk" * 1000)
+    with pytest.raises(OciError):
+        storage.pull(repo, f"oci-archive:{tmp_path / 'x.tar'}")
+    with pytest.raises(OciError, match="no such file"):
+        storage.pull(repo, f"docker-archive:{tmp_path / 'nope.tar'}")
+
+
+def test_containers_storage_without_skopeo(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(OciError, match="needs skopeo"):
+        storage.pull(repo, "containers-storage:busybox")
+
+
+# -- the command line ----------------------------------------------------------------
+
+
+def test_cli_pull_images_inspect(
+    cfs: Run, layout: tuple[Path, list[L.BuiltImage]], repo: Repository
+) -> None:
+    path, (built,) = layout
+    rc, out, _ = cfs("oci", "pull", f"oci:{path}", "demo")
+    assert rc == 0
+    lines = out.decode().splitlines()
+    assert lines[0] == f"manifest {built.manifest_digest}"
+    assert lines[1] == f"config   {built.config_digest}"
+    verity = repo.has_stream(storage.manifest_stream(built.manifest_digest))
+    assert lines[2] == f"verity   {verity}"  # the final value (composefs-rs prints a stale one)
+    assert lines[3] == "tagged   demo"
+    assert lines[4].startswith("objects  2 new + 0 already present objects; 20.00 KiB stored, ")
+
+    rc, out, _ = cfs("oci", "images")
+    text = out.decode()
+    assert "│ NAME ┆ DIGEST       ┆ ARCH  ┆ LAYERS ┆ REFS │" in text
+    assert f"│ demo ┆ {built.manifest_digest[7:19]} ┆ amd64 ┆ 2      ┆ 0    │" in text
+    rc, out, _ = cfs("oci", "images", "--json")
+    (entry,) = json.loads(out)["images"]
+    assert entry == {
+        "name": "demo", "manifest_digest": built.manifest_digest, "is_container": True,
+        "architecture": "amd64", "os": "linux", "created": "2009-02-13T23:31:30Z",
+        "layer_count": 2, "referrer_count": 0,
+    }  # fmt: skip
+
+    rc, out, _ = cfs("oci", "inspect", "demo", "--manifest")
+    assert out == built.manifest + b"\n"
+    rc, out, _ = cfs("oci", "inspect", "demo", "--config")
+    assert out == built.config + b"\n"
+    rc, out, _ = cfs("oci", "inspect", "demo")
+    info = json.loads(out)
+    assert info["manifest"] == built.manifest.decode() and info["config"] == built.config.decode()
+    assert info["referrers"] == [] and info["composefs_boot_erofs"] is None
+    assert info["composefs_erofs"] == image_id_of(repo, [base_layer(), top_layer()])
+    # @digest: manifest or config digest, same image
+    for ref in (f"@{built.manifest_digest}", f"@{built.config_digest}"):
+        rc, out2, _ = cfs("oci", "inspect", ref)
+        assert rc == 0 and json.loads(out2) == info
+
+
+def test_cli_images_empty(cfs: Run) -> None:
+    assert cfs("oci", "images")[1] == b"No images found\n"
+    assert json.loads(cfs("oci", "images", "--json")[1]) == {"images": []}
+
+
+def test_cli_tag_untag(cfs: Run, layout: tuple[Path, list[L.BuiltImage]], repo: Repository) -> None:
+    path, (built,) = layout
+    cfs("oci", "pull", f"oci:{path}", "demo")
+    rc, out, _ = cfs("oci", "tag", built.manifest_digest, "registry.example/ns/img:v1%x")
+    assert (rc, out) == (
+        0,
+        f"Tagged {built.manifest_digest} as registry.example/ns/img:v1%x\n".encode(),
+    )
+    assert os.path.islink(
+        os.path.join(repo.path, "streams/refs/oci/registry.example%2Fns%2Fimg:v1%25x")
+    )
+    assert [t for t, _ in storage.list_tags(repo)] == ["demo", "registry.example/ns/img:v1%x"]
+    rc, out, _ = cfs("oci", "untag", "demo")
+    assert (rc, out) == (0, b"Removed tag demo\n")
+    rc, _, err = cfs("oci", "untag", "demo")
+    assert rc == 1 and err == b"cfsctl: OCI reference not found: demo\n"
+    rc, _, err = cfs("oci", "tag", built.manifest_digest, "@nope")
+    assert rc == 1 and b"reserved for digest references" in err
+    rc, _, err = cfs("oci", "tag", "sha256:" + "1" * 64, "x")
+    assert rc == 1 and b"not found" in err
+
+
+def test_cli_layer(cfs: Run, layout: tuple[Path, list[L.BuiltImage]]) -> None:
+    path, (built,) = layout
+    cfs("oci", "pull", f"oci:{path}", "demo")
+    diff_id = built.diff_ids[0]
+    rc, out, _ = cfs("oci", "layer", diff_id)
+    assert rc == 0 and out == base_layer()
+    rc, out, _ = cfs("oci", "layer", diff_id, "--json")
+    info = json.loads(out)
+    assert info["diffId"] == diff_id and info["size"] == len(base_layer())
+    assert info["entryCount"] == 16
+    assert info["splitstream"] == {
+        "externalObjects": 1,
+        "externalSize": len(BIG),
+        "inlineSize": len(base_layer()) - len(BIG),
+    }
+    rc, out, _ = cfs("oci", "layer", diff_id, "--dumpfile")
+    lines = out.decode().splitlines()
+    assert len(lines) == 16
+    assert "/usr/bin/tool-link 0 @120000 - - - - 0.0 /usr/bin/tool - -" in lines
+    assert "/etc/hostname 5 100644 1 0 0 0 1234567890.0 - base\\n -" in lines
+    assert "/etc/xattr 1 100644 1 0 0 0 1234567890.0 - x - user.key=value\\x00\\xff" in lines
+    rc, _, err = cfs("oci", "layer", "sha256:" + "2" * 64)
+    assert rc == 1 and b"not found" in err
+
+
+def test_cli_dump_and_compute_id(
+    cfs: Run, layout: tuple[Path, list[L.BuiltImage]], repo: Repository
+) -> None:
+    path, (built,) = layout
+    cfs("oci", "pull", f"oci:{path}", "demo")
+    want = dumpfile.dumps(expected_tree([base_layer(), top_layer()]), style="rust")
+    for ref in ("demo", f"@{built.config_digest}", f"@{built.manifest_digest}"):
+        rc, out, _ = cfs("oci", "dump", ref)
+        assert rc == 0 and out == want
+    img = storage.open_image_ref(repo, "demo")
+    rc, out, _ = cfs("oci", "dump", f"@{built.config_digest}", img.config_verity)
+    assert out == want
+    expected_id = image_id_of(repo, [base_layer(), top_layer()])
+    assert cfs("oci", "compute-id", "demo")[1] == f"{expected_id}\n".encode()
+    v1 = image_id_of(repo, [base_layer(), top_layer()], 1)
+    assert cfs("--erofs-version", "1", "oci", "compute-id", "demo")[1] == f"{v1}\n".encode()
+    # the dump shows what the layers say
+    text = want.decode()
+    assert "/etc/removed" not in text and "/etc/opaque/old" not in text and "/run/junk" not in text
+    assert "/etc/hostname 4 100600 1 0 0 0 1234567890.0 - top\\n -" in text
+
+
+def test_cli_import_layer(cfs: Run, repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    tar = base_layer()
+    diff_id = L.sha256(tar)
+
+    def feed(data: bytes, *args: str) -> tuple[int, bytes, bytes]:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(io.BytesIO(data))))  # type: ignore[arg-type]
+        return cfs("oci", "import-layer", *args)
+
+    rc, out, _ = feed(gzip.compress(tar), diff_id, "mylayer")
+    verity = repo.has_stream(storage.layer_stream(diff_id))
+    assert rc == 0 and out == f"sha512:{verity}\n".encode()
+    assert repo.stream_id("refs/mylayer") == verity
+    rc, _, err = feed(tar + b"x", "sha256:" + "3" * 64)
+    assert rc == 1 and b"diff_id mismatch" in err
+    assert repo.has_stream(storage.layer_stream("sha256:" + "3" * 64)) is None
+
+
+def test_cli_fsck_detects_corruption(
+    cfs: Run, layout: tuple[Path, list[L.BuiltImage]], repo: Repository
+) -> None:
+    path, (built,) = layout
+    cfs("oci", "pull", f"oci:{path}", "demo")
+    rc, out, _ = cfs("oci", "fsck")
+    assert rc == 0 and out.decode().endswith("oci images: 1/1 ok\n")
+    rc, out, _ = cfs("oci", "fsck", "--json")
+    report = json.loads(out)
+    assert report["ok"] and report["images_checked"] == 1 and report["repo"]["ok"]
+    # corrupt the stored manifest object
+    reader = repo.open_stream(storage.manifest_stream(built.manifest_digest))
+    obj = reader.object_refs[0]
+    reader.close()
+    objpath = os.path.join(repo.path, "objects", obj[:2], obj[2:])
+    os.chmod(objpath, 0o644)
+    with open(objpath, "r+b") as f:
+        f.write(b"[")
+    rc, out, err = cfs("oci", "fsck")
+    text = out.decode()
+    assert rc == 1 and err == b"cfsctl: OCI integrity check failed\n"
+    assert "oci images: 0/1 ok" in text and "fsck: manifest-digest-mismatch: demo: " in text
+    rc, out, _ = cfs("oci", "fsck", "nosuchtag")
+    assert "fsck: ref-resolve-failed: nosuchtag" in out.decode()
+
+
+def test_gc_keeps_tagged_and_drops_untagged(
+    cfs: Run, layout: tuple[Path, list[L.BuiltImage]], repo: Repository
+) -> None:
+    path, _ = layout
+    result = storage.pull(repo, f"oci:{path}", "demo")
+    repo.gc()
+    assert storage.oci_fsck(repo).ok
+    assert repo.has_object(result.image_id or "")
+    storage.untag_image(repo, "demo")
+    gc = repo.gc()
+    assert gc.objects_removed > 0
+    assert not repo.has_object(result.image_id or "")
+    assert storage.oci_fsck(repo).ok
+
+
+def test_cli_errors_are_one_line(cfs: Run, tmp_path: Path) -> None:
+    for args in (
+        ("oci", "pull", "nosuch:thing"),
+        ("oci", "pull", f"oci:{tmp_path}/missing"),
+        ("oci", "inspect", "missing"),
+        ("oci", "inspect", "@sha256:zz"),
+        ("oci", "layer", "notadigest"),
+        ("oci", "mount", "missing", str(tmp_path)),
+        ("oci", "dump", "@sha256:" + "4" * 64),
+    ):
+        rc, _out, err = cfs(*args)
+        assert rc != 0 and err.startswith(b"cfsctl: ") and err.count(b"\n") == 1, (args, err)
+
+
+def test_cfsctl_subprocess(tmp_path: Path, layout: tuple[Path, list[L.BuiltImage]]) -> None:
+    """The installed console script, end to end (no tty: no progress)."""
+    path, _ = layout
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + ":" + os.environ["PATH"])
+    repo = str(tmp_path / "r")
+    subprocess.run(
+        ["cfsctl", "--repo", repo, "init", "--insecure"], check=True, env=env, capture_output=True
+    )
+    p = subprocess.run(
+        ["cfsctl", "--repo", repo, "oci", "pull", f"oci:{path}"], env=env, capture_output=True
+    )
+    assert p.returncode == 0 and p.stderr == b""
+    assert f"tagged   oci:{path}".encode() in p.stdout
+
+
+# -- mounting (root) --------------------------------------------------------------------
+
+
+@needs_root
+def test_mount_matches_layers(
+    cfs: Run, layout: tuple[Path, list[L.BuiltImage]], tmp_path: Path
+) -> None:
+    from composefs.mount import unmount
+
+    path, _ = layout
+    assert cfs("oci", "pull", f"oci:{path}", "demo")[0] == 0
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    rc, _, err = cfs("oci", "mount", "demo", str(mnt))
+    assert rc == 0, err
+    try:
+        assert sorted(os.listdir(mnt)) == ["bin", "etc", "run", "usr"]
+        assert (mnt / "usr/bin/tool").read_bytes() == BIG
+        assert (mnt / "usr/bin/added").read_bytes() == BIG[::-1]
+        assert (mnt / "etc/hostname").read_bytes() == b"top\n"
+        assert stat.S_IMODE((mnt / "etc/hostname").stat().st_mode) == 0o600
+        assert os.readlink(mnt / "bin") == "usr/bin"
+        assert sorted(os.listdir(mnt / "etc/opaque")) == ["new"]
+        assert not (mnt / "etc/removed").exists()
+        assert os.listdir(mnt / "run") == []
+        a, b = (mnt / "usr/bin/tool").stat(), (mnt / "usr/bin/tool-link").stat()
+        assert a.st_ino == b.st_ino and a.st_nlink == 2
+        assert stat.S_ISFIFO((mnt / "etc/fifo").lstat().st_mode)
+        null = (mnt / "etc/null").lstat()
+        assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3)
+        assert os.getxattr(mnt / "etc/xattr", "user.key") == b"value\x00\xff"
+        assert int((mnt / "usr/bin/tool").stat().st_mtime) == L.MTIME
+        # the root took /usr's metadata
+        assert int(mnt.stat().st_mtime) == 1000
+    finally:
+        unmount(str(mnt))
