@@ -352,7 +352,7 @@ def child_main(argv: list[str]) -> int:
             total = 0
             for layer in resolved.manifest.layers:
                 d = zlib.decompressobj(31)
-                with src.open_blob(layer.digest, layer.size) as blob:
+                with src.open_blob_stream(layer.digest, layer.size) as blob:
                     while chunk := blob.read(1 << 20):
                         total += len(d.decompress(chunk))
                     blob.finish()

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar, cast
 
 from ..errors import DigestMismatch, OciError, RegistryAuthError, RegistryError
 from . import auth as _auth
@@ -54,6 +54,7 @@ from .transports import (
     OCI_INDEX,
     OCI_MANIFEST,
     BaseSource,
+    ImageSource,
     parse_digest,
 )
 
@@ -931,7 +932,11 @@ class RegistrySource(BaseSource):
             self.manifest_digest = got
         return raw, media_type
 
-    def open_blob(self, digest: str, size: int | None = None) -> BlobStream:
+    def open_blob(self, digest: str, size: int | None = None) -> BinaryIO:
+        """The `ImageSource` call: a `BlobStream` (typed as a plain binary stream)."""
+        return cast(BinaryIO, self.open_blob_stream(digest, size))
+
+    def open_blob_stream(self, digest: str, size: int | None = None) -> BlobStream:
         return self.client.open_blob(self.ref.repository, digest, size)
 
     def close(self) -> None:
@@ -939,6 +944,10 @@ class RegistrySource(BaseSource):
 
     def __enter__(self) -> RegistrySource:
         return self
+
+
+def _conforms(source: RegistrySource) -> ImageSource:
+    return source  # mypy checks that RegistrySource implements the protocol
 
 
 def open_source(ref: str, options: RegistryOptions | None = None, **kwargs: Any) -> RegistrySource:
