@@ -428,7 +428,10 @@ def test_gc_streams_and_dangling_refs(repo: Repository) -> None:
     w = repo.create_stream(CONTENT_OCI_CONFIG)
     o_conf = w.write_external(b"config" * 100)
     w.add_named_stream_ref("sha256:1", layer)
-    image_obj = repo.ensure_object(b"an erofs image kept via composefs.image" * 5)
+    # An unnamed image kept alive by a named ref (OCI `composefs.image`):
+    # it keeps its files too, so it stays mountable.
+    image_obj = repo.commit_image(tree_with(repo, {"only-in-image": b"I" * 700}))
+    image_file = fsverity.digest_hex(b"I" * 700, "sha512")
     w.add_named_stream_ref("composefs.image", image_obj)
     repo.write_stream(w, "oci-config-1", "tagged")
     w = repo.create_stream(0)
@@ -440,8 +443,9 @@ def test_gc_streams_and_dangling_refs(repo: Repository) -> None:
     result = repo.gc()
     assert sorted(result.removed_objects) == sorted([o_junk, junk])
     assert result.streams_pruned == 2  # streams/unreferenced + refs/dangling
-    for oid in (o_layer, layer, o_conf, image_obj):
+    for oid in (o_layer, layer, o_conf, image_obj, image_file):
         assert repo.has_object(oid)
+    assert (Path(repo.path) / "images" / image_obj).exists()
     assert not os.path.lexists(Path(repo.path) / "streams/refs/dangling")
     assert repo.fsck().ok
 

@@ -639,6 +639,7 @@ class Repository:
         self._objects: int | None = None
         self._verity_possible = True
         self._no_reflink: set[tuple[int, int]] = set()
+        self._prefix_dirs: set[str] = set()
 
     # -- opening ---------------------------------------------------------
     @classmethod
@@ -907,11 +908,23 @@ class Repository:
                 return object_id, False
         except FileNotFoundError:
             pass
+        prefix = object_id[:2]
+        if prefix not in self._prefix_dirs:
+            try:
+                os.mkdir(prefix, 0o755, dir_fd=objects)
+            except FileExistsError:
+                pass
+            self._prefix_dirs.add(prefix)
         try:
-            os.mkdir(object_id[:2], 0o755, dir_fd=objects)
-        except FileExistsError:
-            pass
-        return object_id, tmp.link(relpath)
+            return object_id, tmp.link(relpath)
+        except FileNotFoundError:
+            # The directory vanished (removed by hand): recreate it once.
+            self._prefix_dirs.discard(prefix)
+            try:
+                os.mkdir(prefix, 0o755, dir_fd=objects)
+            except FileExistsError:
+                pass
+            return object_id, tmp.link(relpath)
 
     def ensure_object(self, data: bytes | bytearray | memoryview) -> str:
         """Store `data` as an object (if not already there); return its id.
@@ -1561,6 +1574,13 @@ class Repository:
                 continue
             live.add(stream_id)
             self._walk_streams(name, by_id, walked, live)
+
+        # An image kept alive only by a stream's named ref (OCI
+        # `composefs.image`) keeps its files too, so it stays mountable
+        # (composefs-rs keeps just the image object).
+        for name, image_id in sorted(images.items()):
+            if name not in root_images and image_id in live and self.has_object(image_id):
+                live.update(self._image_objects(self._read_entry(f"images/{name}")))
 
         # Unlink the names of what is about to go first: a crash then leaves
         # unreferenced objects (harmless), never dangling links.

@@ -45,8 +45,8 @@ import argparse
 import importlib
 import importlib.util
 import os
+import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
@@ -209,7 +209,8 @@ def cmd_init(args: argparse.Namespace, opener: RepoOpener) -> None:
 
 def cmd_transaction(args: argparse.Namespace, opener: RepoOpener) -> None:
     opener()  # the shared lock is held while the repository is open
-    threading.Event().wait()
+    while True:
+        signal.pause()
 
 
 def cmd_cat(args: argparse.Namespace, opener: RepoOpener) -> None:
