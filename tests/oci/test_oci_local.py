@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from composefs.oci import storage
 from composefs.oci import tar as T
 from composefs.oci.layers import merge_layers
 from composefs.repository import FormatConfig, Repository
+from composefs.tree import Directory
 
 OCI_LAYOUT_V2_SHA512 = (
     "f7684c21050615c02cec250e0c7d4118fb0ff6340af5039e06f2f372a7614fff25dfd38cf7f28ad67"
@@ -320,6 +322,29 @@ def test_artifact(repo: Repository, tmp_path: Path) -> None:
     img = storage.open_image_ref(repo, "art")
     obj = repo.open_stream(storage.layer_stream(blob), img.layer_refs[blob]).object_refs
     assert repo.read_object(obj[0]) == payload
+    assert storage.oci_fsck(repo).ok
+
+
+def test_boot_images_are_recorded(
+    repo: Repository, layout: tuple[Path, list[L.BuiltImage]]
+) -> None:
+    path, _ = layout
+    result = storage.pull(repo, f"oci:{path}", "demo")
+    img = storage.open_image_ref(repo, "demo")
+
+    def transform(root: Directory) -> None:
+        del root.entries[b"etc"]
+
+    ids = storage.commit_boot_images(repo, img, transform)
+    tree = expected_tree([base_layer(), top_layer()])
+    del tree.entries[b"etc"]
+    assert ids == {2: fsverity.digest_hex(mkfs(tree, FormatVersion.V2), "sha512")}
+    again = storage.open_image_ref(repo, "demo")
+    assert again.boot_image_id(2) == ids[2]
+    assert again.image_id(2) == result.image_id
+    assert storage.inspect_json(repo, again)["composefs_boot_erofs"] == ids[2]
+    repo.gc()  # the boot image is rooted through the tag
+    assert repo.has_object(ids[2])
     assert storage.oci_fsck(repo).ok
 
 
@@ -665,3 +690,41 @@ def test_mount_matches_layers(
         assert int(mnt.stat().st_mtime) == 1000
     finally:
         unmount(str(mnt))
+
+
+@needs_root
+def test_containers_storage_via_skopeo(
+    repo: Repository, layout: tuple[Path, list[L.BuiltImage]], tmp_path: Path
+) -> None:
+    """A private containers-storage (vfs driver under tmp_path): skopeo copies
+    the image in, we pull it back out through skopeo; same filesystem."""
+    skopeo = shutil.which("skopeo")
+    if skopeo is None:
+        pytest.skip("skopeo not installed (make system-deps installs it)")
+    path, _ = layout
+    store = f"containers-storage:[vfs@{tmp_path}/storage+{tmp_path}/run]localhost/demo:latest"
+    subprocess.run(
+        [skopeo, "copy", "--quiet", f"oci:{path}:latest", store], check=True, timeout=120
+    )
+    result = storage.pull(repo, store, "cs")
+    # storage re-exports the layers, so compare trees rather than digests
+    img = storage.open_image_ref(repo, "cs")
+    assert dumpfile.dumps(storage.image_tree(repo, img), style="rust") == dumpfile.dumps(
+        expected_tree([base_layer(), top_layer()]), style="rust"
+    )
+    assert result.image_id == image_id_of(repo, [base_layer(), top_layer()])
+
+
+def test_progress_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from composefs.cli.oci import _Progress
+    from composefs.oci.transports import ProgressEvent
+
+    p = _Progress()
+    p(ProgressEvent("started", "sha256:abcdef0123456789abcdef", total=2048))
+    p(ProgressEvent("progress", "sha256:abcdef0123456789abcdef", total=2048, fetched=1024))
+    p(ProgressEvent("done", "sha256:abcdef0123456789abcdef", total=2048, fetched=2048))
+    p(ProgressEvent("skipped", "sha256:0000000000000000000000"))
+    err = capsys.readouterr().err
+    assert "fetching 1 layer(s): 0 B / 2.00 KiB" in err
+    assert "sha256:abcdef012345: 2.00 KiB done\n" in err
+    assert "sha256:000000000000: already present\n" in err

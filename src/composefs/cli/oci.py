@@ -18,13 +18,12 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import OciError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from ..oci.transports import ProgressEvent
     from ..repository import Repository
     from ..tree import Directory
@@ -39,7 +38,8 @@ def _json_out(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def _boot_transform(repo: Repository, root: Directory) -> None:
+def _boot_transform_fn(repo: Repository) -> Callable[[Directory], None]:
+    """The boot transformation (composefs.boot), or a clear error."""
     try:
         from .. import boot
     except ImportError:
@@ -47,7 +47,15 @@ def _boot_transform(repo: Repository, root: Directory) -> None:
     fn = getattr(boot, "transform_for_boot", None) if boot is not None else None
     if fn is None:
         raise OciError("--bootable is not available in this installation")
-    fn(root, repo=repo)
+
+    def transform(root: Directory) -> None:
+        fn(root, repo=repo)
+
+    return transform
+
+
+def _boot_transform(repo: Repository, root: Directory) -> None:
+    _boot_transform_fn(repo)(root)
 
 
 def _tree(args: argparse.Namespace, repo: Repository) -> Directory:
@@ -133,6 +141,7 @@ def cmd_pull(args: argparse.Namespace, opener: RepoOpener) -> None:
     if args.local_fetch == "zerocopy":
         raise OciError("--local-fetch=zerocopy is not supported (objects are always copied)")
     repo = opener()
+    boot = _boot_transform_fn(repo) if args.bootable else None
     tag = args.name if args.name is not None else args.image
     progress = _Progress() if sys.stderr.isatty() else None
     result = storage.pull(repo, args.image, tag, platform=args.platform, progress=progress)
@@ -143,11 +152,9 @@ def cmd_pull(args: argparse.Namespace, opener: RepoOpener) -> None:
     print(f"verity   {result.manifest_verity}")
     print(f"tagged   {tag}")
     print(f"objects  {result.stats}")
-    if args.bootable:
-        img = storage.open_image(repo, result.manifest_digest, result.manifest_verity)
-        root = storage.image_tree(repo, img)
-        _boot_transform(repo, root)
-        ids = repo.commit_images(root)
+    if boot is not None:
+        img = storage.open_image(repo, result.manifest_digest)
+        ids = storage.commit_boot_images(repo, img, boot)
         print(f"Boot image: {ids[repo.erofs_version]}")
 
 

@@ -453,8 +453,7 @@ class OciImage:
         return self.image_refs.get(IMAGE_REF_KEYS[version])
 
     def boot_image_id(self, version: int) -> str | None:
-        key = BOOT_IMAGE_REF_KEYS.get(version)
-        return self.image_refs.get(key) if key else None
+        return self.image_refs.get(BOOT_IMAGE_REF_KEYS[2 if version == 2 else 1])
 
 
 def open_image(repo: Repository, manifest_digest: str, verity: str | None = None) -> OciImage:
@@ -999,6 +998,36 @@ def pull_from_source(
     return PullResult(
         resolved.digest, manifest_verity, config_digest, config_verity, image_ids, tag, stats
     )
+
+
+def commit_boot_images(
+    repo: Repository, img: OciImage, transform: Callable[[Directory], None]
+) -> dict[int, str]:
+    """composefs-rs ``generate_boot_image``: the image tree, `transform`ed
+    for boot, committed in every repository format and recorded in the
+    config stream as ``composefs.image.boot`` (V2) / ``.boot.v1`` (V0/V1).
+    The manifest stream is rewritten to point at the new config stream, so
+    every tag of the image sees the boot image (and GC keeps it)."""
+    root = image_tree(repo, img)
+    transform(root)
+    ids = repo.commit_images(root)
+    named = dict(img.layer_refs)
+    named.update(img.image_refs)
+    for version, image_id in ids.items():
+        named[BOOT_IMAGE_REF_KEYS[2 if version == 2 else 1]] = image_id
+    config_verity = _write_json_stream(
+        repo, CONTENT_OCI_CONFIG, img.config_raw, config_stream(img.config_digest), named
+    )
+    manifest_named = {f"config:{img.config_digest}": config_verity}
+    manifest_named.update({d: img.layer_refs[d] for d in img.diff_ids if d in img.layer_refs})
+    _write_json_stream(
+        repo,
+        CONTENT_OCI_MANIFEST,
+        img.manifest_raw,
+        manifest_stream(img.manifest_digest),
+        manifest_named,
+    )
+    return ids
 
 
 def _existing_images(
