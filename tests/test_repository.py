@@ -592,8 +592,13 @@ def test_fsck_structure_errors(repo: Repository) -> None:
     (root / "objects/ab/not-a-digest").write_bytes(b"")
     (root / "images/stray-file").write_bytes(b"")
     (root / "streams/refs/plain-file").write_bytes(b"")
+    os.symlink(b"../nowhere", os.fsencode(root / "streams") + b"/\xffbad")
     result = repo.fsck()
-    assert result.kinds() == {"object-invalid-name", "entry-not-symlink", "unexpected-file-type"}
+    assert result.kinds() == {
+        "object-invalid-name", "entry-not-symlink", "unexpected-file-type", "broken-symlink",
+    }  # fmt: skip
+    assert "fsck: broken-symlink: streams/\ufffdbad" in str(result)
+    json.dumps(result.to_reply())
 
 
 def test_fsck_metadata(repo: Repository) -> None:

@@ -391,6 +391,15 @@ class FsckError:
     expected: str = ""
     actual: str = ""
 
+    def __post_init__(self) -> None:
+        # File names that are not UTF-8 are shown lossily (like Rust's
+        # from_utf8_lossy), so reports can always be printed.
+        for k in self.__dataclass_fields__:
+            v = getattr(self, k)
+            lossy = v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            if lossy != v:
+                object.__setattr__(self, k, lossy)
+
     def __str__(self) -> str:
         values = {k: getattr(self, k) for k in self.__dataclass_fields__}
         return f"fsck: {self.kind}: " + _FSCK_FORMATS[self.kind].format(**values)

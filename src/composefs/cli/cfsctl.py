@@ -321,7 +321,7 @@ def cmd_fsck(args: argparse.Namespace, opener: RepoOpener) -> int:
     result = opener().fsck(metadata_only=args.metadata_only)
     if args.json:
         # Like composefs-rs: the JSON report exits 0; callers read "ok".
-        print(json.dumps(result.to_reply(), indent=2))
+        print(json.dumps(result.to_reply(), indent=2, ensure_ascii=False))
         return 0
     sys.stdout.write(str(result))
     sys.stdout.flush()
