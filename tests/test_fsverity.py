@@ -171,17 +171,34 @@ def test_digest_files_parallel(tmp_path: Path) -> None:
         fsverity.digest_files([*paths, tmp_path / "missing"], threads=2)
 
 
-def test_helper_processes_detect_shrinking_file(tmp_path: Path) -> None:
+def test_helper_processes(tmp_path: Path) -> None:
     path = tmp_path / "f"
-    _write_random(path, 10 * B)
+    data = _write_random(path, 10 * B + 5)
     fd = os.open(path, os.O_RDONLY)
     try:
-        # Claim more data than there is: a helper hits EOF early.
+        for alg in ("sha256", "sha512"):
+            got = fsverity._digest_with_helpers(fd, len(data), alg, 2, True)
+            assert got == fsverity.digest(data, alg)
+        # Helpers are kept for later calls.
+        assert fsverity._helpers.idle
+        # Claiming more data than there is: the helper reports the short read.
         with pytest.raises(OSError) as exc:
-            fsverity._digest_with_workers(fd, 40 << 20, "sha256", 2)
+            fsverity._digest_with_helpers(fd, 9 << 20, "sha256", 2, True)
         assert exc.value.errno == errno.EIO
-        ok = fsverity._digest_with_workers(fd, 10 * B, "sha256", 2)
-        assert ok == fsverity.digest(path.read_bytes())
+        # A helper killed behind our back is noticed; the digest is still right.
+        for h in list(fsverity._helpers.idle):
+            h.proc.kill()
+        assert fsverity.digest_fd(fd, "sha256", helper_processes=2) == fsverity.digest(data)
+        # digest_fd with helpers on a 1 MiB+ file goes through them.
+        big = tmp_path / "big"
+        bdata = _write_random(big, (3 << 20) + 7)
+        bfd = os.open(big, os.O_RDONLY)
+        try:
+            assert fsverity.digest_fd(bfd, "sha512", helper_processes=2) == fsverity.digest(
+                bdata, "sha512"
+            )
+        finally:
+            os.close(bfd)
     finally:
         os.close(fd)
 

@@ -23,13 +23,19 @@ raise `errors.VerityNotSupported`.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
 import hashlib
 import os
+import socket
 import stat
 import struct
+import subprocess
+import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from operator import methodcaller
@@ -325,109 +331,223 @@ class _PReader:
 
 # Hashing in threads does not scale: every 4 KiB block costs a GIL release and
 # re-acquisition, and with two busy threads the hand-offs cost more than they
-# save.  Large regular files are therefore hashed by helper processes (this
-# same Python, no imports beyond hashlib).  Worker i of N hashes chunks
-# i, i+N, i+2N, ... of the file (zero-padding the final block) and writes the
-# data-block hashes of each chunk to its stdout; the parent reads the chunks
-# round-robin, so at most about one chunk per worker is ever buffered, and
-# builds the (128 times smaller) upper tree itself.
-_WORKER_CHUNK = 8 << 20
-_WORKER_SCRIPT = """
-import hashlib, os, sys
+# save.  Regular files of some size are therefore hashed by helper processes:
+# this same Python running the small script below (no imports beyond the
+# standard library).  A helper is started on first use and then kept, idle,
+# for later calls (it exits when its socket closes, i.e. with this process).
+#
+# Protocol over an AF_UNIX SOCK_SEQPACKET pair (message boundaries kept):
+# request = (algorithm id, offset, length) with the file's descriptor attached
+# (SCM_RIGHTS); reply = status byte + the data-block hashes of that range (the
+# final block zero-padded), or an errno.  A file is cut into chunks handed out
+# round-robin, two in flight per helper; the replies are read back in chunk
+# order, so memory stays bounded and the parent only builds the upper tree
+# (1/128 of the work).
+_HELPER_CHUNK = 4 << 20  # a reply (1024 hashes) stays within one socket message
+_HELPER_SCRIPT = """
+import hashlib, os, socket, struct, sys
 from operator import methodcaller
-fd, size, chunk, first, stride = map(int, sys.argv[2:7])
-ctor = getattr(hashlib, sys.argv[1])
+sock = socket.socket(fileno=int(sys.argv[1]))
+req = struct.Struct("<BQQ")
+ctors = {1: hashlib.sha256, 2: hashlib.sha512}
 dg = methodcaller("digest")
-mv = memoryview(bytearray(chunk))
-try:
-    off = first * chunk
-    while off < size:
-        n = min(chunk, size - off)
+mv = memoryview(bytearray(CHUNK))
+while True:
+    try:
+        msg, fds, _, _ = socket.recv_fds(sock, req.size, 1)
+    except OSError:
+        break
+    if len(msg) != req.size or len(fds) != 1:
+        break
+    alg, off, n = req.unpack(msg)
+    fd = fds[0]
+    try:
         got = 0
         while got < n:
             r = os.preadv(fd, [mv[got:n]], off + got)
             if not r:
-                os._exit(3)
+                break
             got += r
-        nb = -(-n // 4096)
-        mv[n:nb * 4096] = bytes(nb * 4096 - n)
-        out = memoryview(b"".join(map(dg, map(ctor, map(mv.__getitem__, map(slice,
-            range(0, nb * 4096, 4096), range(4096, nb * 4096 + 1, 4096)))))))
-        while out:
-            out = out[os.write(1, out):]
-        off += stride * chunk
-except OSError as e:
-    os._exit(100 + min(e.errno or 0, 99))
-except BaseException:
-    os._exit(2)
-"""
-# Files smaller than this are hashed in-process: starting a helper (~20 ms)
-# would cost more than it saves.
-_WORKER_MIN = 32 << 20
-
-
-def _digest_with_workers(fd: int, size: int, algorithm: str, nworkers: int) -> bytes | None:
-    """Digest of the first `size` bytes of regular file `fd` hashed by
-    `nworkers` helper processes; None if helpers cannot be started."""
-    import subprocess
-    import sys
-
-    if not sys.executable:
-        return None
-    hsize = _DIGEST_SIZES[algorithm]
-    nchunks = -(-size // _WORKER_CHUNK)
-    nworkers = max(1, min(nworkers, nchunks))
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        for i in range(nworkers):
-            args = [sys.executable, "-I", "-S", "-c", _WORKER_SCRIPT, algorithm]
-            args += [str(v) for v in (fd, size, _WORKER_CHUNK, i, nworkers)]
-            procs.append(
-                subprocess.Popen(
-                    args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, pass_fds=(fd,)
-                )
-            )
-    except OSError:
-        for p in procs:
-            p.kill()
-            p.wait()
-        return None
-    h = FsVerityHasher(algorithm)
-    try:
-        for c in range(nchunks):
-            nbytes = min(_WORKER_CHUNK, size - c * _WORKER_CHUNK)
-            want = -(-nbytes // BLOCK_SIZE) * hsize
-            proc = procs[c % nworkers]
-            assert proc.stdout is not None
-            hashes = proc.stdout.read(want)
-            if len(hashes) != want:
-                _raise_worker_failure(proc.wait())
-            h._add_hashes(hashes, nbytes)
-        for p in procs:
-            if p.wait() != 0:
-                _raise_worker_failure(p.returncode)
+        if got < n:
+            reply = b"\\2"
+        else:
+            nb = -(-n // 4096)
+            mv[n:nb * 4096] = bytes(nb * 4096 - n)
+            reply = b"\\0" + b"".join(map(dg, map(ctors[alg], map(mv.__getitem__, map(slice,
+                range(0, nb * 4096, 4096), range(4096, nb * 4096 + 1, 4096))))))
+    except OSError as e:
+        reply = b"\\1" + struct.pack("<i", e.errno or 5)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-            if p.stdout is not None:
-                p.stdout.close()
-    return h.digest()
+        os.close(fd)
+    try:
+        sock.send(reply)
+    except OSError:
+        break
+""".replace("CHUNK", str(_HELPER_CHUNK))
+_HELPER_REQ = struct.Struct("<BQQ")
+# Files at least this large go to helpers already running; starting new
+# helpers (~20 ms each) is worth it only from _HELPER_SPAWN_MIN (or when the
+# caller says many files will follow).
+_HELPER_MIN = 1 << 20
+_HELPER_SPAWN_MIN = 32 << 20
 
 
-def _raise_worker_failure(code: int) -> None:
-    if code == 3:
-        raise OSError(errno.EIO, "file shrank while its fs-verity digest was computed")
-    if code > 100:
-        raise OSError(code - 100, os.strerror(code - 100))
-    raise OSError(errno.EIO, f"fs-verity hashing helper failed (exit status {code})")
+class _HelperDied(Exception):
+    pass
 
 
-def _digest_fd(fd: int, algorithm: str, workers: int) -> bytes:
+class _Helper:
+    __slots__ = ("proc", "sock")
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.proc = proc
+        self.sock = sock
+
+    @classmethod
+    def start(cls) -> _Helper | None:
+        if not sys.executable:
+            return None
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _HELPER_SCRIPT, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError:
+            mine.close()
+            return None
+        finally:
+            theirs.close()
+        return cls(proc, mine)
+
+    def send(self, fd: int, alg_id: int, offset: int, length: int) -> None:
+        try:
+            socket.send_fds(self.sock, [_HELPER_REQ.pack(alg_id, offset, length)], [fd])
+        except OSError:
+            raise _HelperDied from None
+
+    def recv(self, expected: int) -> bytes:
+        try:
+            msg = self.sock.recv(1 + max(expected, 4))
+        except OSError:
+            raise _HelperDied from None
+        if msg[:1] == b"\0" and len(msg) == 1 + expected:
+            return msg[1:]
+        if msg[:1] == b"\1" and len(msg) == 5:
+            err = struct.unpack("<i", msg[1:])[0]
+            raise OSError(err, os.strerror(err))
+        if msg[:1] == b"\2":
+            raise OSError(errno.EIO, "file shrank while its fs-verity digest was computed")
+        raise _HelperDied
+
+    def close(self) -> None:
+        self.sock.close()  # the helper exits when it sees EOF
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class _HelperPool:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.idle: list[_Helper] = []
+        self.pid = os.getpid()
+
+    def acquire(self, spawn: bool) -> _Helper | None:
+        with self.lock:
+            if self.pid != os.getpid():
+                # Forked: the helpers belong to the parent; drop our copies.
+                for h in self.idle:
+                    h.sock.close()
+                self.idle = []
+                self.pid = os.getpid()
+            while self.idle:
+                h = self.idle.pop()
+                if h.proc.poll() is None:
+                    return h
+                h.sock.close()
+        return _Helper.start() if spawn else None
+
+    def release(self, h: _Helper, reusable: bool) -> None:
+        if reusable and h.proc.poll() is None:
+            with self.lock:
+                if self.pid == os.getpid() and len(self.idle) < 2 * default_threads() + 2:
+                    self.idle.append(h)
+                    return
+        h.close()
+
+    def shutdown(self) -> None:
+        with self.lock:
+            idle, self.idle = self.idle, []
+        for h in idle:
+            h.close()
+
+
+_helpers = _HelperPool()
+atexit.register(_helpers.shutdown)
+
+
+def _digest_with_helpers(
+    fd: int, size: int, algorithm: str, nhelpers: int, spawn: bool
+) -> bytes | None:
+    """Digest of the first `size` bytes of regular file `fd`, hashed by up
+    to `nhelpers` helper processes; None if no helper is available (or one
+    died), in which case the caller hashes in-process."""
+    nchunks = -(-size // _HELPER_CHUNK)
+    helpers: list[_Helper] = []
+    for _ in range(max(1, min(nhelpers, nchunks))):
+        h = _helpers.acquire(spawn)
+        if h is None:
+            break
+        helpers.append(h)
+    if not helpers:
+        return None
+    alg_id = ALGORITHMS[algorithm]
+    hsize = _DIGEST_SIZES[algorithm]
+    hasher = FsVerityHasher(algorithm)
+    inflight: deque[tuple[_Helper, int]] = deque()
+    nxt = 0
+    reusable = False
+
+    def send(h: _Helper) -> None:
+        nonlocal nxt
+        off = nxt * _HELPER_CHUNK
+        h.send(fd, alg_id, off, min(_HELPER_CHUNK, size - off))
+        inflight.append((h, nxt))
+        nxt += 1
+
+    try:
+        for _ in range(2):
+            for h in helpers:
+                if nxt < nchunks:
+                    send(h)
+        while inflight:
+            h, c = inflight.popleft()
+            nbytes = min(_HELPER_CHUNK, size - c * _HELPER_CHUNK)
+            hasher._add_hashes(h.recv(-(-nbytes // BLOCK_SIZE) * hsize), nbytes)
+            if nxt < nchunks:
+                send(h)
+        reusable = True
+        return hasher.digest()
+    except _HelperDied:
+        return None
+    finally:
+        # After an error replies may still be queued: such helpers are retired.
+        for h in helpers:
+            _helpers.release(h, reusable)
+
+
+def _digest_fd(fd: int, algorithm: str, helpers: int, spawn: bool = False) -> bytes:
     st = os.fstat(fd)
-    if workers > 0 and stat.S_ISREG(st.st_mode) and st.st_size >= _WORKER_MIN:
-        result = _digest_with_workers(fd, st.st_size, algorithm, workers)
+    if helpers > 0 and stat.S_ISREG(st.st_mode) and st.st_size >= _HELPER_MIN:
+        result = _digest_with_helpers(
+            fd, st.st_size, algorithm, helpers, spawn or st.st_size >= _HELPER_SPAWN_MIN
+        )
         if result is not None:
             return result
     reader: Any
@@ -447,7 +567,7 @@ def digest_fd(fd: int, algorithm: str = "sha256", *, helper_processes: int = 0) 
     that they spend their time waiting instead of contending for the GIL.
     """
     _ctor(algorithm)
-    return _digest_fd(fd, algorithm, max(0, helper_processes))
+    return _digest_fd(fd, algorithm, max(0, helper_processes), spawn=True)
 
 
 def digest_file(
@@ -497,10 +617,10 @@ def digest_files(
 
     def one(p: str | os.PathLike[str] | int) -> bytes:
         if isinstance(p, int):
-            return _digest_fd(p, algorithm, 1)
+            return _digest_fd(p, algorithm, 1, spawn=True)
         fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
         try:
-            return _digest_fd(fd, algorithm, 1)
+            return _digest_fd(fd, algorithm, 1, spawn=True)
         finally:
             os.close(fd)
 
