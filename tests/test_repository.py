@@ -616,3 +616,65 @@ def test_fsck_metadata(repo: Repository) -> None:
     meta.unlink()
     result = repo.fsck(metadata_only=True)
     assert result.kinds() == {"metadata-parse-failed"} and not result.has_metadata
+
+
+def test_without_o_tmpfile(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Filesystems without O_TMPFILE: named temporaries in the repository
+    root, removed after use; leftovers of killed writers go with gc."""
+    real_open = os.open
+
+    def no_tmpfile(path: object, flags: int, *args: object, **kw: object) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(95, "Operation not supported")
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    oid = repo.ensure_object(b"fallback" * 100)
+    assert repo.read_object(oid) == b"fallback" * 100
+    w = repo.create_stream(0)
+    w.write_external(b"more" * 100)
+    repo.write_stream(w, "s", "r")
+    assert stray_files(repo) == []
+    monkeypatch.undo()
+    (Path(repo.path) / ".tmp-leftover").write_bytes(b"half")
+    assert repo.fsck().ok
+    repo.gc()
+    assert stray_files(repo) == []
+
+
+@pytest.mark.vm
+def test_secure_repository(tmp_path: Path) -> None:
+    """With kernel fs-verity (`tests/vm/run.py tests/test_repository.py`):
+    objects get verity, ids come from the kernel, missing verity is caught."""
+    scratch = os.environ.get("COMPOSEFS_VERITY_SCRATCH")
+    if not scratch:
+        pytest.skip("COMPOSEFS_VERITY_SCRATCH is unset: needs kernel fs-verity (make test-vm)")
+    path = Path(scratch) / f"repo-{os.getpid()}-{tmp_path.name}"
+    repo, created = Repository.init(path)
+    assert created and not repo.insecure
+    with open(path / "meta.json", "rb") as f:
+        assert fsverity.measure_verity(f.fileno())[0] == "sha512"
+    data = os.urandom(10_000)
+    oid = repo.ensure_object(data)
+    with open(objpath(repo, oid), "rb") as f:
+        assert fsverity.measure_verity(f.fileno()) == ("sha512", bytes.fromhex(oid))
+    src = tmp_path / "src"
+    src.write_bytes(b"file content" * 1000)
+    fid = fsverity.digest_hex(src.read_bytes(), "sha512")
+    assert repo.store_file_with_digest(str(src), fid)
+    with pytest.raises(RepositoryError, match=r"mismatch|changed"):
+        repo.store_file_with_digest(str(src), "ab" * 64)
+    img = repo.commit_image(tree_with(repo, {"x": data}), "img")
+    fd, verity = repo.open_image(img)
+    os.close(fd)
+    assert verity is True
+    assert repo.fsck().ok
+    # An object without fs-verity (swapped in behind our back) is refused.
+    victim = objpath(repo, oid)
+    victim.unlink()
+    victim.write_bytes(data)
+    assert repo.fsck().kinds() == {"object-verity-missing"}
+    with pytest.raises(RepositoryError, match="verification"):
+        repo.open_object(oid)
+    repo.close()
+    Repository.open(path, require_verity=True).close()
