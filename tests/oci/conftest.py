@@ -464,6 +464,7 @@ class FrontState:
             self.log: list[Logged] = []
             self.token_requests: list[Logged] = []
             self.honor_range = True
+            self.reject_tokens = False  # 401 even for tokens we issued
 
     @property
     def host(self) -> str:
@@ -533,7 +534,8 @@ class _Handler(BaseHTTPRequestHandler):
             repo = m.group(1) if m else ""
             if st.require_token:
                 authz = self.headers.get("Authorization", "")
-                if not (authz.startswith("Bearer ") and authz[7:] in st.tokens):
+                valid = authz.startswith("Bearer ") and authz[7:] in st.tokens
+                if st.reject_tokens or not valid:
                     challenge = (
                         f'Bearer realm="http://{st.host}/token",service="cfs-test"'
                         + (f',scope="repository:{repo}:pull"' if repo else "")

@@ -840,3 +840,24 @@ def test_cfsctl_oci_pull(registry_plain: Any, registry_auth: Any, oci_images: An
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "not found" in r.stderr, r.stderr
     r = _cfsctl("--repo", str(repo), "oci", "images")
     assert "mytag" in r.stdout and " n " not in r.stdout
+
+
+def test_token_revoked_mid_pull(front: Any, oci_images: Any, fast_options: Any) -> None:
+    img = oci_images["plain"]
+    with reg.open_source(front.ref(img.name), fast_options) as src:
+        resolved = tr.resolve_manifest(src)
+        n_tokens = len(front.token_requests)
+        with front.lock:
+            front.tokens.clear()  # e.g. expired early on the server side
+        files = layer_files(src, resolved.manifest.layers[0])
+    assert files
+    assert len(front.token_requests) == n_tokens + 1
+
+
+def test_token_never_accepted(front: Any, oci_images: Any, fast_options: Any) -> None:
+    front.reject_tokens = True
+    with reg.open_source(front.ref(oci_images["plain"].name), fast_options) as src:
+        with pytest.raises(RegistryAuthError) as ei:
+            src.get_manifest()
+    assert "access denied" in one_line(ei.value)
+    assert len(front.token_requests) <= 3  # bounded, no loop
