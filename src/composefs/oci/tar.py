@@ -129,12 +129,10 @@ def parse_octal(fld: bytes, what: str = "number") -> int:
     fld = fld.strip(_TAR_WS)
     if not fld:
         return 0
-    try:
-        if not all(0x30 <= c <= 0x37 for c in fld):
-            raise ValueError
-        return int(fld, 8)
-    except ValueError:
-        raise TarFormatError(f"tar header: invalid {what} field {fld[:20]!r}") from None
+    # Digits 0-7 only (int() alone would also take signs and underscores).
+    if fld.translate(None, b"01234567"):
+        raise TarFormatError(f"tar header: invalid {what} field {fld[:20]!r}")
+    return int(fld, 8)
 
 
 def parse_number(fld: bytes, what: str = "number") -> int:
