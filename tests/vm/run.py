@@ -446,7 +446,7 @@ def guest_script(share: Path, pytest_args: Sequence[str]) -> str:
         "COMPOSEFS_IN_VM": "1",
     }
     cmd = [python, "-m", "pytest", "-p", "no:cacheprovider", "-m", "vm", "-v",
-           "--color=no", "--durations=5", f"--junitxml={share / 'junit.xml'}", *args]
+           "--color=no", "--durations=5", "--timeout=180", f"--junitxml={share / 'junit.xml'}", *args]
     lines = ["# written by tests/vm/run.py; runs chrooted into the host's / in the VM",
              f"cd {shlex.quote(str(REPO))} || exit 98",
              *(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
@@ -504,13 +504,23 @@ def boot(qemu: str, kernel: Kernel, initramfs: Path, disk: Path, share: Path,
 # ------------------------------------------------------------------- report
 
 
+def node_id(classname: str, name: str) -> str:
+    """pytest's node id (tests/x/test_y.py::Class::name) from JUnit's dotted classname."""
+    parts = classname.split(".")
+    for i in range(len(parts), 0, -1):
+        path = "/".join(parts[:i]) + ".py"
+        if (REPO / path).is_file():
+            return "::".join([path, *parts[i:], name])
+    return f"{classname}::{name}"
+
+
 def report(junit: Path) -> tuple[int, int, int]:
     """Print one line per test; return (passed, failed, skipped)."""
     counts = [0, 0, 0]
     if not junit.is_file():
         raise HarnessError("the guest wrote no JUnit XML (pytest did not run)")
     for case in ET.parse(junit).getroot().iter("testcase"):
-        name = f"{case.get('classname', '')}::{case.get('name', '')}"
+        name = node_id(case.get("classname", ""), case.get("name", ""))
         outcome = "PASS"
         detail = ""
         for child in case:

@@ -1,0 +1,71 @@
+"""Host-side checks of the VM harness's pure parts (no VM is booted here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+
+def _load_runner() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "composefs_vm_run", Path(__file__).with_name("run.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+runner = _load_runner()
+
+
+def test_cpio_is_readable_by_busybox(tmp_path: Path) -> None:
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("busybox not installed (make system-deps installs it)")
+    cpio = runner.Cpio()
+    cpio.dir("bin")
+    cpio.file("bin/hello", b"#!/bin/sh\necho hi\n", 0o755)
+    cpio.file("odd-size", b"x" * 4097)
+    cpio.chardev("console", 5, 1)
+    archive = cpio.finish()
+    assert len(archive) % 4 == 0
+    listing = subprocess.run([busybox, "cpio", "-t"], input=archive, capture_output=True,
+                             check=True).stdout.decode().split()
+    assert listing == ["bin", "bin/hello", "odd-size", "console"]
+    subprocess.run([busybox, "cpio", "-i", "-d"], input=archive, cwd=tmp_path,
+                   capture_output=True, check=False)
+    assert (tmp_path / "bin/hello").read_bytes() == b"#!/bin/sh\necho hi\n"
+    assert (tmp_path / "bin/hello").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "odd-size").read_bytes() == b"x" * 4097
+
+
+def test_node_id() -> None:
+    assert (runner.node_id("tests.vm.test_vm_verity", "test_x[sha256]")
+            == "tests/vm/test_vm_verity.py::test_x[sha256]")
+    assert (runner.node_id("tests.vm.test_vm_verity.TestA", "t")
+            == "tests/vm/test_vm_verity.py::TestA::t")
+    assert runner.node_id("nowhere.mod", "t") == "nowhere.mod::t"
+
+
+@pytest.mark.parametrize(("args", "expect_default"), [
+    ([], True),
+    (["-k", "mount and not cfsctl"], True),
+    (["tests/vm/test_vm_verity.py::test_measure_without_verity"], False),
+])
+def test_guest_script(tmp_path: Path, args: list[str], expect_default: bool) -> None:
+    script = runner.guest_script(tmp_path, args)
+    last = shlex.split(script.strip().splitlines()[-1])
+    assert last[:3] == [sys.executable, "-m", "pytest"]
+    assert last[last.index("-m", 3) + 1] == "vm"
+    assert f"--junitxml={tmp_path / 'junit.xml'}" in last
+    assert last[-len(args) - 1:-1] == args if expect_default else last[-len(args):] == args
+    assert (last[-1] == "tests/vm") == expect_default
+    assert "export COMPOSEFS_VERITY_SCRATCH=/run/verity" in script
