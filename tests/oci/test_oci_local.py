@@ -728,3 +728,25 @@ def test_progress_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert "fetching 1 layer(s): 0 B / 2.00 KiB" in err
     assert "sha256:abcdef012345: 2.00 KiB done\n" in err
     assert "sha256:000000000000: already present\n" in err
+
+
+def test_archives_written_by_skopeo(
+    repo: Repository, layout: tuple[Path, list[L.BuiltImage]], tmp_path: Path
+) -> None:
+    """skopeo as an independent producer of docker-archive (legacy layout,
+    layer.tar symlinks) and oci-archive files."""
+    skopeo = shutil.which("skopeo")
+    if skopeo is None:
+        pytest.skip("skopeo not installed (make system-deps installs it)")
+    path, _ = layout
+    want = image_id_of(repo, [base_layer(), top_layer()])
+    for dest, ref in (
+        (f"docker-archive:{tmp_path}/d.tar:demo:v1", f"docker-archive:{tmp_path}/d.tar"),
+        (f"oci-archive:{tmp_path}/o.tar:tagged", f"oci-archive:{tmp_path}/o.tar:tagged"),
+    ):
+        subprocess.run(
+            [skopeo, "copy", "--quiet", f"oci:{path}:latest", dest], check=True, timeout=120
+        )
+        assert storage.pull(repo, ref, ref).image_id == want
+    assert storage.pull(repo, f"docker-archive:{tmp_path}/d.tar:demo:v1", "x").image_id == want
+    assert storage.oci_fsck(repo).ok
