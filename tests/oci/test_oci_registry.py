@@ -861,3 +861,16 @@ def test_token_never_accepted(front: Any, oci_images: Any, fast_options: Any) ->
             src.get_manifest()
     assert "access denied" in one_line(ei.value)
     assert len(front.token_requests) <= 3  # bounded, no loop
+
+
+def test_bad_certificate_paths(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="certificate directory not found"):
+        reg.open_source("127.0.0.1:1/x", cert_dir=str(tmp_path / "nope"))
+    with pytest.raises(RegistryError, match="CA file not found"):
+        reg.open_source("127.0.0.1:1/x", ca_file=str(tmp_path / "nope.pem"))
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    src = reg.open_source("registry.example/x", ca_file=str(bad))
+    with pytest.raises(RegistryError) as ei:
+        src.get_manifest()
+    assert "cannot load TLS certificates" in one_line(ei.value)

@@ -29,6 +29,7 @@ import hashlib
 import io
 import ipaddress
 import json
+import os
 import re
 import socket
 import ssl
@@ -370,13 +371,21 @@ class RegistryClient:
         host, _port = split_host_port(self.api_host)
         self._sleep = sleep
         # Plain HTTP: loopback (nothing on the wire to protect) or explicit opt-out.
-        self.allow_http = is_loopback(host) or not opts.tls_verify
-        ctx = _make_ssl_context(opts, self.api_host)
+        self.loopback = is_loopback(host)
+        self.allow_http = self.loopback or not opts.tls_verify
+        # The TLS context is made on first HTTPS use (loading the system CA
+        # store costs more than a whole pull from a local plain registry).
+        self._tls_lock = threading.Lock()
+        self._tls_ready = False
+        # ...but a mistyped path is reported now, not on some later HTTPS hop.
+        if opts.cert_dir and not os.path.isdir(opts.cert_dir):
+            raise RegistryError(f"certificate directory not found: {opts.cert_dir}")
+        if opts.ca_file and not os.path.isfile(opts.ca_file):
+            raise RegistryError(f"CA file not found: {opts.ca_file}")
         self._pool = urllib3.PoolManager(
             num_pools=8,
             maxsize=max(2, opts.max_workers + 2),
             block=False,
-            ssl_context=ctx,
             cert_reqs=ssl.CERT_REQUIRED if opts.tls_verify else ssl.CERT_NONE,
             assert_hostname=None if opts.tls_verify else False,
             retries=False,
@@ -402,7 +411,16 @@ class RegistryClient:
         if delay > 0:
             self._sleep(delay)
 
+    def _ensure_tls(self) -> None:
+        with self._tls_lock:
+            if not self._tls_ready:
+                ctx = _make_ssl_context(self.options, self.api_host)
+                self._pool.connection_pool_kw["ssl_context"] = ctx
+                self._tls_ready = True
+
     def _send(self, method: str, url: str, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
+        if not self._tls_ready and url.startswith("https:"):
+            self._ensure_tls()
         return self._pool.request(
             method,
             url,
@@ -436,14 +454,14 @@ class RegistryClient:
         scope: str | None,
         auth: bool = True,
         ok_status: Iterable[int] = (),
-        retries: int | None = None,
+        retry_network: bool = True,
     ) -> urllib3.BaseHTTPResponse:
         """One logical request: auth, redirects (credentials only to the same
         origin), retries with backoff. Returns the final response unread
         (caller releases it); raises RegistryError on network failure."""
         net_errors = _net_errors()
         ssl_error = _ssl_error_cls()
-        max_retries = self.options.retries if retries is None else retries
+        max_retries = self.options.retries
         attempt = 0
         auth_tries = 0
         home = _origin(url)
@@ -470,14 +488,14 @@ class RegistryClient:
                         f"{_origin(target)[1]}: TLS certificate verification failed ({_describe(e)}); "
                         "give the CA with --cert-dir, or use --tls-verify=false"
                     ) from None
-                if attempt < max_retries:
+                if retry_network and attempt < max_retries:
                     self._backoff(attempt)
                     attempt += 1
                     target, hops = url, 0
                     continue
                 raise RegistryError(f"{_origin(target)[1]}: TLS error: {_describe(e)}") from None
             except net_errors as e:
-                if attempt < max_retries:
+                if retry_network and attempt < max_retries:
                     self._backoff(attempt)
                     attempt += 1
                     target, hops = url, 0
@@ -533,25 +551,39 @@ class RegistryClient:
     def base_url(self) -> str:
         """``scheme://host[:port]``, found by pinging ``/v2/`` once.
 
-        HTTPS first; plain HTTP only if allowed and HTTPS did not work for a
-        reason other than a bad certificate (a certificate problem is never
-        "solved" by dropping encryption).
+        Loopback registries are probed over plain HTTP first (the probe
+        carries no credentials, and most local registries are plain), then
+        HTTPS. Everything else is HTTPS, with plain HTTP as a fallback only
+        when verification is off. A certificate problem is never "solved"
+        by dropping encryption.
         """
         with self._base_lock:
             if self._base is not None:
                 return self._base
-            schemes = ["https", "http"] if self.allow_http else ["https"]
+            if not self.allow_http:
+                schemes = ["https"]
+            elif self.loopback:
+                schemes = ["http", "https"]
+            else:
+                schemes = ["https", "http"]
             last: RegistryError | None = None
             for i, scheme in enumerate(schemes):
                 base = f"{scheme}://{self.api_host}"
+                probing = i + 1 < len(schemes)
                 try:
-                    resp = self._ping(base, quick=i + 1 < len(schemes))
+                    resp = self._request(
+                        "GET", base + "/v2/", scope=None, auth=False, retry_network=not probing
+                    )
                 except _CertError:
                     raise
                 except RegistryError as e:
                     last = e
                     continue
                 try:
+                    if probing and scheme == "http" and resp.status == 400:
+                        # What an HTTPS server says to a plain-HTTP request.
+                        last = RegistryError(f"{self.registry}: HTTP answered 400; trying HTTPS")
+                        continue
                     if resp.status == 401:
                         self.auth.note_challenge(resp.headers.get("WWW-Authenticate"))
                     elif resp.status == 404:
@@ -564,11 +596,6 @@ class RegistryClient:
                 return base
             assert last is not None
             raise last
-
-    def _ping(self, base: str, *, quick: bool) -> urllib3.BaseHTTPResponse:
-        # When HTTP is the fallback, probe HTTPS once without retries: a
-        # plain-HTTP server answers a TLS hello with garbage, not worth waiting for.
-        return self._request("GET", base + "/v2/", scope=None, auth=False, retries=0 if quick else None)
 
     def _url(self, repository: str, kind: str, ref: str) -> str:
         return f"{self.base_url()}/v2/{repository}/{kind}/{urllib.parse.quote(ref, safe=':')}"
