@@ -723,9 +723,12 @@ class DockerArchiveSource(BaseSource):
             if not 0 <= n < len(entries):
                 raise OciError(f"{self._reference}: no image @{n} (archive holds {len(entries)})")
             return entries[n]
+        wanted = {selector, _docker_normalize(selector)}
         for e in entries:
             tags = e.get("RepoTags") or []
-            if isinstance(tags, list) and selector in tags:
+            if isinstance(tags, list) and any(
+                isinstance(t, str) and (t in wanted or _docker_normalize(t) in wanted) for t in tags
+            ):
                 return e
         raise OciError(f"{self._reference}: no image tagged {selector!r}")
 
@@ -791,6 +794,21 @@ class DockerArchiveSource(BaseSource):
 
     def close(self) -> None:
         self._tar.close()
+
+
+def _docker_normalize(ref: str) -> str:
+    """Docker's reference normalisation: ``demo:v1`` is
+    ``docker.io/library/demo:v1``; a missing tag is ``latest``."""
+    name, at, digest = ref.partition("@")
+    last = name.rsplit("/", 1)[-1]
+    if not at and ":" not in last:
+        name += ":latest"
+    first, slash, _rest = name.partition("/")
+    if not slash:
+        name = "docker.io/library/" + name
+    elif "." not in first and ":" not in first and first != "localhost":
+        name = "docker.io/" + name
+    return name + at + digest
 
 
 # -- containers-storage via skopeo -----------------------------------------------
