@@ -749,3 +749,19 @@ def test_archives_written_by_skopeo(repo: Repository, tmp_path: Path) -> None:
         assert storage.pull(repo, ref, ref).image_id == want
     assert storage.pull(repo, f"docker-archive:{tmp_path}/d.tar:demo:v1", "x").image_id == want
     assert storage.oci_fsck(repo).ok
+
+
+def test_repull_with_other_format_keeps_earlier_refs(
+    repo: Repository, layout: tuple[Path, list[L.BuiltImage]]
+) -> None:
+    path, _ = layout
+    first = storage.pull(repo, f"oci:{path}", "demo")
+    storage.commit_boot_images(repo, storage.open_image_ref(repo, "demo"), lambda root: None)
+    repo.set_erofs_version(1)
+    second = storage.pull(repo, f"oci:{path}", "demo")
+    assert second.image_ids == {1: image_id_of(repo, [base_layer(), top_layer()], 1)}
+    img = storage.open_image_ref(repo, "demo")
+    assert img.image_id(2) == first.image_id and img.image_id(1) == second.image_id
+    assert img.boot_image_id(2) == first.image_id  # identity transform: same image
+    repo.gc()
+    assert repo.has_object(first.image_id or "") and repo.has_object(second.image_id or "")

@@ -978,7 +978,9 @@ def pull_from_source(
     config_named = {d: layer_refs[d] for d in diff_ids}
     image_ids: dict[int, str] = {}
     if container:
-        image_ids = _existing_images(repo, config_digest, layer_refs)
+        kept = _kept_image_refs(repo, config_digest, layer_refs)
+        config_named.update(kept)
+        image_ids = _existing_images(repo, kept)
         if not image_ids:
             _report(progress, ProgressEvent("message", message="Building composefs image"))
             root = build_tree(repo, diff_ids, layer_refs)
@@ -1030,10 +1032,12 @@ def commit_boot_images(
     return ids
 
 
-def _existing_images(
+def _kept_image_refs(
     repo: Repository, config_digest: str, layer_refs: dict[str, str]
-) -> dict[int, str]:
-    """Images already committed for this config (same layers), if complete."""
+) -> dict[str, str]:
+    """Image refs (plain and boot, every format) recorded by an earlier pull
+    of the same config with the same layers, whose images still exist: a
+    re-pull (maybe with another --erofs-version) must not drop them."""
     cid = config_stream(config_digest)
     if repo.has_stream(cid) is None:
         return {}
@@ -1043,10 +1047,15 @@ def _existing_images(
         return {}
     if any(named.get(d) != v for d, v in layer_refs.items()):
         return {}
+    return {k: v for k, v in named.items() if k in _ALL_IMAGE_KEYS and repo.has_object(v)}
+
+
+def _existing_images(repo: Repository, kept: dict[str, str]) -> dict[int, str]:
+    """The images for every repository format, if all were kept."""
     out: dict[int, str] = {}
     for version in repo.format_config().versions():
-        image_id = named.get(IMAGE_REF_KEYS[version])
-        if image_id is None or not repo.has_object(image_id):
+        image_id = kept.get(IMAGE_REF_KEYS[version])
+        if image_id is None:
             return {}
         out[version] = image_id
     # Make sure the images/ links exist (gc may have pruned them).
