@@ -453,7 +453,8 @@ class _Buffer:
         return len(self.buf) >= n
 
     def take(self, n: int) -> bytes:
-        data = bytes(self.buf[self.pos : self.pos + n])
+        with memoryview(self.buf) as mv:  # one copy, not two
+            data = bytes(mv[self.pos : self.pos + n])
         self.pos += len(data)
         return data
 
