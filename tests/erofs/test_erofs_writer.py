@@ -382,3 +382,36 @@ def test_kernel_mount_matches_tree(vectors: Path, version: FormatVersion) -> Non
         assert "00" in seen and stat.S_ISCHR(seen["00"][0])
     else:
         assert stat.S_ISCHR(seen["whiteout"][0]) and "00" not in seen
+
+
+@needs_root
+@pytest.mark.parametrize("version", [V0, V2])
+def test_kernel_mount_hardlinks(version: FormatVersion) -> None:
+    """The first depth-first name of a hardlinked file (here deeper than a
+    later name that breadth-first order meets first) owns the inode; every
+    name resolves to it."""
+    root = Directory(Stat(0o755))
+    f = Leaf(Stat(0o644, uid=7), Regular(5, data=b"hello"), nlink=3)
+    a = Directory(Stat(0o755))
+    deep = Directory(Stat(0o755))
+    root.entries[b"a"] = a
+    a.entries[b"deep"] = deep
+    deep.entries[b"x"] = f
+    root.entries[b"b"] = f
+    root.entries[b"c"] = f
+    with tempfile.TemporaryDirectory() as tmp:
+        img = os.path.join(tmp, "img")
+        mnt = os.path.join(tmp, "mnt")
+        os.mkdir(mnt)
+        Path(img).write_bytes(mkfs(root, version))
+        r = subprocess.run(["mount", "-t", "erofs", "-o", "loop,ro", img, mnt], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount erofs here: {r.stderr.decode(errors='replace').strip()}")
+        try:
+            sts = [os.lstat(os.path.join(mnt, p)) for p in ("a/deep/x", "b", "c")]
+            assert len({st.st_ino for st in sts}) == 1
+            assert all(st.st_nlink == 3 and st.st_uid == 7 for st in sts)
+            assert Path(mnt, "c").read_bytes() == b"hello"
+            assert os.lstat(os.path.join(mnt, "a")).st_nlink == 3
+        finally:
+            subprocess.run(["umount", mnt], check=True)
