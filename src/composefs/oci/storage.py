@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -499,8 +500,6 @@ def resolve_tag(repo: Repository, tag: str) -> tuple[str, str]:
     """(manifest digest, manifest stream verity) of a tag."""
     validate_tag(tag)
     ref = tag_ref(tag)
-    import os
-
     try:
         target = os.readlink(f"streams/refs/{ref}", dir_fd=repo.fileno())
     except (FileNotFoundError, NotADirectoryError):
@@ -1195,8 +1194,6 @@ def _fsck_image(repo: Repository, name: str, manifest_digest: str, result: OciFs
         if isinstance(seal, str):
             image = seal.partition(":")[2] or seal
             try:
-                import os
-
                 os.close(repo.open_image(image)[0])
             except Exception as e:
                 fail("seal-image-missing", f"{seal}: {_msg(e)}")
