@@ -666,3 +666,122 @@ def fast_options() -> Any:
 
     return RegistryOptions(backoff=0.01, max_backoff=0.05, retries=3, env={"HOME": "/nonexistent"})
 
+
+
+# ---------------------------------------------------------------- forward proxy
+
+
+class ProxyState:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.port = 0
+        self.reset()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.log: list[Logged] = []
+            self.require_auth: tuple[str, str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    """A tiny forward proxy: CONNECT tunnels and absolute-form GET/HEAD."""
+
+    protocol_version = "HTTP/1.1"
+    server: Any
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _allowed(self) -> bool:
+        st: ProxyState = self.server.state
+        with st.lock:
+            st.log.append(Logged("proxy", self.command, self.path, dict(self.headers.items())))
+        if st.require_auth is None:
+            return True
+        want = "Basic " + base64.b64encode(":".join(st.require_auth).encode()).decode()
+        if self.headers.get("Proxy-Authorization") == want:
+            return True
+        self.send_response(407)
+        self.send_header("Proxy-Authenticate", 'Basic realm="proxy"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return False
+
+    def do_CONNECT(self) -> None:
+        import selectors
+
+        if not self._allowed():
+            return
+        host, _, port = self.path.rpartition(":")
+        try:
+            upstream = socket.create_connection((host, int(port)), timeout=10)
+        except OSError:
+            self.send_response(502)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        self.close_connection = True
+        sel = selectors.DefaultSelector()
+        sel.register(self.connection, selectors.EVENT_READ, upstream)
+        sel.register(upstream, selectors.EVENT_READ, self.connection)
+        try:
+            while True:
+                for key, _ in sel.select(timeout=30):
+                    data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+                    if not data:
+                        return
+                    key.data.sendall(data)
+        except OSError:
+            return
+        finally:
+            sel.close()
+            upstream.close()
+
+    def _forward(self) -> None:
+        if not self._allowed():
+            return
+        u = urllib.parse.urlsplit(self.path)
+        conn = http.client.HTTPConnection(u.hostname or "", u.port or 80, timeout=30)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("proxy-authorization", "connection")}
+        try:
+            conn.request(self.command, u.path + (f"?{u.query}" if u.query else ""), headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()
+            self.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("content-length", "connection", "transfer-encoding"):
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        finally:
+            conn.close()
+
+    do_GET = _forward
+    do_HEAD = _forward
+
+
+@pytest.fixture(scope="session")
+def proxy_server() -> Iterator[ProxyState]:
+    state = ProxyState()
+    srv = _Server(("127.0.0.1", 0), state, "proxy")  # type: ignore[arg-type]
+    srv.RequestHandlerClass = _ProxyHandler
+    state.port = srv.server_address[1]
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield state
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def proxy(proxy_server: ProxyState) -> ProxyState:
+    proxy_server.reset()
+    return proxy_server

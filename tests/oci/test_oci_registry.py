@@ -874,3 +874,61 @@ def test_bad_certificate_paths(tmp_path: Path) -> None:
     with pytest.raises(RegistryError) as ei:
         src.get_manifest()
     assert "cannot load TLS certificates" in one_line(ei.value)
+
+
+# ---------------------------------------------------------------- proxies
+
+
+def test_proxy_rules() -> None:
+    o = reg.RegistryOptions(env={"https_proxy": "proxy.example:3128", "NO_PROXY": "internal.example,10.0.0.0/8,.corp,x.example:5000"})
+    assert reg.proxy_for("https://quay.io/v2/", o) == "http://proxy.example:3128"
+    assert reg.proxy_for("http://quay.io/v2/", o) is None  # no http_proxy set
+    assert reg.proxy_for("https://internal.example/v2/", o) is None
+    assert reg.proxy_for("https://reg.internal.example/v2/", o) is None
+    assert reg.proxy_for("https://a.b.corp/v2/", o) is None
+    assert reg.proxy_for("https://corp/v2/", o) is None
+    assert reg.proxy_for("https://10.1.2.3:5000/v2/", o) is None
+    assert reg.proxy_for("https://11.1.2.3/v2/", o) == "http://proxy.example:3128"
+    assert reg.proxy_for("https://x.example:5000/v2/", o) is None
+    assert reg.proxy_for("https://x.example/v2/", o) == "http://proxy.example:3128"
+    assert reg.proxy_for("https://notinternal.example/v2/", o) == "http://proxy.example:3128"
+    # loopback is never proxied implicitly; explicit options win
+    assert reg.proxy_for("http://127.0.0.1:5000/v2/", o) is None
+    o2 = reg.RegistryOptions(env={"ALL_PROXY": "http://p:1", "no_proxy": "*"})
+    assert reg.proxy_for("https://quay.io/v2/", o2) is None
+    o3 = reg.RegistryOptions(env={"ALL_PROXY": "http://p:1"})
+    assert reg.proxy_for("http://quay.io/v2/", o3) == "http://p:1"
+    assert reg.proxy_for("http://127.0.0.1/v2/", reg.RegistryOptions(proxy="http://p:2")) == "http://p:2"
+    assert reg.proxy_for("https://quay.io/", reg.RegistryOptions(proxy="", env={"https_proxy": "http://p:1"})) is None
+
+
+def test_proxy_plain_http(registry_plain: Any, oci_images: Any, proxy: Any) -> None:
+    img = oci_images["plain"]
+    with reg.open_source(registry_plain.ref(img.name), proxy=proxy.url) as src:
+        _, files = pull_files(src)
+    assert files == img.files
+    gets = [r.path for r in proxy.log if r.method == "GET"]
+    assert any(p.startswith(f"http://{registry_plain.host}/v2/test/plain/blobs/") for p in gets), gets
+
+
+def test_proxy_tls_tunnel_with_auth(registry_tls: Any, oci_images: Any, proxy: Any) -> None:
+    proxy.require_auth = ("pu", "p@ss")
+    img = oci_images["zstd"]
+    url = proxy.url.replace("http://", "http://pu:p%40ss@")
+    with reg.open_source(registry_tls.ref(img.name), proxy=url, ca_file=registry_tls.ca_file) as src:
+        _, files = pull_files(src)
+    assert files == img.files
+    # Only the credential-free plain-HTTP probe of a loopback registry is
+    # visible to the proxy; everything else goes through CONNECT tunnels.
+    for r in proxy.log:
+        if r.method == "GET":
+            assert r.path == f"http://{registry_tls.host}/v2/" and "Authorization" not in r.headers
+        else:
+            assert (r.method, r.path) == ("CONNECT", registry_tls.host)
+    assert any(r.method == "CONNECT" for r in proxy.log)
+
+    o = reg.RegistryOptions(proxy=proxy.url, ca_file=registry_tls.ca_file, retries=1, backoff=0.01)
+    with reg.open_source(registry_tls.ref(img.name), o) as src, pytest.raises(RegistryError) as ei:
+        src.get_manifest()
+    msg = one_line(ei.value)
+    assert "p@ss" not in msg and "407" in msg, msg

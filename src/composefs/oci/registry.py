@@ -218,6 +218,11 @@ class RegistryOptions:
     False (``--tls-verify=false``) disables certificate checks and allows plain
     HTTP; `cert_dir` (``--cert-dir``) holds ``*.crt`` CA files and optional
     ``*.cert``/``*.key`` client pairs; `ca_file` is one extra CA bundle.
+    `proxy`: an ``http://[user:pass@]host:port`` proxy for every request
+    (``""`` disables proxies); None means the usual ``https_proxy`` /
+    ``http_proxy`` / ``all_proxy`` / ``no_proxy`` variables, which never
+    apply to loopback registries. `env` replaces ``os.environ`` for auth-file
+    and proxy lookup.
     """
 
     creds: str | None = None
@@ -233,7 +238,59 @@ class RegistryOptions:
     max_workers: int = 4
     #: directories searched for ``HOST[:PORT]/*.crt`` like podman/docker do
     certs_d: tuple[str, ...] = ("/etc/containers/certs.d", "/etc/docker/certs.d")
+    proxy: str | None = None
     env: Mapping[str, str] | None = field(default=None, repr=False)
+
+
+def _no_proxy_match(host: str, port: int, no_proxy: str) -> bool:
+    """curl-style ``no_proxy``: ``*``, host names matching themselves and
+    their subdomains (a leading ``.`` or ``*.`` is optional), ``host:port``,
+    and IP addresses or CIDR networks."""
+    host = host.lower().strip("[]")
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    for raw in no_proxy.split(","):
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        if ip is not None:
+            try:
+                if ip in ipaddress.ip_network(entry.strip("[]"), strict=False):
+                    return True
+                continue
+            except ValueError:
+                pass  # not an address: maybe host:port
+        name, _, eport = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if eport and eport.isdigit():
+            if int(eport) != port:
+                continue
+            entry = name
+        entry = entry.removeprefix("*").removeprefix(".")
+        if host == entry or host.endswith("." + entry):
+            return True
+    return False
+
+
+def proxy_for(url: str, options: RegistryOptions) -> str | None:
+    """The proxy URL to use for `url`, or None for a direct connection."""
+    if options.proxy is not None:
+        return options.proxy or None
+    scheme, host, port = _origin(url)
+    if is_loopback(host):
+        return None
+    env = os.environ if options.env is None else options.env
+
+    def get(name: str) -> str:
+        return env.get(name) or env.get(name.upper()) or ""
+
+    proxy = get(f"{scheme}_proxy") or get("all_proxy")
+    if not proxy or _no_proxy_match(host, port, get("no_proxy")):
+        return None
+    return proxy if "://" in proxy else "http://" + proxy
 
 
 def _make_ssl_context(opts: RegistryOptions, hostport: str) -> ssl.SSLContext:
@@ -324,6 +381,14 @@ def _is_cert_failure(e: BaseException) -> bool:
     return "CERTIFICATE_VERIFY_FAILED" in str(e)
 
 
+def _redact(url: str) -> str:
+    """A URL without its password (for messages)."""
+    p = urllib.parse.urlsplit(url)
+    if p.password is None:
+        return url
+    return p._replace(netloc=p.netloc.replace(":" + p.password + "@", ":***@")).geturl()
+
+
 def _origin(url: str) -> tuple[str, str, int]:
     p = urllib.parse.urlsplit(url)
     port = p.port or (443 if p.scheme == "https" else 80)
@@ -377,6 +442,8 @@ class RegistryClient:
         # store costs more than a whole pull from a local plain registry).
         self._tls_lock = threading.Lock()
         self._tls_ready = False
+        self._ssl_context: ssl.SSLContext | None = None
+        self._proxied: dict[str, urllib3.ProxyManager] = {}
         # ...but a mistyped path is reported now, not on some later HTTPS hop.
         if opts.cert_dir and not os.path.isdir(opts.cert_dir):
             raise RegistryError(f"certificate directory not found: {opts.cert_dir}")
@@ -401,6 +468,8 @@ class RegistryClient:
 
     def close(self) -> None:
         self._pool.clear()
+        for mgr in self._proxied.values():
+            mgr.clear()
 
     # -- low level -----------------------------------------------------------
 
@@ -414,14 +483,49 @@ class RegistryClient:
     def _ensure_tls(self) -> None:
         with self._tls_lock:
             if not self._tls_ready:
-                ctx = _make_ssl_context(self.options, self.api_host)
-                self._pool.connection_pool_kw["ssl_context"] = ctx
+                self._ssl_context = _make_ssl_context(self.options, self.api_host)
+                for pool in (self._pool, *self._proxied.values()):
+                    pool.connection_pool_kw["ssl_context"] = self._ssl_context
                 self._tls_ready = True
+
+    def _manager(self, url: str) -> urllib3.PoolManager:
+        proxy = proxy_for(url, self.options)
+        if proxy is None:
+            return self._pool
+        with self._tls_lock:
+            mgr = self._proxied.get(proxy)
+            if mgr is None:
+                mgr = self._make_proxy_manager(proxy)
+                self._proxied[proxy] = mgr
+            return mgr
+
+    def _make_proxy_manager(self, proxy: str) -> urllib3.ProxyManager:
+        import urllib3
+
+        parsed = urllib.parse.urlsplit(proxy)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise RegistryError(f"unsupported proxy URL {_redact(proxy)!r} (use http://HOST:PORT)")
+        proxy_headers = None
+        if parsed.username:
+            user = urllib.parse.unquote(parsed.username)
+            password = urllib.parse.unquote(parsed.password or "")
+            proxy_headers = urllib3.make_headers(proxy_basic_auth=f"{user}:{password}")
+        netloc = parsed.hostname if ":" not in parsed.hostname else f"[{parsed.hostname}]"
+        if parsed.port:
+            netloc += f":{parsed.port}"
+        kw = dict(self._pool.connection_pool_kw)
+        return urllib3.ProxyManager(
+            f"{parsed.scheme}://{netloc}",
+            num_pools=8,
+            headers=self._pool.headers,
+            proxy_headers=proxy_headers,
+            **kw,
+        )
 
     def _send(self, method: str, url: str, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
         if not self._tls_ready and url.startswith("https:"):
             self._ensure_tls()
-        return self._pool.request(
+        return self._manager(url).request(
             method,
             url,
             headers=headers,
@@ -505,6 +609,10 @@ class RegistryClient:
             status = resp.status
             if status in ok_status:
                 return resp
+            if status == 407:
+                _discard(resp)
+                proxy = proxy_for(target, self.options) or "proxy"
+                raise RegistryError(f"{_redact(proxy)}: proxy authentication required (HTTP 407)")
             if status in _REDIRECT_STATUS:
                 location = resp.headers.get("Location")
                 _discard(resp)
