@@ -60,6 +60,7 @@ from .transports import (
     load_json,
     open_source,
     parse_digest,
+    read_at_most,
     resolve_manifest,
 )
 
@@ -374,7 +375,7 @@ def _read_json_stream(
             raise OciError(f"{content_id}: expected exactly 1 external object, got {len(refs)}")
         named = dict(reader.named_refs)
     with repo.open_object_file(refs[0]) as f:
-        data = f.read(MAX_JSON_SIZE + 1)
+        data = read_at_most(f, MAX_JSON_SIZE + 1)
     if len(data) > MAX_JSON_SIZE:
         raise OciError(f"{content_id}: document is too large")
     return data, named
@@ -866,7 +867,7 @@ def _fetch_small(source: ImageSource, desc: Descriptor, what: str) -> bytes:
     if desc.size > MAX_JSON_SIZE:
         raise OciError(f"{what} {desc.digest} is too large ({desc.size} bytes)")
     with source.open_blob(desc.digest, desc.size) as f:
-        data = f.read(MAX_JSON_SIZE + 1)
+        data = read_at_most(f, MAX_JSON_SIZE + 1)
     if len(data) != desc.size:
         raise DigestMismatch(f"{what} {desc.digest}: expected {desc.size} bytes, got {len(data)}")
     actual = digest_of(data, desc.digest)

@@ -79,6 +79,17 @@ _LAYER_COMPRESSION = {
 MAX_JSON_SIZE = 16 * 1024 * 1024
 
 
+def read_at_most(f: Any, limit: int) -> bytes:
+    """Read until EOF or `limit` bytes (raw streams may return short reads)."""
+    out = bytearray()
+    while len(out) < limit:
+        data = f.read(limit - len(out))
+        if not data:
+            break
+        out += data
+    return bytes(out)
+
+
 def layer_compression(media_type: str) -> str | None:
     """The compression ("none", "gzip", "zstd") of a tar layer media type, else None."""
     return _LAYER_COMPRESSION.get(media_type)
@@ -455,7 +466,7 @@ class _LayoutSource(BaseSource):
 
     def _read_small(self, name: str) -> bytes:
         with self._open(name) as f:
-            data = f.read(MAX_JSON_SIZE + 1)
+            data = read_at_most(f, MAX_JSON_SIZE + 1)
         if len(data) > MAX_JSON_SIZE:
             raise OciError(f"{self._reference}: {name} is too large")
         return data
@@ -660,7 +671,7 @@ class DockerArchiveSource(BaseSource):
 
     def _read_small(self, name: str) -> bytes:
         with self._tar.open(name) as f:
-            data = f.read(MAX_JSON_SIZE + 1)
+            data = read_at_most(f, MAX_JSON_SIZE + 1)
         if len(data) > MAX_JSON_SIZE:
             raise OciError(f"{self._reference}: {name} is too large")
         return data
