@@ -538,7 +538,8 @@ class RegistryClient:
     def _fetch_token(self, url: str, headers: dict[str, str]) -> tuple[int, bytes]:
         """Token requests for the Authenticator: same TLS rules, retries, no redirects with creds."""
         scheme, host, _ = _origin(url)
-        if scheme != "https" and not (is_loopback(host) or not self.options.tls_verify):
+        sends_creds = any(k.lower() == "authorization" for k in headers)
+        if sends_creds and scheme != "https" and not (is_loopback(host) or not self.options.tls_verify):
             raise RegistryAuthError(
                 f"{self.registry}: refusing to send credentials to a plain-HTTP token server {host}"
             )
