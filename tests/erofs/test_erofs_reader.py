@@ -518,3 +518,23 @@ def test_not_bytes_input_and_other_errors() -> None:
     assert rust_dump(read_image(bytearray(image))) == rust_dump(small_tree())  # type: ignore[arg-type]
     with pytest.raises(ImageError):
         read_image(b"\0" * 8192)
+
+
+def test_external_files_have_no_data_in_the_image(small: bytes) -> None:
+    r = reader._Reader(small)
+    ino = r.inode(locate(small, b"/d/x"))
+    assert small[ino.inline_start : ino.inline_start + 4] == F.NULL_CHUNK_INDEX
+    with pytest.raises(ImageError, match="data blocks"):
+        read_image(patch(small, ino.inline_start, "<I", 7))
+    # a size whose chunk indexes cannot be in the image
+    if ino.isize == F.EXTENDED_INODE_SIZE:
+        with pytest.raises(ImageError, match=r"chunk indexes|out of range"):
+            read_image(patch(small, ino.pos + 8, "<Q", 1 << 62))
+
+
+def test_bare_xattr_header_is_rejected(small: bytes) -> None:
+    # the kernel refuses an xattr area that is just the 12-byte header
+    r = reader._Reader(small)
+    ino = r.inode(locate(small, b"/d/f"))
+    with pytest.raises(ImageError):
+        read_image(patch(small, ino.pos + 2, "<H", 1))

@@ -88,6 +88,8 @@ _U32 = struct.Struct("<I")
 _FIRST_NID = fmt.INODE_TABLE_OFFSET // fmt.INODE_SLOT_SIZE
 _FORMAT_KNOWN_BITS = fmt.INODE_LAYOUT_MASK | fmt.DATALAYOUT_MASK
 _DATALAYOUTS = (fmt.DATALAYOUT_FLAT_PLAIN, fmt.DATALAYOUT_FLAT_INLINE, fmt.DATALAYOUT_CHUNK_BASED)
+_CHECKED_CHUNKS = 1000
+_NULL_CHUNKS = fmt.NULL_CHUNK_INDEX * _CHECKED_CHUNKS
 _HEX2 = frozenset(f"{i:02x}".encode() for i in range(256))
 
 
@@ -384,6 +386,9 @@ class _Reader:
         """(full name, value) pairs: inline entries first, then shared (C order)."""
         if not ino.icount:
             return []
+        if ino.icount == 1:
+            # A bare header: the kernel refuses it ("not supported yet").
+            raise _err(f"inode {ino.nid}: empty xattr area")
         data = self.data
         start = ino.pos + ino.isize
         end = ino.inline_start
@@ -681,6 +686,22 @@ class _Builder:
             # Only the low 16 bits are the chunk format (C may leave a block
             # address in the high half).
             raise _err(f"inode {nid}: unsupported chunk format {ino.u & 0xFFFF:#x}")
+        if ino.size >= 1 << 63:
+            raise _err(f"inode {nid}: file size {ino.size} out of range")
+        # The kernel reads one 4-byte chunk index per chunk right after the
+        # xattrs; they must exist (all null: the data lives elsewhere).
+        chunkbits = fmt.BLOCK_BITS + (ino.u & fmt.CHUNK_FORMAT_BLKBITS_MASK)
+        chunks = -(-ino.size // (1 << chunkbits))
+        end = ino.inline_start + 4 * chunks
+        if end > self.r.n:
+            raise _err(f"inode {nid}: {chunks} chunk indexes extend beyond the image")
+        # C leaves out the indexes of files too large for them to fit in a
+        # block (> 8 PiB); everywhere else every chunk must be a hole.
+        if (
+            chunks <= _CHECKED_CHUNKS
+            and self.r.data[ino.inline_start : end] != _NULL_CHUNKS[: 4 * chunks]
+        ):
+            raise _err(f"inode {nid}: external file with data blocks in the image")
         if x.metacopy is None:
             raise _err(f"inode {nid}: external file without overlay metacopy")
         digest = _metacopy_digest(nid, x.metacopy)
