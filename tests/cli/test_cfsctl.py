@@ -475,3 +475,30 @@ def test_kill9_during_create_image(repo: Path, tmp_path: Path) -> None:
         assert out == f"sha512:{expected}\n"
         assert cfsctl("--repo", repo, "fsck").returncode == 0
     assert killed >= 2  # the test really interrupted writers
+
+
+@pytest.mark.vm
+@needs_root
+def test_secure_repository_mount(tmp_path: Path, mountpoint: Path) -> None:
+    """Under kernel fs-verity (`tests/vm/run.py tests/cli/test_cfsctl.py -m vm`):
+    `init` without --insecure, and a mount that makes overlayfs require
+    verity on every object."""
+    scratch = os.environ.get("COMPOSEFS_VERITY_SCRATCH")
+    if not scratch:
+        pytest.skip("COMPOSEFS_VERITY_SCRATCH is unset: needs kernel fs-verity (make test-vm)")
+    repo = Path(scratch) / f"cli-{os.getpid()}"
+    out = cfsctl("--repo", repo, "init").stdout
+    assert out.endswith("  verity:    required\n")
+    src = tmp_path / "src"
+    (src / "usr").mkdir(parents=True)
+    (src / "usr/data").write_bytes(b"verified content\n" * 1000)
+    (src / "usr/small").write_bytes(b"tiny")
+    image_id = cfsctl("--repo", repo, "create-image", src, "v").stdout.strip()
+    image_id = image_id.removeprefix("sha512:")
+    assert cfsctl("--repo", repo, "--require-verity", "fsck").stdout.endswith("status: ok\n")
+    for name in (image_id, "refs/v"):
+        cfsctl("--repo", repo, "mount", name, mountpoint)
+        try:
+            assert (mountpoint / "usr/data").read_bytes() == b"verified content\n" * 1000
+        finally:
+            subprocess.run(["umount", str(mountpoint)], check=True)
