@@ -54,6 +54,34 @@ USER = "cfsuser"
 PASSWORD = "cfs-Pa55:word"  # a ':' inside on purpose
 
 
+# ---------------------------------------------------------------- root helpers
+
+
+def _reexport_root_conftest() -> None:
+    """Keep ``from conftest import need_tool, needs_root, ...`` working.
+
+    Test modules import helpers from tests/conftest.py by the module name
+    ``conftest``. pytest imports every directory's conftest.py under that
+    same name, so once this file is loaded, modules collected after it get
+    *this* module. Re-exporting the root conftest's public helpers (not its
+    fixtures, which pytest already provides) keeps those imports working.
+    """
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "conftest.py"
+    spec = importlib.util.spec_from_file_location("_cfs_tests_root_conftest", path)
+    if spec is None or spec.loader is None:
+        return
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = globals()
+    for name in dir(mod):
+        obj = getattr(mod, name)
+        is_fixture = hasattr(obj, "_pytestfixturefunction") or type(obj).__name__ == "FixtureFunctionDefinition"
+        if not name.startswith("_") and name not in g and not is_fixture:
+            g[name] = obj
+
+
 # ---------------------------------------------------------------- processes
 
 
@@ -785,3 +813,6 @@ def proxy_server() -> Iterator[ProxyState]:
 def proxy(proxy_server: ProxyState) -> ProxyState:
     proxy_server.reset()
     return proxy_server
+
+
+_reexport_root_conftest()
