@@ -765,3 +765,33 @@ def test_repull_with_other_format_keeps_earlier_refs(
     assert img.boot_image_id(2) == first.image_id  # identity transform: same image
     repo.gc()
     assert repo.has_object(first.image_id or "") and repo.has_object(second.image_id or "")
+
+
+def test_cli_pull_options(cfs: Run, tmp_path: Path, repo: Repository) -> None:
+    amd = L.tar_layer([L.directory("usr"), L.file("arch", b"amd64")])
+    arm = L.tar_layer([L.directory("usr"), L.file("arch", b"arm64")])
+    L.write_oci_layout(
+        tmp_path / "l",
+        [L.ImageSpec([amd], tag=None), L.ImageSpec([arm], tag=None, architecture="arm64")],
+    )
+    ref = f"oci:{tmp_path / 'l'}"
+    rc, out, _ = cfs("oci", "pull", "--platform", "linux/arm64", ref, "arm")
+    assert rc == 0
+    rc, out, _ = cfs("oci", "dump", "arm")
+    assert b"/arch 5 100644 1 0 0 0 1234567890.0 - arm64 -" in out
+    rc, _, err = cfs("oci", "pull", "--platform", "bogus/", ref, "x")
+    assert rc == 1 and b"invalid platform" in err
+    rc, _, err = cfs("oci", "pull", "--local-fetch", "zerocopy", ref, "x")
+    assert rc == 1 and b"zerocopy" in err
+    import importlib
+
+    try:
+        boot = importlib.import_module("composefs.boot")
+    except ImportError:
+        boot = None
+    if getattr(boot, "transform_for_boot", None) is None:
+        rc, _, err = cfs("oci", "pull", "--bootable", ref, "boot")
+        assert rc == 1 and err == b"cfsctl: --bootable is not available in this installation\n"
+        assert "boot" not in [t for t, _ in storage.list_tags(repo)]
+    rc, _, err = cfs("oci", "mount", "--bootable", "arm", str(tmp_path))
+    assert rc == 1 and b"try pulling with --bootable" in err
