@@ -313,7 +313,10 @@ def cmd_import_layer(args: argparse.Namespace, opener: RepoOpener) -> None:
 def add_parser(subparsers: Any) -> None:
     """cfsctl's hook: add the ``oci`` command group."""
     oci = subparsers.add_parser(
-        "oci", help="OCI images: pull, list, inspect, mount", description=__doc__.split("\n")[0]
+        "oci",
+        help="OCI images: pull, list, inspect, mount",
+        description="OCI images in a composefs repository. REF is a tag or @DIGEST "
+        "(a manifest or a config digest).",
     )
     sub = oci.add_subparsers(dest="oci_command", metavar="COMMAND", required=True)
 
