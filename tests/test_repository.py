@@ -224,6 +224,7 @@ def test_objects(repo: Repository, tmp_path: Path) -> None:
     assert out.stdout.split()[0] == f"sha512:{oid}"
     assert repo.ensure_object(data) == oid
     assert repo.ensure_object_from_stream(io.BytesIO(data)) == oid
+    assert repo.ensure_object(io.BytesIO(data)) == oid
     src = tmp_path / "src"
     src.write_bytes(data)
     assert repo.ensure_object_from_file(src) == (oid, StoreMethod.ALREADY_PRESENT)

@@ -935,12 +935,15 @@ class Repository:
                 pass
             return object_id, tmp.link(relpath)
 
-    def ensure_object(self, data: bytes | bytearray | memoryview) -> str:
-        """Store `data` as an object (if not already there); return its id.
+    def ensure_object(self, data: bytes | bytearray | memoryview | BinaryIO | IO[bytes]) -> str:
+        """Store `data` (bytes, or a binary file object read to its end) as
+        an object, if not already there; return its id.
 
         Like composefs-rs, this does not fsync; `sync()` (done by
         `write_stream` and image commits before naming anything) does.
         """
+        if not isinstance(data, bytes | bytearray | memoryview):
+            return self._store_stream_object(data, None)[0]
         object_id = fsverity.digest_hex(data, self.algorithm)
         relpath = self.object_relpath(object_id)
         objects = self._objects_fd()
