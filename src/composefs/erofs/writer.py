@@ -134,6 +134,12 @@ class _Inode:
     entries: Sequence[tuple[bytes, _Inode]] = ()
     dir_starts: Sequence[int] = ()  # index of the first entry of each dirent block
     shared: Sequence[int] = ()
+    # epoch 1, an external file with no xattrs of its own: its overlay
+    # metacopy/redirect values are kept here instead of in `xattrs`
+    # (the common case, handled in bulk by _share_epoch1)
+    plain = False
+    metacopy = b""
+    redirect: bytes | None = None
     xattr_local = b""
     xattr_size = 0
     xfilter = 0
@@ -286,11 +292,18 @@ def _leaf_inode(leaf: Leaf, name: bytes, names: int, epoch1: bool) -> _Inode:
             # also treats a digest-named empty file as external.
             if size > 0 or (not epoch1 and (c.digest is not None or c.payload is not None)):
                 ino.external = True
-                xa[F.XATTR_OVERLAY_METACOPY] = _metacopy(c.digest)
+                mc = _metacopy(c.digest) if c.digest is not None else b""
                 path = c.payload
                 if path is None and c.digest is not None:
                     dg = c.digest
                     path = f"{dg[:2]}/{dg[2:]}".encode()
+                if epoch1 and not st.xattrs:
+                    ino.plain = True
+                    ino.metacopy = mc
+                    if path:
+                        ino.redirect = b"/" + path
+                    return ino
+                xa[F.XATTR_OVERLAY_METACOPY] = mc
                 if path:
                     xa[F.XATTR_OVERLAY_REDIRECT] = b"/" + path
     elif ct is Symlink:
@@ -471,26 +484,37 @@ def _share_epoch1(inodes: list[_Inode], codec: _XattrCodec) -> list[bytes]:
     """C `compute_erofs_shared_xattrs`: (key, value) pairs used more than once
     go to the shared table, written in descending (key, len(value), value)
     order; each inode refers to at most 128 of them. Local xattrs are
-    sorted by name (C `cmp_xattr`)."""
-    with_x = [ino for ino in inodes if ino.xattrs]
-    counts = Counter(chain.from_iterable(ino.xattrs.items() for ino in with_x))
-    multi = [kv for kv, n in counts.items() if n > 1]
-    multi.sort(key=lambda kv: (kv[0], len(kv[1]), kv[1]), reverse=True)
+    sorted by name (C `cmp_xattr`).
+
+    "Plain" external files (metacopy and maybe redirect, nothing else) are
+    most of a real tree and are handled in bulk."""
+    MC, RD = F.XATTR_OVERLAY_METACOPY, F.XATTR_OVERLAY_REDIRECT
+    general = [ino for ino in inodes if ino.xattrs]
+    plain = [ino for ino in inodes if ino.plain]
+    counts = Counter(chain.from_iterable(ino.xattrs.items() for ino in general))
+    mc_counts = Counter([ino.metacopy for ino in plain])
+    rd_counts = Counter([ino.redirect for ino in plain if ino.redirect is not None])
+    multi = {kv for kv, n in counts.items() if n > 1}
+    multi.update((MC, m) for m, n in mc_counts.items() if n > 1 or (MC, m) in counts)
+    multi.update((RD, r) for r, n in rd_counts.items() if n > 1 or (RD, r) in counts)
+    ordered = sorted(multi, key=lambda kv: (kv[0], len(kv[1]), kv[1]), reverse=True)
     offsets: dict[tuple[bytes, bytes], int] = {}
     table: list[bytes] = []
     off = 0
     entry = codec.entry
-    for kv in multi:
+    for kv in ordered:
         e = entry(*kv)
         offsets[kv] = off
         table.append(e)
         off += len(e)
     # (name index, suffix, filter bit) of every distinct name, looked up inline below
-    info = {k: codec.split(k) for k in {k for k, _ in counts}}
+    names = {k for k, _ in counts}
+    names.update((MC, RD))
+    info = {k: codec.split(k) for k in names}
     oget = offsets.get
     pack = _pack_xattr_entry
     zeros = _ZEROS
-    for ino in with_x:
+    for ino in general:
         xa = ino.xattrs
         items = sorted(xa.items()) if len(xa) > 1 else xa.items()
         shared: list[int] = []
@@ -509,6 +533,47 @@ def _share_epoch1(inodes: list[_Inode], codec: _XattrCodec) -> list[bytes]:
                 e = pack(len(suffix), index, len(v)) + suffix + v
                 pad = -len(e) & 3
                 local.append(e + zeros[:pad] if pad else e)
+        ino.shared = shared
+        loc = ino.xattr_local = b"".join(local)
+        ino.xattr_size = 12 + 4 * len(shared) + len(loc)
+        ino.xfilter = filt
+
+    # plain external files: metacopy sorts before redirect
+    mc_off = {v: o for (k, v), o in offsets.items() if k == MC}
+    rd_off = {v: o for (k, v), o in offsets.items() if k == RD}
+    mc_get, rd_get = mc_off.get, rd_off.get
+    mc_index, mc_suffix, mc_bit = info[MC]
+    rd_index, rd_suffix, rd_bit = info[RD]
+    heads: dict[tuple[int, int], bytes] = {}
+
+    def head(index: int, suffix: bytes, vlen: int) -> bytes:
+        h = heads.get((index, vlen))
+        if h is None:
+            h = heads[(index, vlen)] = pack(len(suffix), index, vlen) + suffix
+        return h
+
+    for ino in plain:
+        m = ino.metacopy
+        r = ino.redirect
+        shared = []
+        local = []
+        o = mc_get(m)
+        if o is not None:
+            shared.append(o)
+        else:
+            e = head(mc_index, mc_suffix, len(m)) + m
+            local.append(e + zeros[: -len(e) & 3])
+        filt = mc_bit
+        if r is not None:
+            filt |= rd_bit
+            o = rd_get(r)
+            if o is not None:
+                shared.append(o)
+            else:
+                if len(r) > 0xFFFF:
+                    raise TreeError("backing path too long")
+                e = head(rd_index, rd_suffix, len(r)) + r
+                local.append(e + zeros[: -len(e) & 3])
         ino.shared = shared
         loc = ino.xattr_local = b"".join(local)
         ino.xattr_size = 12 + 4 * len(shared) + len(loc)
