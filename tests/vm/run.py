@@ -34,7 +34,8 @@ too (for CI machines that must run these tests).
 Environment knobs: ``COMPOSEFS_VM_CACHE`` (cache dir), ``COMPOSEFS_VM_TIMEOUT``
 (guest wall-clock limit in seconds, default 480), ``COMPOSEFS_VM_KERNEL_DEB``
 (use this kernel .deb instead of downloading one), ``COMPOSEFS_VM_MEM`` (MiB,
-default 1536), ``COMPOSEFS_VM_KEEP=1`` (keep the run directory).
+default 1536), ``COMPOSEFS_VM_PYTHON`` (the guest's Python, default: the one
+running this script), ``COMPOSEFS_VM_KEEP=1`` (keep the run directory).
 """
 
 from __future__ import annotations
@@ -356,21 +357,28 @@ class Cpio:
         return self.buf.getvalue()
 
 
-def find_busybox() -> Path:
+def is_static_elf(data: bytes) -> bool:
+    """An ELF64 executable without a program interpreter (PT_INTERP)."""
+    if data[:5] != b"\x7fELF\x02":
+        return False
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    return all(struct.unpack_from("<I", data, phoff + i * phentsize)[0] != 3
+               for i in range(phnum))
+
+
+def find_busybox() -> bytes:
+    # The initramfs has no libraries: busybox must be static.
     for cand in ("/bin/busybox", "/usr/bin/busybox"):
         p = Path(cand)
-        if p.is_file():
-            # The initramfs has no libraries: busybox must be static.
-            if b"\0/lib64/ld-linux" in p.read_bytes()[:4096]:
-                continue
-            return p
+        if p.is_file() and is_static_elf(data := p.read_bytes()):
+            return data
     raise HarnessError("no static busybox (Debian package busybox-static)")
 
 
 def prepare_initramfs(cache: Path, kernel: Kernel) -> Path:
     init = (HERE / "init.sh").read_bytes()
-    busybox = find_busybox()
-    bb = busybox.read_bytes()
+    bb = find_busybox()
     key = hashlib.sha256(b"\0".join([
         init, bb, str(kernel.root).encode(), " ".join(MODULES).encode(),
         Path(__file__).read_bytes(),
@@ -430,8 +438,20 @@ def make_disk(path: Path) -> None:
         raise HarnessError(f"mke2fs -O verity failed: {res.stderr.strip()}")
 
 
-def guest_script(share: Path, pytest_args: Sequence[str]) -> str:
-    python = sys.executable
+def guest_python() -> str:
+    """The Python the guest runs pytest with (the same file, seen through 9p)."""
+    python = os.environ.get("COMPOSEFS_VM_PYTHON") or sys.executable
+    # Fail in a second here rather than after a boot.
+    res = run([python, "-c", "import pytest, composefs"], cwd=REPO)
+    if res.returncode != 0:
+        raise HarnessError(f"{python} cannot import pytest and composefs (run with the "
+                           f"project's venv: .venv/bin/python tests/vm/run.py): "
+                           f"{(res.stderr.strip().splitlines() or ['?'])[-1]}")
+    return python
+
+
+def guest_script(share: Path, pytest_args: Sequence[str], python: str | None = None) -> str:
+    python = python or sys.executable
     args = list(pytest_args)
     if not any((REPO / a.split("::")[0]).exists() for a in args if not a.startswith("-")):
         args.append("tests/vm")
@@ -554,6 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep = os.environ.get("COMPOSEFS_VM_KEEP") == "1"
     rundir: Path | None = None
     try:
+        python = guest_python()
         with locked(cache / "lock"):
             kernel = prepare_kernel(cache)
             initramfs = prepare_initramfs(cache, kernel)
@@ -569,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         share.mkdir()
         disk = rundir / "disk.img"
         make_disk(disk)
-        (share / "guest.sh").write_text(guest_script(share, pytest_args))
+        (share / "guest.sh").write_text(guest_script(share, pytest_args, python))
         timeout = float(os.environ.get("COMPOSEFS_VM_TIMEOUT", "480"))
         say(f"booting {kernel.release} under QEMU/TCG (prepared in {time.monotonic() - t0:.1f}s)")
         rc = boot(qemu, kernel, initramfs, disk, share, timeout, rundir / "console.log")
