@@ -204,6 +204,10 @@ def test_usage_errors_are_one_line(repo: Path, tmp_path: Path) -> None:
         cfsctl("--repo", repo, "image-objects", "refs/x", check=False)
     )
     assert "sha256" in one_line_error(cfsctl("--repo", repo, "--hash", "sha256", "gc", check=False))
+    (tmp_path / "nousr").mkdir()
+    err = one_line_error(cfsctl("--repo", repo, "create-image", tmp_path / "nousr", check=False))
+    assert "/usr is missing" in err
+    assert not os.listdir(repo / "objects")
 
 
 def test_init_rules(tmp_path: Path) -> None:

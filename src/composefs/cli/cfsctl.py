@@ -46,6 +46,7 @@ import importlib
 import importlib.util
 import os
 import signal
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
@@ -152,6 +153,17 @@ def _read_tree(
     path = args.path
     if not os.path.isdir(path):
         raise RepositoryError(f"{path}: not a directory")
+    if not args.no_propagate_usr_to_root:
+        # Fail before storing anything: the root takes /usr's metadata.
+        try:
+            usr_is_dir = stat.S_ISDIR(os.lstat(os.path.join(path, "usr")).st_mode)
+        except FileNotFoundError:
+            usr_is_dir = False
+        if not usr_is_dir:
+            raise RepositoryError(
+                f"{path}: /usr is missing or not a directory (the root takes its "
+                "metadata; use --no-propagate-usr-to-root)"
+            )
     if args.no_propagate_usr_to_root:
         root = fs.read_filesystem(path, algorithm=algorithm, object_sink=sink)
     else:
