@@ -19,10 +19,7 @@ the end; `front` resets its faults and logs for every test.
 from __future__ import annotations
 
 import base64
-import gzip
-import hashlib
 import http.client
-import io
 import json
 import os
 import random
@@ -31,7 +28,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import tarfile
 import threading
 import time
 import urllib.parse
@@ -43,12 +39,7 @@ from typing import Any
 
 import pytest
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
-LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 
 USER = "cfsuser"
 PASSWORD = "cfs-Pa55:word"  # a ':' inside on purpose
@@ -260,115 +251,67 @@ def _det_bytes(seed: int, n: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-@dataclass
-class LayerSpec:
-    files: dict[str, bytes]
-    compression: str = "gzip"  # gzip | zstd | none
-    dirs: tuple[str, ...] = ()
-    symlinks: dict[str, str] = field(default_factory=dict)
+def layer(files: dict[str, bytes], dirs: tuple[str, ...] = (), symlinks: dict[str, str] | None = None) -> bytes:
+    """An uncompressed layer tar (built with OCI-A's ocitestlib), parents first."""
+    import ocitestlib as L
 
+    entries: list[Any] = []
+    seen: set[str] = set()
 
-def layer_tar(spec: LayerSpec) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
-        seen: set[str] = set()
+    def add_dir(path: str) -> None:
+        parts = [p for p in path.split("/") if p]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d not in seen:
+                seen.add(d)
+                entries.append(L.directory(d))
 
-        def add_dir(path: str) -> None:
-            parts = path.split("/")
-            for i in range(1, len(parts) + 1):
-                d = "/".join(parts[:i])
-                if d and d not in seen:
-                    seen.add(d)
-                    ti = tarfile.TarInfo(d)
-                    ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1700000000
-                    t.addfile(ti)
-
-        for d in spec.dirs:
-            add_dir(d)
-        for name, data in sorted(spec.files.items()):
-            add_dir(os.path.dirname(name))
-            ti = tarfile.TarInfo(name)
-            ti.size, ti.mode, ti.mtime = len(data), 0o644, 1700000000
-            t.addfile(ti, io.BytesIO(data))
-        for name, target in sorted(spec.symlinks.items()):
-            add_dir(os.path.dirname(name))
-            ti = tarfile.TarInfo(name)
-            ti.type, ti.linkname, ti.mtime = tarfile.SYMTYPE, target, 1700000000
-            t.addfile(ti)
-    return buf.getvalue()
-
-
-def compress(data: bytes, how: str) -> tuple[bytes, str]:
-    if how == "gzip":
-        return gzip.compress(data, compresslevel=6, mtime=0), LAYER_GZIP
-    if how == "zstd":
-        try:
-            from compression import zstd  # type: ignore[import-not-found]
-        except ImportError:
-            from backports import zstd
-        return zstd.compress(data), LAYER_ZSTD
-    return data, LAYER_TAR
+    for d in dirs:
+        add_dir(d)
+    for name, data in sorted(files.items()):
+        add_dir(os.path.dirname(name))
+        entries.append(L.file(name, data))
+    for name, target in sorted((symlinks or {}).items()):
+        add_dir(os.path.dirname(name))
+        entries.append(L.symlink(name, target))
+    return bytes(L.tar_layer(entries))
 
 
 class LayoutBuilder:
-    """A minimal OCI image layout writer (tests only; deterministic)."""
+    """An OCI image layout with tagged images and tagged indexes (on ocitestlib)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        (path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
         (path / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
         self.index: list[dict[str, Any]] = []
 
-    def blob(self, data: bytes) -> str:
-        h = hashlib.sha256(data).hexdigest()
-        (self.path / "blobs" / "sha256" / h).write_bytes(data)
-        return "sha256:" + h
+    def image(self, layers: list[bytes], compression: str = "gzip", arch: str = "amd64",
+              variant: str | None = None) -> dict[str, Any]:
+        """Write config, layers and manifest; return its descriptor (with platform)."""
+        import ocitestlib as L
 
-    def image(self, layers: list[LayerSpec], arch: str = "amd64", variant: str | None = None) -> dict[str, Any]:
-        """Write config, layers and manifest; return the manifest descriptor."""
-        descs, diff_ids = [], []
-        for spec in layers:
-            tar = layer_tar(spec)
-            diff_ids.append("sha256:" + hashlib.sha256(tar).hexdigest())
-            data, mt = compress(tar, spec.compression)
-            descs.append({"mediaType": mt, "digest": self.blob(data), "size": len(data)})
-        config: dict[str, Any] = {
-            "architecture": arch,
-            "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-            "config": {"Env": ["PATH=/usr/bin"]},
-        }
-        if variant:
-            config["variant"] = variant
-        cfg = json.dumps(config, separators=(",", ":")).encode()
-        manifest = {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": self.blob(cfg), "size": len(cfg)},
-            "layers": descs,
-        }
-        raw = json.dumps(manifest, separators=(",", ":")).encode()
-        platform = {"architecture": arch, "os": "linux", **({"variant": variant} if variant else {})}
-        return {"mediaType": OCI_MANIFEST, "digest": self.blob(raw), "size": len(raw), "platform": platform}
+        spec = L.ImageSpec(layers, compression=compression, tag=None, architecture=arch,
+                           variant=variant)
+        return dict(L.build_image(self.path, spec).descriptor)
 
     def tag(self, desc: dict[str, Any], tag: str) -> None:
         entry = {k: v for k, v in desc.items() if k != "platform"}
         entry["annotations"] = {"org.opencontainers.image.ref.name": tag}
         self.index.append(entry)
-        self._write_index()
+        (self.path / "index.json").write_text(
+            json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": self.index})
+        )
 
     def tag_index(self, descs: list[dict[str, Any]], tag: str) -> dict[str, Any]:
+        import ocitestlib as L
+
         raw = json.dumps(
             {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descs}, separators=(",", ":")
         ).encode()
-        d = {"mediaType": OCI_INDEX, "digest": self.blob(raw), "size": len(raw)}
+        d = {"mediaType": OCI_INDEX, "digest": L._write_blob(self.path, raw), "size": len(raw)}
         self.tag(d, tag)
         return d
-
-    def _write_index(self) -> None:
-        (self.path / "index.json").write_text(
-            json.dumps({"schemaVersion": 2, "manifests": self.index}, separators=(",", ":"))
-        )
 
 
 @dataclass
@@ -416,8 +359,8 @@ def oci_images(registry_plain: Registry, tmp_path_factory: pytest.TempPathFactor
     b = LayoutBuilder(layout)
     images: dict[str, PushedImage] = {}
 
-    base = LayerSpec(BASE_FILES, dirs=("tmp",), symlinks={"bin": "usr/bin"})
-    top = LayerSpec(TOP_FILES)
+    base = layer(BASE_FILES, dirs=("tmp",), symlinks={"bin": "usr/bin"})
+    top = layer(TOP_FILES)
     plain = b.image([base, top])
     b.tag(plain, "plain")
     images["plain"] = PushedImage("test/plain:v1", plain["digest"], {**BASE_FILES, **TOP_FILES})
@@ -426,13 +369,13 @@ def oci_images(registry_plain: Registry, tmp_path_factory: pytest.TempPathFactor
     descs = []
     for i, (arch, variant) in enumerate(arches):
         f = {"etc/arch": f"{arch}{variant or ''}\n".encode(), "usr/bin/tool": _det_bytes(10 + i, 20_000)}
-        descs.append(b.image([LayerSpec(f)], arch, variant))
+        descs.append(b.image([layer(f)], "gzip", arch, variant))
     idx = b.tag_index(descs, "multi")
     images["multi"] = PushedImage("test/multi:v1", idx["digest"], {})
     images["multi"].layers = descs
 
     zfiles = {"opt/z/data": _det_bytes(3, 100_000), "opt/z/small": b"zstd!\n"}
-    zimg = b.image([LayerSpec(zfiles, compression="zstd")])
+    zimg = b.image([layer(zfiles)], "zstd")
     b.tag(zimg, "zstd")
     images["zstd"] = PushedImage("test/zstd:v1", zimg["digest"], zfiles)
 
