@@ -526,10 +526,12 @@ def test_external_files_have_no_data_in_the_image(small: bytes) -> None:
     assert small[ino.inline_start : ino.inline_start + 4] == F.NULL_CHUNK_INDEX
     with pytest.raises(ImageError, match="data blocks"):
         read_image(patch(small, ino.inline_start, "<I", 7))
-    # a size whose chunk indexes cannot be in the image
     if ino.isize == F.EXTENDED_INODE_SIZE:
-        with pytest.raises(ImageError, match=r"chunk indexes|out of range"):
-            read_image(patch(small, ino.pos + 8, "<Q", 1 << 62))
+        # beyond what off_t can hold
+        with pytest.raises(ImageError, match="out of range"):
+            read_image(patch(small, ino.pos + 8, "<Q", 1 << 63))
+        # composefs-rs writes one chunk index whatever the size
+        read_image(patch(small, ino.pos + 8, "<Q", 1 << 62))
 
 
 def test_bare_xattr_header_is_rejected(small: bytes) -> None:
