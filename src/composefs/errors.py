@@ -77,3 +77,7 @@ class RegistryAuthError(RegistryError):
 
 class SourceError(ComposefsError):
     """A source directory tree could not be read (or changed while it was read)."""
+
+
+class TarFormatError(OciError):
+    """A tar archive (OCI layer) that is malformed, truncated or unsupported."""

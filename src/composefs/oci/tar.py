@@ -41,7 +41,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..errors import OciError
+from ..errors import TarFormatError
 
 BLOCK = 512
 INLINE_MAX = 64
@@ -74,10 +74,6 @@ _KINDS = {
 }
 
 _TAR_WS = b" \t\n\v\f\r"
-
-
-class TarFormatError(OciError):
-    """A tar archive that is malformed, truncated or uses unsupported features."""
 
 
 @dataclass(slots=True)
