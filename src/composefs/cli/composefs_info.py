@@ -126,7 +126,7 @@ def _ls(root: Directory, out: BinaryIO) -> None:
             c = node.content
             if isinstance(c, Symlink):
                 line += b"\t-> " + escape(c.target)
-            elif isinstance(c, Regular) and c.is_external:
+            elif isinstance(c, Regular) and c.data is None:
                 payload = c.backing_path()
                 if payload:
                     line += b"\t@ " + escape(payload)
@@ -148,7 +148,7 @@ def _objects(root: Directory, found: set[bytes], basedir: str | None) -> None:
                 todo.append(child)
                 continue
             c = child.content
-            if not isinstance(c, Regular) or not c.is_external:
+            if not isinstance(c, Regular) or c.data is not None:
                 continue
             payload = c.backing_path()
             if not payload or payload in found:

@@ -795,7 +795,9 @@ def _external_leaves(root: Directory) -> list[Leaf]:
                 todo.append(child)
             elif (
                 isinstance(child.content, Regular)
-                and child.content.is_external
+                and child.content.data is None
+                # V2 may hold empty files by digest too
+                and (child.content.size or child.content.digest or child.content.payload)
                 and id(child) not in seen
             ):
                 seen.add(id(child))
