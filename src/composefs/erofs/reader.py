@@ -12,15 +12,18 @@ What is checked (composefs-rs `reader.rs` `restrict_to_composefs` and
 
 * header and superblock: magics, versions, block size, feature flags, no
   compression, extra devices, extension slots, packed inode, metadata block
-  address or custom xattr prefixes; image at most 1 GiB;
+  address or custom xattr prefixes; image at most 1 GiB and not shorter
+  than its block count;
 * inodes: inside the inode table and the image, known on-disk layouts, known
-  file types, a data layout that fits the type; data blocks inside the image;
-  inline tails that do not cross a block boundary;
+  file types, a data layout that fits the type, nanoseconds below 10^9; data
+  blocks inside the image; inline tails that do not cross a block boundary
+  (nor, in V0/V1, a symlink's inode and target: kernels before 6.12);
+  external files are holes (null chunk indexes inside the image);
 * directories: well-formed dirent blocks, names sorted and unique, no `/` or
   NUL, `.` and `..` pointing where they must, dirent file types matching the
   inodes, link counts of 2 + subdirectories, no directory reached twice (no
   cycles, no directory hardlinks), at most 2048 levels deep;
-* xattrs: entries exactly filling their area, known prefixes, no duplicates,
+* xattrs: entries exactly filling a non-empty area, known prefixes, no duplicates,
   shared entries inside the image, the bloom filter admitting every name,
   well-formed overlay metacopy and redirect values on external files only;
 * composefs rules: V0/V1 ("epoch 1") images have all 256 whiteout stubs
@@ -84,7 +87,6 @@ NAME_MAX = 255
 
 _BLK = fmt.BLOCK_SIZE
 _U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
 _FIRST_NID = fmt.INODE_TABLE_OFFSET // fmt.INODE_SLOT_SIZE
 _FORMAT_KNOWN_BITS = fmt.INODE_LAYOUT_MASK | fmt.DATALAYOUT_MASK
 _DATALAYOUTS = (fmt.DATALAYOUT_FLAT_PLAIN, fmt.DATALAYOUT_FLAT_INLINE, fmt.DATALAYOUT_CHUNK_BASED)
