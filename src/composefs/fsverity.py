@@ -277,6 +277,16 @@ class FsVerityHasher:
 
 def digest(data: bytes | bytearray | memoryview, algorithm: str = "sha256") -> bytes:
     """fs-verity digest of in-memory data."""
+    n = len(data)
+    if n <= BLOCK_SIZE:
+        # Common for small files: no tree, root = H(padded block) (zeros if empty).
+        ctor = _ctor(algorithm)
+        root = (
+            ctor(bytes(data) + bytes(BLOCK_SIZE - n)).digest()
+            if n
+            else bytes(_DIGEST_SIZES[algorithm])
+        )
+        return bytes(ctor(descriptor(algorithm, root, n)).digest())
     h = FsVerityHasher(algorithm)
     h.update(data)
     return h.digest()
@@ -298,19 +308,35 @@ def _read_full(f: BinaryIO, view: memoryview) -> int:
     return got
 
 
+_tls = threading.local()
+
+
+def _chunk_buffer() -> memoryview:
+    """This thread's reusable read buffer (allocating and zeroing 4 MiB per
+    file would dominate the cost of small files)."""
+    view: memoryview | None = getattr(_tls, "view", None)
+    if view is None:
+        view = memoryview(bytearray(_CHUNK))
+        _tls.view = view
+    return view
+
+
 def digest_stream(f: BinaryIO, algorithm: str = "sha256") -> bytes:
     """fs-verity digest of everything readable from binary stream `f`
     (in this thread, bounded memory)."""
     h = FsVerityHasher(algorithm)
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    while True:
-        n = _read_full(f, view)
-        if not n:
-            break
-        h.update(view[:n])
-        if n < _CHUNK:
-            break
+    view = _chunk_buffer()
+    _tls.view = None  # not reentrant-safe otherwise (e.g. a generator stream)
+    try:
+        while True:
+            n = _read_full(f, view)
+            if not n:
+                break
+            h.update(view[:n])
+            if n < _CHUNK:
+                break
+    finally:
+        _tls.view = view
     return h.digest()
 
 
@@ -550,6 +576,12 @@ def _digest_fd(fd: int, algorithm: str, helpers: int, spawn: bool = False) -> by
         )
         if result is not None:
             return result
+    if stat.S_ISREG(st.st_mode) and st.st_size < _CHUNK:
+        # Small file: one read of exactly what is there (one byte more
+        # detects growth, which falls through to streaming).
+        data = os.pread(fd, st.st_size + 1, 0)
+        if len(data) <= st.st_size:
+            return digest(data, algorithm)
     reader: Any
     try:
         os.lseek(fd, 0, os.SEEK_CUR)
