@@ -429,3 +429,22 @@ def test_image_from_read_tree_passes_fsck(tree: Path, tmp_path: Path) -> None:
     image = tmp_path / "img.cfs"
     image.write_bytes(writer.mkfs(fs.read_directory(tree)))
     subprocess.run([need_tool("fsck.erofs"), str(image)], check=True, capture_output=True)
+
+
+def test_file_changing_while_read_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "s"
+    src.mkdir()
+    victim = src / "grows"
+    victim.write_bytes(b"x" * 1000)
+    real = fsverity.digest_fd
+
+    def growing(fd: int, algorithm: str = "sha256", *, helper_processes: int = 0) -> bytes:
+        with open(victim, "ab") as f:
+            f.write(b"more")
+        return real(fd, algorithm, helper_processes=helper_processes)
+
+    monkeypatch.setattr(fsverity, "digest_fd", growing)
+    with pytest.raises(SourceError, match="changed while it was being read"):
+        fs.read_directory(src, threads=1)

@@ -331,21 +331,21 @@ class _Scanner:
         content = Regular(size)
         pend = _Pending([content])
         self.pending[key] = pend
-        self._submit(pend, fd, shown)
+        self._submit(pend, fd, shown, size)
         return Leaf(self._stat(fst, xattrs), content)
 
     # -- hashing, storing ---------------------------------------------
-    def _submit(self, pend: _Pending, fd: int, shown: str) -> None:
+    def _submit(self, pend: _Pending, fd: int, shown: str, size: int) -> None:
         """Hash `fd` (which this call now owns) now or in the pool."""
         if self.pool is None:
             try:
-                pend.digest = self._process(fd, shown)
+                pend.digest = self._process(fd, shown, size)
             finally:
                 os.close(fd)
             return
         self.slots.acquire()
         try:
-            fut = self.pool.submit(self._job, fd, shown)
+            fut = self.pool.submit(self._job, fd, shown, size)
         except BaseException:
             self.slots.release()
             os.close(fd)
@@ -353,19 +353,23 @@ class _Scanner:
         self.inflight[fut] = fd
         pend.future = fut
 
-    def _job(self, fd: int, shown: str) -> str:
+    def _job(self, fd: int, shown: str, size: int) -> str:
         try:
-            return self._process(fd, shown)
+            return self._process(fd, shown, size)
         finally:
             os.close(fd)
             self.slots.release()
 
-    def _process(self, fd: int, shown: str) -> str:
+    def _process(self, fd: int, shown: str, size: int) -> str:
         o = self.o
         try:
             raw = fsverity.digest_fd(fd, o.algorithm, helper_processes=1 if self.pool else 0)
+            now = os.fstat(fd).st_size
         except OSError as e:
             raise _source_error(shown, e) from None
+        if now != size:
+            # The digest would not describe a file of the recorded size.
+            raise SourceError(f"error accessing {shown}: changed while it was being read")
         hexd = raw.hex()
         if self.store_fd is not None:
             try:
@@ -374,7 +378,7 @@ class _Scanner:
                 raise SourceError(f"cannot fill store with {shown}: {_strerror(e)}") from None
         if o.object_sink is not None:
             path = f"/proc/self/fd/{fd}" if self.proc else shown
-            o.object_sink(path, os.fstat(fd).st_size, hexd)
+            o.object_sink(path, size, hexd)
         return hexd
 
     def _finish(self) -> None:
