@@ -38,7 +38,7 @@ from composefs.tree import (
     Stat,
     Symlink,
 )
-from conftest import need_tool
+from conftest import need_tool, needs_root
 
 V0, V1, V2 = FormatVersion.V0, FormatVersion.V1, FormatVersion.V2
 
@@ -542,3 +542,92 @@ def test_bare_xattr_header_is_rejected(small: bytes) -> None:
     ino = r.inode(locate(small, b"/d/f"))
     with pytest.raises(ImageError):
         read_image(patch(small, ino.pos + 2, "<H", 1))
+
+
+# -- the kernel as an independent reader ----------------------------------------
+
+
+def _kernel_view(image: bytes) -> dict[bytes, tuple[int, ...] | bytes | dict[bytes, bytes]]:
+    """Everything the kernel shows of a mounted image, keyed by path."""
+    import os
+    import stat
+
+    out: dict[bytes, tuple[int, ...] | bytes | dict[bytes, bytes]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        img, mnt = os.path.join(tmp, "img"), os.path.join(tmp, "mnt")
+        os.mkdir(mnt)
+        Path(img).write_bytes(image)
+        r = subprocess.run(["mount", "-t", "erofs", "-o", "loop,ro", img, mnt], capture_output=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount erofs here: {r.stderr.decode(errors='replace').strip()}")
+        try:
+            base = os.fsencode(mnt)
+            for dirpath, dirs, files in os.walk(base):
+                for name in [b"", *dirs, *files] if dirpath == base else [*dirs, *files]:
+                    p = os.path.join(dirpath, name) if name else dirpath
+                    rel = b"/" + os.path.relpath(p, base).lstrip(b".")
+                    st = os.lstat(p)
+                    out[rel] = (st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_mtime_ns,
+                                st.st_rdev, st.st_size)  # fmt: skip
+                    user_ok = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+                    out[rel + b"//xattrs"] = {
+                        os.fsencode(k): os.getxattr(p, k, follow_symlinks=False)
+                        for k in os.listxattr(p, follow_symlinks=False)
+                        if user_ok or not k.startswith("user.")
+                    }
+                    if stat.S_ISLNK(st.st_mode):
+                        out[rel + b"//target"] = os.readlink(p)
+                    elif stat.S_ISREG(st.st_mode) and st.st_blocks:
+                        out[rel + b"//data"] = Path(os.fsdecode(p)).read_bytes()
+        finally:
+            subprocess.run(["umount", mnt], check=True)
+    return out
+
+
+def _reader_view(image: bytes) -> dict[bytes, tuple[int, ...] | bytes | dict[bytes, bytes]]:
+    """The same, from the reader's view of the raw inodes (before any
+    composefs transformation)."""
+    import os
+
+    r = reader._Reader(image)
+    out: dict[bytes, tuple[int, ...] | bytes | dict[bytes, bytes]] = {}
+    todo = [(b"/", r.info.root_nid)]
+    while todo:
+        path, nid = todo.pop()
+        ino = r.inode(nid)
+        size = ino.size
+        out[path] = (ino.mode, ino.nlink, ino.uid, ino.gid,
+                     ino.mtime * 10**9 + ino.mtime_nsec, ino.u if ino.ftype in (S_IFCHR, S_IFBLK) else 0,
+                     size)  # fmt: skip
+        xattrs = dict(r.raw_xattrs(ino))
+        if ino.ftype not in (F.S_IFREG, F.S_IFDIR):
+            xattrs = {k: v for k, v in xattrs.items() if not k.startswith(b"user.")}
+        out[path + b"//xattrs"] = xattrs
+        if ino.ftype == F.S_IFLNK:
+            out[path + b"//target"] = r.content(ino)
+        elif ino.ftype == F.S_IFREG and ino.datalayout != F.DATALAYOUT_CHUNK_BASED and size:
+            out[path + b"//data"] = r.content(ino)
+        if ino.ftype == F.S_IFDIR:
+            for name, child, _ in r.dirents(ino):
+                if name not in (b".", b".."):
+                    todo.append((os.path.join(path, name), child))
+    return out
+
+
+@pytest.mark.root
+@needs_root
+@pytest.mark.parametrize("version", [V0, V1, V2])
+def test_kernel_sees_what_the_reader_sees(vectors: Path, version: FormatVersion) -> None:
+    trees = [
+        sample_tree(),
+        dumpfile.parse((vectors / "c-mkcomposefs" / "special.dump").read_bytes()),
+    ]
+    for tree in trees:
+        image = mkfs(tree, version)
+        kernel = _kernel_view(image)
+        ours = _reader_view(image)
+        # external files read as holes from the image alone
+        for k in [k for k in kernel if k.endswith(b"//data") and k not in ours]:
+            data = kernel.pop(k)
+            assert data == bytes(len(data))
+        assert kernel == ours
