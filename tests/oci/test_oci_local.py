@@ -795,3 +795,24 @@ def test_cli_pull_options(cfs: Run, tmp_path: Path, repo: Repository) -> None:
         assert "boot" not in [t for t, _ in storage.list_tags(repo)]
     rc, _, err = cfs("oci", "mount", "--bootable", "arm", str(tmp_path))
     assert rc == 1 and b"try pulling with --bootable" in err
+
+
+def test_layer_dumpfile_matches_composefs_rs(tmp_path: Path) -> None:
+    """composefs-rs's `test_layer` (crates/composefs-oci/src/lib.rs): the
+    per-entry dump of an imported layer, in a sha256 repository."""
+    entries = []
+    for size in (0, 4095, 4096, 4097):
+        ti, data = L.file(f"file{size}", bytes(size), mode=0o700, mtime=0)
+        entries.append((ti, data))
+    tar = L.tar_layer(entries, format=tarfile.USTAR_FORMAT)
+    r, _ = Repository.init(tmp_path / "r", algorithm="sha256", insecure=True)
+    with r:
+        storage.import_layer(r, L.sha256(tar), io.BytesIO(tar), name="name")
+        out = io.BytesIO()
+        storage.layer_dumpfile(r, L.sha256(tar), out)
+    assert out.getvalue().decode() == (
+        "/file0 0 100700 1 0 0 0 0.0 - - -\n"
+        "/file4095 4095 100700 1 0 0 0 0.0 53/72beb83c78537c8970c8361e3254119fafdf1763854ecd57d3f0fe2da7c719 - 5372beb83c78537c8970c8361e3254119fafdf1763854ecd57d3f0fe2da7c719\n"
+        "/file4096 4096 100700 1 0 0 0 0.0 ba/bc284ee4ffe7f449377fbf6692715b43aec7bc39c094a95878904d34bac97e - babc284ee4ffe7f449377fbf6692715b43aec7bc39c094a95878904d34bac97e\n"
+        "/file4097 4097 100700 1 0 0 0 0.0 09/3756e4ea9683329106d4a16982682ed182c14bf076463a9e7f97305cbac743 - 093756e4ea9683329106d4a16982682ed182c14bf076463a9e7f97305cbac743\n"
+    )
