@@ -286,3 +286,22 @@ def test_measure_or_compute_empty_file(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert got.hex() == _oracle(path, "sha256")
+
+
+def test_helper_that_is_not_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An embedding program as sys.executable: it never answers; after the
+    # start timeout the file is hashed in-process instead of hanging.
+    fake = tmp_path / "not-python"
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+    path = tmp_path / "f"
+    data = _write_random(path, (2 << 20) + 1)
+    fsverity._helpers.shutdown()
+    monkeypatch.setattr(fsverity.sys, "executable", str(fake))
+    monkeypatch.setattr(fsverity, "_HELPER_START_TIMEOUT", 0.5)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert fsverity.digest_fd(fd, "sha256", helper_processes=2) == fsverity.digest(data)
+    finally:
+        os.close(fd)
+    assert not fsverity._helpers.idle
