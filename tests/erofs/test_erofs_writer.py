@@ -531,3 +531,27 @@ def test_kernel_mount_random_tree(version: FormatVersion, seed: int) -> None:
             assert stat.S_ISREG(mode) if version.is_epoch1 else stat.S_ISCHR(mode), path
         else:
             assert stat.S_IFMT(mode) == node.file_type, path
+
+
+def test_redirect_from_payload_or_digest() -> None:
+    """The redirect names the explicit backing path, else the digest's object
+    path; an empty payload means "no redirect" (C writes none for a dumpfile
+    line with a digest but no payload). Without a digest the metacopy xattr
+    is empty, as C writes it."""
+
+    def image(content: Regular) -> bytes:
+        root = Directory()
+        root.entries[b"f"] = Leaf(Stat(0o644), content)
+        return mkfs(root, V0)
+
+    digest = "ab" * 32
+    derived = image(Regular(10, digest=digest))
+    assert b"overlay.redirect/ab/" + b"ab" * 31 in derived
+    custom = image(Regular(10, digest=digest, payload=b"some/where"))
+    assert b"overlay.redirect/some/where" in custom
+    none = image(Regular(10, digest=digest, payload=b""))
+    assert b"overlay.redirect" not in none and bytes.fromhex(digest) in none
+    bare = image(Regular(10, payload=b"x/y"))
+    assert b"overlay.redirect/x/y" in bare and b"overlay.metacopy" in bare
+    for img in (derived, custom, none, bare):
+        fsck(img)
