@@ -630,6 +630,10 @@ def test_without_o_tmpfile(repo: Repository, monkeypatch: pytest.MonkeyPatch) ->
         return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "open", no_tmpfile)
+    other, created = Repository.init(Path(repo.path).parent / "other", insecure=True)
+    assert created and (Path(other.path) / "meta.json").read_bytes() == RUST_META_V2
+    assert stray_files(other) == []
+    other.close()
     oid = repo.ensure_object(b"fallback" * 100)
     assert repo.read_object(oid) == b"fallback" * 100
     w = repo.create_stream(0)

@@ -1957,43 +1957,39 @@ def _read_metadata(fd: int) -> tuple[RepoMetadata | None, bool]:
 
 
 def _write_metadata(fd: int, meta: RepoMetadata, enable_verity: bool) -> None:
-    """Create ``meta.json`` atomically; FileExistsError if it exists."""
+    """Create ``meta.json`` atomically (complete, with verity if asked, or
+    absent); FileExistsError if it exists."""
     data = meta.to_json()
+    tmpname: str | None = None
     try:
         tfd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644, dir_fd=fd)
     except OSError as e:
         if e.errno not in _NO_TMPFILE:
             raise
-        tfd = os.open(
-            REPO_METADATA_FILENAME, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644,
-            dir_fd=fd,
-        )  # fmt: skip
-        try:
-            _write_all(tfd, data)
-            os.fsync(tfd)
-        finally:
-            os.close(tfd)
-        if enable_verity:
-            rfd = os.open(REPO_METADATA_FILENAME, os.O_RDONLY | os.O_CLOEXEC, dir_fd=fd)
-            try:
-                fsverity.enable_verity(rfd, meta.algorithm)
-            except BaseException:
-                os.unlink(REPO_METADATA_FILENAME, dir_fd=fd)
-                raise
-            finally:
-                os.close(rfd)
-        return
+        tmpname = _tmpname(".tmp-")
+        tfd = os.open(tmpname, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o644, dir_fd=fd)
     try:
         _write_all(tfd, data)
         os.fsync(tfd)
-        rfd = os.open(f"/proc/self/fd/{tfd}", os.O_RDONLY | os.O_CLOEXEC)
+        if tmpname is None:
+            rfd = os.open(f"/proc/self/fd/{tfd}", os.O_RDONLY | os.O_CLOEXEC)
+        else:
+            rfd = os.open(tmpname, os.O_RDONLY | os.O_CLOEXEC, dir_fd=fd)
         os.close(tfd)
         tfd = rfd
         if enable_verity:
             fsverity.enable_verity(tfd, meta.algorithm)
-        os.link(f"/proc/self/fd/{tfd}", REPO_METADATA_FILENAME, dst_dir_fd=fd)
+        if tmpname is None:
+            os.link(f"/proc/self/fd/{tfd}", REPO_METADATA_FILENAME, dst_dir_fd=fd)
+        else:
+            os.link(tmpname, REPO_METADATA_FILENAME, src_dir_fd=fd, dst_dir_fd=fd)
     finally:
         os.close(tfd)
+        if tmpname is not None:
+            try:
+                os.unlink(tmpname, dir_fd=fd)
+            except FileNotFoundError:
+                pass
 
 
 def _infer_metadata(fd: int) -> tuple[str, bool]:
