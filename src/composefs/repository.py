@@ -1549,7 +1549,10 @@ class Repository:
         Takes the exclusive lock (waits for other users unless `wait` is
         False) — except `dry_run`, which only reports and keeps the shared
         lock. Links whose object goes away are removed before the object, so
-        an interrupted GC leaves nothing dangling.
+        an interrupted GC leaves nothing dangling. Every other open
+        `Repository` holds a shared lock, including ones in this process:
+        close them first (or pass ``wait=False`` to get an error instead of
+        waiting for them).
         """
         if not dry_run:
             self.ensure_writable()
