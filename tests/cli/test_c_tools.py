@@ -202,6 +202,7 @@ def test_refuses_to_write_image_to_a_terminal(vectors: Path) -> None:
         ([], "SOURCE"),
         (["--from-file", "/nonexistent/dump", "out"], "nonexistent"),
         (["/nonexistent/dir", "out"], "nonexistent"),
+        (["SRC", "/nonexistent/out.img"], "failed to open output file '/nonexistent/out.img'"),
     ],
 )
 def test_usage_errors(vectors: Path, tmp_path: Path, args: list[str], message: str) -> None:

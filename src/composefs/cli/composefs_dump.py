@@ -45,13 +45,15 @@ def _main(argv: Sequence[str]) -> int:
     from ..erofs.reader import image_version
     from ..erofs.writer import mkfs
     from .composefs_info import load_image, read_tree
-    from .mkcomposefs import write_atomically
+    from .mkcomposefs import atomic_output
 
-    root = read_tree(args.src)
+    data = load_image(args.src)
+    root = read_tree(args.src, data=data)
     # Same composefs_version, never bumped (C passes version as min and max).
-    version = image_version(load_image(args.src))
+    version = image_version(data)
     image = mkfs(root, version, max_version=version)
-    write_atomically(args.dest, lambda f: f.write(image))
+    with atomic_output(args.dest) as f:
+        f.write(image)
     return 0
 
 

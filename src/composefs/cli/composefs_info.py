@@ -96,11 +96,15 @@ def load_image(path: str) -> bytes:
         return f.read(MAX_IMAGE_SIZE + 1)
 
 
-def read_tree(path: str, toplevel: Sequence[bytes] | None = None) -> Directory:
+def read_tree(
+    path: str, toplevel: Sequence[bytes] | None = None, *, data: bytes | None = None
+) -> Directory:
+    """The tree of the image at `path` (its bytes `data` if already loaded)."""
     from ..erofs.reader import read_image
     from ..errors import ImageError
 
-    data = load_image(path)
+    if data is None:
+        data = load_image(path)
     try:
         return read_image(data, toplevel=toplevel)
     except ImageError as e:

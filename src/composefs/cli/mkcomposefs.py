@@ -18,7 +18,8 @@ import argparse
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, BinaryIO, NoReturn
 
 from ..errors import ComposefsError
@@ -110,18 +111,25 @@ def _versions(args: argparse.Namespace) -> tuple[FormatVersion, FormatVersion]:
     return FormatVersion(lo), FormatVersion(hi)
 
 
-def write_atomically(path: str, write: Callable[[BinaryIO], object]) -> None:
-    """Write a file via a temporary file in its directory, renamed into place
-    on success and removed on failure (C leaves a truncated file behind)."""
+@contextmanager
+def atomic_output(path: str) -> Iterator[BinaryIO]:
+    """A file object for `path` that appears there only if the block ends
+    without an exception: it is a temporary file in the same directory,
+    renamed into place on success and removed otherwise (C leaves a
+    truncated file behind). Made up front, so a bad destination fails fast.
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    except OSError as e:
+        raise ComposefsError(f"failed to open output file '{path}': {e.strerror}") from None
     try:
         # mkstemp makes 0600; give the file the mode open(2) would.
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            yield f
         os.rename(tmp, path)
     except BaseException:
         try:
@@ -183,17 +191,20 @@ def _main(argv: Sequence[str]) -> int:
     if to_stdout and os.isatty(sys.stdout.fileno()):
         raise UsageError("stdout is a tty.  Refusing to use it")
 
-    root = _read_tree(args, threads)
+    with ExitStack() as stack:
+        out: BinaryIO | None = None
+        if to_stdout:
+            out = sys.stdout.buffer
+        elif not args.print_digest_only:
+            out = stack.enter_context(atomic_output(str(args.image)))
+        root = _read_tree(args, threads)
 
-    from ..erofs.writer import mkfs
+        from ..erofs.writer import mkfs
 
-    image = mkfs(root, version, max_version=max_version)
-    if to_stdout:
-        sys.stdout.buffer.write(image)
-        sys.stdout.buffer.flush()
-    elif not args.print_digest_only:
-        assert args.image is not None
-        write_atomically(str(args.image), lambda f: f.write(image))
+        image = mkfs(root, version, max_version=max_version)
+        if out is not None:
+            out.write(image)
+            out.flush()
     if args.print_digest or args.print_digest_only:
         from ..fsverity import digest_hex
 
