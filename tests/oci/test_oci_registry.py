@@ -932,3 +932,22 @@ def test_proxy_tls_tunnel_with_auth(registry_tls: Any, oci_images: Any, proxy: A
         src.get_manifest()
     msg = one_line(ei.value)
     assert "p@ss" not in msg and "407" in msg, msg
+
+
+def test_unknown_layer_media_type(front: Any, registry_plain: Any, oci_images: Any,
+                                  fast_options: Any, tmp_path: Path) -> None:
+    from composefs.oci import storage
+
+    img = oci_images["plain"]
+    with reg.open_source(registry_plain.ref(img.name)) as src:
+        raw, _ = src.get_manifest()
+    doc = json.loads(raw)
+    doc["layers"][1]["mediaType"] = "application/vnd.example.layer.v1.tar+lz4"
+    front.require_token = False
+    front.fault("front", "/manifests/", "replace", (json.dumps(doc).encode(), tr.OCI_MANIFEST), count=None)
+    repo = _repo(tmp_path / "repo")
+    with reg.RegistrySource(front.ref(img.name), fast_options) as src, pytest.raises(OciError) as ei:
+        storage.pull_from_source(repo, src, "odd")
+    assert "application/vnd.example.layer.v1.tar+lz4" in one_line(ei.value)
+    assert storage.list_tags(repo) == []
+    assert_clean(repo)

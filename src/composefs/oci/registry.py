@@ -839,7 +839,12 @@ class BlobStream(io.RawIOBase):
       `retries` times;
     * `finish()` reads whatever the consumer left unread (e.g. padding after
       a gzip trailer) and verifies: call it before committing anything.
+
+    `verifies_digest` is True so that a consumer can skip hashing the same
+    bytes a second time.
     """
+
+    verifies_digest = True
 
     def __init__(
         self,
