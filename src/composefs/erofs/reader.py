@@ -750,7 +750,7 @@ def read_image(
     b = _Builder(data, keep_opaque_markers)
     try:
         root = b.build()
-    except (struct.error, ValueError, IndexError, OverflowError) as e:
+    except (struct.error, ValueError, IndexError, KeyError, OverflowError) as e:
         # Belt and braces: every access is bounds-checked above.
         raise _err(str(e)) from None
     if toplevel is not None:
