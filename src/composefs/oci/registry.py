@@ -13,6 +13,7 @@ What it does, and the rules it keeps:
 * HTTPS with certificate verification (system CAs, ``SSL_CERT_FILE``, extra CA
   files, ``certs.d``-style directories). Plain HTTP only for loopback registries
   or when verification is explicitly disabled;
+* HTTP(S) proxies: explicit, or ``https_proxy``/``no_proxy`` (never for loopback);
 * bounded retries with exponential backoff on 429/5xx and dropped connections;
   a blob download that breaks mid-way resumes with a ``Range`` request;
 * every blob's size and digest are checked while it streams: the consumer gets
@@ -70,8 +71,10 @@ __all__ = [
     "RegistryOptions",
     "RegistrySource",
     "fetch_parallel",
+    "is_loopback",
     "open_source",
     "parse_reference",
+    "proxy_for",
 ]
 
 #: Every manifest type we understand, in order of preference.
@@ -558,7 +561,6 @@ class RegistryClient:
         headers: Mapping[str, str] | None = None,
         scope: str | None,
         auth: bool = True,
-        ok_status: Iterable[int] = (),
         retry_network: bool = True,
     ) -> urllib3.BaseHTTPResponse:
         """One logical request: auth, redirects (credentials only to the same
@@ -608,8 +610,6 @@ class RegistryClient:
                 raise RegistryError(f"cannot reach {self.registry}: {_describe(e)}") from None
 
             status = resp.status
-            if status in ok_status:
-                return resp
             if status == 407:
                 _discard(resp)
                 proxy = proxy_for(target, self.options) or "proxy"
