@@ -47,6 +47,7 @@ _pack_ibody = F.XATTR_IBODY_HEADER.pack
 _xxh32 = xxhash.xxh32_intdigest
 
 _ZEROS = bytes(BLOCK)
+_PADS = tuple(bytes(i) for i in range(32))  # slot-alignment padding, reused
 _NULL_CHUNKS_BLOCK = b"\xff" * BLOCK
 
 _FT = F.MODE_TO_FT
@@ -752,9 +753,11 @@ def _emit_epoch1(
     ibody = _pack_ibody
     refs: dict[int, bytes] = {}
     append = out.append
+    heads: dict[tuple[int, int], bytes] = {}
     for ino in inodes:
-        if ino.ipad:
-            append(_zeros(ino.ipad))
+        pad = ino.ipad
+        if pad:
+            append(_PADS[pad] if pad < 32 else _zeros(pad))
         ft = ino.ftype
         tail_bytes = b""
         u = 0
@@ -837,7 +840,11 @@ def _emit_epoch1(
             )
         if xsize:
             shared = ino.shared
-            append(ibody(0xFFFFFFFF & ~ino.xfilter, len(shared)))
+            hk = (ino.xfilter, len(shared))
+            head = heads.get(hk)
+            if head is None:
+                head = heads[hk] = ibody(0xFFFFFFFF & ~hk[0], hk[1])
+            append(head)
             for o in shared:
                 ref = refs.get(o)
                 if ref is None:
