@@ -103,7 +103,7 @@ def _tool_parallel(argss: list[list[str]]) -> Callable[[], object]:
         procs = [subprocess.Popen(a, stdout=subprocess.DEVNULL) for a in argss]
         for p in procs:
             if p.wait() != 0:
-                raise RuntimeError(f"{p.args} failed")
+                raise RuntimeError(f"{p.args!r} failed")
         return None
 
     return run
