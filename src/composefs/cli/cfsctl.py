@@ -421,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Manage a composefs repository: objects, images, splitstreams.",
     )
+    from .. import __version__
+
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--repo", metavar="PATH", help="operate on the repository at PATH")
     where.add_argument(
