@@ -952,3 +952,51 @@ def test_unknown_layer_media_type(front: Any, registry_plain: Any, oci_images: A
     assert "application/vnd.example.layer.v1.tar+lz4" in one_line(ei.value)
     assert storage.list_tags(repo) == []
     assert_clean(repo)
+
+
+class _FakeResponse:
+    """Just enough of urllib3's response for the redirect policy (no network)."""
+
+    def __init__(self, status: int, headers: dict[str, str]) -> None:
+        self.status = status
+        self.headers = headers
+
+    def drain_conn(self) -> None:
+        pass
+
+    def release_conn(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("location", "tls_verify", "refused"), [
+    ("http://cdn.example/blob", True, True),   # downgrade to plain HTTP off loopback
+    ("http://127.0.0.2/blob", True, False),    # loopback is fine
+    ("http://cdn.example/blob", False, False),  # the user turned verification off
+    ("ftp://cdn.example/blob", True, True),
+])
+def test_redirect_policy(location: str, tls_verify: bool, refused: bool) -> None:
+    client = reg.RegistryClient("registry.example", options=reg.RegistryOptions(tls_verify=tls_verify))
+    client._base = "https://registry.example"
+    sent: list[tuple[str, dict[str, str]]] = []
+
+    def fake_send(method: str, url: str, headers: dict[str, str]) -> Any:
+        sent.append((url, headers))
+        if len(sent) == 1:
+            return _FakeResponse(307, {"Location": location})
+        return _FakeResponse(200, {})
+
+    client._send = fake_send  # type: ignore[method-assign]
+    client.auth._challenge = oauth.Challenge("basic")
+    client.auth.credentials = oauth.Credentials("u", "p")
+    if refused:
+        with pytest.raises(RegistryError) as ei:
+            client._request("GET", "https://registry.example/v2/x/blobs/sha256:" + "0" * 64, scope="s")
+        one_line(ei.value)
+        assert len(sent) == 1
+    else:
+        resp = client._request("GET", "https://registry.example/v2/x/blobs/sha256:" + "0" * 64, scope="s")
+        assert resp.status == 200 and sent[1][0] == location
+        assert "Authorization" in sent[0][1] and "Authorization" not in sent[1][1]
