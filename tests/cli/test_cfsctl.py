@@ -506,3 +506,37 @@ def test_secure_repository_mount(tmp_path: Path, mountpoint: Path) -> None:
             assert (mountpoint / "usr/data").read_bytes() == b"verified content\n" * 1000
         finally:
             subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def test_kill9_during_gc(repo: Path) -> None:
+    """A GC killed while deleting leaves a consistent repository."""
+    from composefs.erofs.writer import mkfs
+    from composefs.tree import Directory, Leaf, Regular, Stat
+
+    with Repository.open(repo) as r:
+        for img in range(20):
+            root = Directory()
+            for i in range(300):
+                data = b"%d-%d " % (img, i) * 20
+                oid = r.ensure_object(data)
+                root.insert(b"/f%d" % i, Leaf(Stat(0o644), Regular(len(data), digest=oid)))
+            r.write_image(mkfs(root), "kept" if img == 0 else None)
+    objects = repo / "objects"
+
+    def count() -> int:
+        return sum(len(os.listdir(d)) for d in objects.iterdir())
+
+    before = count()
+    gc = subprocess.Popen(
+        [sys.executable, "-m", "composefs.cli.cfsctl", "--repo", str(repo), "gc"],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+    )
+    while gc.poll() is None and count() > before - 1000:
+        time.sleep(0.001)
+    gc.send_signal(signal.SIGKILL)
+    gc.wait()
+    assert cfsctl("--repo", repo, "fsck").stdout.endswith("status: ok\n")
+    cfsctl("--repo", repo, "gc")
+    assert count() == 301  # the kept image and its files
+    assert cfsctl("--repo", repo, "fsck").stdout.endswith("status: ok\n")
