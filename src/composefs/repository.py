@@ -639,6 +639,7 @@ class Repository:
         self, path: str, fd: int, metadata: RepoMetadata, insecure: bool, read_only: list[str]
     ) -> None:
         self.path = path
+        self._abspath = os.path.abspath(path)
         self._fd = fd
         self.metadata = metadata
         self.algorithm = metadata.algorithm
@@ -858,7 +859,7 @@ class Repository:
     @property
     def objects_dir(self) -> str:
         """Path of ``objects/`` (the overlayfs data-only layer)."""
-        return os.path.join(self.path, "objects")
+        return os.path.join(self._abspath, "objects")
 
     # -- objects ---------------------------------------------------------
     def object_relpath(self, object_id: str) -> str:
@@ -1198,7 +1199,7 @@ class Repository:
     def _resolve_id(self, relpath: str) -> str | None:
         """Follow a (chain of) symlink(s) to its object and return the id."""
         try:
-            real = os.path.realpath(os.path.join(self.path, relpath), strict=True)
+            real = os.path.realpath(os.path.join(self._abspath, relpath), strict=True)
         except OSError:
             return None
         return _object_id_from_path(real, self.algorithm)
@@ -1319,7 +1320,7 @@ class Repository:
         if prefix.strip("/"):
             _check_relpath(prefix.strip("/"), "ref prefix")
         try:
-            names = os.listdir(os.path.join(self.path, path))
+            names = os.listdir(os.path.join(self._abspath, path))
         except (FileNotFoundError, NotADirectoryError):
             return []
         out = []
@@ -1497,7 +1498,7 @@ class Repository:
         """First-level entries of ``images/`` or ``streams/``: name → object id."""
         out: dict[str, str | None] = {}
         try:
-            it = os.scandir(os.path.join(self.path, category))
+            it = os.scandir(os.path.join(self._abspath, category))
         except FileNotFoundError:
             return out
         with it:
@@ -1512,7 +1513,7 @@ class Repository:
     def _ref_targets(self, category: str) -> set[str]:
         """Entry names (in ``<category>/``) that the refs tree points at."""
         names: set[str] = set()
-        for _path, target in _walk_links(os.path.join(self.path, category, "refs")):
+        for _path, target in _walk_links(os.path.join(self._abspath, category, "refs")):
             base = target.rstrip("/").rsplit("/", 1)[-1]
             if base not in ("", ".", ".."):
                 names.add(base)
@@ -1649,7 +1650,7 @@ class Repository:
 
     def _prune_links(self, category: str, dry_run: bool) -> int:
         """Remove dangling links in ``<category>/`` and (recursively) its refs."""
-        base = os.path.join(self.path, category)
+        base = os.path.join(self._abspath, category)
         count = 0
         try:
             entries = list(os.scandir(base))
@@ -1774,7 +1775,7 @@ class Repository:
 
     def _fsck_category(self, category: str, result: FsckResult) -> None:
         is_streams = category == "streams"
-        base = os.path.join(self.path, category)
+        base = os.path.join(self._abspath, category)
         try:
             entries = sorted(os.scandir(base), key=lambda e: e.name)
         except FileNotFoundError:
