@@ -91,6 +91,9 @@ _FIRST_NID = fmt.INODE_TABLE_OFFSET // fmt.INODE_SLOT_SIZE
 _FORMAT_KNOWN_BITS = fmt.INODE_LAYOUT_MASK | fmt.DATALAYOUT_MASK
 _DATALAYOUTS = (fmt.DATALAYOUT_FLAT_PLAIN, fmt.DATALAYOUT_FLAT_INLINE, fmt.DATALAYOUT_CHUNK_BASED)
 _CHECKED_CHUNKS = 1000
+# Both writers refuse files needing more than 1024 of the largest (8 TiB)
+# chunks (C LCFS_MAX_NONINLINE_CHUNKS).
+_MAX_EXTERNAL_SIZE = 1024 << (fmt.BLOCK_BITS + fmt.CHUNK_FORMAT_BLKBITS_MASK)
 _NULL_CHUNKS = fmt.NULL_CHUNK_INDEX * _CHECKED_CHUNKS
 _HEX2 = frozenset(f"{i:02x}".encode() for i in range(256))
 
@@ -688,8 +691,8 @@ class _Builder:
             # Only the low 16 bits are the chunk format (C may leave a block
             # address in the high half).
             raise _err(f"inode {nid}: unsupported chunk format {ino.u & 0xFFFF:#x}")
-        if ino.size >= 1 << 63:
-            raise _err(f"inode {nid}: file size {ino.size} out of range")
+        if ino.size > _MAX_EXTERNAL_SIZE:
+            raise _err(f"inode {nid}: file size {ino.size} too large for composefs")
         # The kernel reads one 4-byte chunk index per chunk right after the
         # xattrs; the data lives elsewhere, so every chunk must be a hole.
         chunkbits = fmt.BLOCK_BITS + (ino.u & fmt.CHUNK_FORMAT_BLKBITS_MASK)
@@ -751,8 +754,10 @@ def read_image(
     try:
         root = b.build()
     except (struct.error, ValueError, IndexError, KeyError, OverflowError) as e:
-        # Belt and braces: every access is bounds-checked above.
-        raise _err(str(e)) from None
+        # Belt and braces: every access is bounds-checked above, so this is
+        # a reader bug; still, a bad image must not crash the caller. (The
+        # fuzz test fails on this message.)
+        raise _err(f"unchecked structure ({type(e).__name__}: {e})") from None
     if toplevel is not None:
         keep = set(toplevel)
         root.entries = {k: v for k, v in root.entries.items() if k in keep}
