@@ -40,8 +40,8 @@ def verity_dir() -> Path:
 
 
 # Sizes around the fs-verity tree's edges: empty, one block, a block and a
-# byte, a full first level (4096/32 sha256 or 4096/64 sha512 hashes per
-# block), and a three-level tree for sha512.
+# byte, exactly one full hash block for sha512 (64 hashes of 64 bytes), one
+# block more than a full sha256 hash block (128 hashes), and a three-level tree.
 SIZES = (0, 1, 4096, 4097, 64 * 4096, 128 * 4096 + 1, 1_000_003)
 
 
