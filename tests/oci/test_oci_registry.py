@@ -982,7 +982,7 @@ def test_redirect_policy(location: str, tls_verify: bool, refused: bool) -> None
     client._base = "https://registry.example"
     sent: list[tuple[str, dict[str, str]]] = []
 
-    def fake_send(method: str, url: str, headers: dict[str, str]) -> Any:
+    def fake_send(method: str, url: str, headers: dict[str, str], body: Any = None) -> Any:
         sent.append((url, headers))
         if len(sent) == 1:
             return _FakeResponse(307, {"Location": location})
@@ -1000,3 +1000,65 @@ def test_redirect_policy(location: str, tls_verify: bool, refused: bool) -> None
         resp = client._request("GET", "https://registry.example/v2/x/blobs/sha256:" + "0" * 64, scope="s")
         assert resp.status == 200 and sent[1][0] == location
         assert "Authorization" in sent[0][1] and "Authorization" not in sent[1][1]
+
+
+# ---------------------------------------------------------------- pushing
+
+
+def test_push_from_oci_layout(registry_plain: Any, tmp_path: Path) -> None:
+    import ocitestlib as L
+
+    files = {"srv/data": b"pushed!\n" * 1000, "srv/big": hashlib.sha256(b"x").digest() * 5000}
+    tar = L.tar_layer([L.directory("srv"), *(L.file(n, d) for n, d in sorted(files.items()))])
+    built = L.write_oci_layout(tmp_path / "layout", [L.ImageSpec([tar], compression="zstd", tag="v1")])
+    dest = registry_plain.ref("pushed/layout:v1")
+    with tr.open_source(f"oci:{tmp_path / 'layout'}:v1") as src:
+        digest = reg.push_image(src, dest)
+    assert digest == built[0].manifest_digest
+    with reg.open_source(dest) as src:
+        resolved, got = pull_files(src)
+    assert resolved.digest == digest and got == files
+    # Everything is there now: pushing again sends no blob.
+    client = reg.RegistryClient(registry_plain.host)
+    for d in [built[0].config_digest, *built[0].layer_digests]:
+        assert client.blob_exists("pushed/layout", d)
+        assert not client.push_blob("pushed/layout", d, 0, lambda: io.BytesIO(b""))
+
+
+def test_push_registry_to_registry_with_auth(
+    registry_plain: Any, registry_auth: Any, oci_images: Any, tmp_path: Path
+) -> None:
+    """Copy a multi-arch index between registries; digests are preserved."""
+    img = oci_images["multi"]
+    dest = registry_auth.ref("copied/multi:v2")
+    o = reg.RegistryOptions(env={"HOME": str(tmp_path)})
+    with reg.open_source(registry_plain.ref(img.name)) as src, pytest.raises(RegistryAuthError) as ei:
+        reg.push_image(src, dest, o)
+    assert "authentication required" in one_line(ei.value)
+    with reg.open_source(registry_plain.ref(img.name)) as src:
+        digest = reg.push_image(src, dest, reg.RegistryOptions(creds=registry_auth.creds))
+    assert digest == img.digest
+    with reg.open_source(dest, creds=registry_auth.creds) as src:
+        _, files = pull_files(src, "linux/arm/v7")
+    assert files["etc/arch"] == b"armv7\n"
+    # One platform only, under its own tag.
+    with reg.open_source(registry_plain.ref(img.name)) as src:
+        one = reg.push_image(src, registry_plain.ref("copied/one:arm64"), platform=tr.Platform.parse("linux/arm64"))
+    assert one in {d["digest"] for d in img.layers}
+
+
+def test_push_blob_mount_and_bad_digest(registry_plain: Any, oci_images: Any) -> None:
+    client = reg.RegistryClient(registry_plain.host)
+    with reg.open_source(registry_plain.ref(oci_images["plain"].name)) as src:
+        layer = tr.resolve_manifest(src).manifest.layers[0]
+    assert not client.blob_exists("mounted/here", layer.digest)
+    # Cross-repository mount: no bytes sent, the blob appears in the new repository.
+    assert not client.push_blob("mounted/here", layer.digest, layer.size, lambda: io.BytesIO(b""),
+                                mount_from="test/plain")
+    assert client.blob_exists("mounted/here", layer.digest)
+    # The registry refuses bytes that do not match the digest; one clean line.
+    fake = "sha256:" + hashlib.sha256(b"something else").hexdigest()
+    with pytest.raises(RegistryError) as ei:
+        client.push_blob("mounted/here", fake, 5, lambda: io.BytesIO(b"hello"))
+    assert "digest" in one_line(ei.value).lower()
+    assert not client.blob_exists("mounted/here", fake)

@@ -16,6 +16,8 @@ What it does, and the rules it keeps:
 * HTTP(S) proxies: explicit, or ``https_proxy``/``no_proxy`` (never for loopback);
 * bounded retries with exponential backoff on 429/5xx and dropped connections;
   a blob download that breaks mid-way resumes with a ``Range`` request;
+* pushing: `push_image` copies any `ImageSource` to a registry (blob
+  existence checks, cross-repository mounts, monolithic uploads);
 * every blob's size and digest are checked while it streams: the consumer gets
   a file-like object that raises `DigestMismatch` before it reports EOF, so
   nothing unverified is ever complete. Nothing is held in memory whole.
@@ -57,6 +59,7 @@ from .transports import (
     OCI_MANIFEST,
     BaseSource,
     ImageSource,
+    Platform,
     parse_digest,
 )
 
@@ -75,6 +78,7 @@ __all__ = [
     "open_source",
     "parse_reference",
     "proxy_for",
+    "push_image",
 ]
 
 #: Every manifest type we understand, in order of preference.
@@ -525,12 +529,15 @@ class RegistryClient:
             **kw,
         )
 
-    def _send(self, method: str, url: str, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
+    def _send(
+        self, method: str, url: str, headers: dict[str, str], body: Any = None
+    ) -> urllib3.BaseHTTPResponse:
         if not self._tls_ready and url.startswith("https:"):
             self._ensure_tls()
         return self._manager(url).request(
             method,
             url,
+            body=body,
             headers=headers,
             redirect=False,
             preload_content=False,
@@ -562,16 +569,22 @@ class RegistryClient:
         scope: str | None,
         auth: bool = True,
         retry_network: bool = True,
+        body: Any = None,
     ) -> urllib3.BaseHTTPResponse:
-        """One logical request: auth, redirects (credentials only to the same
-        origin), retries with backoff. Returns the final response unread
-        (caller releases it); raises RegistryError on network failure."""
+        """One logical request: auth, redirects (credentials only to the
+        registry's own origin), retries with backoff. Returns the final
+        response unread (caller releases it); raises RegistryError on network
+        failure. A request with a `body` (a stream) is sent once: no retries,
+        no redirects; the caller starts over if it must."""
         net_errors = _net_errors()
         ssl_error = _ssl_error_cls()
         max_retries = self.options.retries
         attempt = 0
         auth_tries = 0
-        home = _origin(url)
+        # Credentials belong to the registry's origin (or, for token requests,
+        # the token server's): nothing else ever sees them.
+        home = _origin(self._base) if auth and self._base else _origin(url)
+        replayable = body is None
         target = url
         hops = 0
         while True:
@@ -588,21 +601,21 @@ class RegistryClient:
                     hdrs["Authorization"] = value
                     sent_auth = True
             try:
-                resp = self._send(method, target, hdrs)
+                resp = self._send(method, target, hdrs, body)
             except ssl_error as e:
                 if _is_cert_failure(e):
                     raise _CertError(
                         f"{_origin(target)[1]}: TLS certificate verification failed ({_describe(e)}); "
                         "give the CA with --cert-dir, or use --tls-verify=false"
                     ) from None
-                if retry_network and attempt < max_retries:
+                if replayable and retry_network and attempt < max_retries:
                     self._backoff(attempt)
                     attempt += 1
                     target, hops = url, 0
                     continue
                 raise RegistryError(f"{_origin(target)[1]}: TLS error: {_describe(e)}") from None
             except net_errors as e:
-                if retry_network and attempt < max_retries:
+                if replayable and retry_network and attempt < max_retries:
                     self._backoff(attempt)
                     attempt += 1
                     target, hops = url, 0
@@ -614,7 +627,7 @@ class RegistryClient:
                 _discard(resp)
                 proxy = proxy_for(target, self.options) or "proxy"
                 raise RegistryError(f"{_redact(proxy)}: proxy authentication required (HTTP 407)")
-            if status in _REDIRECT_STATUS:
+            if status in _REDIRECT_STATUS and replayable:
                 location = resp.headers.get("Location")
                 _discard(resp)
                 if not location:
@@ -638,6 +651,11 @@ class RegistryClient:
                 continue
             if status == 401 and auth and scope is not None and _origin(target) == home:
                 challenge = resp.headers.get("WWW-Authenticate")
+                if not replayable:
+                    # Learn the new challenge for the caller's next attempt.
+                    with self._auth_lock:
+                        self.auth.handle_challenge(challenge, scope, had_auth=sent_auth)
+                    return resp
                 _discard(resp)
                 auth_tries += 1
                 if auth_tries > 2:
@@ -646,7 +664,7 @@ class RegistryClient:
                     self.auth.handle_challenge(challenge, scope, had_auth=sent_auth)
                 target, hops = url, 0
                 continue
-            if status in _RETRY_STATUS and attempt < max_retries:
+            if status in _RETRY_STATUS and replayable and attempt < max_retries:
                 retry_after = resp.headers.get("Retry-After")
                 _discard(resp)
                 self._backoff(attempt, retry_after)
@@ -759,6 +777,115 @@ class RegistryClient:
             finally:
                 resp.release_conn()
         return BlobStream(self, url, scope, digest, size, resp, what)
+
+
+    # -- pushing ------------------------------------------------------------------
+
+    def blob_exists(self, repository: str, digest: str, *, push: bool = False) -> bool:
+        """Whether the registry has `digest` in `repository` (HEAD)."""
+        parse_digest(digest)
+        scope = f"repository:{repository}:pull,push" if push else f"repository:{repository}:pull"
+        resp = self._request("HEAD", self._url(repository, "blobs", digest), scope=scope)
+        try:
+            if resp.status == 200:
+                return True
+            if resp.status == 404:
+                return False
+            raise _status_error(resp, f"{self.registry}/{repository}@{digest}", "blob")
+        finally:
+            resp.drain_conn()  # a HEAD answer has no body
+            resp.release_conn()
+
+    def push_blob(
+        self,
+        repository: str,
+        digest: str,
+        size: int,
+        opener: Callable[[], BinaryIO],
+        *,
+        mount_from: str | None = None,
+    ) -> bool:
+        """Upload a blob unless the registry has it; False when nothing was sent.
+
+        `opener` gives a fresh stream of the blob each attempt (an upload that
+        fails half-way starts over). With `mount_from` the registry is first
+        asked to mount the blob from that repository (no bytes travel). The
+        registry checks the digest before it accepts the blob.
+        """
+        parse_digest(digest)
+        scope = f"repository:{repository}:pull,push"
+        what = f"{self.registry}/{repository}@{digest}"
+        if self.blob_exists(repository, digest, push=True):
+            return False
+        base = f"{self.base_url()}/v2/{repository}/blobs/uploads/"
+        attempt = 0
+        while True:
+            start = base
+            if mount_from:
+                start += "?" + urllib.parse.urlencode({"mount": digest, "from": mount_from})
+            resp = self._request("POST", start, headers={"Content-Length": "0"}, scope=scope)
+            try:
+                if resp.status == 201 and mount_from:
+                    return False  # mounted from the other repository
+                if resp.status != 202:
+                    raise _status_error(resp, what, "upload")
+                location = resp.headers.get("Location")
+            finally:
+                _discard(resp)
+            if not location:
+                raise RegistryError(f"{what}: upload started without a Location")
+            put_url = urllib.parse.urljoin(base, location)
+            sep = "&" if urllib.parse.urlsplit(put_url).query else "?"
+            put_url += sep + urllib.parse.urlencode({"digest": digest})
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+            try:
+                with opener() as stream:
+                    resp = self._request("PUT", put_url, headers=headers, scope=scope, body=stream)
+            except RegistryError:
+                if attempt >= self.options.retries:
+                    raise
+                self._backoff(attempt)
+                attempt += 1
+                continue
+            try:
+                if resp.status in (201, 204):
+                    return True
+                retry = resp.status in _RETRY_STATUS or resp.status == 401
+                err = _status_error(resp, what, "upload")
+            finally:
+                _discard(resp)
+            if not retry or attempt >= self.options.retries:
+                raise err
+            self._backoff(attempt)
+            attempt += 1
+
+    def push_manifest(self, repository: str, ref: str, raw: bytes, media_type: str) -> str:
+        """PUT a manifest or index under a tag or its digest; returns its digest."""
+        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        if ":" in ref and ref != digest:
+            alg, _ = parse_digest(ref)
+            if f"{alg}:" + hashlib.new(alg, raw).hexdigest() != ref:
+                raise DigestMismatch(f"manifest does not match the digest {ref} it is pushed as")
+            digest = ref
+        scope = f"repository:{repository}:pull,push"
+        what = f"{self.registry}/{repository}:{ref}" if ":" not in ref else f"{self.registry}/{repository}@{ref}"
+        headers = {"Content-Type": media_type, "Content-Length": str(len(raw))}
+        attempt = 0
+        while True:
+            resp = self._request(
+                "PUT", self._url(repository, "manifests", ref), headers=headers, scope=scope, body=raw
+            )
+            try:
+                if resp.status in (201, 204):
+                    return digest
+                retry = resp.status in _RETRY_STATUS or resp.status == 401
+                err = _status_error(resp, what, "manifest")
+            finally:
+                _discard(resp)
+            if not retry or attempt >= self.options.retries:
+                raise err
+            self._backoff(attempt)
+            attempt += 1
 
 
 def _discard(resp: urllib3.BaseHTTPResponse) -> None:
@@ -1100,6 +1227,76 @@ def open_source(ref: str, options: RegistryOptions | None = None, **kwargs: Any)
         except TypeError as e:
             raise OciError(f"bad registry option: {e}") from None
     return RegistrySource(ref, options)
+
+
+# ---------------------------------------------------------------- copying to a registry
+
+
+def push_image(
+    source: ImageSource,
+    dest: str | Reference,
+    options: RegistryOptions | None = None,
+    *,
+    platform: Platform | None = None,
+) -> str:
+    """Copy the image `source` names to ``docker://DEST`` (like ``skopeo copy --all``).
+
+    An index is copied whole (every child manifest by digest, then the
+    index) unless `platform` picks one image from it. Blobs the registry
+    already has are not sent; raw manifest bytes are kept, so digests do not
+    change. Returns the digest the destination tag (or digest) now names.
+    """
+    from .transports import ImageManifest, detect_media_type, parse_index, select_platform
+
+    ref = dest if isinstance(dest, Reference) else parse_reference(dest)
+    opts = options or RegistryOptions()
+    if opts.creds is not None:
+        creds: _auth.Credentials | None = _auth.parse_creds(opts.creds)
+    else:
+        creds = _auth.load_credentials(ref.registry, ref.repository, auth_file=opts.auth_file, env=opts.env)
+    client = RegistryClient(ref.registry, credentials=creds, options=opts)
+    repo = ref.repository
+
+    def fetch(digest: str | None, declared: str | None) -> tuple[bytes, str]:
+        raw, mt = source.get_manifest(digest)
+        if len(raw) > MAX_JSON_SIZE:
+            raise OciError("manifest is too large")
+        if digest is not None:
+            alg, _ = parse_digest(digest)
+            if f"{alg}:" + hashlib.new(alg, raw).hexdigest() != digest:
+                raise DigestMismatch(f"{source.reference}: manifest {digest} does not match its digest")
+        return raw, detect_media_type(raw, mt or declared)
+
+    def copy_blobs(raw: bytes, media_type: str) -> None:
+        manifest = ImageManifest.parse(raw, media_type)
+        blobs = {d.digest: d for d in (manifest.config, *manifest.layers)}
+
+        def one(d: Any) -> bool:
+            return client.push_blob(
+                repo, d.digest, d.size, lambda: source.open_blob(d.digest, d.size)
+            )
+
+        fetch_parallel(list(blobs.values()), one, opts.max_workers)
+
+    try:
+        raw, media_type = fetch(None, None)
+        if media_type in INDEX_MEDIA_TYPES and platform is not None:
+            entry = select_platform(parse_index(raw), platform)
+            raw, media_type = fetch(entry.digest, entry.media_type or None)
+        if media_type in INDEX_MEDIA_TYPES:
+            for entry in parse_index(raw):
+                child, child_type = fetch(entry.digest, entry.media_type or None)
+                if child_type in INDEX_MEDIA_TYPES:
+                    raise OciError("nested indexes are not supported when pushing")
+                copy_blobs(child, child_type)
+                client.push_manifest(repo, entry.digest, child, child_type)
+        elif media_type in MANIFEST_MEDIA_TYPES:
+            copy_blobs(raw, media_type)
+        else:
+            raise OciError(f"cannot push a manifest of type {media_type!r}")
+        return client.push_manifest(repo, ref.ref, raw, media_type)
+    finally:
+        client.close()
 
 
 # ---------------------------------------------------------------- parallel fetch
