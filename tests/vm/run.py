@@ -482,8 +482,8 @@ def guest_script(share: Path, pytest_args: Sequence[str], python: str | None = N
 
 
 def boot(qemu: str, kernel: Kernel, initramfs: Path, disk: Path, share: Path,
-         timeout: float, log: Path) -> int | None:
-    """Boot the VM, echo its console, return the guest's RC (None: no RC seen)."""
+         timeout: float, log: Path) -> int:
+    """Boot the VM, echo its console, return the exit status the guest reported."""
     mem = os.environ.get("COMPOSEFS_VM_MEM", "1536")
     cmdline = (f"console=ttyS0 panic=-1 quiet loglevel=4 8250.nr_uarts=1 "
                f"cfs.out={share} cfs.script={share / 'guest.sh'}")
@@ -551,13 +551,10 @@ def report(junit: Path) -> tuple[int, int, int]:
         outcome = "PASS"
         detail = ""
         for child in case:
-            if child.tag in ("failure", "error"):
-                outcome = "FAIL" if child.tag == "failure" else "ERROR"
-                detail = (child.get("message") or "").splitlines()[0][:200] if child.get("message") else ""
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = {"failure": "FAIL", "error": "ERROR", "skipped": "SKIP"}[child.tag]
+                detail = next(iter((child.get("message") or "").splitlines()), "")[:200]
                 break
-            if child.tag == "skipped":
-                outcome = "SKIP"
-                detail = (child.get("message") or "")[:200]
         counts[{"PASS": 0, "SKIP": 2}.get(outcome, 1)] += 1
         print(f"test-vm: {outcome:5} {name}{f'  ({detail})' if detail else ''}", flush=True)
     return counts[0], counts[1], counts[2]
