@@ -81,3 +81,7 @@ class SourceError(ComposefsError):
 
 class TarFormatError(OciError):
     """A tar archive (OCI layer) that is malformed, truncated or unsupported."""
+
+
+class BootError(ComposefsError):
+    """Boot resources, SELinux policy, UKIs or kernel arguments are unusable."""
