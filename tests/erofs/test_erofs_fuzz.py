@@ -7,8 +7,9 @@ besides random bit flips, truncations and extensions they overwrite
 header, superblock, inode, dirent and xattr fields with boundary values
 and with values taken from other fields (nids pointing elsewhere).
 
-Deterministic: CFS_FUZZ_SEED and CFS_FUZZ_CASES override the defaults; a
-failure names the seed, the case and its own seed so it can be replayed.
+Deterministic: CFS_FUZZ_SEED, CFS_FUZZ_CASES and CFS_FUZZ_BUDGET (seconds)
+override the defaults; a failure names the seed, the case and its own seed
+so it can be replayed.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from composefs.tree import S_IFBLK, S_IFCHR, Device, Directory, Fifo, Leaf, Regu
 SEED = int(os.environ.get("CFS_FUZZ_SEED", "1127"))
 CASES = int(os.environ.get("CFS_FUZZ_CASES", "6000"))
 CASE_SECONDS = 2.0  # far above the few milliseconds a case takes
-BUDGET_SECONDS = 45.0  # stop early on a slow machine: keep CI time bounded
+BUDGET_SECONDS = float(os.environ.get("CFS_FUZZ_BUDGET", "45"))  # bounds CI time on a slow machine
 
 SOURCES = [
     "c-mkcomposefs/special.dump",
