@@ -250,7 +250,7 @@ def run_case(data: bytes, check_memory: bool, check_rewrite: bool) -> str:
     return result
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(BUDGET_SECONDS + 120)
 def test_fuzz_reader(vectors: Path) -> None:
     images = load_images(vectors)
     field_lists = [fields(img) for img in images]
