@@ -478,6 +478,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._handle("HEAD")
 
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
+    def do_PATCH(self) -> None:
+        self._handle("PATCH")
+
     # -- helpers
     def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None, method: str = "GET") -> None:
         self.send_response(status)
@@ -496,6 +505,11 @@ class _Handler(BaseHTTPRequestHandler):
         st: FrontState = self.server.state
         where: str = self.server.role
         path, _, query = self.path.partition("?")
+        # Read any request body now: a keep-alive connection must not keep it
+        # unread when we answer early (401, injected faults).
+        self._body = b""
+        if method in ("POST", "PUT", "PATCH"):
+            self._body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         with st.lock:
             st.log.append(Logged(where, method, self.path, dict(self.headers.items())))
         if where == "front" and path == "/token":
@@ -509,9 +523,10 @@ class _Handler(BaseHTTPRequestHandler):
                 authz = self.headers.get("Authorization", "")
                 valid = authz.startswith("Bearer ") and authz[7:] in st.tokens
                 if st.reject_tokens or not valid:
+                    actions = "pull" if method in ("GET", "HEAD") else "pull,push"
                     challenge = (
                         f'Bearer realm="http://{st.host}/token",service="cfs-test"'
-                        + (f',scope="repository:{repo}:pull"' if repo else "")
+                        + (f',scope="repository:{repo}:{actions}"' if repo else "")
                     )
                     return self._error(401, "UNAUTHORIZED", {"WWW-Authenticate": challenge})
             backend_path = path
@@ -550,19 +565,28 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(200, body, {"Content-Type": "application/json"})
 
     def _proxy(self, st: FrontState, method: str, path: str, fault: Fault | None) -> None:
-        headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept",)}
+        headers = {
+            k: v for k, v in self.headers.items() if k.lower() in ("accept", "content-type", "host")
+        }
         rng = self.headers.get("Range")
         if rng and st.honor_range:
             headers["Range"] = rng
+        body = None
+        if method in ("POST", "PUT", "PATCH"):
+            body = self._body
+            headers["Content-Length"] = str(len(body))
+        full = path + ("?" + self.path.partition("?")[2] if "?" in self.path else "")
         conn = http.client.HTTPConnection(st.backend, timeout=30)
         try:
-            conn.request(method, path, headers=headers)
+            conn.request(method, full, body=body, headers=headers)
             resp = conn.getresponse()
             body = resp.read()
             out_headers = {
                 k: v
                 for k, v in resp.getheaders()
-                if k.lower() in ("content-type", "docker-content-digest", "content-range", "accept-ranges")
+                if k.lower()
+                in ("content-type", "docker-content-digest", "content-range", "accept-ranges", "location",
+                    "docker-upload-uuid", "range")
             }
             status = resp.status
         finally:

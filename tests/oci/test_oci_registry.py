@@ -1062,3 +1062,18 @@ def test_push_blob_mount_and_bad_digest(registry_plain: Any, oci_images: Any) ->
         client.push_blob("mounted/here", fake, 5, lambda: io.BytesIO(b"hello"))
     assert "digest" in one_line(ei.value).lower()
     assert not client.blob_exists("mounted/here", fake)
+
+
+def test_push_with_bearer_token(front: Any, oci_images: Any, fast_options: Any) -> None:
+    img = oci_images["zstd"]
+    dest = front.ref("pushed/bearer:v1")
+    with reg.open_source(front.ref(img.name), fast_options) as src:
+        digest = reg.push_image(src, dest, fast_options)
+    assert digest == img.digest
+    scopes = [r.path for r in front.token_requests]
+    assert any("repository%3Apushed%2Fbearer%3Apull%2Cpush" in q for q in scopes), scopes
+    uploads = [r for r in front.requests("front") if r.method in ("POST", "PUT")]
+    assert uploads and all(r.headers.get("Authorization", "").startswith("Bearer ") for r in uploads)
+    with reg.open_source(dest, fast_options) as src:
+        _, files = pull_files(src)
+    assert files == img.files
