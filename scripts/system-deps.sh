@@ -16,7 +16,7 @@ if [ "${1:-}" != demo ]; then
     want htpasswd apache2-utils
     want openssl openssl
     want qemu-system-x86_64 qemu-system-x86
-    [ -x /bin/busybox ] || need="$need busybox-static"
+    dpkg -s busybox-static >/dev/null 2>&1 || need="$need busybox-static"
 fi
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
