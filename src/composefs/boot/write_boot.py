@@ -1,0 +1,125 @@
+"""Install a boot entry under a boot directory (composefs-rs ``write_boot.rs``).
+
+Type 1: kernel/initrd copied to ``<bootdir>/<path in entry>``, the entry to
+``<bootdir>/loader/entries/<file>`` with the composefs karg and extra
+``--cmdline`` arguments in its ``options`` line. Type 2: the UKI copied to
+``<bootdir>/EFI/Linux/<path>`` after checking that its embedded
+``.cmdline`` names the image. Files are written atomically (temp + rename),
+so an error leaves no partial file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from ..errors import BootError
+from . import uki
+from .bootloader import BootEntry, ReadFile, Type1Entry, Type2Entry, UsrLibModulesVmlinuz
+from .cmdline import ComposefsCmdline
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    d = os.path.dirname(path)
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _inside(bootdir: str, rel: str) -> str:
+    """`rel` (from the image) joined under bootdir, refusing ``..`` escapes."""
+    parts = [p for p in rel.split("/") if p and p != "."]
+    if not parts or ".." in parts:
+        raise BootError(f"refusing to write {rel!r} outside the boot directory")
+    return os.path.join(bootdir, *parts)
+
+
+def write_t1_simple(
+    t1: Type1Entry,
+    bootdir: str,
+    boot_subdir: str | None,
+    karg: ComposefsCmdline,
+    cmdline_extra: list[str],
+    read_file: ReadFile,
+) -> list[str]:
+    if boot_subdir is not None:
+        bootdir = os.path.join(bootdir, boot_subdir.lstrip("/"))
+    t1.entry.adjust_cmdline(karg.to_cmdline_arg(), cmdline_extra)
+    entry_path = _inside(os.path.join(bootdir, "loader", "entries"), t1.filename)
+    written: list[str] = []
+    # Content first, the loader entry last (a bootloader never sees an
+    # entry whose files are missing).
+    for name, file in sorted(t1.files.items()):
+        target = _inside(bootdir, name)
+        _write_atomic(target, read_file(file))
+        written.append(target)
+    _write_atomic(entry_path, t1.entry.render().encode())
+    written.append(entry_path)
+    return written
+
+
+def write_t2_simple(
+    t2: Type2Entry, bootdir: str, acceptable: list[str], read_file: ReadFile
+) -> list[str]:
+    content = read_file(t2.file)
+    cmdline = uki.get_cmdline(content)
+    try:
+        parsed = ComposefsCmdline.from_cmdline(cmdline, _algorithm_of(acceptable))
+    except BootError as e:
+        raise BootError(f"parsing UKI .cmdline section: {cmdline!r}: {e}") from None
+    if parsed is None:
+        raise BootError(
+            f"UKI .cmdline has no composefs karg (composefs= or composefs.digest=): {cmdline!r}"
+        )
+    parsed.validate_digest(acceptable)
+    target = _inside(
+        os.path.join(bootdir, "EFI", "Linux"), t2.file_path.decode(errors="surrogateescape")
+    )
+    _write_atomic(target, content)
+    return [target]
+
+
+def _algorithm_of(digests: list[str]) -> str:
+    return "sha512" if digests and len(digests[0]) == 128 else "sha256"
+
+
+def write_boot_simple(
+    read_file: ReadFile,
+    entry: BootEntry,
+    karg: ComposefsCmdline,
+    bootdir: str,
+    boot_subdir: str | None = None,
+    entry_id: str | None = None,
+    cmdline_extra: list[str] | None = None,
+) -> list[str]:
+    """Write one boot entry; returns the paths written."""
+    extra = list(cmdline_extra or [])
+    if entry_id is not None and (not entry_id or "/" in entry_id or entry_id in (".", "..")):
+        raise BootError(f"invalid entry id {entry_id!r}")
+    if isinstance(entry, Type1Entry):
+        if entry_id is not None:
+            entry.relocate(boot_subdir, entry_id)
+        return write_t1_simple(entry, bootdir, boot_subdir, karg, extra, read_file)
+    if isinstance(entry, Type2Entry):
+        if entry_id is not None:
+            entry.rename(entry_id)
+        if extra:
+            raise BootError("Can't add --cmdline args to UKIs")
+        return write_t2_simple(entry, bootdir, [karg.digest], read_file)
+    assert isinstance(entry, UsrLibModulesVmlinuz)
+    t1 = entry.into_type1(entry_id)
+    if entry_id is not None:
+        t1.relocate(boot_subdir, entry_id)
+    return write_t1_simple(t1, bootdir, boot_subdir, karg, extra, read_file)
