@@ -540,3 +540,24 @@ def test_kill9_during_gc(repo: Path) -> None:
     cfsctl("--repo", repo, "gc")
     assert count() == 301  # the kept image and its files
     assert cfsctl("--repo", repo, "fsck").stdout.endswith("status: ok\n")
+
+
+def test_bootable_and_compute_karg(repo: Path, tmp_path: Path) -> None:
+    src = tmp_path / "boot-src"
+    for d in ("usr/lib", "boot/junk", "sysroot/junk", "etc"):
+        (src / d).mkdir(parents=True)
+    (src / "usr/lib/f").write_bytes(b"hello\n")
+    (src / "boot/junk/vmlinuz").write_bytes(b"K" * 1000)
+    image = cfsctl("--repo", repo, "create-image", "--bootable", src, "b").stdout.strip()
+    digest = image.removeprefix("sha512:")
+    assert cfsctl("--repo", repo, "compute-id", "--bootable", src).stdout.strip() == digest
+    assert cfsctl("--repo", repo, "compute-id", src).stdout.strip() != digest
+    assert cfsctl("--repo", repo, "compute-karg", src).stdout == f"composefs={digest}\n"
+    v1 = cfsctl("--repo", repo, "--erofs-version", "1", "compute-id", "--bootable", src)
+    out = cfsctl("--repo", repo, "--insecure", "--erofs-version", "1", "compute-karg", src).stdout
+    assert out == f"composefs.digest=?v1-sha512-12:{v1.stdout.strip()}\n"
+    dump = cfsctl("--repo", repo, "create-dumpfile", "--bootable", src).stdout
+    assert "/boot/junk" not in dump and "/sysroot/junk" not in dump
+    (src / "sysroot/junk").rmdir()
+    (src / "sysroot").rmdir()
+    assert "sysroot" in one_line_error(cfsctl("--repo", repo, "compute-karg", src, check=False))

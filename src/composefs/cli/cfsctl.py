@@ -175,7 +175,7 @@ def _read_tree(
 
 def _boot_transform(root: Directory, source: str, repo: Repository | None) -> None:
     try:
-        from ..boot import transform_for_boot  # type: ignore[attr-defined]
+        from ..boot import transform_for_boot
     except ImportError:
         raise RepositoryError("--bootable is not available in this installation") from None
     transform_for_boot(root, source=source, repo=repo)
@@ -281,17 +281,14 @@ def cmd_compute_id(args: argparse.Namespace, opener: RepoOpener) -> None:
 
 
 def cmd_compute_karg(args: argparse.Namespace, opener: RepoOpener) -> None:
+    from ..boot import make_cmdline_composefs
     from ..fsverity import digest_hex
 
     algorithm = _effective_hash(args)
     root = _read_tree(args, algorithm, None, True)
     version = args.erofs_version if args.erofs_version is not None else 2
     digest = digest_hex(_image_bytes(root, version), algorithm)
-    q = "?" if args.insecure else ""
-    if version == 2:
-        print(f"composefs={q}{digest}")
-    else:
-        print(f"composefs.digest={q}v1-{algorithm}-12:{digest}")
+    print(make_cmdline_composefs(digest, args.insecure, version, algorithm))
 
 
 def cmd_create_dumpfile(args: argparse.Namespace, opener: RepoOpener) -> None:
