@@ -336,7 +336,14 @@ def run_timed(cmd: list[str]) -> tuple[float, float]:
 def skopeo_umoci(d: Path, ref: str) -> tuple[float, float, float, float]:
     """The reference: skopeo copy to an OCI layout, then umoci unpack (wall, cpu each)."""
     d.mkdir()
-    copy = ["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}", f"oci:{d}/layout:img"]
+    copy = [
+        "skopeo",
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        f"docker://{ref}",
+        f"oci:{d}/layout:img",
+    ]
     t_copy, c_copy = run_timed(copy)
     umoci = ["umoci", "unpack", "--image", f"{d}/layout:img", f"{d}/bundle"]
     if os.geteuid() != 0:
@@ -504,7 +511,9 @@ def report(f: dict[str, Any]) -> None:
             row("ours: repeated pull", "pull_repeat"),
             row("ours: 2nd image, shared base", "pull_shared_base"),
         ]
-    lines.append(f"(1-min load average during the run: {f['load_average']:.1f} on {os.cpu_count()} CPUs)")
+    lines.append(
+        f"(1-min load average during the run: {f['load_average']:.1f} on {os.cpu_count()} CPUs)"
+    )
     print("\n".join(lines))
 
 

@@ -68,7 +68,10 @@ def _reexport_root_conftest() -> None:
     g = globals()
     for name in dir(mod):
         obj = getattr(mod, name)
-        is_fixture = hasattr(obj, "_pytestfixturefunction") or type(obj).__name__ == "FixtureFunctionDefinition"
+        is_fixture = (
+            hasattr(obj, "_pytestfixturefunction")
+            or type(obj).__name__ == "FixtureFunctionDefinition"
+        )
         if not name.startswith("_") and name not in g and not is_fixture:
             g[name] = obj
 
@@ -172,12 +175,16 @@ def _start_registry(workdir: Path, storage: Path, name: str, extra: str, scheme:
         reg = Registry(f"127.0.0.1:{port}", scheme, storage, proc, log=log)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and proc.poll() is None:
-            if _answers(f"{scheme}://127.0.0.1:{port}/v2/", ca=str(workdir / "tls" / "cert.pem")
-                        if scheme == "https" else None):
+            if _answers(
+                f"{scheme}://127.0.0.1:{port}/v2/",
+                ca=str(workdir / "tls" / "cert.pem") if scheme == "https" else None,
+            ):
                 return reg
             time.sleep(0.05)
         _stop(reg)
-    raise RuntimeError(f"docker-registry {name} did not start; see {log}:\n{log.read_text()[-2000:]}")
+    raise RuntimeError(
+        f"docker-registry {name} did not start; see {log}:\n{log.read_text()[-2000:]}"
+    )
 
 
 def _stop(reg: Registry) -> None:
@@ -230,9 +237,26 @@ def registry_tls(registry_workdir: Path, registry_plain: Registry) -> Iterator[R
     tls = registry_workdir / "tls"
     tls.mkdir()
     subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-days", "2", "-keyout", str(tls / "key.pem"), "-out", str(tls / "cert.pem"),
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            str(tls / "key.pem"),
+            "-out",
+            str(tls / "cert.pem"),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
         check=True,
         capture_output=True,
     )
@@ -251,7 +275,9 @@ def _det_bytes(seed: int, n: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def layer(files: dict[str, bytes], dirs: tuple[str, ...] = (), symlinks: dict[str, str] | None = None) -> bytes:
+def layer(
+    files: dict[str, bytes], dirs: tuple[str, ...] = (), symlinks: dict[str, str] | None = None
+) -> bytes:
     """An uncompressed layer tar (built with OCI-A's ocitestlib), parents first."""
     import ocitestlib as L
 
@@ -286,13 +312,19 @@ class LayoutBuilder:
         (path / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
         self.index: list[dict[str, Any]] = []
 
-    def image(self, layers: list[bytes], compression: str = "gzip", arch: str = "amd64",
-              variant: str | None = None) -> dict[str, Any]:
+    def image(
+        self,
+        layers: list[bytes],
+        compression: str = "gzip",
+        arch: str = "amd64",
+        variant: str | None = None,
+    ) -> dict[str, Any]:
         """Write config, layers and manifest; return its descriptor (with platform)."""
         import ocitestlib as L
 
-        spec = L.ImageSpec(layers, compression=compression, tag=None, architecture=arch,
-                           variant=variant)
+        spec = L.ImageSpec(
+            layers, compression=compression, tag=None, architecture=arch, variant=variant
+        )
         return dict(L.build_image(self.path, spec).descriptor)
 
     def tag(self, desc: dict[str, Any], tag: str) -> None:
@@ -331,13 +363,25 @@ def skopeo_copy(src: str, dest: str, *extra: str) -> None:
     if not policy.exists():
         policy.write_text('{"default":[{"type":"insecureAcceptAnything"}]}')
     proc = subprocess.run(
-        [skopeo, "--policy", str(policy), "copy", "--quiet", "--dest-tls-verify=false", *extra, src, dest],
+        [
+            skopeo,
+            "--policy",
+            str(policy),
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            *extra,
+            src,
+            dest,
+        ],
         env=env,
         capture_output=True,
         check=False,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"skopeo copy {src} {dest} failed: {proc.stderr.decode(errors='replace')}")
+        raise RuntimeError(
+            f"skopeo copy {src} {dest} failed: {proc.stderr.decode(errors='replace')}"
+        )
 
 
 BASE_FILES = {
@@ -349,7 +393,9 @@ TOP_FILES = {"usr/lib/data.bin": _det_bytes(2, 150_000), "etc/motd": b"hello\n"}
 
 
 @pytest.fixture(scope="session")
-def oci_images(registry_plain: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict[str, PushedImage]:
+def oci_images(
+    registry_plain: Registry, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, PushedImage]:
     """Test images pushed to `registry_plain` (and so visible through the others).
 
     plain    two gzip layers (OCI manifest, digests preserved)
@@ -370,7 +416,10 @@ def oci_images(registry_plain: Registry, tmp_path_factory: pytest.TempPathFactor
     arches = [("amd64", None), ("arm64", "v8"), ("arm", "v7")]
     descs = []
     for i, (arch, variant) in enumerate(arches):
-        f = {"etc/arch": f"{arch}{variant or ''}\n".encode(), "usr/bin/tool": _det_bytes(10 + i, 20_000)}
+        f = {
+            "etc/arch": f"{arch}{variant or ''}\n".encode(),
+            "usr/bin/tool": _det_bytes(10 + i, 20_000),
+        }
         descs.append(b.image([layer(f)], "gzip", arch, variant))
     idx = b.tag_index(descs, "multi")
     images["multi"] = PushedImage("test/multi:v1", idx["digest"], {})
@@ -383,7 +432,9 @@ def oci_images(registry_plain: Registry, tmp_path_factory: pytest.TempPathFactor
 
     host = registry_plain.host
     skopeo_copy(f"oci:{layout}:plain", f"docker://{host}/test/plain:v1", "--preserve-digests")
-    skopeo_copy(f"oci:{layout}:multi", f"docker://{host}/test/multi:v1", "--all", "--preserve-digests")
+    skopeo_copy(
+        f"oci:{layout}:multi", f"docker://{host}/test/multi:v1", "--all", "--preserve-digests"
+    )
     skopeo_copy(f"oci:{layout}:zstd", f"docker://{host}/test/zstd:v1", "--preserve-digests")
     skopeo_copy(f"oci:{layout}:plain", f"docker://{host}/test/v2s2:v1", "--format", "v2s2")
     images["v2s2"] = PushedImage("test/v2s2:v1", None, {**BASE_FILES, **TOP_FILES})
@@ -446,7 +497,9 @@ class FrontState:
     def ref(self, name: str) -> str:
         return f"{self.host}/{name}"
 
-    def fault(self, where: str, path: str, action: str, arg: Any = None, count: int | None = 1) -> Fault:
+    def fault(
+        self, where: str, path: str, action: str, arg: Any = None, count: int | None = 1
+    ) -> Fault:
         f = Fault(where, path, action, arg, count)
         with self.lock:
             self.faults.append(f)
@@ -455,14 +508,22 @@ class FrontState:
     def take_fault(self, where: str, path: str) -> Fault | None:
         with self.lock:
             for f in self.faults:
-                if f.where == where and re.search(f.path, path) and (f.count is None or f.hits < f.count):
+                if (
+                    f.where == where
+                    and re.search(f.path, path)
+                    and (f.count is None or f.hits < f.count)
+                ):
                     f.hits += 1
                     return f
         return None
 
     def requests(self, where: str | None = None, path: str = "") -> list[Logged]:
         with self.lock:
-            return [r for r in self.log if (where is None or r.where == where) and re.search(path, r.path)]
+            return [
+                r
+                for r in self.log
+                if (where is None or r.where == where) and re.search(path, r.path)
+            ]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -488,7 +549,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle("PATCH")
 
     # -- helpers
-    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None, method: str = "GET") -> None:
+    def _send(
+        self, status: int, body: bytes, headers: dict[str, str] | None = None, method: str = "GET"
+    ) -> None:
         self.send_response(status)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
@@ -498,7 +561,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _error(self, status: int, code: str, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps({"errors": [{"code": code, "message": code.lower().replace("_", " ")}]}).encode()
+        body = json.dumps(
+            {"errors": [{"code": code, "message": code.lower().replace("_", " ")}]}
+        ).encode()
         self._send(status, body, {"Content-Type": "application/json", **(headers or {})})
 
     def _handle(self, method: str) -> None:
@@ -524,9 +589,8 @@ class _Handler(BaseHTTPRequestHandler):
                 valid = authz.startswith("Bearer ") and authz[7:] in st.tokens
                 if st.reject_tokens or not valid:
                     actions = "pull" if method in ("GET", "HEAD") else "pull,push"
-                    challenge = (
-                        f'Bearer realm="http://{st.host}/token",service="cfs-test"'
-                        + (f',scope="repository:{repo}:{actions}"' if repo else "")
+                    challenge = f'Bearer realm="http://{st.host}/token",service="cfs-test"' + (
+                        f',scope="repository:{repo}:{actions}"' if repo else ""
                     )
                     return self._error(401, "UNAUTHORIZED", {"WWW-Authenticate": challenge})
             backend_path = path
@@ -585,8 +649,15 @@ class _Handler(BaseHTTPRequestHandler):
                 k: v
                 for k, v in resp.getheaders()
                 if k.lower()
-                in ("content-type", "docker-content-digest", "content-range", "accept-ranges", "location",
-                    "docker-upload-uuid", "range")
+                in (
+                    "content-type",
+                    "docker-content-digest",
+                    "content-range",
+                    "accept-ranges",
+                    "location",
+                    "docker-upload-uuid",
+                    "range",
+                )
             }
             status = resp.status
         finally:
@@ -606,7 +677,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, body, out_headers, method)
         return None
 
-    def _cut(self, status: int, body: bytes, headers: dict[str, str], n: int, with_length: bool) -> None:
+    def _cut(
+        self, status: int, body: bytes, headers: dict[str, str], n: int, with_length: bool
+    ) -> None:
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
@@ -662,7 +735,6 @@ def fast_options() -> Any:
     from composefs.oci.registry import RegistryOptions
 
     return RegistryOptions(backoff=0.01, max_backoff=0.05, retries=3, env={"HOME": "/nonexistent"})
-
 
 
 # ---------------------------------------------------------------- forward proxy
@@ -745,7 +817,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return
         u = urllib.parse.urlsplit(self.path)
         conn = http.client.HTTPConnection(u.hostname or "", u.port or 80, timeout=30)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("proxy-authorization", "connection")}
+        headers = {
+            k: v
+            for k, v in self.headers.items()
+            if k.lower() not in ("proxy-authorization", "connection")
+        }
         try:
             conn.request(self.command, u.path + (f"?{u.query}" if u.query else ""), headers=headers)
             resp = conn.getresponse()

@@ -53,7 +53,9 @@ def layer_files(src: reg.RegistrySource, desc: tr.Descriptor) -> dict[str, bytes
     return out
 
 
-def pull_files(src: reg.RegistrySource, platform: str | None = None) -> tuple[tr.ResolvedImage, dict[str, bytes]]:
+def pull_files(
+    src: reg.RegistrySource, platform: str | None = None
+) -> tuple[tr.ResolvedImage, dict[str, bytes]]:
     """Resolve and download every layer; the merged regular files (no whiteouts in test images)."""
     resolved = tr.resolve_manifest(src, tr.Platform.parse(platform) if platform else None)
     files: dict[str, bytes] = {}
@@ -102,11 +104,19 @@ def opts(base: Any, **kw: Any) -> reg.RegistryOptions:
         ("localhost/x", "localhost", "x", "latest", None),
         ("localhost:5000/x", "localhost:5000", "x", "latest", None),
         ("[::1]:5000/img:t", "[::1]:5000", "img", "t", None),
-        ("r.example/a__b/c-d.e@sha256:" + "a" * 64, "r.example", "a__b/c-d.e", None, "sha256:" + "a" * 64),
+        (
+            "r.example/a__b/c-d.e@sha256:" + "a" * 64,
+            "r.example",
+            "a__b/c-d.e",
+            None,
+            "sha256:" + "a" * 64,
+        ),
         ("r.example/a:t@sha512:" + "b" * 128, "r.example", "a", "t", "sha512:" + "b" * 128),
     ],
 )
-def test_parse_reference(text: str, registry: str, repo: str, tag: str | None, digest: str | None) -> None:
+def test_parse_reference(
+    text: str, registry: str, repo: str, tag: str | None, digest: str | None
+) -> None:
     r = reg.parse_reference(text)
     assert (r.registry, r.repository, r.tag, r.digest) == (registry, repo, tag, digest)
     assert r.ref == (digest or tag)
@@ -165,14 +175,19 @@ def test_www_authenticate_parsing() -> None:
         "service": "registry.docker.io",
         "scope": "repository:library/busybox:pull",
     }
-    chs = oauth.parse_www_authenticate('Basic realm="a \\"quoted\\" realm", Bearer realm=x ,service=y')
+    chs = oauth.parse_www_authenticate(
+        'Basic realm="a \\"quoted\\" realm", Bearer realm=x ,service=y'
+    )
     assert [c.scheme for c in chs] == ["basic", "bearer"]
     assert chs[0].params["realm"] == 'a "quoted" realm'
     assert chs[1].params == {"realm": "x", "service": "y"}
     chs = oauth.parse_www_authenticate("Negotiate abc+/==, Basic")
     assert chs[0].params == {"token68": "abc+/=="} and chs[1].scheme == "basic"
     assert oauth.parse_www_authenticate("") == []
-    assert oauth.parse_www_authenticate('Basic realm="unterminated')[0].params["realm"] == "unterminated"
+    assert (
+        oauth.parse_www_authenticate('Basic realm="unterminated')[0].params["realm"]
+        == "unterminated"
+    )
 
 
 def _b64(s: str) -> str:
@@ -183,28 +198,50 @@ def test_credentials_lookup(tmp_path: Path) -> None:
     home = tmp_path / "home"
     (home / ".docker").mkdir(parents=True)
     (home / ".docker" / "config.json").write_text(
-        json.dumps({"auths": {"https://index.docker.io/v1/": {"auth": _b64("hub:pw")},
-                              "reg.example:5000": {"auth": _b64("u:p:with:colons")}}})
+        json.dumps(
+            {
+                "auths": {
+                    "https://index.docker.io/v1/": {"auth": _b64("hub:pw")},
+                    "reg.example:5000": {"auth": _b64("u:p:with:colons")},
+                }
+            }
+        )
     )
     env = {"HOME": str(home)}
-    assert oauth.load_credentials("docker.io", "library/x", env=env) == oauth.Credentials("hub", "pw")
-    assert oauth.load_credentials("reg.example:5000", "a/b", env=env) == oauth.Credentials("u", "p:with:colons")
+    assert oauth.load_credentials("docker.io", "library/x", env=env) == oauth.Credentials(
+        "hub", "pw"
+    )
+    assert oauth.load_credentials("reg.example:5000", "a/b", env=env) == oauth.Credentials(
+        "u", "p:with:colons"
+    )
     assert oauth.load_credentials("other.example", None, env=env) is None
 
     # XDG_RUNTIME_DIR (podman's file) comes before docker's; namespace keys are most specific.
     run = tmp_path / "run"
     (run / "containers").mkdir(parents=True)
     (run / "containers" / "auth.json").write_text(
-        json.dumps({"auths": {"reg.example:5000": {"auth": _b64("podman:1")},
-                              "reg.example:5000/team": {"auth": _b64("team:2")}}})
+        json.dumps(
+            {
+                "auths": {
+                    "reg.example:5000": {"auth": _b64("podman:1")},
+                    "reg.example:5000/team": {"auth": _b64("team:2")},
+                }
+            }
+        )
     )
     env["XDG_RUNTIME_DIR"] = str(run)
-    assert oauth.load_credentials("reg.example:5000", "a/b", env=env) == oauth.Credentials("podman", "1")
-    assert oauth.load_credentials("reg.example:5000", "team/img", env=env) == oauth.Credentials("team", "2")
+    assert oauth.load_credentials("reg.example:5000", "a/b", env=env) == oauth.Credentials(
+        "podman", "1"
+    )
+    assert oauth.load_credentials("reg.example:5000", "team/img", env=env) == oauth.Credentials(
+        "team", "2"
+    )
 
     # REGISTRY_AUTH_FILE replaces the search entirely.
     explicit = tmp_path / "auth.json"
-    explicit.write_text(json.dumps({"auths": {"other.example": {"username": "x", "password": "y"}}}))
+    explicit.write_text(
+        json.dumps({"auths": {"other.example": {"username": "x", "password": "y"}}})
+    )
     env["REGISTRY_AUTH_FILE"] = str(explicit)
     assert oauth.load_credentials("reg.example:5000", "a/b", env=env) is None
     assert oauth.load_credentials("other.example", "a", env=env) == oauth.Credentials("x", "y")
@@ -252,12 +289,21 @@ def test_pull_by_digest_and_docker_prefix(registry_plain: Any, oci_images: Any) 
 
 
 def test_missing_image(registry_plain: Any, oci_images: Any) -> None:
-    with reg.open_source(registry_plain.ref("test/plain:nope")) as src, pytest.raises(RegistryError) as ei:
+    with (
+        reg.open_source(registry_plain.ref("test/plain:nope")) as src,
+        pytest.raises(RegistryError) as ei,
+    ):
         src.get_manifest()
     assert "not found" in one_line(ei.value)
-    with reg.open_source(registry_plain.ref("test/plain@sha256:" + "0" * 64)) as src, pytest.raises(RegistryError):
+    with (
+        reg.open_source(registry_plain.ref("test/plain@sha256:" + "0" * 64)) as src,
+        pytest.raises(RegistryError),
+    ):
         src.get_manifest()
-    with reg.open_source(registry_plain.ref("test/plain:v1")) as src, pytest.raises(RegistryError) as ei:
+    with (
+        reg.open_source(registry_plain.ref("test/plain:v1")) as src,
+        pytest.raises(RegistryError) as ei,
+    ):
         src.open_blob("sha256:" + "1" * 64, 10)
     assert "blob not found" in one_line(ei.value)
 
@@ -266,7 +312,10 @@ def test_nothing_listens() -> None:
     from conftest import free_port
 
     o = reg.RegistryOptions(retries=1, backoff=0.01)
-    with reg.open_source(f"127.0.0.1:{free_port()}/x:y", o) as src, pytest.raises(RegistryError) as ei:
+    with (
+        reg.open_source(f"127.0.0.1:{free_port()}/x:y", o) as src,
+        pytest.raises(RegistryError) as ei,
+    ):
         src.get_manifest()
     assert "cannot reach" in one_line(ei.value)
 
@@ -278,7 +327,10 @@ def test_docker_schema2(registry_plain: Any, oci_images: Any) -> None:
         assert media_type == tr.DOCKER_MANIFEST
         resolved, files = pull_files(src)
     assert resolved.media_type == tr.DOCKER_MANIFEST
-    assert all(layer.media_type.startswith("application/vnd.docker.image.rootfs") for layer in resolved.manifest.layers)
+    assert all(
+        layer.media_type.startswith("application/vnd.docker.image.rootfs")
+        for layer in resolved.manifest.layers
+    )
     assert files == img.files
     # Same layers as the OCI original (skopeo only rewrote the manifest).
     with reg.open_source(registry_plain.ref(oci_images["plain"].name)) as src:
@@ -297,10 +349,17 @@ def test_zstd_layer(registry_plain: Any, oci_images: Any) -> None:
 
 @pytest.mark.parametrize(
     ("platform", "expect"),
-    [("linux/arm64", b"arm64v8\n"), ("linux/arm64/v8", b"arm64v8\n"), ("linux/arm/v7", b"armv7\n"),
-     ("linux/amd64", b"amd64\n"), (None, None)],
+    [
+        ("linux/arm64", b"arm64v8\n"),
+        ("linux/arm64/v8", b"arm64v8\n"),
+        ("linux/arm/v7", b"armv7\n"),
+        ("linux/amd64", b"amd64\n"),
+        (None, None),
+    ],
 )
-def test_multi_arch(registry_plain: Any, oci_images: Any, platform: str | None, expect: bytes | None) -> None:
+def test_multi_arch(
+    registry_plain: Any, oci_images: Any, platform: str | None, expect: bytes | None
+) -> None:
     img = oci_images["multi"]
     with reg.open_source(registry_plain.ref(img.name)) as src:
         raw, media_type = src.get_manifest()
@@ -310,14 +369,19 @@ def test_multi_arch(registry_plain: Any, oci_images: Any, platform: str | None, 
             host = tr.Platform.host()
             if host.architecture not in ("amd64", "arm64", "arm"):
                 pytest.skip(f"no test image for {host}")
-            expect = {"amd64": b"amd64\n", "arm64": b"arm64v8\n", "arm": b"armv7\n"}[host.architecture]
+            expect = {"amd64": b"amd64\n", "arm64": b"arm64v8\n", "arm": b"armv7\n"}[
+                host.architecture
+            ]
         resolved, files = pull_files(src, platform)
     assert files["etc/arch"] == expect
     assert resolved.digest in {d["digest"] for d in img.layers}
 
 
 def test_multi_arch_unknown_platform(registry_plain: Any, oci_images: Any) -> None:
-    with reg.open_source(registry_plain.ref(oci_images["multi"].name)) as src, pytest.raises(OciError) as ei:
+    with (
+        reg.open_source(registry_plain.ref(oci_images["multi"].name)) as src,
+        pytest.raises(OciError) as ei,
+    ):
         tr.resolve_manifest(src, tr.Platform.parse("linux/s390x"))
     msg = one_line(ei.value)
     assert "linux/s390x" in msg and "linux/arm64" in msg
@@ -361,13 +425,17 @@ def test_basic_auth_from_auth_file(registry_auth: Any, oci_images: Any, tmp_path
     with reg.open_source(registry_auth.ref(img.name), env=env) as src:
         _, files = pull_files(src)
     assert files == img.files
-    with reg.open_source(registry_auth.ref(img.name), auth_file=str(f), env={"HOME": str(tmp_path)}) as src:
+    with reg.open_source(
+        registry_auth.ref(img.name), auth_file=str(f), env={"HOME": str(tmp_path)}
+    ) as src:
         _, files = pull_files(src)
     assert files == img.files
 
 
 @pytest.mark.parametrize("creds", [None, "cfsuser:wrong", "nobody:cfs-Pa55:word"])
-def test_basic_auth_bad(registry_auth: Any, oci_images: Any, creds: str | None, tmp_path: Path) -> None:
+def test_basic_auth_bad(
+    registry_auth: Any, oci_images: Any, creds: str | None, tmp_path: Path
+) -> None:
     o = reg.RegistryOptions(creds=creds, env={"HOME": str(tmp_path)})
     with reg.open_source(registry_auth.ref(oci_images["plain"].name), o) as src:
         with pytest.raises(RegistryAuthError) as ei:
@@ -394,7 +462,9 @@ def test_tls_with_ca(registry_tls: Any, oci_images: Any, tmp_path: Path) -> None
         assert tr.resolve_manifest(src).digest == img.digest
 
 
-def test_tls_ssl_cert_file(registry_tls: Any, oci_images: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tls_ssl_cert_file(
+    registry_tls: Any, oci_images: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SSL_CERT_FILE", registry_tls.ca_file)
     with reg.open_source(registry_tls.ref(oci_images["plain"].name)) as src:
         assert tr.resolve_manifest(src).digest == oci_images["plain"].digest
@@ -444,15 +514,23 @@ def test_bearer_token_with_credentials(front: Any, oci_images: Any, fast_options
         _, files = pull_files(src)
     assert files == img.files
     want = "Basic " + _b64("tokuser:tok:pass")
-    assert front.token_requests and all(r.headers.get("Authorization") == want for r in front.token_requests)
+    assert front.token_requests and all(
+        r.headers.get("Authorization") == want for r in front.token_requests
+    )
     # Basic credentials went only to the token endpoint, never to /v2/.
-    assert all(r.headers.get("Authorization", "").startswith("Bearer") for r in front.requests("front", "/v2/test"))
+    assert all(
+        r.headers.get("Authorization", "").startswith("Bearer")
+        for r in front.requests("front", "/v2/test")
+    )
 
     with reg.open_source(front.ref(img.name), opts(fast_options, creds="tokuser:bad")) as src:
         with pytest.raises(RegistryAuthError) as ei:
             src.get_manifest()
     assert "invalid username or password" in one_line(ei.value)
-    with reg.open_source(front.ref(img.name), fast_options) as src, pytest.raises(RegistryAuthError) as ei:
+    with (
+        reg.open_source(front.ref(img.name), fast_options) as src,
+        pytest.raises(RegistryAuthError) as ei,
+    ):
         src.get_manifest()
     assert "anonymous" in one_line(ei.value)
 
@@ -470,7 +548,9 @@ def test_redirect_does_not_leak_credentials(front: Any, oci_images: Any, fast_op
         assert "Authorization" not in r.headers, r.headers
     # The registry itself got the bearer token for the (redirecting) blob URL.
     front_blobs = front.requests("front", "/blobs/")
-    assert front_blobs and all(r.headers.get("Authorization", "").startswith("Bearer ") for r in front_blobs)
+    assert front_blobs and all(
+        r.headers.get("Authorization", "").startswith("Bearer ") for r in front_blobs
+    )
 
 
 def test_retries_on_5xx(front: Any, oci_images: Any, fast_options: Any) -> None:
@@ -506,7 +586,9 @@ def test_dropped_connection_resumes(
     with reg.open_source(front.ref(img.name), fast_options) as src:
         resolved = tr.resolve_manifest(src)
         big = max(resolved.manifest.layers, key=lambda d: d.size)
-        front.fault("blobs" if redirect else "front", big.digest.split(":")[1], "drop", 70_000, count=2)
+        front.fault(
+            "blobs" if redirect else "front", big.digest.split(":")[1], "drop", 70_000, count=2
+        )
         with src.open_blob_stream(big.digest, big.size) as blob:
             data = drain(blob, 10_000)
             assert blob.verified
@@ -530,7 +612,9 @@ def test_short_body_without_length_resumes(front: Any, oci_images: Any, fast_opt
 
 
 @pytest.mark.parametrize("action", ["drop", "short"])
-def test_truncated_forever_fails(front: Any, oci_images: Any, fast_options: Any, action: str) -> None:
+def test_truncated_forever_fails(
+    front: Any, oci_images: Any, fast_options: Any, action: str
+) -> None:
     front.require_token = False
     img = oci_images["plain"]
     with reg.open_source(front.ref(img.name), fast_options) as src:
@@ -549,11 +633,16 @@ def test_truncated_forever_fails(front: Any, oci_images: Any, fast_options: Any,
     assert "truncated" in msg or "download failed" in msg
 
 
-@pytest.mark.parametrize(("action", "arg", "words"), [
-    ("corrupt", 12345, "digest mismatch"),
-    ("append", b"trailing junk", "larger than its declared size"),
-])
-def test_hostile_blob(front: Any, oci_images: Any, fast_options: Any, action: str, arg: Any, words: str) -> None:
+@pytest.mark.parametrize(
+    ("action", "arg", "words"),
+    [
+        ("corrupt", 12345, "digest mismatch"),
+        ("append", b"trailing junk", "larger than its declared size"),
+    ],
+)
+def test_hostile_blob(
+    front: Any, oci_images: Any, fast_options: Any, action: str, arg: Any, words: str
+) -> None:
     front.require_token = False
     img = oci_images["plain"]
     with reg.open_source(front.ref(img.name), fast_options) as src:
@@ -581,14 +670,23 @@ def test_hostile_blob_finish(front: Any, oci_images: Any, fast_options: Any) -> 
                 blob.finish()
 
 
-@pytest.mark.parametrize(("body", "ctype", "words"), [
-    (b'{"schemaVersion": 2, "mediaType": "application/vnd.example.thing+json"}',
-     "application/vnd.example.thing+json", "unsupported manifest media type"),
-    (b'{"schemaVersion": 2, "layers": [', "application/vnd.oci.image.manifest.v1+json", "JSON"),
-    (b"\xff\xfe not json", "application/json", "malformed manifest JSON"),
-    (b'{"schemaVersion": 1, "name": "x", "fsLayers": []}',
-     "application/vnd.docker.distribution.manifest.v1+prettyjws", "schema 1"),
-])
+@pytest.mark.parametrize(
+    ("body", "ctype", "words"),
+    [
+        (
+            b'{"schemaVersion": 2, "mediaType": "application/vnd.example.thing+json"}',
+            "application/vnd.example.thing+json",
+            "unsupported manifest media type",
+        ),
+        (b'{"schemaVersion": 2, "layers": [', "application/vnd.oci.image.manifest.v1+json", "JSON"),
+        (b"\xff\xfe not json", "application/json", "malformed manifest JSON"),
+        (
+            b'{"schemaVersion": 1, "name": "x", "fsLayers": []}',
+            "application/vnd.docker.distribution.manifest.v1+prettyjws",
+            "schema 1",
+        ),
+    ],
+)
 def test_hostile_manifest(
     front: Any, oci_images: Any, fast_options: Any, body: bytes, ctype: str, words: str
 ) -> None:
@@ -606,14 +704,22 @@ def test_manifest_digest_checks(front: Any, oci_images: Any, fast_options: Any) 
     repo = img.name.split(":")[0]
     # By tag: the registry's Docker-Content-Digest no longer matches the bytes.
     front.fault("front", "/manifests/", "corrupt", 5, count=None)
-    with reg.open_source(front.ref(img.name), fast_options) as src, pytest.raises(DigestMismatch) as ei:
+    with (
+        reg.open_source(front.ref(img.name), fast_options) as src,
+        pytest.raises(DigestMismatch) as ei,
+    ):
         src.get_manifest()
     one_line(ei.value)
     # By digest: the bytes must hash to the pinned digest, header or not.
     front.reset()
     front.require_token = False
-    front.fault("front", "/manifests/", "replace",
-                (b'{"schemaVersion":2,"config":{},"layers":[]}', tr.OCI_MANIFEST), count=None)
+    front.fault(
+        "front",
+        "/manifests/",
+        "replace",
+        (b'{"schemaVersion":2,"config":{},"layers":[]}', tr.OCI_MANIFEST),
+        count=None,
+    )
     with reg.open_source(front.ref(f"{repo}@{img.digest}"), fast_options) as src:
         with pytest.raises(DigestMismatch) as ei:
             src.get_manifest()
@@ -720,7 +826,9 @@ def test_pull_other_formats_into_repository(
     assert_clean(repo)
 
 
-def test_pull_v2s2_same_image_id_as_oci(registry_plain: Any, oci_images: Any, tmp_path: Path) -> None:
+def test_pull_v2s2_same_image_id_as_oci(
+    registry_plain: Any, oci_images: Any, tmp_path: Path
+) -> None:
     """Docker schema 2 and OCI manifests of the same layers give the same composefs image."""
     from composefs.oci import storage
 
@@ -736,12 +844,16 @@ def test_pull_multi_arch_platform(registry_plain: Any, oci_images: Any, tmp_path
 
     repo = _repo(tmp_path / "repo")
     img = oci_images["multi"]
-    result = storage.pull(repo, "docker://" + registry_plain.ref(img.name), "m", platform="linux/arm/v7")
+    result = storage.pull(
+        repo, "docker://" + registry_plain.ref(img.name), "m", platform="linux/arm/v7"
+    )
     assert tree_files(repo, result.manifest_digest)["etc/arch"] == b"armv7\n"
     assert result.manifest_digest in {d["digest"] for d in img.layers}
 
 
-def test_repeated_pull_fetches_no_layers(front: Any, oci_images: Any, fast_options: Any, tmp_path: Path) -> None:
+def test_repeated_pull_fetches_no_layers(
+    front: Any, oci_images: Any, fast_options: Any, tmp_path: Path
+) -> None:
     from composefs.oci import storage
 
     repo = _repo(tmp_path / "repo")
@@ -760,15 +872,24 @@ def test_repeated_pull_fetches_no_layers(front: Any, oci_images: Any, fast_optio
     assert_clean(repo)
 
 
-@pytest.mark.parametrize(("action", "arg", "words"), [
-    ("corrupt", 4321, "digest mismatch"),
-    ("append", b"x", "larger than its declared size"),
-    ("drop", 50_000, "download failed after 4 attempts"),
-    ("short", 50_000, "truncated: got 50000 of"),
-    ("status", 500, "HTTP 500"),
-])
+@pytest.mark.parametrize(
+    ("action", "arg", "words"),
+    [
+        ("corrupt", 4321, "digest mismatch"),
+        ("append", b"x", "larger than its declared size"),
+        ("drop", 50_000, "download failed after 4 attempts"),
+        ("short", 50_000, "truncated: got 50000 of"),
+        ("status", 500, "HTTP 500"),
+    ],
+)
 def test_hostile_pull_leaves_nothing(
-    front: Any, oci_images: Any, fast_options: Any, tmp_path: Path, action: str, arg: Any, words: str
+    front: Any,
+    oci_images: Any,
+    fast_options: Any,
+    tmp_path: Path,
+    action: str,
+    arg: Any,
+    words: str,
 ) -> None:
     from composefs.oci import storage
 
@@ -785,7 +906,9 @@ def test_hostile_pull_leaves_nothing(
     msg = one_line(ei.value)
     assert words in msg and big.digest in msg, msg
     assert storage.list_tags(repo) == []
-    assert not any(name.startswith("oci-layer-") and big.digest in name for name in _stream_names(repo))
+    assert not any(
+        name.startswith("oci-layer-") and big.digest in name for name in _stream_names(repo)
+    )
     assert_clean(repo)
     # The same repository then pulls the good image fine.
     front.reset()
@@ -811,16 +934,24 @@ def _cfsctl(*args: str, env: dict[str, str] | None = None) -> Any:
     exe = Path(sys.executable).with_name("cfsctl")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "composefs.cli.cfsctl"]
     return subprocess.run(
-        [*cmd, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120
+        [*cmd, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
     )
 
 
-def test_cfsctl_oci_pull(registry_plain: Any, registry_auth: Any, oci_images: Any, tmp_path: Path) -> None:
+def test_cfsctl_oci_pull(
+    registry_plain: Any, registry_auth: Any, oci_images: Any, tmp_path: Path
+) -> None:
     repo = tmp_path / "repo"
     r = _cfsctl("init", "--insecure", str(repo))
     assert r.returncode == 0, r.stderr
     img = oci_images["plain"]
-    r = _cfsctl("--repo", str(repo), "oci", "pull", "docker://" + registry_plain.ref(img.name), "mytag")
+    r = _cfsctl(
+        "--repo", str(repo), "oci", "pull", "docker://" + registry_plain.ref(img.name), "mytag"
+    )
     assert r.returncode == 0, r.stderr
     assert f"manifest {img.digest}" in r.stdout and "tagged   mytag" in r.stdout
     r = _cfsctl("--repo", str(repo), "oci", "images")
@@ -834,10 +965,19 @@ def test_cfsctl_oci_pull(registry_plain: Any, registry_auth: Any, oci_images: An
     assert r.returncode != 0
     assert r.stderr.count("\n") == 1 and "authentication required" in r.stderr, r.stderr
     auth = tmp_path / "auth.json"
-    auth.write_text(json.dumps({"auths": {registry_auth.host: {"auth": _b64(registry_auth.creds)}}}))
+    auth.write_text(
+        json.dumps({"auths": {registry_auth.host: {"auth": _b64(registry_auth.creds)}}})
+    )
     r = _cfsctl("--repo", str(repo), "oci", "pull", ref, "z", env={"REGISTRY_AUTH_FILE": str(auth)})
     assert r.returncode == 0, r.stderr
-    r = _cfsctl("--repo", str(repo), "oci", "pull", "docker://" + registry_plain.ref("test/nothing:here"), "n")
+    r = _cfsctl(
+        "--repo",
+        str(repo),
+        "oci",
+        "pull",
+        "docker://" + registry_plain.ref("test/nothing:here"),
+        "n",
+    )
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "not found" in r.stderr, r.stderr
     r = _cfsctl("--repo", str(repo), "oci", "images")
     assert "mytag" in r.stdout and " n " not in r.stdout
@@ -881,7 +1021,12 @@ def test_bad_certificate_paths(tmp_path: Path) -> None:
 
 
 def test_proxy_rules() -> None:
-    o = reg.RegistryOptions(env={"https_proxy": "proxy.example:3128", "NO_PROXY": "internal.example,10.0.0.0/8,.corp,x.example:5000"})
+    o = reg.RegistryOptions(
+        env={
+            "https_proxy": "proxy.example:3128",
+            "NO_PROXY": "internal.example,10.0.0.0/8,.corp,x.example:5000",
+        }
+    )
     assert reg.proxy_for("https://quay.io/v2/", o) == "http://proxy.example:3128"
     assert reg.proxy_for("http://quay.io/v2/", o) is None  # no http_proxy set
     assert reg.proxy_for("https://internal.example/v2/", o) is None
@@ -899,8 +1044,16 @@ def test_proxy_rules() -> None:
     assert reg.proxy_for("https://quay.io/v2/", o2) is None
     o3 = reg.RegistryOptions(env={"ALL_PROXY": "http://p:1"})
     assert reg.proxy_for("http://quay.io/v2/", o3) == "http://p:1"
-    assert reg.proxy_for("http://127.0.0.1/v2/", reg.RegistryOptions(proxy="http://p:2")) == "http://p:2"
-    assert reg.proxy_for("https://quay.io/", reg.RegistryOptions(proxy="", env={"https_proxy": "http://p:1"})) is None
+    assert (
+        reg.proxy_for("http://127.0.0.1/v2/", reg.RegistryOptions(proxy="http://p:2"))
+        == "http://p:2"
+    )
+    assert (
+        reg.proxy_for(
+            "https://quay.io/", reg.RegistryOptions(proxy="", env={"https_proxy": "http://p:1"})
+        )
+        is None
+    )
 
 
 def test_proxy_plain_http(registry_plain: Any, oci_images: Any, proxy: Any) -> None:
@@ -909,14 +1062,18 @@ def test_proxy_plain_http(registry_plain: Any, oci_images: Any, proxy: Any) -> N
         _, files = pull_files(src)
     assert files == img.files
     gets = [r.path for r in proxy.log if r.method == "GET"]
-    assert any(p.startswith(f"http://{registry_plain.host}/v2/test/plain/blobs/") for p in gets), gets
+    assert any(p.startswith(f"http://{registry_plain.host}/v2/test/plain/blobs/") for p in gets), (
+        gets
+    )
 
 
 def test_proxy_tls_tunnel_with_auth(registry_tls: Any, oci_images: Any, proxy: Any) -> None:
     proxy.require_auth = ("pu", "p@ss")
     img = oci_images["zstd"]
     url = proxy.url.replace("http://", "http://pu:p%40ss@")
-    with reg.open_source(registry_tls.ref(img.name), proxy=url, ca_file=registry_tls.ca_file) as src:
+    with reg.open_source(
+        registry_tls.ref(img.name), proxy=url, ca_file=registry_tls.ca_file
+    ) as src:
         _, files = pull_files(src)
     assert files == img.files
     # Only the credential-free plain-HTTP probe of a loopback registry is
@@ -935,8 +1092,9 @@ def test_proxy_tls_tunnel_with_auth(registry_tls: Any, oci_images: Any, proxy: A
     assert "p@ss" not in msg and "407" in msg, msg
 
 
-def test_unknown_layer_media_type(front: Any, registry_plain: Any, oci_images: Any,
-                                  fast_options: Any, tmp_path: Path) -> None:
+def test_unknown_layer_media_type(
+    front: Any, registry_plain: Any, oci_images: Any, fast_options: Any, tmp_path: Path
+) -> None:
     from composefs.oci import storage
 
     img = oci_images["plain"]
@@ -945,9 +1103,14 @@ def test_unknown_layer_media_type(front: Any, registry_plain: Any, oci_images: A
     doc = json.loads(raw)
     doc["layers"][1]["mediaType"] = "application/vnd.example.layer.v1.tar+lz4"
     front.require_token = False
-    front.fault("front", "/manifests/", "replace", (json.dumps(doc).encode(), tr.OCI_MANIFEST), count=None)
+    front.fault(
+        "front", "/manifests/", "replace", (json.dumps(doc).encode(), tr.OCI_MANIFEST), count=None
+    )
     repo = _repo(tmp_path / "repo")
-    with reg.RegistrySource(front.ref(img.name), fast_options) as src, pytest.raises(OciError) as ei:
+    with (
+        reg.RegistrySource(front.ref(img.name), fast_options) as src,
+        pytest.raises(OciError) as ei,
+    ):
         storage.pull_from_source(repo, src, "odd")
     assert "application/vnd.example.layer.v1.tar+lz4" in one_line(ei.value)
     assert storage.list_tags(repo) == []
@@ -971,14 +1134,19 @@ class _FakeResponse:
         pass
 
 
-@pytest.mark.parametrize(("location", "tls_verify", "refused"), [
-    ("http://cdn.example/blob", True, True),   # downgrade to plain HTTP off loopback
-    ("http://127.0.0.2/blob", True, False),    # loopback is fine
-    ("http://cdn.example/blob", False, False),  # the user turned verification off
-    ("ftp://cdn.example/blob", True, True),
-])
+@pytest.mark.parametrize(
+    ("location", "tls_verify", "refused"),
+    [
+        ("http://cdn.example/blob", True, True),  # downgrade to plain HTTP off loopback
+        ("http://127.0.0.2/blob", True, False),  # loopback is fine
+        ("http://cdn.example/blob", False, False),  # the user turned verification off
+        ("ftp://cdn.example/blob", True, True),
+    ],
+)
 def test_redirect_policy(location: str, tls_verify: bool, refused: bool) -> None:
-    client = reg.RegistryClient("registry.example", options=reg.RegistryOptions(tls_verify=tls_verify))
+    client = reg.RegistryClient(
+        "registry.example", options=reg.RegistryOptions(tls_verify=tls_verify)
+    )
     client._base = "https://registry.example"
     sent: list[tuple[str, dict[str, str]]] = []
 
@@ -993,11 +1161,15 @@ def test_redirect_policy(location: str, tls_verify: bool, refused: bool) -> None
     client.auth.credentials = oauth.Credentials("u", "p")
     if refused:
         with pytest.raises(RegistryError) as ei:
-            client._request("GET", "https://registry.example/v2/x/blobs/sha256:" + "0" * 64, scope="s")
+            client._request(
+                "GET", "https://registry.example/v2/x/blobs/sha256:" + "0" * 64, scope="s"
+            )
         one_line(ei.value)
         assert len(sent) == 1
     else:
-        resp = client._request("GET", "https://registry.example/v2/x/blobs/sha256:" + "0" * 64, scope="s")
+        resp = client._request(
+            "GET", "https://registry.example/v2/x/blobs/sha256:" + "0" * 64, scope="s"
+        )
         assert resp.status == 200 and sent[1][0] == location
         assert "Authorization" in sent[0][1] and "Authorization" not in sent[1][1]
 
@@ -1010,7 +1182,9 @@ def test_push_from_oci_layout(registry_plain: Any, tmp_path: Path) -> None:
 
     files = {"srv/data": b"pushed!\n" * 1000, "srv/big": hashlib.sha256(b"x").digest() * 5000}
     tar = L.tar_layer([L.directory("srv"), *(L.file(n, d) for n, d in sorted(files.items()))])
-    built = L.write_oci_layout(tmp_path / "layout", [L.ImageSpec([tar], compression="zstd", tag="v1")])
+    built = L.write_oci_layout(
+        tmp_path / "layout", [L.ImageSpec([tar], compression="zstd", tag="v1")]
+    )
     dest = registry_plain.ref("pushed/layout:v1")
     with tr.open_source(f"oci:{tmp_path / 'layout'}:v1") as src:
         digest = reg.push_image(src, dest)
@@ -1032,7 +1206,10 @@ def test_push_registry_to_registry_with_auth(
     img = oci_images["multi"]
     dest = registry_auth.ref("copied/multi:v2")
     o = reg.RegistryOptions(env={"HOME": str(tmp_path)})
-    with reg.open_source(registry_plain.ref(img.name)) as src, pytest.raises(RegistryAuthError) as ei:
+    with (
+        reg.open_source(registry_plain.ref(img.name)) as src,
+        pytest.raises(RegistryAuthError) as ei,
+    ):
         reg.push_image(src, dest, o)
     assert "authentication required" in one_line(ei.value)
     with reg.open_source(registry_plain.ref(img.name)) as src:
@@ -1043,7 +1220,9 @@ def test_push_registry_to_registry_with_auth(
     assert files["etc/arch"] == b"armv7\n"
     # One platform only, under its own tag.
     with reg.open_source(registry_plain.ref(img.name)) as src:
-        one = reg.push_image(src, registry_plain.ref("copied/one:arm64"), platform=tr.Platform.parse("linux/arm64"))
+        one = reg.push_image(
+            src, registry_plain.ref("copied/one:arm64"), platform=tr.Platform.parse("linux/arm64")
+        )
     assert one in {d["digest"] for d in img.layers}
 
 
@@ -1053,8 +1232,9 @@ def test_push_blob_mount_and_bad_digest(registry_plain: Any, oci_images: Any) ->
         layer = tr.resolve_manifest(src).manifest.layers[0]
     assert not client.blob_exists("mounted/here", layer.digest)
     # Cross-repository mount: no bytes sent, the blob appears in the new repository.
-    assert not client.push_blob("mounted/here", layer.digest, layer.size, lambda: io.BytesIO(b""),
-                                mount_from="test/plain")
+    assert not client.push_blob(
+        "mounted/here", layer.digest, layer.size, lambda: io.BytesIO(b""), mount_from="test/plain"
+    )
     assert client.blob_exists("mounted/here", layer.digest)
     # The registry refuses bytes that do not match the digest; one clean line.
     fake = "sha256:" + hashlib.sha256(b"something else").hexdigest()
@@ -1073,7 +1253,9 @@ def test_push_with_bearer_token(front: Any, oci_images: Any, fast_options: Any) 
     scopes = [r.path for r in front.token_requests]
     assert any("repository%3Apushed%2Fbearer%3Apull%2Cpush" in q for q in scopes), scopes
     uploads = [r for r in front.requests("front") if r.method in ("POST", "PUT")]
-    assert uploads and all(r.headers.get("Authorization", "").startswith("Bearer ") for r in uploads)
+    assert uploads and all(
+        r.headers.get("Authorization", "").startswith("Bearer ") for r in uploads
+    )
     with reg.open_source(dest, fast_options) as src:
         _, files = pull_files(src)
     assert files == img.files

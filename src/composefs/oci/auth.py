@@ -383,7 +383,9 @@ class Authenticator:
             raise RegistryError(f"{self.registry}: token server sent no token")
         expires_in = doc.get("expires_in")
         # Spec default is 60 s; renew a little early so long pulls do not race expiry.
-        lifetime = float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else 60.0
+        lifetime = (
+            float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else 60.0
+        )
         return _Token("Bearer " + tok, self._clock() + max(lifetime - 10.0, lifetime / 2))
 
 

@@ -177,7 +177,11 @@ def parse_reference(text: str) -> Reference:
     registry = DOCKER_HUB
     first, slash, rest = text.partition("/")
     if slash and (
-        "." in first or ":" in first or first == "localhost" or first.lower() != first or first.startswith("[")
+        "." in first
+        or ":" in first
+        or first == "localhost"
+        or first.lower() != first
+        or first.startswith("[")
     ):
         if not _HOST_RE.fullmatch(first):
             raise OciError(f"invalid image reference {original!r}: bad registry host {first!r}")
@@ -205,7 +209,9 @@ def parse_reference(text: str) -> Reference:
 
 def is_loopback(host: str) -> bool:
     """127.0.0.0/8, ::1 and localhost: where plain HTTP is acceptable."""
-    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost"):
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(
+        ".localhost"
+    ):
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -549,7 +555,11 @@ class RegistryClient:
         """Token requests for the Authenticator: same TLS rules, retries, no redirects with creds."""
         scheme, host, _ = _origin(url)
         sends_creds = any(k.lower() == "authorization" for k in headers)
-        if sends_creds and scheme != "https" and not (is_loopback(host) or not self.options.tls_verify):
+        if (
+            sends_creds
+            and scheme != "https"
+            and not (is_loopback(host) or not self.options.tls_verify)
+        ):
             raise RegistryAuthError(
                 f"{self.registry}: refusing to send credentials to a plain-HTTP token server {host}"
             )
@@ -638,13 +648,17 @@ class RegistryClient:
                 nxt = urllib.parse.urljoin(target, location)
                 nscheme, nhost, _ = _origin(nxt)
                 if nscheme not in ("http", "https"):
-                    raise RegistryError(f"{self.registry}: redirect to unsupported URL scheme {nscheme!r}")
+                    raise RegistryError(
+                        f"{self.registry}: redirect to unsupported URL scheme {nscheme!r}"
+                    )
                 if (
                     nscheme == "http"
                     and _origin(target)[0] == "https"
                     and not (is_loopback(nhost) or not self.options.tls_verify)
                 ):
-                    raise RegistryError(f"{self.registry}: refusing redirect from HTTPS to plain HTTP ({nhost})")
+                    raise RegistryError(
+                        f"{self.registry}: refusing redirect from HTTPS to plain HTTP ({nhost})"
+                    )
                 target = nxt
                 if status == 303:
                     method = "GET"
@@ -716,7 +730,9 @@ class RegistryClient:
                     elif resp.status == 404:
                         raise RegistryError(f"{self.registry}: not a registry (no /v2/ API)")
                     elif resp.status >= 500:
-                        raise RegistryError(f"{self.registry}: registry answered HTTP {resp.status}")
+                        raise RegistryError(
+                            f"{self.registry}: registry answered HTTP {resp.status}"
+                        )
                 finally:
                     _discard(resp)
                 self._base = base
@@ -734,7 +750,11 @@ class RegistryClient:
         ``Docker-Content-Digest`` is checked when it uses the same algorithm.
         """
         scope = f"repository:{repository}:pull"
-        what = f"{self.registry}/{repository}:{ref}" if ":" not in ref else f"{self.registry}/{repository}@{ref}"
+        what = (
+            f"{self.registry}/{repository}:{ref}"
+            if ":" not in ref
+            else f"{self.registry}/{repository}@{ref}"
+        )
         url = self._url(repository, "manifests", ref)
         resp = self._request("GET", url, headers={"Accept": ACCEPT_MANIFEST}, scope=scope)
         try:
@@ -777,7 +797,6 @@ class RegistryClient:
             finally:
                 resp.release_conn()
         return BlobStream(self, url, scope, digest, size, resp, what)
-
 
     # -- pushing ------------------------------------------------------------------
 
@@ -868,12 +887,20 @@ class RegistryClient:
                 raise DigestMismatch(f"manifest does not match the digest {ref} it is pushed as")
             digest = ref
         scope = f"repository:{repository}:pull,push"
-        what = f"{self.registry}/{repository}:{ref}" if ":" not in ref else f"{self.registry}/{repository}@{ref}"
+        what = (
+            f"{self.registry}/{repository}:{ref}"
+            if ":" not in ref
+            else f"{self.registry}/{repository}@{ref}"
+        )
         headers = {"Content-Type": media_type, "Content-Length": str(len(raw))}
         attempt = 0
         while True:
             resp = self._request(
-                "PUT", self._url(repository, "manifests", ref), headers=headers, scope=scope, body=raw
+                "PUT",
+                self._url(repository, "manifests", ref),
+                headers=headers,
+                scope=scope,
+                body=raw,
             )
             try:
                 if resp.status in (201, 204):
@@ -924,10 +951,14 @@ def _status_error(resp: urllib3.BaseHTTPResponse, what: str, kind: str) -> Regis
     detail = _registry_error_text(body)
     status = resp.status
     if status == 401 or status == 403:
-        return RegistryAuthError(f"{what}: access denied (HTTP {status}{': ' + detail if detail else ''})")
+        return RegistryAuthError(
+            f"{what}: access denied (HTTP {status}{': ' + detail if detail else ''})"
+        )
     if status == 404:
         return RegistryError(f"{what}: {kind} not found{' (' + detail + ')' if detail else ''}")
-    return RegistryError(f"{what}: registry answered HTTP {status}{': ' + detail if detail else ''}")
+    return RegistryError(
+        f"{what}: registry answered HTTP {status}{': ' + detail if detail else ''}"
+    )
 
 
 def _sniff_media_type(body: bytes, declared: str | None, what: str) -> str:
@@ -943,7 +974,11 @@ def _sniff_media_type(body: bytes, declared: str | None, what: str) -> str:
         raise RegistryError(f"{what}: Docker schema 1 manifests are not supported")
     if isinstance(mt, str) and mt in INDEX_MEDIA_TYPES | MANIFEST_MEDIA_TYPES:
         return mt
-    if mt is None and doc.get("schemaVersion") == 2 and declared in (None, "application/json", "text/plain"):
+    if (
+        mt is None
+        and doc.get("schemaVersion") == 2
+        and declared in (None, "application/json", "text/plain")
+    ):
         if "manifests" in doc:
             return OCI_INDEX
         if "config" in doc:
@@ -1042,9 +1077,9 @@ class BlobStream(io.RawIOBase):
                 return b""
             data = self._resume_after_short()
             if not data:
-                self._fail(DigestMismatch(
-                    f"{self._what}: truncated: got {self._pos} of {self.size} bytes"
-                ))
+                self._fail(
+                    DigestMismatch(f"{self._what}: truncated: got {self._pos} of {self.size} bytes")
+                )
         self._hasher.update(data)
         self._pos += len(data)
         if self._pos >= self._limit:
@@ -1078,7 +1113,11 @@ class BlobStream(io.RawIOBase):
             self._resp = None
         client = self._client
         if self._attempt >= client.options.retries:
-            self._fail(RegistryError(f"{self._what}: download failed after {self._attempt + 1} attempts: {why}"))
+            self._fail(
+                RegistryError(
+                    f"{self._what}: download failed after {self._attempt + 1} attempts: {why}"
+                )
+            )
         client._backoff(self._attempt)
         self._attempt += 1
         headers = {"Range": f"bytes={self._pos}-"} if self._pos else {}
@@ -1091,7 +1130,9 @@ class BlobStream(io.RawIOBase):
             m = re.fullmatch(r"bytes (\d+)-\d+/(?:\d+|\*)", crange.strip())
             if not m or int(m.group(1)) != self._pos:
                 resp.close()
-                self._fail(RegistryError(f"{self._what}: bad Content-Range {crange!r} when resuming"))
+                self._fail(
+                    RegistryError(f"{self._what}: bad Content-Range {crange!r} when resuming")
+                )
         elif resp.status == 200:
             # Range ignored: skip what we already have (it is hashed already;
             # the final digest check catches a server that changed its mind).
@@ -1137,9 +1178,17 @@ class BlobStream(io.RawIOBase):
             except _net_errors():
                 extra = b""
             if extra:
-                self._fail(DigestMismatch(f"{self._what}: blob is larger than its declared size {self.size}"))
+                self._fail(
+                    DigestMismatch(
+                        f"{self._what}: blob is larger than its declared size {self.size}"
+                    )
+                )
         elif self._pos >= self._limit:
-            self._fail(RegistryError(f"{self._what}: blob larger than {self._limit} bytes without a declared size"))
+            self._fail(
+                RegistryError(
+                    f"{self._what}: blob larger than {self._limit} bytes without a declared size"
+                )
+            )
         actual = self._hasher.hexdigest()
         if actual != self._hex:
             alg = self.digest.partition(":")[0]
@@ -1253,7 +1302,9 @@ def push_image(
     if opts.creds is not None:
         creds: _auth.Credentials | None = _auth.parse_creds(opts.creds)
     else:
-        creds = _auth.load_credentials(ref.registry, ref.repository, auth_file=opts.auth_file, env=opts.env)
+        creds = _auth.load_credentials(
+            ref.registry, ref.repository, auth_file=opts.auth_file, env=opts.env
+        )
     client = RegistryClient(ref.registry, credentials=creds, options=opts)
     repo = ref.repository
 
@@ -1264,7 +1315,9 @@ def push_image(
         if digest is not None:
             alg, _ = parse_digest(digest)
             if f"{alg}:" + hashlib.new(alg, raw).hexdigest() != digest:
-                raise DigestMismatch(f"{source.reference}: manifest {digest} does not match its digest")
+                raise DigestMismatch(
+                    f"{source.reference}: manifest {digest} does not match its digest"
+                )
         return raw, detect_media_type(raw, mt or declared)
 
     def copy_blobs(raw: bytes, media_type: str) -> None:
