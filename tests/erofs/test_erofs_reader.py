@@ -631,3 +631,20 @@ def test_kernel_sees_what_the_reader_sees(vectors: Path, version: FormatVersion)
             data = kernel.pop(k)
             assert data == bytes(len(data))
         assert kernel == ours
+
+
+def test_unprefixed_xattr_names() -> None:
+    # C stores names without a known prefix under index 0; they read back
+    root = Directory()
+    root.entries[b"f"] = Leaf(Stat(0o644, xattrs={b"foo": b"1", b"lustre.x": b"2"}), Fifo())
+    for v in (V0, V2):
+        back = read_image(mkfs(root, v))
+        assert back.entries[b"f"].stat.xattrs == {b"foo": b"1", b"lustre.x": b"2"}
+    # but a known prefix stored as index 0 is unreachable by name: refused
+    root.entries[b"f"].stat.xattrs = {b"fuser.x": b"1"}  # type: ignore[union-attr]
+    image = bytearray(mkfs(root, V2))
+    i = image.index(b"fuser.x")
+    image[i] = ord("u")
+    image[i + 1 : i + 7] = b"ser.xy"
+    with pytest.raises(ImageError, match="prefix index"):
+        read_image(bytes(image))

@@ -95,6 +95,14 @@ _CHECKED_CHUNKS = 1000
 # chunks (C LCFS_MAX_NONINLINE_CHUNKS).
 _MAX_EXTERNAL_SIZE = 1024 << (fmt.BLOCK_BITS + fmt.CHUNK_FORMAT_BLKBITS_MASK)
 _NULL_CHUNKS = fmt.NULL_CHUNK_INDEX * _CHECKED_CHUNKS
+_KERNEL_PREFIXES = (
+    b"user.",
+    b"trusted.",
+    b"security.",
+    b"system.posix_acl_access",
+    b"system.posix_acl_default",
+)
+_REFS = [struct.Struct(f"<{n}I") for n in range(256)]
 _HEX2 = frozenset(f"{i:02x}".encode() for i in range(256))
 
 
@@ -281,6 +289,8 @@ class _Reader:
         # Shared xattr entries parsed once each: inodes may all point at the
         # same large value and must not multiply memory.
         self._shared: dict[int, tuple[int, bytes, bytes, bytes]] = {}
+        # Bloom filter bit per (prefix index, suffix): names repeat a lot.
+        self._filter_bits: dict[tuple[int, bytes], int] = {}
 
     # -- inodes ------------------------------------------------------------
     def inode(self, nid: int) -> _Inode:
@@ -374,6 +384,10 @@ class _Reader:
         name = fmt.XATTR_PREFIXES[index] + suffix
         if not name or b"\0" in name:
             raise _err(f"invalid xattr name {name!r}")
+        if index == 0 and name.startswith(_KERNEL_PREFIXES):
+            # Writers always use the prefix index; the kernel could not find
+            # this entry by its name.
+            raise _err(f"xattr {name!r} stored without its prefix index")
         value = self.data[body + name_len : body + name_len + value_size]
         return index, suffix, name, value, nxt
 
@@ -405,20 +419,24 @@ class _Reader:
         while pos < end:
             index, suffix, name, value, pos = self._entry(pos, end)
             entries.append((index, suffix, name, value))
-        refs = struct.unpack_from(f"<{shared_count}I", data, start + fmt.XATTR_IBODY_HEADER_SIZE)
-        for ref in refs:
-            entries.append(self._shared_entry(ref))
-        out: list[tuple[bytes, bytes]] = []
-        seen: set[bytes] = set()
+        if shared_count:
+            refs = _REFS[shared_count].unpack_from(data, start + fmt.XATTR_IBODY_HEADER_SIZE)
+            entries.extend(self._shared_entry(ref) for ref in refs)
+        out: dict[bytes, bytes] = {}
+        bits = self._filter_bits
         for index, suffix, name, value in entries:
-            if name in seen:
+            if name in out:
                 raise _err(f"inode {ino.nid}: duplicate xattr {name!r}")
-            seen.add(name)
-            if self.filter and name_filter & (1 << _filter_bit(index, suffix)):
-                # The kernel would answer ENODATA for this name.
-                raise _err(f"inode {ino.nid}: xattr bloom filter excludes {name!r}")
-            out.append((name, value))
-        return out
+            out[name] = value
+            if self.filter:
+                key = (index, suffix)
+                bit = bits.get(key)
+                if bit is None:
+                    bit = bits[key] = 1 << _filter_bit(index, suffix)
+                if name_filter & bit:
+                    # The kernel would answer ENODATA for this name.
+                    raise _err(f"inode {ino.nid}: xattr bloom filter excludes {name!r}")
+        return list(out.items())
 
     def xattrs(self, ino: _Inode) -> _Xattrs:
         x = _Xattrs()
