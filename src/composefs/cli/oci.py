@@ -273,6 +273,42 @@ def cmd_mount(args: argparse.Namespace, opener: RepoOpener) -> None:
     )
 
 
+def cmd_prepare_boot(args: argparse.Namespace, opener: RepoOpener) -> None:
+    """composefs-rs ``oci prepare-boot``, except that the boot image is GC-rooted
+    (``images/refs/boot/<id>`` for every committed format)."""
+    import os
+
+    from .. import boot
+    from ..oci import storage
+
+    repo = opener()
+    root = storage.resolve_tree(repo, args.reference, args.config_verity)
+    entries = boot.transform_for_boot(root, repo=repo)
+    if not entries:
+        raise OciError("No boot entries!")
+    ids = repo.commit_images(root)
+    for image_id in ids.values():
+        repo.symlink(f"images/refs/boot/{image_id}", f"images/{image_id}")
+    # composefs-rs prefers the V1 image, then V2 (V0 as a last resort here).
+    image_id = next(ids[v] for v in (1, 2, 0) if v in ids)
+    fmt = repo.format_config()
+    version = 1 if fmt.default in (0, 1) and 2 not in fmt.extra else 2
+    karg = boot.ComposefsCmdline(version, image_id, repo.algorithm, repo.insecure)
+    boot.write_boot_simple(
+        boot.repo_file_opener(repo),
+        entries[0],
+        karg,
+        args.bootdir,
+        None,
+        args.entry_id,
+        list(args.cmdline or []),
+    )
+    base = os.path.dirname(os.path.abspath(args.repo)) if args.repo else "/sysroot"
+    state = os.path.join(base, "state", "deploy", image_id)
+    for sub in ("var", "etc/upper", "etc/work"):
+        os.makedirs(os.path.join(state, sub), 0o755, exist_ok=True)
+
+
 def cmd_fsck(args: argparse.Namespace, opener: RepoOpener) -> int:
     from ..oci import storage
 
@@ -325,7 +361,7 @@ def add_parser(subparsers: Any) -> None:
         sp.set_defaults(func=func)
         return sp
 
-    def tree_args(sp: argparse.ArgumentParser) -> None:
+    def tree_args(sp: argparse.ArgumentParser, bootable: bool = True) -> None:
         sp.add_argument(
             "reference", metavar="REF", help="tag, or @DIGEST (manifest or config digest)"
         )
@@ -335,7 +371,8 @@ def add_parser(subparsers: Any) -> None:
             metavar="CONFIG_VERITY",
             help="fs-verity id of the config stream (with @CONFIG: skip re-hashing)",
         )
-        sp.add_argument("--bootable", action="store_true", help="apply the boot transformation")
+        if bootable:
+            sp.add_argument("--bootable", action="store_true", help="apply the boot transformation")
 
     sp = add("pull", cmd_pull, "pull an image into the repository and tag it")
     sp.add_argument(
@@ -390,6 +427,18 @@ def add_parser(subparsers: Any) -> None:
     sp.add_argument("--upperdir", metavar="DIR", help="writable overlayfs upper directory")
     sp.add_argument("--workdir", metavar="DIR", help="overlayfs work directory")
     sp.add_argument("--read-write", action="store_true", help="mount read-write")
+
+    sp = add(
+        "prepare-boot",
+        cmd_prepare_boot,
+        "commit an image's bootable form and install its first boot entry",
+    )
+    tree_args(sp, bootable=False)
+    sp.add_argument("--bootdir", default="/boot", help="boot directory (default: /boot)")
+    sp.add_argument("--entry-id", metavar="ID", help="name the entry ID.conf, files under /ID/")
+    sp.add_argument(
+        "--cmdline", action="append", metavar="ARG", help="extra kernel argument (repeatable)"
+    )
 
     sp = add("fsck", cmd_fsck, "check the repository and its OCI images")
     sp.add_argument("image", nargs="?", metavar="IMAGE", help="check only this tag")
