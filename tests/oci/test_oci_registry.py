@@ -1259,3 +1259,16 @@ def test_push_with_bearer_token(front: Any, oci_images: Any, fast_options: Any) 
     with reg.open_source(dest, fast_options) as src:
         _, files = pull_files(src)
     assert files == img.files
+
+
+def test_push_within_registry_mounts(front: Any, oci_images: Any, fast_options: Any) -> None:
+    img = oci_images["plain"]
+    dest = front.ref("mounted/copy:v1")
+    with reg.open_source(front.ref(img.name), fast_options) as src:
+        assert reg.push_image(src, dest, fast_options) == img.digest
+    posts = [r.path for r in front.requests("front") if r.method == "POST"]
+    assert posts and all("mount=sha256" in p and "from=test%2Fplain" in p for p in posts), posts
+    assert not [r for r in front.requests("front", "/blobs/uploads/") if r.method == "PUT"]
+    with reg.open_source(dest, fast_options) as src:
+        _, files = pull_files(src)
+    assert files == img.files

@@ -1307,6 +1307,12 @@ def push_image(
         )
     client = RegistryClient(ref.registry, credentials=creds, options=opts)
     repo = ref.repository
+    # Same registry, other repository: ask it to mount blobs instead of
+    # sending them again (what skopeo does too).
+    mount_from = None
+    if isinstance(source, RegistrySource) and source.ref.registry == ref.registry:
+        if source.ref.repository != repo:
+            mount_from = source.ref.repository
 
     def fetch(digest: str | None, declared: str | None) -> tuple[bytes, str]:
         raw, mt = source.get_manifest(digest)
@@ -1326,7 +1332,11 @@ def push_image(
 
         def one(d: Any) -> bool:
             return client.push_blob(
-                repo, d.digest, d.size, lambda: source.open_blob(d.digest, d.size)
+                repo,
+                d.digest,
+                d.size,
+                lambda: source.open_blob(d.digest, d.size),
+                mount_from=mount_from,
             )
 
         fetch_parallel(list(blobs.values()), one, opts.max_workers)
