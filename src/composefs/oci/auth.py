@@ -333,7 +333,13 @@ class Authenticator:
         return True
 
     def denied(self) -> RegistryAuthError:
-        return RegistryAuthError(f"{self.registry}: access denied ({_denied(self.credentials)})")
+        """The registry keeps refusing a token it made us get: no access."""
+        why = (
+            "the credentials do not grant access, or the repository does not exist"
+            if self.credentials is not None
+            else "the repository does not exist or needs credentials"
+        )
+        return RegistryAuthError(f"{self.registry}: access denied: {why}")
 
     @staticmethod
     def _choose(challenges: list[Challenge]) -> Challenge | None:
