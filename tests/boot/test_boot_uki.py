@@ -58,7 +58,7 @@ def test_sections() -> None:
 
 def test_missing_section_and_not_pe() -> None:
     img = make_pe({".osrel": OSREL})
-    with pytest.raises(BootError, match="doesn't contain a '.cmdline' section"):
+    with pytest.raises(BootError, match=r"doesn't contain a '\.cmdline' section"):
         uki.get_cmdline(img)
     with pytest.raises(BootError, match="not valid EFI"):
         uki.get_cmdline(b"MZ" + bytes(100))
