@@ -248,6 +248,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _die_with_parent(cmd: list[str]) -> list[str]:
+    """`cmd` wrapped so that it gets SIGTERM when the process that started it
+    dies: a killed run must not leave a registry listening behind."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *cmd] if setpriv else cmd
+
+
 @contextmanager
 def local_registry(workdir: Path) -> Iterator[str]:
     exe = shutil.which("docker-registry")
@@ -264,7 +271,7 @@ def local_registry(workdir: Path) -> Iterator[str]:
     )
     logf = open(workdir / "registry.log", "wb")
     proc = subprocess.Popen(
-        [exe, "serve", str(conf)],
+        _die_with_parent([exe, "serve", str(conf)]),
         stdin=subprocess.DEVNULL,
         stdout=logf,
         stderr=subprocess.STDOUT,

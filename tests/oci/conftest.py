@@ -156,6 +156,13 @@ http:
 {extra}"""
 
 
+def _die_with_parent(cmd: list[str]) -> list[str]:
+    """`cmd` wrapped so that it gets SIGTERM when the process that started it
+    dies: a killed run must not leave a registry listening behind."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *cmd] if setpriv else cmd
+
+
 def _start_registry(workdir: Path, storage: Path, name: str, extra: str, scheme: str) -> Registry:
     exe = need_tool("docker-registry")
     for _ in range(5):  # a free port can be taken between probe and bind
@@ -165,7 +172,7 @@ def _start_registry(workdir: Path, storage: Path, name: str, extra: str, scheme:
         log = workdir / f"{name}.log"
         logf = open(log, "ab")
         proc = subprocess.Popen(
-            [exe, "serve", str(conf)],
+            _die_with_parent([exe, "serve", str(conf)]),
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=subprocess.STDOUT,
