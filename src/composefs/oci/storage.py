@@ -899,9 +899,12 @@ def _fetch_layer(
 
     alg, _ = parse_digest(desc.digest)
     with source.open_blob(desc.digest, desc.size) as raw:
+        # A source that checks the digest itself (the registry's BlobStream
+        # fails the read that would complete bad content) needs no second hash.
+        verified = bool(getattr(raw, "verifies_digest", False))
         blob = _HashingReader(
-            raw, alg, desc.size, on_read if progress else None, "layer blob",
-            on_eof=lambda r: _check_blob(r, desc),
+            raw, None if verified else alg, desc.size, on_read if progress else None,
+            "layer blob", on_eof=lambda r: _check_blob(r, desc, raw if verified else None),
         )  # fmt: skip
         if container:
             compression = layer_compression(desc.media_type)
@@ -914,11 +917,17 @@ def _fetch_layer(
     return verity, stats
 
 
-def _check_blob(blob: _HashingReader, desc: Descriptor) -> None:
+def _check_blob(blob: _HashingReader, desc: Descriptor, verifier: Any = None) -> None:
+    """At the end of a layer blob: size, then digest (unless `verifier`, the
+    source stream, has checked it already)."""
     if blob.count != desc.size:
         raise DigestMismatch(
             f"layer blob {desc.digest}: expected {desc.size} bytes, got {blob.count}"
         )
+    if verifier is not None:
+        if not getattr(verifier, "verified", True):
+            raise DigestMismatch(f"layer blob {desc.digest}: source did not verify its digest")
+        return
     alg, _ = parse_digest(desc.digest)
     actual = f"{alg}:{blob.hexdigest()}"
     if actual != desc.digest:
@@ -1071,14 +1080,16 @@ def pull(
     *,
     platform: Platform | str | None = None,
     progress: ProgressCallback | None = None,
+    registry_options: Any = None,
 ) -> PullResult:
     """Pull `imgref` (``oci:DIR[:TAG]``, ``oci-archive:``, ``docker-archive:``,
-    ``containers-storage:``, ``docker://``) into `repo` and tag it `tag`."""
+    ``containers-storage:``, ``docker://``) into `repo` and tag it `tag`.
+    `registry_options` (`registry.RegistryOptions`) is for ``docker://``."""
     if isinstance(platform, str):
         platform = Platform.parse(platform)
     if tag is not None:
         validate_tag(tag)
-    source = open_source(imgref)
+    source = open_source(imgref, registry_options)
     try:
         return pull_from_source(repo, source, tag, platform=platform, progress=progress)
     finally:

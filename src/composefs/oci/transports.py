@@ -873,8 +873,14 @@ def split_path_tag(rest: str) -> tuple[str, str | None]:
     return path, tag or None
 
 
-def open_source(imgref: str) -> ImageSource:
-    """Open an image reference with its transport."""
+def open_source(imgref: str, registry_options: Any = None) -> ImageSource:
+    """Open an image reference with its transport.
+
+    `registry_options` (a `composefs.oci.registry.RegistryOptions`) tunes
+    ``docker://`` (credentials, TLS, proxy); the other transports have no
+    use for it, so passing it with them is an error rather than silently
+    ignored.
+    """
     if imgref.startswith("docker://"):
         import importlib
 
@@ -884,7 +890,12 @@ def open_source(imgref: str) -> ImageSource:
         opener = getattr(registry, "open_source", None)
         if opener is None:
             raise OciError("docker:// is not available in this build")
-        return cast(ImageSource, opener(imgref[len("docker://") :]))
+        return cast(ImageSource, opener(imgref[len("docker://") :], registry_options))
+    if registry_options is not None:
+        raise OciError(
+            f"registry options (credentials, TLS, proxy) apply only to docker:// images, "
+            f"not {imgref[:150]!r}"
+        )
     transport, sep, rest = imgref.partition(":")
     if not sep or not rest:
         raise OciError(
