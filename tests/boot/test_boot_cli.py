@@ -12,19 +12,20 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "oci"))
-import ocitestlib as L  # noqa: E402
+import ocitestlib as L
 
-from composefs import fs  # noqa: E402
-from composefs.boot import transform_for_boot  # noqa: E402
-from composefs.cli import cfsctl  # noqa: E402
-from composefs.erofs.format import FormatVersion  # noqa: E402
-from composefs.erofs.writer import mkfs  # noqa: E402
-from composefs.fsverity import digest_hex  # noqa: E402
-from composefs.repository import Repository  # noqa: E402
+from composefs import fs
+from composefs.boot import transform_for_boot
+from composefs.cli import cfsctl
+from composefs.erofs.format import FormatVersion
+from composefs.erofs.writer import mkfs
+from composefs.fsverity import digest_hex
+from composefs.repository import Repository
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for kernel mounts")
 Run = Callable[..., tuple[int, str, str]]
@@ -218,10 +219,11 @@ def test_pull_bootable(tmp_path: Path, cfs: Run, sysroot: tuple[Path, Repository
     assert (repo / "images" / boot_id).exists()
     # the bootable filesystem: /boot emptied, its mtime from /usr
     rc, out, _ = cfs("--repo", str(repo), "oci", "dump", "--bootable", "v1")
+    assert rc == 0
     lines = {ln.split(" ")[0]: ln for ln in out.splitlines()}
     assert "/boot/vmlinuz-6.1" not in lines and "/boot" in lines
     assert lines["/boot"].split(" ")[7] == "2000.0"
-    rc, plain, _ = cfs("--repo", str(repo), "oci", "dump", "v1")
+    _rc, plain, _ = cfs("--repo", str(repo), "oci", "dump", "v1")
     assert "/boot/vmlinuz-6.1 " in plain
     # gc keeps the boot image (rooted through the tag's config stream)
     assert cfs("--repo", str(repo), "gc")[0] == 0
@@ -376,7 +378,7 @@ print(json.dumps(obs))
 """
 
 
-def setup_root_in_namespace(s: Path, *args: str) -> tuple[dict[str, object], str]:
+def setup_root_in_namespace(s: Path, *args: str) -> tuple[dict[str, Any], str]:
     unshare = "/usr/bin/unshare"
     p = subprocess.run(
         [unshare, "--mount", "--propagation", "private", sys.executable, "-c", SETUP, str(s), *args],
@@ -406,7 +408,7 @@ def test_setup_root_mounts(tmp_path: Path, cfs: Run, sysroot: tuple[Path, Reposi
     assert obs["hostname"] == "testhost\n"
     assert obs["sysroot_has_repo"] is True
     assert (obs["etc_writable"], obs["var_writable"], obs["usr_writable"]) == (True, True, False)
-    assert set(obs["mounts"]) == {  # type: ignore[arg-type]
+    assert set(obs["mounts"]) == {
         str(s),
         f"{s}/sysroot",
         f"{s}/etc",
@@ -431,7 +433,7 @@ def test_setup_root_mounts(tmp_path: Path, cfs: Run, sysroot: tuple[Path, Reposi
     assert obs["rc"] == 0, err
     # /etc is a tmpfs-backed overlay, /var the image's (read-only) directory
     assert (obs["etc_writable"], obs["var_writable"]) == (True, False)
-    assert set(obs["mounts"]) == {str(s), f"{s}/sysroot", f"{s}/etc"}  # type: ignore[arg-type]
+    assert set(obs["mounts"]) == {str(s), f"{s}/sysroot", f"{s}/etc"}
     assert not (state / "etc/upper/new").exists()
 
     # failures: one line, nothing left mounted
