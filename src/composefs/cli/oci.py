@@ -135,16 +135,107 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 # -- commands -----------------------------------------------------------------
 
 
+_REGISTRY_FLAGS = ("creds", "authfile", "tls_verify", "cert_dir", "proxy")
+
+
+def _registry_options(args: argparse.Namespace, image: str) -> Any:
+    """`registry.RegistryOptions` from the registry flags (None when none was given)."""
+    if all(getattr(args, k) is None for k in _REGISTRY_FLAGS):
+        return None
+    if not image.startswith("docker://"):
+        given = [
+            "--" + k.replace("_", "-") for k in _REGISTRY_FLAGS if getattr(args, k) is not None
+        ]
+        raise OciError(f"{', '.join(given)}: only for docker:// images, not {image[:150]!r}")
+    import os
+
+    from ..oci.registry import RegistryOptions
+
+    tls_verify = True
+    if args.tls_verify is not None:
+        value = args.tls_verify.lower()
+        if value not in ("true", "false", "1", "0", "yes", "no"):
+            raise OciError(f"--tls-verify: expected true or false, got {args.tls_verify!r}")
+        tls_verify = value in ("true", "1", "yes")
+    creds = args.creds
+    if creds is not None:
+        user, sep, _password = creds.partition(":")
+        if not user:
+            raise OciError("--creds: expected USER[:PASSWORD]")
+        if not sep:
+            # Like skopeo: a bare user name asks for the password.
+            if not sys.stdin.isatty():
+                raise OciError(
+                    "--creds: no password given (USER:PASSWORD), and stdin is no terminal"
+                )
+            import getpass
+
+            creds = f"{user}:{getpass.getpass(f'Password for {user}: ')}"
+    if args.authfile is not None and not os.path.isfile(args.authfile):
+        raise OciError(f"--authfile: no such file: {args.authfile}")
+    if args.cert_dir is not None and not os.path.isdir(args.cert_dir):
+        raise OciError(f"--cert-dir: no such directory: {args.cert_dir}")
+    if args.proxy and not args.proxy.startswith(("http://", "https://")):
+        raise OciError(f"--proxy: expected http://HOST:PORT, got {args.proxy!r}")
+    return RegistryOptions(
+        creds=creds,
+        auth_file=args.authfile,
+        tls_verify=tls_verify,
+        cert_dir=args.cert_dir,
+        proxy=args.proxy,
+    )
+
+
+def _registry_args(sp: argparse.ArgumentParser) -> None:
+    """The skopeo-style flags for talking to a docker:// registry."""
+    g = sp.add_argument_group("registry options (docker:// only)")
+    g.add_argument(
+        "--creds",
+        metavar="USER[:PASS]",
+        help="credentials (without :PASS, asks for the password)",
+    )
+    g.add_argument(
+        "--authfile",
+        metavar="PATH",
+        help="auth.json to use instead of the usual containers/docker auth files",
+    )
+    g.add_argument(
+        "--tls-verify",
+        metavar="BOOL",
+        nargs="?",
+        const="true",
+        help="verify TLS certificates (default true); false also allows plain HTTP",
+    )
+    g.add_argument(
+        "--cert-dir",
+        metavar="DIR",
+        help="directory of *.crt CA files and *.cert/*.key client certificates",
+    )
+    g.add_argument(
+        "--proxy",
+        metavar="URL",
+        help="HTTP proxy for every request (default: $https_proxy etc.; '' for none)",
+    )
+
+
 def cmd_pull(args: argparse.Namespace, opener: RepoOpener) -> None:
     from ..oci import storage
 
     if args.local_fetch == "zerocopy":
         raise OciError("--local-fetch=zerocopy is not supported (objects are always copied)")
+    options = _registry_options(args, args.image)
     repo = opener()
     boot = _boot_transform_fn(repo) if args.bootable else None
     tag = args.name if args.name is not None else args.image
     progress = _Progress() if sys.stderr.isatty() else None
-    result = storage.pull(repo, args.image, tag, platform=args.platform, progress=progress)
+    result = storage.pull(
+        repo,
+        args.image,
+        tag,
+        platform=args.platform,
+        progress=progress,
+        registry_options=options,
+    )
     if progress is not None:
         progress._clear()
     print(f"manifest {result.manifest_digest}")
@@ -391,6 +482,7 @@ def add_parser(subparsers: Any) -> None:
         default="disabled",
         help="accepted for compatibility; local images are always copied",
     )
+    _registry_args(sp)
 
     sp = add("images", cmd_images, "list tagged images")
     sp.add_argument("--json", action="store_true", help="print JSON")
