@@ -288,7 +288,7 @@ def test_pcre_translation(pcre: str, matches: list[str], nonmatches: list[str]) 
         assert not rx.match(m.encode()), (pcre, m)
 
 
-def test_stem_index_keeps_last_match_semantics() -> None:
+def test_index_keeps_last_match_semantics() -> None:
     """Specs with and without a literal first component interleave; the
     last matching one (in file order) must still win."""
     p = Policy()
@@ -312,3 +312,54 @@ def test_transform_keeps_xattr_on_unlabelled_none() -> None:
     )
     assert transform_for_boot(root) == []
     assert label(root, "/usr") is None
+
+
+@pytest.mark.parametrize(
+    ("regex", "prefix"),
+    [
+        ("/usr/lib(/.*)?", "/usr/lib"),
+        ("/usr/s?bin/x", "/usr/"),
+        ("/a\\.b", "/a.b"),
+        ("/usr/(a|b)", "/usr/"),
+        ("/a|/b", ""),
+        ("/x[|]y", "/x"),
+        ("/x[]|]y", "/x"),
+        ("/a+", "/a"),
+        ("/ab*", "/a"),
+        ("/a{2}", "/"),
+        ("\\d/x", ""),
+        ("/(.*/)?\\.ssh", "/"),
+    ],
+)
+def test_literal_prefix(regex: str, prefix: str) -> None:
+    from composefs.boot.selabel import _literal_prefix
+
+    assert _literal_prefix(regex) == prefix
+
+
+def test_prefix_index_agrees_with_brute_force() -> None:
+    """The indexed lookup equals trying every spec, last first."""
+    import random
+
+    rng = random.Random(7)
+    parts = ["usr", "lib", "bin", "etc", "x.so", "a", "ab", "s", "sbin"]
+    specs = [
+        "/.* A",
+        "/usr(/.*)? B",
+        "/usr/s?bin(/.*)? -- C",
+        "/(usr/)?lib(/.*)? D",
+        "/usr/lib/[^/]+\\.so -- E",
+        "/etc|/usr/etc F",
+        "/a+b* -d G",
+        "/(.*/)?sbin H",
+        "/usr/lib/a(/.*)? <<none>>",
+        "/ab{1,2} I",
+    ]
+    p = Policy()
+    parse_spec_file("\n".join(specs).encode(), p)
+    for _ in range(3000):
+        path = "/" + "/".join(rng.choice(parts) for _ in range(rng.randint(0, 4)))
+        ifmt = rng.choice("-dl")
+        key = (path + ifmt).encode()
+        want = next((i for i in reversed(range(len(specs))) if p.regexes[i].match(key)), None)
+        assert p.match_index(path.encode(), ifmt) == want, (path, ifmt)

@@ -13,8 +13,9 @@ disk and no boot entries are collected, like composefs-rs
 
 from __future__ import annotations
 
+import io
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import BootError
 from ..tree import Directory, Regular
@@ -29,6 +30,7 @@ from .bootloader import (
 )
 from .cmdline import ComposefsCmdline, make_cmdline_composefs, split_cmdline
 from .selabel import selabel
+from .write_boot import OpenFile, write_boot_simple
 
 if TYPE_CHECKING:
     from ..repository import Repository
@@ -42,9 +44,11 @@ __all__ = [
     "UsrLibModulesVmlinuz",
     "empty_toplevel_dirs",
     "make_cmdline_composefs",
+    "repo_file_opener",
     "repo_file_reader",
     "split_cmdline",
     "transform_for_boot",
+    "write_boot_simple",
 ]
 
 REQUIRED_TOPLEVEL_TO_EMPTY_DIRS = (b"boot", b"sysroot")
@@ -77,6 +81,19 @@ def repo_file_reader(repo: Repository | None) -> ReadFile:
         return repo.read_object(f.digest)
 
     return read_file
+
+
+def repo_file_opener(repo: Repository | None) -> OpenFile:
+    """open_file for tree files (streams big objects instead of reading them)."""
+
+    def open_file(f: Regular) -> BinaryIO:
+        if f.data is not None or f.size == 0:
+            return io.BytesIO(f.data or b"")
+        if repo is None or f.digest is None:
+            raise BootError("file content is not available (no repository)")
+        return repo.open_object_file(f.digest)
+
+    return open_file
 
 
 def _etc_selinux(root: Directory) -> Directory | None:

@@ -37,7 +37,8 @@ def dequote(value: str) -> str | None:
 class OsReleaseInfo:
     def __init__(self, content: str) -> None:
         self.map: dict[str, str] = {}
-        for line in content.splitlines():
+        lines = content.split("\n")  # Rust str::lines: "\n" or "\r\n" only
+        for line in (ln.removesuffix("\r") for ln in lines):
             if line.strip().startswith("#"):
                 continue
             key, sep, value = line.partition("=")

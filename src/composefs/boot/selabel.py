@@ -164,74 +164,119 @@ def _translate_class(regex: str, i: int, out: list[str]) -> int:
             j += 1
 
 
-_META = set(".^$?*+|[({\\")
+_META = set(".^$?*+|[({\\)")
+_OPTIONAL = set("?*{")
 
 
-def _stem(regex: str) -> str | None:
-    """The literal first path component every match must start with
-    (``/usr`` for ``/usr/lib(/.*)?``), or None. Exact: no alternation, no
-    metacharacter before the second slash, no quantifier after it."""
-    if not regex.startswith("/") or "|" in regex:
-        return None
-    j = regex.find("/", 1)
-    if j < 0 or any(ch in _META for ch in regex[1:j]):
-        return None
-    if j + 1 < len(regex) and regex[j + 1] in "?*+{":
-        return None
-    return regex[:j]
-
-
-def _path_stem(path: bytes) -> bytes | None:
-    j = path.find(b"/", 1)
-    return path[:j] if path.startswith(b"/") and j > 0 else None
+def _literal_prefix(regex: str) -> str:
+    """The literal text every match must start with (``/usr/lib/`` for
+    ``/usr/lib/[^/]+\\.so``); "" when there is top-level alternation."""
+    depth = 0
+    i = 0
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "[":  # skip the class: `|` and parens inside it are literal
+            j = i + 1
+            if j < len(regex) and regex[j] == "^":
+                j += 1
+            if j < len(regex) and regex[j] == "]":
+                j += 1
+            while j < len(regex) and regex[j] != "]":
+                j += 2 if regex[j] == "\\" else 1
+            i = j + 1
+            continue
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            return ""
+        i += 1
+    out: list[str] = []
+    i = 0
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\" and i + 1 < len(regex) and not regex[i + 1].isalnum():
+            ch, nxt = regex[i + 1], i + 2
+        elif c in _META:
+            break
+        else:
+            ch, nxt = c, i + 1
+        if nxt < len(regex) and regex[nxt] in _OPTIONAL:
+            break  # this character may be absent
+        out.append(ch)
+        i = nxt
+    return "".join(out)
 
 
 @dataclass
 class Policy:
-    """Compiled file_contexts: specs in file order, aliases."""
+    """Compiled file_contexts: specs in file order, aliases.
+
+    A lookup only tries the specs whose literal prefix (`_literal_prefix`)
+    the path starts with, last spec first.
+    """
 
     regexes: list[re.Pattern[bytes]] = field(default_factory=list)
     contexts: list[str] = field(default_factory=list)
-    stems: list[bytes | None] = field(default_factory=list)
     aliases: dict[bytes, bytes] = field(default_factory=dict)
-    _by_stem: dict[bytes | None, list[int]] = field(default_factory=dict)
+    _by_prefix: dict[bytes, list[int]] = field(default_factory=dict)
+    _lengths: list[int] = field(default_factory=list)
 
     def add_spec(self, regex: str, ifmt: str | None, context: str, where: str) -> None:
-        pattern = f"^({translate_pcre(regex)}){'.' if ifmt is None else re.escape(ifmt)}$"
+        # ^(REGEX)T$ exactly as composefs-rs builds it (group 1 is the whole REGEX)
+        body = f"({translate_pcre(regex)}){'.' if ifmt is None else re.escape(ifmt)}"
         try:
-            compiled = re.compile(pattern.encode("utf-8"))
+            compiled = re.compile(f"^{body}$".encode())
         except (re.error, RecursionError, OverflowError) as e:
             raise BootError(f"{where}: bad regex {regex!r}: {e}") from None
-        stem = _stem(regex)
+        prefix = _literal_prefix(regex).encode()
+        self._by_prefix.setdefault(prefix, []).append(len(self.regexes))
+        if len(prefix) not in self._lengths:
+            self._lengths.append(len(prefix))
+            self._lengths.sort()
         self.regexes.append(compiled)
         self.contexts.append(context)
-        self.stems.append(stem.encode() if stem is not None else None)
-        self._by_stem.clear()
 
-    def _candidates(self, stem: bytes | None) -> list[int]:
-        """Spec indices that can match a path with this stem, last first."""
-        got = self._by_stem.get(stem)
-        if got is None:
-            got = [i for i, s in enumerate(self.stems) if s is None or s == stem]
-            got.reverse()
-            self._by_stem[stem] = got
-        return got
+    def match_index(self, path: bytes, ifmt: str) -> int | None:
+        """Index of the last spec matching `path` of type `ifmt`."""
+        key = path + ifmt.encode()
+        cands: list[int] = []
+        for n in self._lengths:
+            if n > len(key):
+                break
+            got = self._by_prefix.get(key[:n])
+            if got:
+                cands.extend(got)
+        cands.sort(reverse=True)
+        for i in cands:
+            if self.regexes[i].match(key):
+                return i
+        return None
 
     def lookup(self, path: bytes, ifmt: str) -> str | None:
         """The label for `path` of type `ifmt` (None: no label)."""
-        key = path + ifmt.encode()
-        for i in self._candidates(_path_stem(path)):
-            if self.regexes[i].match(key):
-                ctx = self.contexts[i]
-                return None if ctx == NONE_CONTEXT else ctx
-        return None
+        i = self.match_index(path, ifmt)
+        if i is None:
+            return None
+        ctx = self.contexts[i]
+        return None if ctx == NONE_CONTEXT else ctx
 
 
 def _lines(data: bytes, name: str) -> list[str]:
+    """Lines as Rust's ``BufRead::lines`` gives them (``\n`` or ``\r\n`` only;
+    `str.splitlines` would also split at form feeds and the like)."""
     try:
-        return data.decode("utf-8").splitlines()
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise BootError(f"SELinux file {name} is not UTF-8") from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
 
 
 def parse_spec_file(data: bytes, policy: Policy, name: str = "file_contexts") -> None:

@@ -8,6 +8,7 @@ bytes are ``image[PointerToRawData : PointerToRawData + VirtualSize]``
 
 from __future__ import annotations
 
+import mmap
 import struct
 
 from ..errors import BootError
@@ -21,8 +22,11 @@ _SECTION = struct.Struct("<8sIIIIIIHHI")
 
 _NOT_PE = "UKI is not valid EFI executable"
 
+# Anything sliceable with a length: bytes, or an mmap of a (big) UKI file.
+Buffer = bytes | bytearray | memoryview | mmap.mmap
 
-def get_section(image: bytes, name: str) -> bytes:
+
+def get_section(image: Buffer, name: str) -> bytes:
     """The contents of section `name` (at most 8 bytes, e.g. ``.osrel``)."""
     key = name.encode()
     if len(key) > 8:
@@ -50,7 +54,7 @@ def get_section(image: bytes, name: str) -> bytes:
     raise BootError(f"UKI doesn't contain a '{name}' section")
 
 
-def get_text_section(image: bytes, name: str) -> str:
+def get_text_section(image: Buffer, name: str) -> str:
     data = get_section(image, name)
     try:
         return data.decode("utf-8")
@@ -58,20 +62,20 @@ def get_text_section(image: bytes, name: str) -> str:
         raise BootError(f"UKI section '{name}' is not UTF-8") from None
 
 
-def get_cmdline(image: bytes) -> str:
+def get_cmdline(image: Buffer) -> str:
     return get_text_section(image, ".cmdline")
 
 
-def get_boot_label(image: bytes) -> str:
+def get_boot_label(image: Buffer) -> str:
     label = OsReleaseInfo(get_text_section(image, ".osrel")).get_boot_label()
     if label is None:
         raise BootError("No name information found in .osrel section")
     return label
 
 
-def get_kernel(image: bytes) -> bytes:
+def get_kernel(image: Buffer) -> bytes:
     return get_section(image, ".linux")
 
 
-def get_initrd(image: bytes) -> bytes:
+def get_initrd(image: Buffer) -> bytes:
     return get_section(image, ".initrd")

@@ -10,22 +10,34 @@ so an error leaves no partial file behind.
 
 from __future__ import annotations
 
+import io
+import mmap
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
+from typing import BinaryIO
 
 from ..errors import BootError
+from ..tree import Regular
 from . import uki
-from .bootloader import BootEntry, ReadFile, Type1Entry, Type2Entry, UsrLibModulesVmlinuz
+from .bootloader import BootEntry, Type1Entry, Type2Entry, UsrLibModulesVmlinuz
 from .cmdline import ComposefsCmdline
 
+# Opens a tree file's content for reading (inline data or a repository object).
+OpenFile = Callable[[Regular], BinaryIO]
 
-def _write_atomic(path: str, data: bytes) -> None:
+
+def _write_atomic(path: str, data: bytes | BinaryIO) -> None:
     d = os.path.dirname(path)
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                shutil.copyfileobj(data, f, 1 << 20)  # streamed: kernels are big
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -52,7 +64,7 @@ def write_t1_simple(
     boot_subdir: str | None,
     karg: ComposefsCmdline,
     cmdline_extra: list[str],
-    read_file: ReadFile,
+    open_file: OpenFile,
 ) -> list[str]:
     if boot_subdir is not None:
         bootdir = os.path.join(bootdir, boot_subdir.lstrip("/"))
@@ -63,7 +75,8 @@ def write_t1_simple(
     # entry whose files are missing).
     for name, file in sorted(t1.files.items()):
         target = _inside(bootdir, name)
-        _write_atomic(target, read_file(file))
+        with open_file(file) as src:
+            _write_atomic(target, src)
         written.append(target)
     _write_atomic(entry_path, t1.entry.render().encode())
     written.append(entry_path)
@@ -71,9 +84,25 @@ def write_t1_simple(
 
 
 def write_t2_simple(
-    t2: Type2Entry, bootdir: str, acceptable: list[str], read_file: ReadFile
+    t2: Type2Entry, bootdir: str, acceptable: list[str], open_file: OpenFile
 ) -> list[str]:
-    content = read_file(t2.file)
+    target = _inside(
+        os.path.join(bootdir, "EFI", "Linux"), t2.file_path.decode(errors="surrogateescape")
+    )
+    with open_file(t2.file) as src:
+        if isinstance(src, io.BytesIO):
+            _check_uki(src.getvalue(), acceptable)
+        else:
+            # Map the UKI instead of reading it: only its headers and
+            # .cmdline are looked at.
+            with mmap.mmap(src.fileno(), 0, prot=mmap.PROT_READ) as m:
+                _check_uki(m, acceptable)
+        src.seek(0)
+        _write_atomic(target, src)
+    return [target]
+
+
+def _check_uki(content: uki.Buffer, acceptable: list[str]) -> None:
     cmdline = uki.get_cmdline(content)
     try:
         parsed = ComposefsCmdline.from_cmdline(cmdline, _algorithm_of(acceptable))
@@ -84,11 +113,6 @@ def write_t2_simple(
             f"UKI .cmdline has no composefs karg (composefs= or composefs.digest=): {cmdline!r}"
         )
     parsed.validate_digest(acceptable)
-    target = _inside(
-        os.path.join(bootdir, "EFI", "Linux"), t2.file_path.decode(errors="surrogateescape")
-    )
-    _write_atomic(target, content)
-    return [target]
 
 
 def _algorithm_of(digests: list[str]) -> str:
@@ -96,7 +120,7 @@ def _algorithm_of(digests: list[str]) -> str:
 
 
 def write_boot_simple(
-    read_file: ReadFile,
+    open_file: OpenFile,
     entry: BootEntry,
     karg: ComposefsCmdline,
     bootdir: str,
@@ -111,15 +135,15 @@ def write_boot_simple(
     if isinstance(entry, Type1Entry):
         if entry_id is not None:
             entry.relocate(boot_subdir, entry_id)
-        return write_t1_simple(entry, bootdir, boot_subdir, karg, extra, read_file)
+        return write_t1_simple(entry, bootdir, boot_subdir, karg, extra, open_file)
     if isinstance(entry, Type2Entry):
         if entry_id is not None:
             entry.rename(entry_id)
         if extra:
             raise BootError("Can't add --cmdline args to UKIs")
-        return write_t2_simple(entry, bootdir, [karg.digest], read_file)
+        return write_t2_simple(entry, bootdir, [karg.digest], open_file)
     assert isinstance(entry, UsrLibModulesVmlinuz)
     t1 = entry.into_type1(entry_id)
     if entry_id is not None:
         t1.relocate(boot_subdir, entry_id)
-    return write_t1_simple(t1, bootdir, boot_subdir, karg, extra, read_file)
+    return write_t1_simple(t1, bootdir, boot_subdir, karg, extra, open_file)
