@@ -461,3 +461,55 @@ def test_setup_root_config_parsing() -> None:
     for bad in ('[etc]\nmount = "tmpfs"\n', "[root]\ntransient = 1\n", "x = [", "etc = 3\n"):
         with pytest.raises(BootError):
             parse_config(bad)
+
+
+MOUNT = r"""
+import json, os, sys
+from composefs.cli import cfsctl
+repo, tag, mnt = sys.argv[1:]
+rc = cfsctl.main(["--repo", repo, "oci", "mount", "--bootable", tag, mnt])
+print(json.dumps({"rc": rc, "boot": sorted(os.listdir(f"{mnt}/boot")),
+                  "tool": open(f"{mnt}/usr/bin/tool").read()}))
+"""
+
+
+@needs_root
+def test_oci_mount_bootable(tmp_path: Path, cfs: Run, sysroot: tuple[Path, Repository]) -> None:
+    s, _ = sysroot
+    repo = s / "composefs"
+    pull(cfs, repo, layout_with(tmp_path, "l", [os_layer(), bls_layer()], "os"), "os")
+    rc, _, err = cfs("--repo", str(repo), "oci", "mount", "--bootable", "os", str(tmp_path))
+    assert rc == 1 and "try pulling with --bootable" in err
+    pull(cfs, repo, layout_with(tmp_path, "l", [os_layer(), bls_layer()], "os"), "os", "--bootable")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = subprocess.run(
+        ["/usr/bin/unshare", "--mount", "--propagation", "private", sys.executable, "-c", MOUNT,
+         str(repo), "os", str(mnt)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    obs = json.loads(p.stdout)
+    assert obs == {"rc": 0, "boot": [], "tool": "#!/bin/sh\necho tool\n"}
+
+
+@needs_root
+def test_setup_root_root_fs(tmp_path: Path, sysroot: tuple[Path, Repository]) -> None:
+    """--root-fs (composefs-rs's test hook): a plain directory as the new root."""
+    s, _ = sysroot
+    newroot = tmp_path / "newroot"
+    for d in ("usr/bin", "etc", "var", "sysroot"):
+        (newroot / d).mkdir(parents=True)
+    (newroot / "usr/bin/tool").write_text("#!/bin/sh\necho tool\n")
+    (newroot / "etc/hostname").write_text("rootfs\n")
+    hex_ = "ab" * 32
+    for sub in ("var", "etc/upper", "etc/work"):
+        (s / "state/deploy" / hex_ / sub).mkdir(parents=True)
+    obs, err = setup_root_in_namespace(
+        s, "--root-fs", str(newroot), "--cmdline", f"composefs={hex_}", "--config", "/nonexistent"
+    )
+    assert obs["rc"] == 0, err
+    assert obs["hostname"] == "rootfs\n" and obs["sysroot_has_repo"] is True
+    assert (obs["etc_writable"], obs["var_writable"], obs["usr_writable"]) == (True, True, True)
+    assert (s / "state/deploy" / hex_ / "etc/upper/new").read_text() == "etc!"
+    assert not (newroot / "etc/new").exists()

@@ -147,7 +147,7 @@ def _translate_class(regex: str, i: int, out: list[str]) -> int:
             if j + 1 >= n:
                 raise BootError(f"trailing backslash in regex {regex!r}")
             e = regex[j + 1]
-            if e in "dDwWsSntrfvx0123456789":
+            if e in "dDwWsSbntrfvx0123456789":
                 parts.append("\\" + e)
             elif e in ("e", "a"):
                 parts.append(_ESCAPE_MAP[e])
