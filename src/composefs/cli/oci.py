@@ -9,7 +9,8 @@ otherwise the one tagged image whose config has it).
 Differences from composefs-rs, on purpose: ``pull`` prints the final
 manifest verity (composefs-rs prints a stale one), ``import-layer`` checks
 the layer against its diff_id and accepts gzip/zstd input, ``pull`` takes
-``--platform``.
+``--platform``, ``prepare-boot`` roots the image it commits for GC
+(``images/refs/boot/<id>``; composefs-rs leaves it unreferenced).
 """
 
 from __future__ import annotations
@@ -249,6 +250,23 @@ def cmd_pull(args: argparse.Namespace, opener: RepoOpener) -> None:
         print(f"Boot image: {ids[repo.erofs_version]}")
 
 
+def cmd_push(args: argparse.Namespace, opener: RepoOpener) -> None:
+    """Not in composefs-rs 0.7.0 (its issue #15): copy a stored image out."""
+    from ..oci import export
+
+    options = _registry_options(args, args.dest)
+    result = export.export_image(opener(), args.image, args.dest, registry_options=options)
+    if result.rewritten:
+        sys.stderr.write(
+            "note: compressed layers are sent uncompressed (the repository keeps only "
+            "the uncompressed tars), so the manifest digest changed; the config digest "
+            "and the composefs image id did not\n"
+        )
+    print(f"manifest {result.manifest_digest}")
+    print(f"config   {result.config_digest}")
+    print(f"pushed   {result.destination}")
+
+
 def cmd_images(args: argparse.Namespace, opener: RepoOpener) -> None:
     from ..oci import storage
 
@@ -482,6 +500,15 @@ def add_parser(subparsers: Any) -> None:
         default="disabled",
         help="accepted for compatibility; local images are always copied",
     )
+    _registry_args(sp)
+
+    sp = add(
+        "push",
+        cmd_push,
+        "copy a stored image to a registry (docker://REF) or an OCI layout (oci:DIR[:TAG])",
+    )
+    sp.add_argument("image", metavar="REF", help="tag, or @DIGEST (manifest or config digest)")
+    sp.add_argument("dest", metavar="DEST", help="docker://HOST/NAME[:TAG] or oci:DIR[:TAG]")
     _registry_args(sp)
 
     sp = add("images", cmd_images, "list tagged images")
