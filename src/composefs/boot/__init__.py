@@ -26,6 +26,7 @@ from .bootloader import (
     Type1Entry,
     Type2Entry,
     UsrLibModulesVmlinuz,
+    _get_dir,
     get_boot_resources,
 )
 from .cmdline import ComposefsCmdline, make_cmdline_composefs, split_cmdline
@@ -97,12 +98,7 @@ def repo_file_opener(repo: Repository | None) -> OpenFile:
 
 
 def _etc_selinux(root: Directory) -> Directory | None:
-    node = root.lookup(b"/etc/selinux")
-    if node is None:
-        return None
-    if not isinstance(node, Directory):
-        raise BootError("/etc/selinux is not a directory")
-    return node
+    return _get_dir(root, b"/etc/selinux")
 
 
 def _tree_file(d: Directory, path: bytes, read_file: ReadFile) -> bytes | None:

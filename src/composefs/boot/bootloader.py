@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import BootError
-from ..tree import Directory, Leaf, Regular
+from ..tree import Directory, Leaf, Regular, split_path
 from .cmdline import split_cmdline
 
 ReadFile = Callable[[Regular], bytes]
@@ -113,11 +113,16 @@ def _get_file(d: Directory, name: bytes, what: str) -> Regular | None:
 
 
 def _get_dir(root: Directory, path: bytes) -> Directory | None:
-    node = root.lookup(path)
-    if node is None:
-        return None
-    if not isinstance(node, Directory):
-        raise BootError(f"{path.decode(errors='replace')} is not a directory")
+    """The directory at `path`; None if some component is missing, an error
+    if one is not a directory (composefs-rs only treats NotFound as absent)."""
+    node: Directory = root
+    for part in split_path(path):
+        nxt = node.entries.get(part)
+        if nxt is None:
+            return None
+        if not isinstance(nxt, Directory):
+            raise BootError(f"{path.decode(errors='replace')}: not a directory")
+        node = nxt
     return node
 
 
