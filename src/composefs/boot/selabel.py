@@ -279,9 +279,18 @@ def _lines(data: bytes, name: str) -> list[str]:
     return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
 
 
+# Rust's char::is_whitespace (Unicode White_Space); str.split() would also
+# split at \x1c-\x1f.
+_WS = re.compile("[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
+
+
+def _split_ws(line: str) -> list[str]:
+    return [p for p in _WS.split(line) if p]
+
+
 def parse_spec_file(data: bytes, policy: Policy, name: str = "file_contexts") -> None:
     for lineno, line in enumerate(_lines(data, name)):
-        parts = line.split()
+        parts = _split_ws(line)
         if not parts or parts[0].startswith("#"):
             continue
         where = f"SELinux spec file {name}: {lineno}"
@@ -303,7 +312,7 @@ def parse_spec_file(data: bytes, policy: Policy, name: str = "file_contexts") ->
 
 def parse_subs_file(data: bytes, policy: Policy, name: str = "file_contexts.subs") -> None:
     for lineno, line in enumerate(_lines(data, name)):
-        parts = line.split()
+        parts = _split_ws(line)
         if not parts or parts[0].startswith("#"):
             continue
         if len(parts) < 2:
@@ -317,7 +326,8 @@ def parse_config(data: bytes) -> str | None:
     """SELINUXTYPE from ``/etc/selinux/config``."""
     for line in _lines(data, "/etc/selinux/config"):
         key, sep, value = line.partition("=")
-        if sep and key.strip().upper() == "SELINUXTYPE":
+        k = key.strip()
+        if sep and k.isascii() and k.upper() == "SELINUXTYPE":
             return value.strip()
     return None
 
@@ -382,7 +392,7 @@ def apply_policy(root: Directory, policy: Policy) -> None:
             stack.pop()
             continue
         name, node = nxt
-        child = base + b"/" + name
+        child = base.rstrip(b"/") + b"/" + name
         effective = policy.aliases.get(child, child)
         if isinstance(node, Directory):
             _set_label(node.stat.xattrs, policy.lookup(effective, "d"))
