@@ -363,3 +363,13 @@ def test_prefix_index_agrees_with_brute_force() -> None:
         key = (path + ifmt).encode()
         want = next((i for i in reversed(range(len(specs))) if p.regexes[i].match(key)), None)
         assert p.match_index(path.encode(), ifmt) == want, (path, ifmt)
+
+
+@pytest.mark.parametrize("name", ["../../..", "a/b", ".."])
+def test_policy_name_cannot_escape(name: str) -> None:
+    root = build(b"/.* x\n", "")
+    cfg = root.lookup(b"/etc/selinux/config")
+    assert isinstance(cfg, Leaf) and isinstance(cfg.content, Regular)
+    cfg.content.data = f"SELINUXTYPE={name}\n".encode()
+    with pytest.raises(BootError, match="invalid SELINUXTYPE"):
+        relabel(root)

@@ -435,6 +435,9 @@ def selabel(
     if policy_name is None:
         strip_labels(root)
         return False
+    if not policy_name or "/" in policy_name or policy_name in (".", ".."):
+        # (composefs-rs would follow such a path; nothing legitimate uses one)
+        raise BootError(f"/etc/selinux/config: invalid SELINUXTYPE {policy_name!r}")
     pname = policy_name
     policy = build_policy(lambda name: open_policy_file(pname, name))
     apply_policy(root, policy)
