@@ -401,6 +401,7 @@ def apply_policy(root: Directory, policy: Policy) -> None:
         label = policy.lookup(effective, _ifmt(node))
         key = id(node)
         if key in labeled and labeled[key] != label:
+            node.nlink = None  # an explicit link count no longer holds
             node = _clone(node)
             d.entries[name] = node
         labeled.setdefault(key, label)
