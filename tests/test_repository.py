@@ -683,3 +683,27 @@ def test_secure_repository(tmp_path: Path) -> None:
         repo.open_object(oid)
     repo.close()
     Repository.open(path, require_verity=True).close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a read-only bind mount")
+def test_read_only_mount(repo: Repository, tmp_path: Path) -> None:
+    """A repository on a read-only mount can be read and checked, not written."""
+    ids = populated(repo)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", repo.path, str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        with Repository.open(ro) as r:
+            assert r.fsck().ok
+            assert r.read_object(ids["ext"]) == b"E" * 5000
+            out = io.BytesIO()
+            r.cat_stream("refs/layer-ref", out)
+            assert out.getvalue() == b"x" * 100 + b"E" * 5000
+            with pytest.raises(RepositoryError, match="read-only file system"):
+                r.ensure_object(b"new data")
+            with pytest.raises(RepositoryError, match="read-only file system"):
+                r.gc()
+            assert r.gc(dry_run=True).objects_removed == 0
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)

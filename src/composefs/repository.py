@@ -847,13 +847,17 @@ class Repository:
 
     def _objects_fd(self) -> int:
         if self._objects is None:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
             try:
-                os.mkdir("objects", 0o755, dir_fd=self._fd)
-            except FileExistsError:
-                pass
-            self._objects = os.open(
-                "objects", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._fd
-            )
+                self._objects = os.open("objects", flags, dir_fd=self._fd)
+            except FileNotFoundError:
+                # Created on demand (as composefs-rs does); opening first
+                # keeps read-only repositories usable.
+                try:
+                    os.mkdir("objects", 0o755, dir_fd=self._fd)
+                except FileExistsError:
+                    pass
+                self._objects = os.open("objects", flags, dir_fd=self._fd)
         return self._objects
 
     @property
