@@ -185,6 +185,13 @@ def test_help_for_every_command() -> None:
         assert c in top
         out = cfsctl(c, "--help").stdout
         assert out.startswith(f"usage: cfsctl {c}")
+    # The oci group comes from the composefs.cli.oci hook, when installed.
+    import importlib.util
+
+    if importlib.util.find_spec("composefs.cli.oci") is not None:
+        assert "oci" in top
+        assert cfsctl("oci", "--help").stdout.startswith("usage: cfsctl oci")
+        assert "invalid choice" in one_line_error(cfsctl("oci", "frobnicate", check=False))
 
 
 def test_usage_errors_are_one_line(repo: Path, tmp_path: Path) -> None:
