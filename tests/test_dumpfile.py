@@ -197,3 +197,27 @@ def test_external_and_paths() -> None:
     assert isinstance(e, Leaf) and isinstance(e.content, Regular)
     assert e.content.digest is None and e.content.payload == b"custom/path"
     assert b"/e 10 100600 1 0 0 0 0.0 custom/path - -\n" in dumpfile.dumps(root)
+
+
+def test_digest_without_payload_means_no_redirect() -> None:
+    """C 1.0.8 writes a metacopy but no redirect for `payload -` with a
+    digest; the tree keeps that as an empty payload through every path."""
+    from composefs.erofs import reader, writer
+    from composefs.erofs.format import FormatVersion
+
+    digest = ("ab" * 32).encode()
+    text = (
+        b"/ 4096 40755 2 0 0 0 0.0 - - -\n"
+        b"/f 100 100644 1 0 0 0 0.0 - - " + digest + b"\n"
+        b"/g 100 100644 1 0 0 0 0.0 ab/" + b"ab" * 31 + b" - " + digest + b"\n"
+    )
+    root = dumpfile.parse(text)
+    f = root.lookup(b"/f")
+    assert isinstance(f, Leaf) and isinstance(f.content, Regular)
+    assert f.content.backing_path() is None
+    assert dumpfile.dumps(root) == text
+    img = writer.mkfs(root, FormatVersion.V0)
+    assert img.count(b"/ab/abab") == 1  # only /g has a redirect
+    back = reader.read_image(img)
+    assert dumpfile.dumps(back) == text
+    assert writer.mkfs(back, FormatVersion.V0) == img

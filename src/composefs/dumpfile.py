@@ -360,6 +360,8 @@ class _Parser:
                 )
             # Empty inline content is just an empty file (C stores no data).
             data = content if content else None
+            if data is None and size and digest is not None and payload is None:
+                payload = b""  # C: metacopy with the digest but no redirect
             leaf_content = Regular(size, data=data, digest=digest, payload=payload)
         elif ftype == S_IFLNK:
             if not payload:

@@ -67,9 +67,13 @@ class Regular:
         return self.data is None and self.size > 0
 
     def backing_path(self) -> bytes | None:
-        """The object path relative to the object store (`xx/yyyy…`)."""
+        """The object path relative to the object store (`xx/yyyy…`).
+
+        An empty `payload` means "explicitly none": C writes no overlay
+        redirect for a dumpfile line with a digest but payload `-`.
+        """
         if self.payload is not None:
-            return self.payload
+            return self.payload or None
         if self.digest is not None:
             return f"{self.digest[:2]}/{self.digest[2:]}".encode()
         return None

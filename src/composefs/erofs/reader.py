@@ -731,7 +731,8 @@ class _Builder:
         if x.metacopy is None:
             raise _err(f"inode {nid}: external file without overlay metacopy")
         digest = _metacopy_digest(nid, x.metacopy)
-        payload: bytes | None = None
+        # No redirect beside a digest is C's "payload -" (kept as b"").
+        payload: bytes | None = b"" if digest is not None else None
         if x.redirect is not None:
             v = x.redirect
             if len(v) < 2 or v[:1] != b"/" or b"\0" in v:
