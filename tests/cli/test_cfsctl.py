@@ -385,7 +385,8 @@ def test_gc_and_fsck_commands(repo: Path, tmp_path: Path) -> None:
     assert bad.returncode == 1
     assert bad.stderr == "cfsctl: repository integrity check failed\n"
     assert "status: 1 error(s)\n  - fsck: object-digest-mismatch: objects/" in bad.stdout
-    js = cfsctl("--repo", repo, "fsck", "--json")
+    js = cfsctl("--repo", repo, "fsck", "--json", check=False)
+    assert js.returncode == 1 and js.stderr == ""
     reply = json.loads(js.stdout)
     assert reply["ok"] is False and reply["objects_corrupted"] == 1
     assert reply["errors"][0].startswith("fsck: object-digest-mismatch: ")

@@ -606,6 +606,8 @@ def test_cli_fsck_detects_corruption(
     text = out.decode()
     assert rc == 1 and err == b"cfsctl: OCI integrity check failed\n"
     assert "oci images: 0/1 ok" in text and "fsck: manifest-digest-mismatch: demo: " in text
+    rc, out, _ = cfs("oci", "fsck", "--json")
+    assert rc == 1 and json.loads(out)["ok"] is False
     rc, out, _ = cfs("oci", "fsck", "nosuchtag")
     assert "fsck: ref-resolve-failed: nosuchtag" in out.decode()
 

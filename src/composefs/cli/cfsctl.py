@@ -329,9 +329,10 @@ def cmd_fsck(args: argparse.Namespace, opener: RepoOpener) -> int:
 
     result = opener().fsck(metadata_only=args.metadata_only)
     if args.json:
-        # Like composefs-rs: the JSON report exits 0; callers read "ok".
+        # composefs-rs exits 0 here whatever it found; a checker that
+        # passes a broken repository is a trap, so any problem exits 1.
         print(json.dumps(result.to_reply(), indent=2, ensure_ascii=False))
-        return 0
+        return 0 if result.ok else 1
     sys.stdout.write(str(result))
     sys.stdout.flush()
     if not result.ok:
@@ -577,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sp = add("fsck", cmd_fsck, "check the repository's integrity (non-zero exit on problems)")
-    sp.add_argument("--json", action="store_true", help="print the report as JSON (exit 0)")
+    sp.add_argument("--json", action="store_true", help="print the report as JSON (exit status 1 on any problem)")
     sp.add_argument(
         "--metadata-only",
         action="store_true",

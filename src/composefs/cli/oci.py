@@ -424,7 +424,7 @@ def cmd_fsck(args: argparse.Namespace, opener: RepoOpener) -> int:
     result = storage.oci_fsck(opener(), args.image)
     if args.json:
         _json_out(result.to_json())
-        return 0
+        return 0 if result.ok else 1  # non-zero on any problem, JSON or not
     sys.stdout.write(str(result))
     sys.stdout.flush()
     if not result.ok:
