@@ -632,9 +632,13 @@ class _Chunks:
         return True
 
     def take(self, n: int) -> bytes:
-        data = bytes(self.buf[self.pos : self.pos + n])
+        with memoryview(self.buf) as mv:  # one copy, not two
+            data = bytes(mv[self.pos : self.pos + n])
         self.pos += len(data)
         return data
+
+    def skip(self, n: int) -> None:
+        self.pos = min(self.pos + n, len(self.buf))
 
     def parse(self, at_eof: bool = False) -> Event:
         with memoryview(self.buf) as mv:
@@ -656,6 +660,8 @@ def read_members(chunks: Iterable[bytes | External]) -> Iterator[TarMember]:
     """Entries of a split tar stream (or of plain tar bytes: pass ``[data]``)."""
     src = _Chunks(chunks)
     while True:
+        if len(src) < BLOCK:
+            src.fill(BLOCK)  # the usual case: one header block; saves a NEED round
         ev, amount, entry = src.parse()
         while ev == NEED:
             if not src.fill(amount):
@@ -666,7 +672,7 @@ def read_members(chunks: Iterable[bytes | External]) -> Iterator[TarMember]:
                     return
                 raise TarFormatError("tar: archive is truncated (partial header at the end)")
             ev, amount, entry = src.parse()
-        src.take(amount)
+        src.skip(amount)
         if ev == END:
             return
         if ev != ENTRY:
@@ -680,7 +686,7 @@ def read_members(chunks: Iterable[bytes | External]) -> Iterator[TarMember]:
                 pad = entry.padded_size - entry.size
                 if not src.fill(pad):
                     raise TarFormatError(f"tar: archive is truncated (in {_show(entry.path)})")
-                src.take(pad)
+                src.skip(pad)
             else:
                 if not src.fill(entry.padded_size):
                     raise TarFormatError(f"tar: archive is truncated (in {_show(entry.path)})")
