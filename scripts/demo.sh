@@ -60,13 +60,26 @@ run cfsctl --repo "$repo" oci compute-id demo
 step "Check the repository and the image"
 run cfsctl --repo "$repo" oci fsck
 
+step "The C-compatible tools: an image of a directory that ships in this repo"
+run mkcomposefs --digest-store "$work/objects" --print-digest "$top/scripts" "$work/src.cfs"
+printf '$ composefs-info ls %s | head -n 5\n' "$work/src.cfs"
+composefs-info ls "$work/src.cfs" | head -n 5
+
 if [ "$(id -u)" != 0 ]; then
     step "Mounting needs root: skipped (try: sudo cfsctl --repo $repo oci mount demo DIR)"
     exit 0
 fi
 
-step "Mount the image (EROFS metadata + overlayfs over the object store)"
+step "Mount the directory image with mount.composefs and compare it with its source"
 mkdir -p "$mnt"
+run mount.composefs -o "basedir=$work/objects" "$work/src.cfs" "$mnt"
+mounted=1
+run diff -r "$top/scripts" "$mnt"
+echo "identical"
+run umount "$mnt"
+mounted=
+
+step "Mount the OCI image (EROFS metadata + overlayfs over the object store)"
 run cfsctl --repo "$repo" oci mount demo "$mnt"
 mounted=1
 run ls -l "$mnt" "$mnt/usr/bin" "$mnt/etc"
