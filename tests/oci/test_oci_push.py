@@ -85,6 +85,10 @@ def pull_fresh(tmp_path: Path, name: str, imgref: str) -> storage.PullResult:
         r.close()
 
 
+def first_manifest(repo: Repository) -> bytes:
+    return storage.open_image_ref(repo, "orig").manifest_raw
+
+
 @pytest.fixture
 def uncompressed(tmp_path: Path) -> tuple[Path, L.BuiltImage]:
     path = tmp_path / "src-layout"
@@ -95,14 +99,27 @@ def uncompressed(tmp_path: Path) -> tuple[Path, L.BuiltImage]:
 # ---------------------------------------------------------------- registry
 
 
+@pytest.mark.parametrize(
+    ("name", "tar_type"),
+    [
+        ("plain", "application/vnd.oci.image.layer.v1.tar"),
+        ("v2s2", "application/vnd.docker.image.rootfs.diff.tar"),
+    ],
+)
 def test_push_compressed_image_to_registry(
-    capsysbinary: Any, repo: Repository, registry_plain: Any, oci_images: Any, tmp_path: Path
+    capsysbinary: Any,
+    repo: Repository,
+    registry_plain: Any,
+    oci_images: Any,
+    tmp_path: Path,
+    name: str,
+    tar_type: str,
 ) -> None:
     """gzip layers come back uncompressed: new manifest digest, same config
     digest, same image id; the registry accepted every blob digest."""
-    img = oci_images["plain"]
+    img = oci_images[name]
     first = storage.pull(repo, "docker://" + registry_plain.ref(img.name), "orig")
-    dest = "docker://" + registry_plain.ref("pushed/plain:v1")
+    dest = "docker://" + registry_plain.ref(f"pushed/{name}:v1")
     rc, out, err = cfs(capsysbinary, repo, "oci", "push", "orig", dest)
     assert rc == 0, err
     got = fields(out)
@@ -119,9 +136,8 @@ def test_push_compressed_image_to_registry(
     manifest = json.loads(src.manifest_raw)
     config = json.loads(src.image.config_raw)
     assert [d["digest"] for d in manifest["layers"]] == config["rootfs"]["diff_ids"]
-    assert {d["mediaType"] for d in manifest["layers"]} == {
-        "application/vnd.oci.image.layer.v1.tar"
-    }
+    assert {d["mediaType"] for d in manifest["layers"]} == {tar_type}
+    assert manifest["mediaType"] == json.loads(first_manifest(repo))["mediaType"]
     src.close()
     # Pushing again sends nothing new and names the same manifest.
     rc, out2, err = cfs(capsysbinary, repo, "oci", "push", "@" + first.manifest_digest, dest)
@@ -327,3 +343,39 @@ def test_push_errors_one_line(capsysbinary: Any, repo: Repository, tmp_path: Pat
         assert rc != 0 and err.startswith("cfsctl: ") and err.count("\n") == 1, (args, err)
         assert words in err, (args, err)
     assert not (tmp_path / "o").exists()
+
+
+def test_push_artifact_keeps_everything(
+    capsysbinary: Any, repo: Repository, registry_plain: Any, tmp_path: Path
+) -> None:
+    """Artifact blobs are stored whole: manifest and blobs come back unchanged."""
+    layout = tmp_path / "art"
+    layout.mkdir()
+    (layout / "oci-layout").write_bytes(L.dumps({"imageLayoutVersion": "1.0.0"}))
+    payload = b"signature bytes" * 10
+    blob = L._write_blob(layout, payload)
+    config = L._write_blob(layout, b"{}")
+    raw = L.dumps({
+        "schemaVersion": 2, "mediaType": L.OCI_MANIFEST, "artifactType": "application/x-test",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config, "size": 2},
+        "layers": [{"mediaType": "application/x-sig", "digest": blob, "size": len(payload)}],
+    })  # fmt: skip
+    mdigest = L._write_blob(layout, raw)
+    (layout / "index.json").write_bytes(
+        L.dumps({"schemaVersion": 2, "manifests": [
+            {"mediaType": L.OCI_MANIFEST, "digest": mdigest, "size": len(raw)}
+        ]})
+    )  # fmt: skip
+    storage.pull(repo, f"oci:{layout}", "art")
+    out_dir = tmp_path / "out"
+    rc, out, err = cfs(capsysbinary, repo, "oci", "push", "art", f"oci:{out_dir}:sig")
+    assert rc == 0 and err == "", err
+    assert fields(out)["manifest"] == mdigest
+    for d in (mdigest, blob, config):
+        rel = Path("blobs", "sha256", d.split(":")[1])
+        assert (out_dir / rel).read_bytes() == (layout / rel).read_bytes()
+    dest = "docker://" + registry_plain.ref("pushed/artifact:sig")
+    rc, out, err = cfs(capsysbinary, repo, "oci", "push", "art", dest)
+    assert rc == 0, err
+    assert fields(out)["manifest"] == mdigest
+    assert pull_fresh(tmp_path, "r2", dest).manifest_digest == mdigest
