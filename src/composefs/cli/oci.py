@@ -11,6 +11,10 @@ manifest verity (composefs-rs prints a stale one), ``import-layer`` checks
 the layer against its diff_id and accepts gzip/zstd input, ``pull`` takes
 ``--platform``, ``prepare-boot`` roots the image it commits for GC
 (``images/refs/boot/<id>``; composefs-rs leaves it unreferenced).
+``pull`` and ``push`` take skopeo-style registry flags (``--creds``,
+``--authfile``, ``--tls-verify``, ``--cert-dir``, ``--proxy``); ``push``
+(not in composefs-rs, its issue #15) copies a stored image to
+``docker://`` or ``oci:DIR[:TAG]``.
 """
 
 from __future__ import annotations
