@@ -14,6 +14,7 @@ One line per entry, space separated:
 
 from __future__ import annotations
 
+import binascii
 import gc
 import re
 from collections.abc import Iterable, Iterator
@@ -157,17 +158,18 @@ def _escape_optional(value: bytes | None) -> bytes:
 # -- parsing ----------------------------------------------------------------
 
 
-def _lines(source: bytes | BinaryIO, strict: bool) -> Iterator[tuple[int, bytes]]:
-    """Yield (line number, line) pairs; a file object is read in chunks."""
+def _chunks(source: bytes | BinaryIO, strict: bool) -> Iterator[list[bytes]]:
+    """Yield lists of lines (without newlines); a file object is read in
+    chunks. Raises for text after the last newline when `strict`, after
+    every complete line was yielded."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        lines = data.split(b"\n")
+        lines = bytes(source).split(b"\n")
         last = lines.pop()  # text after the final newline
-        yield from enumerate(lines, 1)
+        yield lines
         if last:
             if strict:
                 raise DumpfileError("missing trailing newline", len(lines) + 1)
-            yield len(lines) + 1, last
+            yield [last]
         return
     lineno = 0
     rest = b""
@@ -177,13 +179,12 @@ def _lines(source: bytes | BinaryIO, strict: bool) -> Iterator[tuple[int, bytes]
             break
         parts = (rest + chunk).split(b"\n")
         rest = parts.pop()
-        for line in parts:
-            lineno += 1
-            yield lineno, line
+        lineno += len(parts)
+        yield parts
     if rest:
         if strict:
             raise DumpfileError("missing trailing newline", lineno + 1)
-        yield lineno + 1, rest
+        yield [rest]
 
 
 def _optional(field: bytes) -> bytes | None:
@@ -202,7 +203,7 @@ def _split_path(path: bytes) -> tuple[bytes, bytes]:
 
 
 class _Parser:
-    __slots__ = ("_lineno", "dirs", "hardlinks", "root", "strict")
+    __slots__ = ("_lineno", "_meta", "_xattrs", "dirs", "hardlinks", "root", "strict")
 
     def __init__(self, strict: bool) -> None:
         self.strict = strict
@@ -212,6 +213,137 @@ class _Parser:
         # canonical path -> (line number, parent, name, target path)
         self.hardlinks: dict[bytes, tuple[int, Directory, bytes, bytes]] = {}
         self._lineno = 0
+        # Fast-path caches (see `lines`): the MODE..MTIME fields, and the
+        # xattr field, of a line repeat a lot within a dump.
+        self._meta: dict[tuple[bytes, ...], _Meta | None] = {}
+        self._xattrs: dict[bytes, dict[bytes, bytes] | None] = {}
+
+    def lines(self, lines: list[bytes], lineno: int) -> int:
+        """Parse `lines`, the first being number `lineno + 1`; returns the
+        number of the last one.
+
+        Most lines of a real dump have one of a few shapes: no escapes, an
+        ordinary path below an already known directory, external or empty
+        content. Those are handled here with few Python operations each;
+        every other line (the root, hardlinks, escapes, inline content,
+        anything odd or invalid) goes to the careful `line`, which also
+        produces the error messages. The fast path never accepts a line
+        that `line` would reject, nor builds anything different.
+        """
+        dirs = self.dirs
+        meta_cache = self._meta
+        meta_get = meta_cache.get
+        xattr_cache = self._xattrs
+        xattr_get = xattr_cache.get
+        strict = self.strict
+        slow = self.line
+        unhexlify = binascii.unhexlify
+        for line in lines:
+            lineno += 1
+            try:
+                if 92 in line or 0 in line:  # a backslash (escapes) or NUL
+                    self._lineno = lineno
+                    slow(line)
+                    continue
+                parts = line.split(b" ", 11)
+                if len(parts) < 11:
+                    self._lineno = lineno
+                    slow(line)
+                    continue
+                path, size_f, mode_f, nlink_f, uid_f, gid_f, rdev_f, mtime_f = parts[:8]
+                key = (mode_f, nlink_f, uid_f, gid_f, rdev_f, mtime_f)
+                meta = meta_get(key, _MISSING)
+                if meta is _MISSING:
+                    meta = _meta(key, strict)
+                    if len(meta_cache) >= _CACHE_MAX:
+                        meta_cache.clear()
+                    meta_cache[key] = meta
+                ppath, _, name = path.rpartition(b"/")
+                parent = dirs.get(ppath or b"/")
+                ln = len(name)
+                if (
+                    meta is None
+                    or parent is None
+                    or ln > NAME_MAX
+                    or (ln < 3 and (not ln or name == b"." or name == b".."))
+                    or name in parent.entries
+                    or not size_f.isdigit()
+                    or parts[9] != b"-"
+                ):
+                    self._lineno = lineno
+                    slow(line)
+                    continue
+                size = int(size_f)
+                if size >= _U64:
+                    raise ValueError
+                payload: bytes | None = parts[8]
+                if payload == b"-":
+                    payload = None
+                digest_f = parts[10]
+                digest: str | None = None
+                if digest_f != b"-" and digest_f:
+                    n = len(digest_f)
+                    if n != 64 and n != 128:
+                        raise ValueError  # the careful path names the problem
+                    try:
+                        digest = unhexlify(digest_f).hex()  # strict: hex digits only
+                    except binascii.Error:
+                        raise ValueError from None
+                xattrs: dict[bytes, bytes]
+                if len(parts) == 12 and parts[11]:
+                    xattr_f = parts[11]
+                    xa = xattr_get(xattr_f, _MISSING_XATTRS)
+                    if xa is _MISSING_XATTRS:
+                        xa = _xattrs_or_none(xattr_f)
+                        if len(xattr_cache) >= _CACHE_MAX:
+                            xattr_cache.clear()
+                        xattr_cache[xattr_f] = xa
+                    if xa is None:
+                        raise ValueError
+                    xattrs = xa.copy()
+                else:
+                    xattrs = {}
+                ftype, perm, nlink, uid, gid, rdev, mtime, nsec = meta
+                stat = Stat(perm, uid, gid, mtime, nsec, xattrs)
+                if ftype == S_IFREG:
+                    if not payload:
+                        payload = None
+                        if size and digest is not None:
+                            payload = b""  # as in `line`
+                    elif len(payload) >= PATH_MAX:
+                        raise ValueError
+                    parent.entries[name] = Leaf(stat, Regular(size, None, digest, payload), nlink)
+                elif ftype == S_IFDIR:
+                    d = Directory(stat)
+                    d.size = size
+                    parent.entries[name] = d
+                    # ppath is "" or "/" for the root (C collapses "//")
+                    dirs[ppath + b"/" + name if len(ppath) > 1 else b"/" + name] = d
+                elif ftype == S_IFLNK:
+                    if not payload or len(payload) >= PATH_MAX or (strict and size != len(payload)):
+                        raise ValueError
+                    parent.entries[name] = Leaf(stat, Symlink(payload), nlink)
+                else:
+                    leaf: LeafContent
+                    if ftype == S_IFCHR or ftype == S_IFBLK:
+                        leaf = Device(ftype, rdev)
+                    elif ftype == S_IFIFO:
+                        leaf = Fifo()
+                    else:
+                        leaf = Socket()
+                    parent.entries[name] = Leaf(stat, leaf, nlink)
+            except ValueError as e:
+                if not str(e):
+                    # The fast path only says "not mine" before changing
+                    # anything; the careful path gives the real verdict.
+                    try:
+                        self._lineno = lineno
+                        slow(line)
+                        continue
+                    except ValueError as e2:
+                        e = e2
+                raise DumpfileError(str(e), lineno) from None
+        return lineno
 
     def line(self, line: bytes) -> None:
         m = _LINE.fullmatch(line)
@@ -418,6 +550,51 @@ class _Parser:
             parent.entries[name] = leaf
 
 
+# (file type, permission bits, nlink, uid, gid, rdev, mtime, mtime_nsec)
+_Meta = tuple[int, int, int, int, int, int, int, int]
+_MISSING: _Meta = (-1, -1, -1, -1, -1, -1, -1, -1)
+_MISSING_XATTRS: dict[bytes, bytes] = {}  # compared by identity only
+_CACHE_MAX = 1 << 16
+_U64 = 1 << 64
+_META = re.compile(rb"([0-7]+) (\d+) (\d+) (\d+) (\d+) (-?\d+)\.(\d+)")
+
+
+def _meta(fields: tuple[bytes, ...], strict: bool) -> _Meta | None:
+    """The MODE..MTIME fields of a non-hardlink line, validated exactly as
+    `_Parser.line` does, or None when that line must look at them."""
+    m = _META.fullmatch(b" ".join(fields))
+    if m is None:
+        return None
+    mode_f, nlink_f, uid_f, gid_f, rdev_f, sec_f, nsec_f = m.groups()
+    mode = int(mode_f, 8)
+    ftype = mode & S_IFMT
+    nlink, uid, gid, rdev = int(nlink_f), int(uid_f), int(gid_f), int(rdev_f)
+    mtime, nsec = int(sec_f), int(nsec_f)
+    if (
+        ftype not in _VALID_TYPES
+        or mode > 0xFFFFFFFF
+        or uid > 0xFFFFFFFF
+        or gid > 0xFFFFFFFF
+        or nlink > 0xFFFFFFFF
+        or rdev >= _U64
+        or not -(1 << 63) <= mtime < (1 << 63)
+        or nsec >= 1_000_000_000
+        or (strict and rdev != 0 and ftype not in (S_IFCHR, S_IFBLK))
+    ):
+        return None
+    return ftype, mode & 0o7777, nlink, uid, gid, rdev, mtime, nsec
+
+
+def _xattrs_or_none(field: bytes) -> dict[bytes, bytes] | None:
+    """`_parse_xattrs` of an escape-free field, or None if it is invalid."""
+    if len(field) > _LINE_XATTR_MAX:
+        return None
+    try:
+        return _parse_xattrs(field)
+    except ValueError:
+        return None
+
+
 def _canon(path: bytes) -> bytes:
     return b"/" + b"/".join(x for x in path.split(b"/") if x)
 
@@ -486,12 +663,9 @@ def parse(source: bytes | BinaryIO, *, strict: bool = True) -> Directory:
     """
     p = _Parser(strict)
     with no_gc():
-        for lineno, line in _lines(source, strict):
-            p._lineno = lineno
-            try:
-                p.line(line)
-            except ValueError as e:
-                raise DumpfileError(str(e), lineno) from None
+        lineno = 0
+        for lines in _chunks(source, strict):
+            lineno = p.lines(lines, lineno)
     if p.root is None:
         raise DumpfileError("no root directory (the first line must be /)")
     if p.hardlinks:
