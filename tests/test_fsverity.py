@@ -305,3 +305,21 @@ def test_helper_that_is_not_python(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     finally:
         os.close(fd)
     assert not fsverity._helpers.idle
+
+
+@pytest.mark.timeout(120)
+def test_helper_scheduling_many_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small chunks make many rounds of the out-of-order collection loop (a
+    # scheduling slip there hangs rather than fails: hence the timeout).
+    path = tmp_path / "f"
+    data = _write_random(path, (3 << 20) + 4097)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for chunk in (B, 16 * B, 64 * B):
+            monkeypatch.setattr(fsverity, "_HELPER_CHUNK", chunk)
+            for nhelpers in (1, 2, 3):
+                for alg in ("sha256", "sha512"):
+                    got = fsverity._digest_with_helpers(fd, len(data), alg, nhelpers, True)
+                    assert got == fsverity.digest(data, alg), (chunk, nhelpers, alg)
+    finally:
+        os.close(fd)

@@ -31,6 +31,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import select
 import socket
 import stat
 import struct
@@ -421,6 +422,7 @@ _HELPER_REQ = struct.Struct("<BQQ")
 _HELPER_MIN = 1 << 20
 _HELPER_SPAWN_MIN = 32 << 20
 _HELPER_START_TIMEOUT = 30.0
+_HELPER_WINDOW = 3  # requests in flight per helper
 
 
 class _HelperDied(Exception):
@@ -555,28 +557,48 @@ def _digest_with_helpers(
     alg_id = ALGORITHMS[algorithm]
     hsize = _DIGEST_SIZES[algorithm]
     hasher = FsVerityHasher(algorithm)
-    inflight: deque[tuple[_Helper, int]] = deque()
-    nxt = 0
+    # Chunks go to whichever helper answers first (a helper the scheduler
+    # leaves waiting must not stall the others); answers are fed to the tree
+    # in chunk order, at most `window` chunks ahead of the oldest unanswered.
+    window = _HELPER_WINDOW * len(helpers)
+    outstanding: dict[int, deque[int]] = {h.sock.fileno(): deque() for h in helpers}
+    by_fd = {h.sock.fileno(): h for h in helpers}
+    done: dict[int, bytes] = {}
+    nxt = fed = 0
     reusable = broken = False
+
+    def chunk_bytes(c: int) -> int:
+        return min(_HELPER_CHUNK, size - c * _HELPER_CHUNK)
 
     def send(h: _Helper) -> None:
         nonlocal nxt
-        off = nxt * _HELPER_CHUNK
-        h.send(fd, alg_id, off, min(_HELPER_CHUNK, size - off))
-        inflight.append((h, nxt))
+        h.send(fd, alg_id, nxt * _HELPER_CHUNK, chunk_bytes(nxt))
+        outstanding[h.sock.fileno()].append(nxt)
         nxt += 1
 
     try:
-        for _ in range(2):
+        poller = select.poll()
+        for h in helpers:
+            poller.register(h.sock.fileno(), select.POLLIN)
+        while True:
+            while fed in done:
+                hasher._add_hashes(done.pop(fed), chunk_bytes(fed))
+                fed += 1
+            if fed == nchunks:
+                break
+            # Top every helper up to its share, within the window.
             for h in helpers:
-                if nxt < nchunks:
+                queue = outstanding[h.sock.fileno()]
+                while len(queue) < _HELPER_WINDOW and nxt < nchunks and nxt - fed < window:
                     send(h)
-        while inflight:
-            h, c = inflight.popleft()
-            nbytes = min(_HELPER_CHUNK, size - c * _HELPER_CHUNK)
-            hasher._add_hashes(h.recv(-(-nbytes // BLOCK_SIZE) * hsize), nbytes)
-            if nxt < nchunks:
-                send(h)
+            if not any(outstanding.values()):
+                raise _HelperDied  # cannot happen; never wait for nothing
+            for sfd, _ in poller.poll():
+                queue = outstanding[sfd]
+                if not queue:
+                    raise _HelperDied  # readable with nothing asked: EOF
+                c = queue.popleft()
+                done[c] = by_fd[sfd].recv(-(-chunk_bytes(c) // BLOCK_SIZE) * hsize)
         reusable = True
         return hasher.digest()
     except _HelperDied:
