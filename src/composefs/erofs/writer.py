@@ -389,9 +389,8 @@ def _collect_epoch1_pass(
         raw: list[tuple[bytes, Any]] = [(b".", me), (b"..", parent)]
         subdirs = 0
         for name, child in sorted(d.entries.items()):
-            if counts is None and (
-                name in _BAD_NAMES or len(name) > NAME_MAX or b"/" in name or b"\0" in name
-            ):
+            # (`int in bytes` is a cheap byte search: 47 is "/")
+            if counts is None and (len(name) > NAME_MAX or name in _BAD_NAMES or 47 in name or 0 in name):
                 raise _bad_name(name)
             if isinstance(child, Directory):
                 if counts is None:
@@ -418,8 +417,38 @@ def _collect_epoch1_pass(
                     raw.append((name, child))
                     deferred = True
                     continue
-            li = _leaf_inode(child, name, n, True)
             nl = child.nlink
+            c = child.content
+            st = child.stat
+            if type(c) is Regular and c.data is None and c.size > 0 and not st.xattrs:
+                # The most common leaf by far: external content and no xattrs
+                # of its own (what `_leaf_inode` does, in one dict build).
+                digest = c.digest
+                path = c.payload
+                if path is None and digest is not None:
+                    path = f"{digest[:2]}/{digest[2:]}".encode()
+                li = _Inode.__new__(_Inode)
+                li.__dict__ = {
+                    "ftype": S_IFREG,
+                    "mode": S_IFREG | (st.mode & 0o7777),
+                    "uid": st.uid,
+                    "gid": st.gid,
+                    "mtime": st.mtime,
+                    "nsec": st.mtime_nsec,
+                    "xattrs": {},
+                    "size": c.size,
+                    "external": True,
+                    "plain": True,
+                    "metacopy": b"" if digest is None else _metacopy(digest),
+                    "redirect": b"/" + path if path else None,
+                    "nlink": nl if nl is not None else n,
+                }
+                if n > 1:
+                    leaf_inodes[lid] = li
+                append(li)
+                raw.append((name, li))
+                continue
+            li = _leaf_inode(child, name, n, True)
             li.nlink = nl if nl is not None else n
             if li.ftype == S_IFCHR and li.rdev == 0:
                 # user whiteout: C stores it as an empty regular file with markers
@@ -661,11 +690,18 @@ def _layout_epoch1(inodes: list[_Inode], min_mtime: tuple[int, int]) -> int:
                         tail = 0
                     ino.n_blocks, ino.tail = nb, tail
                 else:
-                    fmt, count = _chunking(size)
-                    if count > MAX_NONINLINE_CHUNKS:
-                        raise TreeError(f"file too large for composefs ({size} bytes)")
-                    ino.chunk_format, ino.chunk_count = fmt, count
-                    ino.tail = count * 4
+                    fmt = (size - 1).bit_length() - F.BLOCK_BITS
+                    if fmt <= F.CHUNK_FORMAT_BLKBITS_MASK:
+                        # _chunking's answer for all but huge files: one chunk
+                        ino.chunk_format = fmt if fmt > 0 else 0
+                        ino.chunk_count = 1
+                        ino.tail = 4
+                    else:
+                        fmt, count = _chunking(size)
+                        if count > MAX_NONINLINE_CHUNKS:
+                            raise TreeError(f"file too large for composefs ({size} bytes)")
+                        ino.chunk_format, ino.chunk_count = fmt, count
+                        ino.tail = count * 4
         uid, gid = ino.uid, ino.gid
         if uid > 0xFFFF or gid > 0xFFFF or uid < 0 or gid < 0:
             if not (0 <= uid <= 0xFFFFFFFF and 0 <= gid <= 0xFFFFFFFF):
