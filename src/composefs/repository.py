@@ -44,6 +44,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import secrets
 import stat
 import string
@@ -91,7 +92,10 @@ KNOWN_RO_COMPAT: frozenset[str] = frozenset({V1_EROFS})
 KNOWN_INCOMPAT: frozenset[str] = frozenset()
 HEX_LENGTHS = {"sha256": 64, "sha512": 128}
 _HEXDIGITS = frozenset(string.hexdigits.lower())
+_HEX_RE = re.compile("[0-9a-f]*")
 _COPY_BLOCK = 1 << 20
+# Stream objects up to this size are read into memory and stored in one go.
+_SMALL_OBJECT = 1 << 20
 _FICLONE = 0x40049409
 _NO_REFLINK = frozenset({errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EPERM})
 _NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT})
@@ -491,8 +495,26 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[n:]
 
 
+def _read_exactly(source: BinaryIO | IO[bytes], size: int) -> bytes:
+    """`size` bytes from `source` (which may return short reads)."""
+    first = source.read(size)
+    if len(first) == size:
+        return first
+    parts = [first]
+    got = len(first)
+    while got < size:
+        block = source.read(size - got)
+        if not block:
+            raise RepositoryError(f"short read: {size - got} bytes missing")
+        parts.append(block)
+        got += len(block)
+    return b"".join(parts)
+
+
 def _is_hex_id(name: str, algorithm: str) -> bool:
-    return len(name) == HEX_LENGTHS[algorithm] and set(name) <= _HEXDIGITS
+    # A regex match is ~10x cheaper than building a set of the characters,
+    # which shows with thousands of objects per layer.
+    return len(name) == HEX_LENGTHS[algorithm] and _HEX_RE.fullmatch(name) is not None
 
 
 def _object_id_from_path(target: str, algorithm: str) -> str | None:
@@ -606,20 +628,20 @@ class RepoStreamWriter(SplitStreamWriter):
 
     def write_external(self, data: bytes | bytearray | memoryview) -> str:
         """Store `data` as an object and append a reference to it."""
-        object_id = self.repo.ensure_object(bytes(data))
+        object_id = self.repo._store_bytes_object(data, check_writable=False)
         self.write_reference(object_id, len(data))
         return object_id
 
     def write_external_stream(self, source: BinaryIO | IO[bytes], size: int | None = None) -> str:
         """Store `size` bytes (or everything) read from `source` as an object
         and append a reference to it; bounded memory."""
-        object_id, n = self.repo._store_stream_object(source, size)
+        object_id, n = self.repo._store_stream_object(source, size, check_writable=False)
         self.write_reference(object_id, n)
         return object_id
 
     def write_external_file(self, path_or_fd: str | os.PathLike[str] | int) -> str:
         """Store a file's content (reflinked when possible) and reference it."""
-        object_id, _method, size = self.repo._store_file_object(path_or_fd)
+        object_id, _method, size = self.repo._store_file_object(path_or_fd, check_writable=False)
         self.write_reference(object_id, size)
         return object_id
 
@@ -650,6 +672,8 @@ class Repository:
         self._verity_possible = True
         self._no_reflink: set[tuple[int, int]] = set()
         self._prefix_dirs: set[str] = set()
+        self._objects_dev: int | None = None
+        self._writable = False
 
     # -- opening ---------------------------------------------------------
     @classmethod
@@ -841,6 +865,14 @@ class Repository:
         if not os.access(".", os.W_OK, dir_fd=self._fd):
             raise RepositoryError("repository is not writable: permission denied")
 
+    def _ensure_writable_once(self) -> None:
+        """`ensure_writable` for the per-object paths: checked once per
+        instance (two syscalls per object add up over thousands of small
+        files); a later read-only remount still fails the write itself."""
+        if not self._writable:
+            self.ensure_writable()
+            self._writable = True
+
     def sync(self) -> None:
         """Flush everything written so far to disk (``syncfs``)."""
         _syncfs(self._fd)
@@ -916,12 +948,7 @@ class Repository:
             object_id = fsverity.digest_file(tmp.fd, self.algorithm).hex()
         relpath = self.object_relpath(object_id)
         objects = self._objects_fd()
-        try:
-            st = os.stat(relpath, dir_fd=objects)
-            if st.st_size == size:
-                return object_id, False
-        except FileNotFoundError:
-            pass
+        # No stat first: linkat's EEXIST answers "already there" just as well.
         prefix = object_id[:2]
         if prefix not in self._prefix_dirs:
             try:
@@ -949,32 +976,59 @@ class Repository:
         """
         if not isinstance(data, bytes | bytearray | memoryview):
             return self._store_stream_object(data, None)[0]
+        return self._store_bytes_object(data, check_writable=True)
+
+    def _store_bytes_object(
+        self, data: bytes | bytearray | memoryview, *, check_writable: bool
+    ) -> str:
+        """`ensure_object` for in-memory data: hash first, so an object
+        that exists costs one stat and no new inode (creating inodes is the
+        expensive part of a write on some filesystems)."""
         object_id = fsverity.digest_hex(data, self.algorithm)
         relpath = self.object_relpath(object_id)
         objects = self._objects_fd()
-        try:
-            fd = os.open(relpath, os.O_RDONLY | os.O_CLOEXEC, dir_fd=objects)
-        except FileNotFoundError:
-            pass
+        if self.insecure:
+            try:
+                os.stat(relpath, dir_fd=objects)
+                return object_id
+            except FileNotFoundError:
+                pass
         else:
             try:
-                if not self.insecure and self._measure(fd) != object_id:
-                    raise RepositoryError(
-                        f"existing object {object_id} fails fs-verity verification"
-                    )
-            finally:
-                os.close(fd)
-            return object_id
-        self.ensure_writable()
+                fd = os.open(relpath, os.O_RDONLY | os.O_CLOEXEC, dir_fd=objects)
+            except FileNotFoundError:
+                pass
+            else:
+                try:
+                    if self._measure(fd) != object_id:
+                        raise RepositoryError(
+                            f"existing object {object_id} fails fs-verity verification"
+                        )
+                finally:
+                    os.close(fd)
+                return object_id
+        if check_writable:
+            self.ensure_writable()
+        else:
+            self._ensure_writable_once()
         with _TmpObject(self) as tmp:
             _write_all(tmp.fd, data)
             self._finalize(tmp, object_id, len(data))
         return object_id
 
     def _store_stream_object(
-        self, source: BinaryIO | IO[bytes], size: int | None
+        self, source: BinaryIO | IO[bytes], size: int | None, *, check_writable: bool = True
     ) -> tuple[str, int]:
-        self.ensure_writable()
+        if size is not None and size <= _SMALL_OBJECT:
+            # Most files in a layer are small: read them whole (bounded) and
+            # take the in-memory path — one hash call, one write, and no
+            # inode at all for content that is already stored.
+            data = _read_exactly(source, size)
+            return self._store_bytes_object(data, check_writable=check_writable), size
+        if check_writable:
+            self.ensure_writable()
+        else:
+            self._ensure_writable_once()
         hasher = fsverity.FsVerityHasher(self.algorithm) if self.insecure else None
         with _TmpObject(self) as tmp:
             out = _FdWriter(tmp.fd, hasher)
@@ -1002,9 +1056,16 @@ class Repository:
         return self._store_stream_object(source, size)[0]
 
     def _store_file_object(
-        self, path_or_fd: str | os.PathLike[str] | int, expected_id: str | None = None
+        self,
+        path_or_fd: str | os.PathLike[str] | int,
+        expected_id: str | None = None,
+        *,
+        check_writable: bool = True,
     ) -> tuple[str, StoreMethod, int]:
-        self.ensure_writable()
+        if check_writable:
+            self.ensure_writable()
+        else:
+            self._ensure_writable_once()
         if isinstance(path_or_fd, int):
             src, owned = path_or_fd, False
         else:
@@ -1013,7 +1074,9 @@ class Repository:
             before = os.fstat(src)
             if not stat.S_ISREG(before.st_mode):
                 raise RepositoryError("only regular files can be stored as objects")
-            key = (before.st_dev, os.fstat(self._objects_fd()).st_dev)
+            if self._objects_dev is None:
+                self._objects_dev = os.fstat(self._objects_fd()).st_dev
+            key = (before.st_dev, self._objects_dev)
             with _TmpObject(self) as tmp:
                 method = StoreMethod.COPIED
                 if key not in self._no_reflink:
@@ -1096,7 +1159,8 @@ class Repository:
         self.object_relpath(object_id)
         if self.has_object(object_id):
             return False
-        stored, method, _ = self._store_file_object(path_or_fd, object_id)
+        # Called per file (from reader threads): writability is checked once.
+        stored, method, _ = self._store_file_object(path_or_fd, object_id, check_writable=False)
         if stored != object_id:
             raise RepositoryError(
                 f"{path_or_fd} changed while it was read (digest {stored}, expected {object_id})"
@@ -1107,6 +1171,7 @@ class Repository:
         """A `composefs.fs` object sink storing each external file's content."""
         self._objects_fd()  # open it before worker threads race for it
         self.ensure_writable()
+        self._writable = True
 
         def sink(src_path: str, size: int, digest_hex: str) -> None:
             self.store_file_with_digest(src_path, digest_hex)
