@@ -21,6 +21,7 @@ import struct
 from collections import Counter, deque
 from collections.abc import Sequence
 from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import xxhash
@@ -47,6 +48,8 @@ _pack_ibody = F.XATTR_IBODY_HEADER.pack
 _xxh32 = xxhash.xxh32_intdigest
 
 _ZEROS = bytes(BLOCK)
+_ONE_START = (0,)  # dir_starts of a directory whose dirents fit one block
+_first = itemgetter(0)
 _PADS = tuple(bytes(i) for i in range(32))  # slot-alignment padding, reused
 _NULL_CHUNKS_BLOCK = b"\xff" * BLOCK
 
@@ -563,7 +566,7 @@ def _share_epoch1(inodes: list[_Inode], codec: _XattrCodec) -> list[bytes]:
                 e = pack(len(suffix), index, len(v)) + suffix + v
                 pad = -len(e) & 3
                 local.append(e + zeros[:pad] if pad else e)
-        ino.shared = shared
+        ino.shared = tuple(shared)
         loc = ino.xattr_local = b"".join(local)
         ino.xattr_size = 12 + 4 * len(shared) + len(loc)
         ino.xfilter = filt
@@ -582,31 +585,37 @@ def _share_epoch1(inodes: list[_Inode], codec: _XattrCodec) -> list[bytes]:
             h = heads[(index, vlen)] = pack(len(suffix), index, vlen) + suffix
         return h
 
+    rd_heads: dict[int, bytes] = {}  # redirect entry header by value length
+    mc_rd_bit = mc_bit | rd_bit
     for ino in plain:
         m = ino.metacopy
         r = ino.redirect
-        shared = []
-        local = []
         o = mc_get(m)
         if o is not None:
-            shared.append(o)
+            sh: tuple[int, ...] = (o,)
+            loc = b""
         else:
+            sh = ()
             e = head(mc_index, mc_suffix, len(m)) + m
-            local.append(e + zeros[: -len(e) & 3])
+            loc = e + zeros[: -len(e) & 3]
         filt = mc_bit
         if r is not None:
-            filt |= rd_bit
+            filt = mc_rd_bit
             o = rd_get(r)
             if o is not None:
-                shared.append(o)
+                sh += (o,)
             else:
-                if len(r) > 0xFFFF:
-                    raise TreeError("backing path too long")
-                e = head(rd_index, rd_suffix, len(r)) + r
-                local.append(e + zeros[: -len(e) & 3])
-        ino.shared = shared
-        loc = ino.xattr_local = b"".join(local)
-        ino.xattr_size = 12 + 4 * len(shared) + len(loc)
+                n = len(r)
+                h = rd_heads.get(n)
+                if h is None:
+                    if n > 0xFFFF:
+                        raise TreeError("backing path too long")
+                    h = rd_heads[n] = pack(len(rd_suffix), rd_index, n) + rd_suffix
+                e = h + r
+                loc += e + zeros[: -len(e) & 3]
+        ino.shared = sh
+        ino.xattr_local = loc
+        ino.xattr_size = 12 + 4 * len(sh) + len(loc)
         ino.xfilter = filt
     return table
 
@@ -615,10 +624,15 @@ def _dir_split(ino: _Inode) -> int:
     """Greedy packing of a directory's dirents into 4096-byte blocks: sets
     `dir_starts` (first entry of each block plus the remainder) and returns
     the remainder's byte size."""
+    entries = ino.entries
+    total = 12 * len(entries) + sum(map(len, map(_first, entries)))
+    if total <= BLOCK:  # the common case: one block (or an inline tail)
+        ino.dir_starts = _ONE_START
+        return total
     starts = [0]
     block_size = 0
     i = 0
-    for name, _ in ino.entries:
+    for name, _ in entries:
         ln = 12 + len(name)
         if block_size + ln > BLOCK:
             starts.append(i)
@@ -636,7 +650,7 @@ def _dirent_chunk(entries: Sequence[tuple[bytes, _Inode]]) -> bytes:
     for name, target in entries:
         heads.append(_pack_dirent(target.nid, nameoff, ft[target.ftype]))
         nameoff += len(name)
-    heads.extend([name for name, _ in entries])
+    heads.extend(map(_first, entries))
     return b"".join(heads)
 
 
@@ -787,9 +801,8 @@ def _emit_epoch1(
     cur = data_start // BLOCK
     xbase = inodes_end % BLOCK
     ibody = _pack_ibody
-    refs: dict[int, bytes] = {}
     append = out.append
-    heads: dict[tuple[int, int], bytes] = {}
+    heads: dict[tuple[int, Sequence[int]], bytes] = {}
     for ino in inodes:
         pad = ino.ipad
         if pad:
@@ -875,17 +888,15 @@ def _emit_epoch1(
                 )
             )
         if xsize:
-            shared = ino.shared
-            hk = (ino.xfilter, len(shared))
+            # header and shared references: few distinct combinations
+            hk = (ino.xfilter, ino.shared)
             head = heads.get(hk)
             if head is None:
-                head = heads[hk] = ibody(0xFFFFFFFF & ~hk[0], hk[1])
+                shared = hk[1]
+                head = heads[hk] = ibody(0xFFFFFFFF & ~hk[0], len(shared)) + b"".join(
+                    [((xbase + o) >> 2).to_bytes(4, "little") for o in shared]
+                )
             append(head)
-            for o in shared:
-                ref = refs.get(o)
-                if ref is None:
-                    ref = refs[o] = ((xbase + o) >> 2).to_bytes(4, "little")
-                append(ref)
             append(ino.xattr_local)
         if tail_bytes:
             append(tail_bytes)
