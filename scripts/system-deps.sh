@@ -15,6 +15,9 @@ if [ "${1:-}" != demo ]; then
     want umoci umoci
     want htpasswd apache2-utils
     want openssl openssl
+    want debootstrap debootstrap  # bench: a Debian minbase image to pull
+    want zstd zstd
+    want unshare util-linux
     want qemu-system-x86_64 qemu-system-x86
     dpkg -s busybox-static >/dev/null 2>&1 || need="$need busybox-static"
 fi
