@@ -495,6 +495,15 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[n:]
 
 
+def _proc_self_fd(path: str | os.PathLike[str]) -> int | None:
+    """N for a ``/proc/self/fd/N`` path, else None."""
+    if isinstance(path, str) and path.startswith("/proc/self/fd/"):
+        rest = path[len("/proc/self/fd/") :]
+        if rest.isdigit() and rest.isascii():
+            return int(rest)
+    return None
+
+
 def _read_exactly(source: BinaryIO | IO[bytes], size: int) -> bytes:
     """`size` bytes from `source` (which may return short reads)."""
     first = source.read(size)
@@ -671,6 +680,7 @@ class Repository:
         self._objects: int | None = None
         self._verity_possible = True
         self._no_reflink: set[tuple[int, int]] = set()
+        self._no_copy_range: set[tuple[int, int]] = set()
         self._prefix_dirs: set[str] = set()
         self._objects_dev: int | None = None
         self._writable = False
@@ -1068,6 +1078,10 @@ class Repository:
             self._ensure_writable_once()
         if isinstance(path_or_fd, int):
             src, owned = path_or_fd, False
+        elif (fd := _proc_self_fd(path_or_fd)) is not None:
+            # Tree readers hand over ``/proc/self/fd/N`` of a descriptor they
+            # keep open during the call: use it rather than reopening it.
+            src, owned = fd, False
         else:
             src, owned = os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY), True
         try:
@@ -1092,10 +1106,11 @@ class Repository:
                 want_hash = self.insecure and expected_id is None
                 userspace_id = expected_id
                 if method is StoreMethod.COPIED:
-                    computed = self._copy_fd(src, tmp.fd, before.st_size, want_hash)
+                    computed, size = self._copy_fd(src, tmp.fd, before.st_size, want_hash, key)
                     userspace_id = computed or userspace_id
+                else:
+                    size = os.fstat(tmp.fd).st_size
                 after = os.fstat(src)
-                size = os.fstat(tmp.fd).st_size
                 if size != before.st_size or (after.st_mtime_ns, after.st_ctime_ns) != (
                     before.st_mtime_ns,
                     before.st_ctime_ns,
@@ -1107,27 +1122,35 @@ class Repository:
             if owned:
                 os.close(src)
 
-    def _copy_fd(self, src: int, dst: int, size: int, want_hash: bool) -> str | None:
+    def _copy_fd(
+        self, src: int, dst: int, size: int, want_hash: bool, key: tuple[int, int]
+    ) -> tuple[str | None, int]:
         """Copy `src` into `dst`: in-kernel unless we must hash on the way
-        (then one read pass feeds both). Returns the digest if hashed."""
+        (then one read pass feeds both). Returns the digest if hashed and
+        the number of bytes copied (positioned reads: `src`'s offset is
+        neither used nor moved)."""
         offset = 0
-        if not want_hash:
+        if not want_hash and key not in self._no_copy_range:
             try:
                 while offset < size:
                     n = os.copy_file_range(src, dst, size - offset, offset)
                     if not n:
                         break
                     offset += n
-                return None
+                return None, offset
             except OSError as e:
                 if e.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
+                # Remembered per device pair (like FICLONE): across
+                # filesystems every file would fail the same way.
+                self._no_copy_range.add(key)
                 os.lseek(dst, 0, os.SEEK_SET)
                 os.ftruncate(dst, 0)
                 offset = 0
         hasher = fsverity.FsVerityHasher(self.algorithm) if want_hash else None
-        buf = bytearray(_COPY_BLOCK)
-        view = memoryview(buf)
+        # Sized to the file (+1 so EOF shows on the second read): zeroing a
+        # 1 MiB buffer per small file costs more than copying it.
+        view = memoryview(bytearray(min(_COPY_BLOCK, size + 1)))
         while True:
             n = os.preadv(src, [view], offset)
             if not n:
@@ -1136,7 +1159,7 @@ class Repository:
                 hasher.update(view[:n])
             _write_all(dst, view[:n])
             offset += n
-        return hasher.hexdigest() if hasher is not None else None
+        return (hasher.hexdigest() if hasher is not None else None), offset
 
     def ensure_object_from_file(
         self, path_or_fd: str | os.PathLike[str] | int
