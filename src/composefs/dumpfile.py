@@ -246,11 +246,18 @@ class _Parser:
                     slow(line)
                     continue
                 parts = line.split(b" ", 11)
-                if len(parts) < 11:
+                # unpacked whole: cheaper than slicing and indexing
+                if len(parts) == 11:
+                    (path, size_f, mode_f, nlink_f, uid_f, gid_f, rdev_f, mtime_f,
+                     payload_f, content_f, digest_f) = parts  # fmt: skip
+                    xattr_f = b""
+                elif len(parts) == 12:
+                    (path, size_f, mode_f, nlink_f, uid_f, gid_f, rdev_f, mtime_f,
+                     payload_f, content_f, digest_f, xattr_f) = parts  # fmt: skip
+                else:
                     self._lineno = lineno
                     slow(line)
                     continue
-                path, size_f, mode_f, nlink_f, uid_f, gid_f, rdev_f, mtime_f = parts[:8]
                 key = (mode_f, nlink_f, uid_f, gid_f, rdev_f, mtime_f)
                 meta = meta_get(key, _MISSING)
                 if meta is _MISSING:
@@ -268,7 +275,7 @@ class _Parser:
                     or (ln < 3 and (not ln or name == b"." or name == b".."))
                     or name in parent.entries
                     or not size_f.isdigit()
-                    or parts[9] != b"-"
+                    or content_f != b"-"
                 ):
                     self._lineno = lineno
                     slow(line)
@@ -276,10 +283,9 @@ class _Parser:
                 size = int(size_f)
                 if size >= _U64:
                     raise ValueError
-                payload: bytes | None = parts[8]
+                payload: bytes | None = payload_f
                 if payload == b"-":
                     payload = None
-                digest_f = parts[10]
                 digest: str | None = None
                 if digest_f != b"-" and digest_f:
                     n = len(digest_f)
@@ -290,8 +296,7 @@ class _Parser:
                     except binascii.Error:
                         raise ValueError from None
                 xattrs: dict[bytes, bytes]
-                if len(parts) == 12 and parts[11]:
-                    xattr_f = parts[11]
+                if xattr_f:
                     xa = xattr_get(xattr_f, _MISSING_XATTRS)
                     if xa is _MISSING_XATTRS:
                         xa = _xattrs_or_none(xattr_f)
