@@ -393,7 +393,9 @@ def _collect_epoch1_pass(
         subdirs = 0
         for name, child in sorted(d.entries.items()):
             # (`int in bytes` is a cheap byte search: 47 is "/")
-            if counts is None and (len(name) > NAME_MAX or name in _BAD_NAMES or 47 in name or 0 in name):
+            if counts is None and (
+                len(name) > NAME_MAX or name in _BAD_NAMES or 47 in name or 0 in name
+            ):
                 raise _bad_name(name)
             if isinstance(child, Directory):
                 if counts is None:
