@@ -496,11 +496,19 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
 
 
 def _proc_self_fd(path: str | os.PathLike[str]) -> int | None:
-    """N for a ``/proc/self/fd/N`` path, else None."""
+    """N for a ``/proc/self/fd/N`` path naming a readable descriptor, else
+    None (then the path is opened as usual, which also reopens write-only
+    and O_PATH descriptors for reading)."""
     if isinstance(path, str) and path.startswith("/proc/self/fd/"):
         rest = path[len("/proc/self/fd/") :]
         if rest.isdigit() and rest.isascii():
-            return int(rest)
+            fd = int(rest)
+            try:
+                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            except OSError:
+                return None
+            if flags & os.O_ACCMODE != os.O_WRONLY and not flags & getattr(os, "O_PATH", 0):
+                return fd
     return None
 
 
