@@ -15,6 +15,12 @@ Runs the library code behind the two commands on a directory tree (default
   time the sink adds over the warm compute-id read;
 * create-image again into the same repository (every object already there).
 
+The filesystem of `--workdir` matters: on ext4 *without a journal* every new
+inode costs a scan past the inodes deleted in the last 60-300 s
+(`recently_deleted()` in the kernel's inode allocator; 0.1-0.9 ms per object
+on a machine where other processes keep deleting files), so the benchmark
+names the filesystem and warns about that case.
+
 Run: `python -m bench repository` or
 `python bench/bench_repository.py [--source DIR] [--algorithm sha512|sha256] [--workdir DIR]`.
 """
@@ -65,6 +71,31 @@ def read(
     return fs.read_filesystem(source, algorithm=algorithm, object_sink=sink)
 
 
+def describe_fs(path: str) -> str:
+    """Filesystem type and source of `path`, flagging ext4 without a journal."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", path],
+            capture_output=True, text=True, check=False,
+        ).stdout.split()  # fmt: skip
+    except OSError:
+        return "unknown filesystem"
+    if len(out) < 2:
+        return "unknown filesystem"
+    fstype, source = out[0], out[1]
+    text = f"{fstype} on {source}"
+    if fstype == "ext4" and os.path.isdir("/proc/fs/jbd2"):
+        dev = os.path.basename(os.path.realpath(source))
+        if not any(j.startswith(dev + "-") for j in os.listdir("/proc/fs/jbd2")):
+            text += (
+                " (no journal: inode creation scans recently deleted inodes, "
+                "object writes are slow while other processes delete files)"
+            )
+    return text
+
+
 def rate(n: float, seconds: float) -> str:
     return f"{n / seconds:,.0f}" if seconds > 0 else "inf"
 
@@ -82,7 +113,7 @@ def compute_id(source: str, algorithm: str) -> tuple[dict[str, float], Directory
 
 def create_image(repo: Repository, source: str) -> tuple[dict[str, float], str]:
     inner = repo.object_sink()
-    spent = [0.0]
+    spent = [0.0, 0]
     lock = threading.Lock()
 
     def sink(path: str, size: int, digest: str) -> None:
@@ -92,13 +123,15 @@ def create_image(repo: Repository, source: str) -> tuple[dict[str, float], str]:
         finally:
             with lock:
                 spent[0] += time.perf_counter() - t
+                spent[1] += 1
 
     t0 = time.perf_counter()
     root = read(source, repo.algorithm, sink)
     t1 = time.perf_counter()
     image_id = repo.commit_image(root)
     t2 = time.perf_counter()
-    return {"read": t1 - t0, "sink": spent[0], "commit": t2 - t1, "total": t2 - t0}, image_id
+    times = {"read": t1 - t0, "sink": spent[0], "sink_calls": spent[1]}
+    return {**times, "commit": t2 - t1, "total": t2 - t0}, image_id
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             f"read+hash {t['read']:.2f} s, mkfs {t['mkfs']:.2f} s, digest {t['digest']:.3f} s",
         )
 
+    print(f"repository filesystem: {describe_fs(args.workdir)}")
     scratch = tempfile.mkdtemp(prefix="bench-repo-", dir=args.workdir)
     try:
         repo, _ = Repository.init(os.path.join(scratch, "repo"), algorithm=alg, insecure=True)
@@ -151,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             line(
                 what,
                 t,
-                f"read+hash+store {t['read']:.2f} s (sink {t['sink']:.2f} s in threads), "
+                f"read+hash+store {t['read']:.2f} s (sink {t['sink']:.2f} s in threads, "
+                f"{1e6 * t['sink'] / max(t['sink_calls'], 1):.0f} us/file), "
                 f"commit {t['commit']:.2f} s",
             )
         overhead = first["read"] - warm["read"]
