@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import stat as _stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 from .errors import TreeError
 
@@ -27,22 +26,49 @@ S_IFIFO = _stat.S_IFIFO
 S_IFSOCK = _stat.S_IFSOCK
 
 
-@dataclass(slots=True)
+# Plain __slots__ classes rather than dataclasses: importing `dataclasses`
+# (and with it `inspect`) costs ~8 ms at every start of every CLI tool.
+
+
 class Stat:
     """Metadata shared by every node. `xattrs` maps full names to values."""
 
-    mode: int = 0o755
-    uid: int = 0
-    gid: int = 0
-    mtime: int = 0
-    mtime_nsec: int = 0
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    __slots__ = ("gid", "mode", "mtime", "mtime_nsec", "uid", "xattrs")
+
+    def __init__(
+        self,
+        mode: int = 0o755,
+        uid: int = 0,
+        gid: int = 0,
+        mtime: int = 0,
+        mtime_nsec: int = 0,
+        xattrs: dict[bytes, bytes] | None = None,
+    ) -> None:
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.mtime = mtime
+        self.mtime_nsec = mtime_nsec
+        self.xattrs: dict[bytes, bytes] = {} if xattrs is None else xattrs
+
+    def _key(self) -> tuple[int, int, int, int, int, dict[bytes, bytes]]:
+        return (self.mode, self.uid, self.gid, self.mtime, self.mtime_nsec, self.xattrs)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Stat) and self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it was
+
+    def __repr__(self) -> str:
+        return (
+            f"Stat(mode={self.mode:#o}, uid={self.uid}, gid={self.gid}, "
+            f"mtime={self.mtime}, mtime_nsec={self.mtime_nsec}, xattrs={self.xattrs!r})"
+        )
 
     def copy(self) -> Stat:
         return Stat(self.mode, self.uid, self.gid, self.mtime, self.mtime_nsec, dict(self.xattrs))
 
 
-@dataclass(slots=True)
 class Regular:
     """A regular file: inline `data`, or external content named by `digest`.
 
@@ -53,10 +79,32 @@ class Regular:
     that is not derived from the digest, or give neither, as C allows).
     """
 
-    size: int = 0
-    data: bytes | None = None
-    digest: str | None = None
-    payload: bytes | None = None
+    __slots__ = ("data", "digest", "payload", "size")
+
+    def __init__(
+        self,
+        size: int = 0,
+        data: bytes | None = None,
+        digest: str | None = None,
+        payload: bytes | None = None,
+    ) -> None:
+        self.size = size
+        self.data = data
+        self.digest = digest
+        self.payload = payload
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Regular) and (
+            self.size, self.data, self.digest, self.payload
+        ) == (other.size, other.data, other.digest, other.payload)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"Regular(size={self.size}, data={self.data!r}, digest={self.digest!r}, "
+            f"payload={self.payload!r})"
+        )
 
     @property
     def is_inline(self) -> bool:
@@ -79,27 +127,61 @@ class Regular:
         return None
 
 
-@dataclass(slots=True)
 class Symlink:
-    target: bytes
+    __slots__ = ("target",)
+
+    def __init__(self, target: bytes) -> None:
+        self.target = target
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Symlink) and self.target == other.target
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Symlink(target={self.target!r})"
 
 
-@dataclass(slots=True)
 class Device:
     """A block or character device; a character device 0:0 is a whiteout."""
 
-    kind: int  # S_IFBLK or S_IFCHR
-    rdev: int = 0
+    __slots__ = ("kind", "rdev")
+
+    def __init__(self, kind: int, rdev: int = 0) -> None:
+        self.kind = kind  # S_IFBLK or S_IFCHR
+        self.rdev = rdev
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Device) and (self.kind, self.rdev) == (other.kind, other.rdev)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Device(kind={self.kind:#o}, rdev={self.rdev})"
 
 
-@dataclass(slots=True)
 class Fifo:
-    pass
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Fifo)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "Fifo()"
 
 
-@dataclass(slots=True)
 class Socket:
-    pass
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Socket)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "Socket()"
 
 
 LeafContent = Regular | Symlink | Device | Fifo | Socket

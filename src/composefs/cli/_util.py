@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import NoReturn
 
 from ..errors import ComposefsError
+
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing
+
+if TYPE_CHECKING:  # typing costs milliseconds at every CLI start
+    from collections.abc import Callable, Sequence
+    from typing import NoReturn
 
 
 def die(prog: str, message: str, code: int = 1) -> NoReturn:
