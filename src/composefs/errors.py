@@ -11,6 +11,10 @@ class ComposefsError(Exception):
     """Base class of every error composefs reports to a user."""
 
 
+class UsageError(ComposefsError):
+    """A command-line mistake (printed as one line, exit status 1)."""
+
+
 class FormatError(ComposefsError):
     """Malformed input in one of the on-disk or text formats."""
 

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
-from ..errors import ComposefsError
+from ..errors import ComposefsError, UsageError
 
 TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing
 
 if TYPE_CHECKING:  # typing costs milliseconds at every CLI start
     from collections.abc import Callable, Sequence
     from typing import NoReturn
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose mistakes are one-line errors (exit status 1)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
 
 
 def die(prog: str, message: str, code: int = 1) -> NoReturn:

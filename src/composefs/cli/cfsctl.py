@@ -49,10 +49,10 @@ import signal
 import stat
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
-from ..errors import ComposefsError, RepositoryError
-from ._util import run
+from ..errors import ComposefsError, RepositoryError, UsageError
+from ._util import Parser, run
 
 if TYPE_CHECKING:
     from ..repository import Repository
@@ -67,13 +67,6 @@ _VALUE_OPTIONS = ("--repo", "--hash", "--erofs-version")
 _FORWARDED = ("mkcomposefs", "composefs-info")
 
 
-class UsageError(ComposefsError):
-    """A command-line mistake (printed as one line, exit status 1)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
 
 
 # ---------------------------------------------------------------------------
@@ -415,7 +408,7 @@ def _dump_lines(root: Directory, name: str) -> bytes:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog=PROG,
         description="Manage a composefs repository: objects, images, splitstreams.",
     )

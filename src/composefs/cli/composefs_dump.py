@@ -9,27 +9,18 @@ it is complete.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
-from typing import NoReturn
 
-from ..errors import ComposefsError
-from ._util import run
+from ..errors import UsageError
+from ._util import Parser, run
 
 PROG = "composefs-dump"
 
 
-class UsageError(ComposefsError):
-    """A command-line mistake (printed as one line, exit status 1)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
 
 
 def _main(argv: Sequence[str]) -> int:
-    p = _Parser(
+    p = Parser(
         prog=PROG,
         usage="%(prog)s SRC DEST",
         description="Read a composefs image and write it again.",

@@ -14,10 +14,10 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, BinaryIO, NoReturn
+from typing import TYPE_CHECKING, BinaryIO
 
-from ..errors import ComposefsError
-from ._util import run
+from ..errors import ComposefsError, UsageError
+from ._util import Parser, run
 
 if TYPE_CHECKING:
     from ..tree import Directory
@@ -26,17 +26,10 @@ PROG = "composefs-info"
 COMMANDS = ("ls", "dump", "objects", "missing-objects", "measure-file")
 
 
-class UsageError(ComposefsError):
-    """A command-line mistake (printed as one line, exit status 1)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog=PROG,
         usage="%(prog)s [--basedir=path] [--filter=name]... "
         "[ls|objects|dump|missing-objects|measure-file] IMAGES...",

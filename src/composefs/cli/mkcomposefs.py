@@ -21,10 +21,10 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, BinaryIO, NoReturn
+from typing import TYPE_CHECKING, BinaryIO
 
-from ..errors import ComposefsError
-from ._util import run
+from ..errors import ComposefsError, UsageError
+from ._util import Parser, run
 
 if TYPE_CHECKING:
     from ..erofs.format import FormatVersion
@@ -33,17 +33,10 @@ if TYPE_CHECKING:
 PROG = "mkcomposefs"
 
 
-class UsageError(ComposefsError):
-    """A command-line mistake (printed as one line, exit status 1)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog=PROG,
         usage="%(prog)s [OPTIONS] SOURCE [IMAGE|-]",
         description="Build a composefs image from a directory or a dumpfile.",
