@@ -41,6 +41,7 @@ from .tree import (
     Stat,
     Symlink,
     leaf_link_counts,
+    walk,
 )
 
 # Limits of C libcomposefs 1.0.8 (lcfs-writer.h, lcfs-internal.h, linux/limits.h).
@@ -712,24 +713,7 @@ def _iter_lines(root: Directory, style: str) -> Iterator[bytes]:
     rust = style == "rust"
     counts = leaf_link_counts(root)
     first_path: dict[int, bytes] = {}
-    # Iterative DFS in sorted order; `stack` holds (path prefix, iterator).
-    st = root.stat
-    size = 0 if rust or root.size is None else root.size
-    yield b"/ %d %o %d %d %d 0 %d.%d - - -%s\n" % (
-        size, S_IFDIR | st.mode, root.nlink(), st.uid, st.gid, st.mtime, st.mtime_nsec,
-        _xattr_fields(st.xattrs, rust),
-    )
-    stack: list[tuple[bytes, Iterator[tuple[bytes, Directory | Leaf]]]] = [
-        (b"", iter(root.sorted_entries()))
-    ]
-    while stack:
-        base, it = stack[-1]
-        nxt = next(it, None)
-        if nxt is None:
-            stack.pop()
-            continue
-        name, node = nxt
-        path = base + b"/" + name
+    for path, node in walk(root):
         epath = escape(path)
         if isinstance(node, Directory):
             st = node.stat
@@ -738,7 +722,6 @@ def _iter_lines(root: Directory, style: str) -> Iterator[bytes]:
                 epath, size, S_IFDIR | st.mode, node.nlink(), st.uid, st.gid, st.mtime,
                 st.mtime_nsec, _xattr_fields(st.xattrs, rust),
             )
-            stack.append((path, iter(node.sorted_entries())))
             continue
         key = id(node)
         links = counts[key]
