@@ -17,27 +17,13 @@ import pytest
 from composefs.erofs.format import FormatVersion
 from composefs.erofs.reader import image_version, read_image
 from conftest import need_tool
+from vectorlib import C_VECTORS, LAX
 
 BIN = Path(sys.executable).parent
 MKCOMPOSEFS = str(BIN / "mkcomposefs")
 INFO = str(BIN / "composefs-info")
 DUMP = str(BIN / "composefs-dump")
 
-C_VECTORS = [
-    "bigfile-xattr.dump",
-    "bigfile.dump",
-    "config.dump.gz",
-    "cs9-x86_64-minimal.dump.gz",
-    "honggfuzz-bigfile-with-acl.dump",
-    "honggfuzz-chardev-nonzero-size.dump",
-    "honggfuzz-long-symlink.dump",
-    "honggfuzz-longlink-unterminated.dump",
-    "longlink.dump",
-    "no-newline.dump",
-    "special.dump",
-    "special_v1.dump",
-]
-LAX = {"no-newline.dump", "longlink.dump", "honggfuzz-longlink-unterminated.dump"}
 SHOULD_FAIL = [
     "should-fail-big-inline.dump",
     "should-fail-dir-hardlink.dump",

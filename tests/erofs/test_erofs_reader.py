@@ -39,25 +39,10 @@ from composefs.tree import (
     Symlink,
 )
 from conftest import need_tool, needs_root
+from vectorlib import C_VECTORS, LAX, RS_VECTORS
 
 V0, V1, V2 = FormatVersion.V0, FormatVersion.V1, FormatVersion.V2
 
-C_VECTORS = [
-    "bigfile-xattr.dump",
-    "bigfile.dump",
-    "config.dump.gz",
-    "cs9-x86_64-minimal.dump.gz",
-    "honggfuzz-bigfile-with-acl.dump",
-    "honggfuzz-chardev-nonzero-size.dump",
-    "honggfuzz-long-symlink.dump",
-    "honggfuzz-longlink-unterminated.dump",
-    "longlink.dump",
-    "no-newline.dump",
-    "special.dump",
-    "special_v1.dump",
-]
-LAX = {"no-newline.dump", "longlink.dump", "honggfuzz-longlink-unterminated.dump"}
-RS_VECTORS = ["empty.dump", "simple.dump", "special.dump", "special_v1.dump"]
 
 DIGEST = "5a" * 32
 DIGEST512 = "a5" * 64

@@ -22,6 +22,7 @@ from composefs.errors import TreeError
 from composefs.fsverity import digest_hex
 from composefs.tree import Device, Directory, Fifo, Leaf, Regular, Socket, Stat, Symlink
 from conftest import is_root, need_tool, needs_root
+from vectorlib import C_VECTORS, LAX
 
 V0, V1, V2 = FormatVersion.V0, FormatVersion.V1, FormatVersion.V2
 
@@ -34,21 +35,6 @@ RS_DIGESTS = {
     ("special_v1.dump", V1): "b1c78c25db8638be5b9b483472d32ee9624d8d32ded626a91cd536116e8df97c",
 }
 
-C_VECTORS = [
-    "bigfile-xattr.dump",
-    "bigfile.dump",
-    "config.dump.gz",
-    "cs9-x86_64-minimal.dump.gz",
-    "honggfuzz-bigfile-with-acl.dump",
-    "honggfuzz-chardev-nonzero-size.dump",
-    "honggfuzz-long-symlink.dump",
-    "honggfuzz-longlink-unterminated.dump",
-    "longlink.dump",
-    "no-newline.dump",
-    "special.dump",
-    "special_v1.dump",
-]
-LAX = {"no-newline.dump", "longlink.dump", "honggfuzz-longlink-unterminated.dump"}
 
 
 # C 1.0.8 moves the 1024 chunk indexes of a >8 TiB external file out of the
