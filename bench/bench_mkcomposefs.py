@@ -83,22 +83,24 @@ def _cpu_median(fn: Callable[[], object], runs: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def _cli_median(dump: Path, image: Path, pycache: str, runs: int) -> float:
-    """Median user+sys CPU of whole `mkcomposefs --from-file` processes."""
-    script = Path(sys.executable).with_name("mkcomposefs")
+def _cli_median(tool: str, args: list[str], pycache: str, runs: int) -> float:
+    """Median user+sys CPU of whole processes of one of our CLI tools."""
+    script = Path(sys.executable).with_name(tool)
+    module = tool.replace("-", "_")
     cmd = (
         [str(script)]
         if script.exists()
-        else [sys.executable, "-c", "from composefs.cli.mkcomposefs import main; main()"]
+        else [sys.executable, "-c", f"from composefs.cli.{module} import main; main()"]
     )
-    cmd += ["--from-file", str(dump), str(image)]
+    cmd += args
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PYTHONPYCACHEPREFIX=pycache)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    subprocess.run(cmd, env=env, check=True)  # warm-up: writes the bytecode cache
+    out = subprocess.DEVNULL  # composefs-info dump prints the whole tree
+    subprocess.run(cmd, env=env, check=True, stdout=out)  # warm-up: writes the bytecode cache
     times: list[float] = []
     for _ in range(runs):
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run(cmd, env=env, check=True)
+        subprocess.run(cmd, env=env, check=True, stdout=out)
         r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         times.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
     return statistics.median(times)
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "src"))
     from composefs import dumpfile
     from composefs.erofs.format import FormatVersion
+    from composefs.erofs.reader import read_image
     from composefs.erofs.writer import mkfs
 
     inputs: list[tuple[str, bytes, str]] = []
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  {'input':34} {'entries':>7} {'parse':>7} {'mkfs':>7} {'sum':>7} {'CLI':>7} {'C ref':>7}"
     )
+    info_rows: list[str] = []
     ok = True
     with tempfile.TemporaryDirectory(prefix="bench-mkcfs-") as tmp:
         for name, gz, expected in inputs:
@@ -144,13 +148,25 @@ def main(argv: list[str] | None = None) -> int:
             ok = ok and match
             dump = Path(tmp) / "in.dump"
             dump.write_bytes(data)
-            t_cli = _cli_median(dump, Path(tmp) / "out.img", str(Path(tmp) / "pycache"), runs)
+            img = Path(tmp) / "out.img"
+            pycache = str(Path(tmp) / "pycache")
+            t_cli = _cli_median("mkcomposefs", ["--from-file", str(dump), str(img)], pycache, runs)
+            t_read, back = _cpu_median(partial(read_image, image), runs)
+            t_dump, _ = _cpu_median(partial(dumpfile.dumps, back), runs)  # type: ignore[arg-type]
+            t_info = _cli_median("composefs-info", ["dump", str(img)], pycache, runs)
+            info_rows.append(
+                f"  {name:34} {entries:7} {t_read:7.3f} {t_dump:7.3f} {t_read + t_dump:7.3f}"
+                f" {t_info:7.3f}"
+            )
             ref = entries * C_SECONDS_PER_ENTRY
             print(
                 f"  {name:34} {entries:7} {t_parse:7.3f} {t_mkfs:7.3f} {t_parse + t_mkfs:7.3f}"
                 f" {t_cli:7.3f} {ref:7.3f}  (CLI {t_cli / ref:.1f}x C)"
                 + ("" if match else "  IMAGE DIFFERS FROM C!")
             )
+    print(f"composefs-info dump of those images, CPU seconds, median of {runs} runs")
+    print(f"  {'input':34} {'entries':>7} {'read':>7} {'dumps':>7} {'sum':>7} {'CLI':>7}")
+    print("\n".join(info_rows))
     return 0 if ok else 1
 
 

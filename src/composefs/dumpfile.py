@@ -15,10 +15,8 @@ One line per entry, space separated:
 from __future__ import annotations
 
 import binascii
-import gc
 import re
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from typing import BinaryIO
 
 from .errors import DumpfileError
@@ -41,6 +39,7 @@ from .tree import (
     Stat,
     Symlink,
     leaf_link_counts,
+    no_gc,
     walk,
 )
 
@@ -639,20 +638,6 @@ def _parse_xattrs(field: bytes) -> dict[bytes, bytes]:
         used += entry
         xattrs[key] = value
     return xattrs
-
-
-@contextmanager
-def no_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector. Building or walking a large tree
-    allocates many objects and no cycles: the collector would only rescan
-    them again and again (about a third of the parse time)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _show(b: bytes) -> str:

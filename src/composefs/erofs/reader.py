@@ -60,7 +60,18 @@ from dataclasses import dataclass
 import xxhash
 
 from ..errors import ImageError
-from ..tree import Device, Directory, Fifo, Leaf, LeafContent, Regular, Socket, Stat, Symlink
+from ..tree import (
+    Device,
+    Directory,
+    Fifo,
+    Leaf,
+    LeafContent,
+    Regular,
+    Socket,
+    Stat,
+    Symlink,
+    no_gc,
+)
 from . import format as fmt
 from .format import FormatVersion
 
@@ -771,7 +782,8 @@ def read_image(
         data = bytes(data)
     b = _Builder(data, keep_opaque_markers)
     try:
-        root = b.build()
+        with no_gc():  # a big tree of new objects, no cycles: see no_gc
+            root = b.build()
     except (struct.error, ValueError, IndexError, KeyError, OverflowError) as e:
         # Belt and braces: every access is bounds-checked above, so this is
         # a reader bug; still, a bad image must not crash the caller. (The
