@@ -37,8 +37,8 @@ import stat
 import struct
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 from .erofs.format import COMPOSEFS_FLAGS_HAS_ACL, COMPOSEFS_HEADER, COMPOSEFS_MAGIC
@@ -569,15 +569,13 @@ def erofs_fsmount(
 
 
 @contextmanager
-def _attached(mnt_fd: int) -> Iterator[str]:
-    """Attach a detached mount to a fresh temporary directory for the
-    duration of the block; then detach it and remove the directory."""
+def _temp_mountpoint(attach: Callable[[str], None]) -> Iterator[str]:
+    """A fresh temporary directory with `attach(dir)` mounting something on
+    it for the duration of the block; then the mount is detached and the
+    directory removed. `attach` raises (MountError) if nothing got mounted."""
     tmp = tempfile.mkdtemp(prefix=".composefs.")
     try:
-        try:
-            mount_at(mnt_fd, tmp)
-        except OSError as e:
-            raise MountError(f"cannot attach the image mount: {e.strerror}") from None
+        attach(tmp)
         try:
             yield tmp
         finally:
@@ -592,15 +590,27 @@ def _attached(mnt_fd: int) -> Iterator[str]:
             pass
 
 
-@contextmanager
-def _legacy_erofs(image_fd: int, acl: bool, name: str | None) -> Iterator[str]:
+def _attached(mnt_fd: int) -> AbstractContextManager[str]:
+    """Attach a detached mount to a fresh temporary directory for the
+    duration of the block; then detach it and remove the directory."""
+
+    def attach(tmp: str) -> None:
+        try:
+            mount_at(mnt_fd, tmp)
+        except OSError as e:
+            raise MountError(f"cannot attach the image mount: {e.strerror}") from None
+
+    return _temp_mountpoint(attach)
+
+
+def _legacy_erofs(image_fd: int, acl: bool, name: str | None) -> AbstractContextManager[str]:
     """EROFS via mount(2) on a temporary directory (no new mount API)."""
-    tmp = tempfile.mkdtemp(prefix=".composefs.")
-    loop_fd = -1
     what = f"cannot mount EROFS image {name or f'fd {image_fd}'}"
     support = kernel_support()
     data = None if acl else "noacl"
-    try:
+
+    def attach(tmp: str) -> None:
+        loop_fd = -1
         try:
             if support.erofs_file_backed is False:
                 loop_fd, source = _loop_attach(image_fd, name)
@@ -621,18 +631,8 @@ def _legacy_erofs(image_fd: int, acl: bool, name: str | None) -> Iterator[str]:
         finally:
             if loop_fd >= 0:
                 os.close(loop_fd)
-        try:
-            yield tmp
-        finally:
-            try:
-                sys_umount2(tmp, MNT_DETACH)
-            except OSError:
-                pass
-    finally:
-        try:
-            os.rmdir(tmp)
-        except OSError:
-            pass
+
+    return _temp_mountpoint(attach)
 
 
 # -- overlay ------------------------------------------------------------------
