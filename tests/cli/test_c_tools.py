@@ -132,6 +132,17 @@ def test_failed_write_keeps_existing_image(vectors: Path, tmp_path: Path) -> Non
     assert [p.name for p in tmp_path.iterdir()] == ["out.img"]
 
 
+@pytest.mark.parametrize("version", ["0", "2"])
+def test_too_big_names_the_file(vectors: Path, tmp_path: Path, version: str) -> None:
+    src = vectors / "c-mkcomposefs" / "should-fail" / "should-fail-too-big.dump"
+    out = tmp_path / "out.img"
+    r = run(MKCOMPOSEFS, f"--erofs-version={version}", "--from-file", str(src), str(out),
+            check=False)  # fmt: skip
+    err = one_line_error(r, "mkcomposefs")
+    assert err == "mkcomposefs: /bigfile: file too large for composefs (9500000000000000 bytes)\n"
+    assert not out.exists()
+
+
 def test_parse_errors_name_the_line(tmp_path: Path) -> None:
     bad = b"/ 4096 40755 2 0 0 0 0.0 - - -\n/x 0 100644 1 0 0 0 zero - - -\n"
     r = run(MKCOMPOSEFS, "--from-file", "-", str(tmp_path / "o"), stdin=bad, check=False)

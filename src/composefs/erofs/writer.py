@@ -221,6 +221,27 @@ def _scan(root: Directory) -> tuple[dict[int, int], dict[int, tuple[int, bytes]]
     return counts, first
 
 
+def _too_large(inodes: Sequence[_Inode], target: _Inode, size: int) -> TreeError:
+    """The error for a file with more chunks than composefs can index, naming
+    one of its paths. Inodes carry no names, so on this (rare) path the
+    directory entries are searched from the root (inodes[0])."""
+    todo: list[tuple[bytes, _Inode]] = [(b"", inodes[0])]
+    path = b"?"
+    while todo:
+        prefix, d = todo.pop()
+        for name, child in d.entries:
+            if name == b"." or name == b"..":
+                continue
+            if child is target:
+                path = prefix + b"/" + name
+                todo.clear()
+                break
+            if child.ftype == S_IFDIR:
+                todo.append((prefix + b"/" + name, child))
+    shown = path.decode("utf-8", "backslashreplace")
+    return TreeError(f"{shown}: file too large for composefs ({size} bytes)")
+
+
 def _metacopy(digest: str | None) -> bytes:
     if digest is None:
         return b""
@@ -715,7 +736,7 @@ def _layout_epoch1(inodes: list[_Inode], min_mtime: tuple[int, int]) -> int:
                     else:
                         fmt, count = _chunking(size)
                         if count > MAX_NONINLINE_CHUNKS:
-                            raise TreeError(f"file too large for composefs ({size} bytes)")
+                            raise _too_large(inodes, ino, size)
                         ino.chunk_format, ino.chunk_count = fmt, count
                         ino.tail = count * 4
         uid, gid = ino.uid, ino.gid
@@ -1070,7 +1091,7 @@ def _mkfs_epoch2(root: Directory) -> bytes:
             # index; files beyond 8 TiB get the indexes they need.
             count = max(1, -(-ino.size >> chunk_shift))
             if count > MAX_NONINLINE_CHUNKS:
-                raise TreeError(f"file too large for composefs ({ino.size} bytes)")
+                raise _too_large(inodes, ino, ino.size)
             ino.chunk_count = count
             pos = (pos + 31) & ~31
             ino.nid = pos >> 5
