@@ -7,6 +7,7 @@ independent oracle for object names).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import io
 import json
@@ -28,7 +29,7 @@ from composefs.repository import (
 )
 from composefs.splitstream import CONTENT_OCI_CONFIG, CONTENT_OCI_LAYER, SplitStreamReader
 from composefs.tree import Directory, Leaf, Regular, Stat, Symlink
-from conftest import need_tool
+from conftest import need_tool, needs_root
 
 RUST_META_V2 = b"""{
   "version": 1,
@@ -240,6 +241,60 @@ def test_objects(repo: Repository, tmp_path: Path) -> None:
         repo.open_object("ab" * 64)
     with pytest.raises(RepositoryError, match="invalid sha512 object id"):
         repo.open_object("../../etc/passwd")
+    assert stray_files(repo) == []
+
+
+@needs_root
+def test_copy_across_filesystems_falls_back(repo: Repository, tmp_path: Path) -> None:
+    """A source on another filesystem (a tmpfs): FICLONE and copy_file_range
+    fail with EXDEV, the content is copied by read/write instead."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
+    try:
+        big = os.urandom(2 * 1024 * 1024 + 4097)  # more than one copy block
+        small = os.urandom(5000)
+        (mnt / "big").write_bytes(big)
+        (mnt / "small").write_bytes(small)
+        probe = tmp_path / "probe"
+        with open(mnt / "small", "rb") as src, open(probe, "wb") as dst:
+            try:
+                os.copy_file_range(src.fileno(), dst.fileno(), len(small))
+            except OSError as e:
+                assert e.errno == errno.EXDEV, e
+            else:
+                pytest.skip("this kernel copies across filesystems: no EXDEV to fall back from")
+        probe.unlink()
+        big_id = fsverity.digest_hex(big, "sha512")
+        assert repo.store_file_with_digest(str(mnt / "big"), big_id) is True
+        # The second file takes the remembered fallback directly.
+        small_id = fsverity.digest_hex(small, "sha512")
+        repo.object_sink()(str(mnt / "small"), len(small), small_id)
+        assert objpath(repo, big_id).read_bytes() == big
+        assert objpath(repo, small_id).read_bytes() == small
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    report = repo.fsck()
+    assert report.ok, str(report)
+    assert stray_files(repo) == []
+
+
+def test_object_sink_write_only_descriptor(repo: Repository, tmp_path: Path) -> None:
+    """A write-only ``/proc/self/fd/N`` cannot be read: the sink reopens it
+    by path, and the caller's descriptor keeps its offset."""
+    data = os.urandom(70_000)
+    fd = os.open(tmp_path / "wo", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.lseek(fd, 1234, os.SEEK_SET)
+        oid = fsverity.digest_hex(data, "sha512")
+        repo.object_sink()(f"/proc/self/fd/{fd}", len(data), oid)
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 1234
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY
+    finally:
+        os.close(fd)
+    assert repo.read_object(oid) == data
+    assert repo.fsck().ok
     assert stray_files(repo) == []
 
 
