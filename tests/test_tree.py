@@ -1,4 +1,13 @@
-from composefs.tree import Directory, Leaf, Regular, Stat, Symlink, leaf_link_counts, walk
+from composefs.tree import (
+    Directory,
+    Leaf,
+    Regular,
+    Stat,
+    Symlink,
+    iter_leaves,
+    leaf_link_counts,
+    walk,
+)
 
 
 def test_walk_order_and_hardlink_counts() -> None:
@@ -10,5 +19,20 @@ def test_walk_order_and_hardlink_counts() -> None:
     root.insert(b"/c", Leaf(Stat(0o777), Symlink(b"b/x")))
     assert [p for p, _ in walk(root)] == [b"/", b"/a", b"/b", b"/b/x", b"/c"]
     assert leaf_link_counts(root)[id(shared)] == 2
+    leaves = list(iter_leaves(root))
+    assert len(leaves) == 3 and sum(leaf is shared for leaf in leaves) == 2
     assert root.nlink() == 3
     assert root.lookup(b"/b/x") is shared
+
+
+def test_iter_leaves_deep_tree() -> None:
+    """Iterative: deeper than the recursion limit."""
+    root = Directory()
+    d = root
+    for _ in range(5000):
+        sub = Directory()
+        d.insert(b"/d", sub)
+        d = sub
+    leaf = Leaf(Stat(0o644), Regular(0, b""))
+    d.insert(b"/f", leaf)
+    assert list(iter_leaves(root)) == [leaf]

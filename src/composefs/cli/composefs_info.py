@@ -135,27 +135,21 @@ def _ls(root: Directory, out: BinaryIO) -> None:
 
 
 def _objects(root: Directory, found: set[bytes], basedir: str | None) -> None:
-    from ..tree import Directory, Regular
+    from ..tree import Regular, iter_leaves
 
-    todo = [root]
-    while todo:
-        d = todo.pop()
-        for child in d.entries.values():
-            if isinstance(child, Directory):
-                todo.append(child)
-                continue
-            c = child.content
-            if not isinstance(c, Regular) or c.data is not None:
-                continue
-            payload = c.backing_path()
-            if not payload or payload in found:
-                continue
-            # C fstatat()s the object, following symlinks.
-            if basedir is not None and os.path.exists(
-                os.path.join(basedir, payload.lstrip(b"/").decode("utf-8", "surrogateescape"))
-            ):
-                continue
-            found.add(payload)
+    for leaf in iter_leaves(root):
+        c = leaf.content
+        if not isinstance(c, Regular) or c.data is not None:
+            continue
+        payload = c.backing_path()
+        if not payload or payload in found:
+            continue
+        # C fstatat()s the object, following symlinks.
+        if basedir is not None and os.path.exists(
+            os.path.join(basedir, payload.lstrip(b"/").decode("utf-8", "surrogateescape"))
+        ):
+            continue
+        found.add(payload)
 
 
 def _measure(files: Sequence[str], out: BinaryIO) -> None:

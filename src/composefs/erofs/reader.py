@@ -70,6 +70,7 @@ from ..tree import (
     Socket,
     Stat,
     Symlink,
+    iter_leaves,
     no_gc,
 )
 from . import format as fmt
@@ -823,21 +824,18 @@ def collect_digests(data: bytes) -> set[str]:
 
 
 def _external_leaves(root: Directory) -> list[Leaf]:
+    """Each leaf whose content is an external file, once (hardlinks too)."""
     seen: set[int] = set()
     out: list[Leaf] = []
-    todo = [root]
-    while todo:
-        d = todo.pop()
-        for child in d.entries.values():
-            if isinstance(child, Directory):
-                todo.append(child)
-            elif (
-                isinstance(child.content, Regular)
-                and child.content.data is None
-                # V2 may hold empty files by digest too
-                and (child.content.size or child.content.digest or child.content.payload)
-                and id(child) not in seen
-            ):
-                seen.add(id(child))
-                out.append(child)
+    for leaf in iter_leaves(root):
+        c = leaf.content
+        if (
+            isinstance(c, Regular)
+            and c.data is None
+            # V2 may hold empty files by digest too
+            and (c.size or c.digest or c.payload)
+            and id(leaf) not in seen
+        ):
+            seen.add(id(leaf))
+            out.append(leaf)
     return out
