@@ -607,9 +607,16 @@ def test_cli_fsck_detects_corruption(
     assert rc == 1 and err == b"cfsctl: OCI integrity check failed\n"
     assert "oci images: 0/1 ok" in text and "fsck: manifest-digest-mismatch: demo: " in text
     rc, out, _ = cfs("oci", "fsck", "--json")
-    assert rc == 1 and json.loads(out)["ok"] is False
+    report = json.loads(out)
+    assert rc == 1 and report["ok"] is False
+    assert (report["images_checked"], report["images_corrupted"]) == (1, 1)
+    (error,) = report["errors"]  # the first failure ends that image's checks
+    assert error.startswith("fsck: manifest-digest-mismatch: demo: ")
     rc, out, _ = cfs("oci", "fsck", "nosuchtag")
     assert "fsck: ref-resolve-failed: nosuchtag" in out.decode()
+    rc, out, _ = cfs("oci", "fsck", "--json", "nosuchtag")
+    report = json.loads(out)
+    assert (report["images_checked"], report["images_corrupted"]) == (1, 1)
 
 
 def test_gc_keeps_tagged_and_drops_untagged(

@@ -1137,36 +1137,41 @@ def _msg(e: BaseException) -> str:
 
 
 def _fsck_image(repo: Repository, name: str, manifest_digest: str, result: OciFsckResult) -> None:
+    """Check one image; it counts as corrupted if any check failed."""
     result.images_checked += 1
     before = len(result.errors)
 
     def fail(kind: str, detail: str) -> None:
         result.errors.append(f"fsck: {kind}: {name}: {detail}")
 
+    _check_image(repo, manifest_digest, fail)
+    if len(result.errors) > before:
+        result.images_corrupted += 1
+
+
+def _check_image(repo: Repository, manifest_digest: str, fail: Callable[[str, str], None]) -> None:
+    """The checks of `_fsck_image`, reporting each problem through `fail`;
+    returns early when a failure leaves nothing further to check."""
     try:
         raw, named = _read_json_stream(
             repo, manifest_stream(manifest_digest), None, CONTENT_OCI_MANIFEST
         )
     except Exception as e:
         fail("manifest-read-failed", _msg(e))
-        result.images_corrupted += 1
         return
     actual = digest_of(raw, manifest_digest)
     if actual != manifest_digest:
         fail("manifest-digest-mismatch", f"expected {manifest_digest}, got {actual}")
-        result.images_corrupted += 1
         return
     try:
         manifest = ImageManifest.parse(raw)
     except OciError as e:
         fail("manifest-parse-failed", _msg(e))
-        result.images_corrupted += 1
         return
     config_digest = manifest.config.digest
     config_verity = named.get(f"config:{config_digest}")
     if config_verity is None:
         fail("config-ref-missing", config_digest)
-        result.images_corrupted += 1
         return
     try:
         config_raw, config_named = _read_json_stream(
@@ -1174,19 +1179,16 @@ def _fsck_image(repo: Repository, name: str, manifest_digest: str, result: OciFs
         )
     except Exception as e:
         fail("config-read-failed", _msg(e))
-        result.images_corrupted += 1
         return
     actual = digest_of(config_raw, config_digest)
     if actual != config_digest:
         fail("config-digest-mismatch", f"expected {config_digest}, got {actual}")
-        result.images_corrupted += 1
         return
     if manifest.is_container_image:
         try:
             config, diff_ids = _config_diff_ids(config_raw, None)
         except OciError as e:
             fail("config-parse-failed", _msg(e))
-            result.images_corrupted += 1
             return
         for diff_id in diff_ids:
             verity = config_named.get(diff_id)
@@ -1216,8 +1218,13 @@ def _fsck_image(repo: Repository, name: str, manifest_digest: str, result: OciFs
                 fail("artifact-layer-ref-missing", desc.digest)
             elif not repo.has_object(verity):
                 fail("artifact-layer-object-missing", f"{desc.digest}: object {verity} not found")
-    if len(result.errors) > before:
-        result.images_corrupted += 1
+
+
+def _fsck_bad_ref(result: OciFsckResult, kind: str, name: str, detail: str) -> None:
+    """A tag that does not lead to an image: checked, and corrupted."""
+    result.images_checked += 1
+    result.images_corrupted += 1
+    result.errors.append(f"fsck: {kind}: {name}: {detail}")
 
 
 def oci_fsck(
@@ -1229,19 +1236,15 @@ def oci_fsck(
         try:
             digest, _verity = resolve_tag(repo, image)
         except (OciError, NotFoundError) as e:
-            result.images_checked += 1
-            result.images_corrupted += 1
-            result.errors.append(f"fsck: ref-resolve-failed: {image}: {_msg(e)}")
+            _fsck_bad_ref(result, "ref-resolve-failed", image, _msg(e))
             return result
         _fsck_image(repo, image, digest, result)
         return result
     for name, target in repo.list_stream_refs("oci"):
         tag = decode_tag(name)
         if tag.startswith("@"):
-            result.images_checked += 1
-            result.images_corrupted += 1
-            result.errors.append(
-                f"fsck: invalid-ref-name: {tag}: leading '@' is reserved for digest references"
+            _fsck_bad_ref(
+                result, "invalid-ref-name", tag, "leading '@' is reserved for digest references"
             )
             continue
         part = target.rsplit("/", 1)[-1]
@@ -1249,9 +1252,7 @@ def oci_fsck(
         try:
             parse_digest(digest)
         except OciError:
-            result.images_checked += 1
-            result.images_corrupted += 1
-            result.errors.append(f"fsck: ref-resolve-failed: {tag}: invalid target {part}")
+            _fsck_bad_ref(result, "ref-resolve-failed", tag, f"invalid target {part}")
             continue
         _fsck_image(repo, tag, digest, result)
     return result
