@@ -1261,6 +1261,40 @@ def test_push_with_bearer_token(front: Any, oci_images: Any, fast_options: Any) 
     assert files == img.files
 
 
+def test_push_retries_refused_puts(front: Any, fast_options: Any, tmp_path: Path) -> None:
+    """A blob or manifest PUT refused with 503 is sent again (the blob in a
+    fresh upload), within the retry bound."""
+    import ocitestlib as L
+
+    files = {"srv/data": b"retried\n" * 1000}
+    tar = L.tar_layer([L.directory("srv"), *(L.file(n, d) for n, d in files.items())])
+    (built,) = L.write_oci_layout(tmp_path / "layout", [L.ImageSpec([tar], tag="v1")])
+    source = f"oci:{tmp_path / 'layout'}:v1"
+    front.require_token = False
+    # the upload's own URL (the PUT), not the POST that starts it
+    blob_put = front.fault("front", r"/blobs/uploads/\w", "status", 503, count=1)
+    manifest_put = front.fault("front", r"^/v2/pushed/retry/manifests/", "status", 503, count=2)
+    dest = front.ref("pushed/retry:v1")
+    with tr.open_source(source) as src:
+        assert reg.push_image(src, dest, fast_options) == built.manifest_digest
+    assert blob_put.hits == 1 and manifest_put.hits == 2
+    puts = [r for r in front.requests("front", "^/v2/pushed/retry/manifests/") if r.method == "PUT"]
+    assert len(puts) == 3
+    uploads = [r for r in front.requests("front", "/blobs/uploads/") if r.method == "POST"]
+    assert len(uploads) == len(built.layer_digests) + 2  # config, layers, one fresh upload
+    with reg.open_source(dest, fast_options) as src:
+        _, got = pull_files(src)
+    assert got == files
+    # A refusal that persists ends the push with the registry's answer.
+    front.fault("front", r"^/v2/pushed/never/manifests/", "status", 503, count=None)
+    with tr.open_source(source) as src:
+        with pytest.raises(RegistryError) as ei:
+            reg.push_image(src, front.ref("pushed/never:v1"), fast_options)
+    assert "HTTP 503" in one_line(ei.value)
+    never = [r for r in front.requests("front", "^/v2/pushed/never/manifests/") if r.method == "PUT"]
+    assert len(never) == fast_options.retries + 1
+
+
 def test_push_within_registry_mounts(front: Any, oci_images: Any, fast_options: Any) -> None:
     img = oci_images["plain"]
     dest = front.ref("mounted/copy:v1")

@@ -866,16 +866,8 @@ class RegistryClient:
                 self._backoff(attempt)
                 attempt += 1
                 continue
-            try:
-                if resp.status in (201, 204):
-                    return True
-                retry = resp.status in _RETRY_STATUS or resp.status == 401
-                err = _status_error(resp, what, "upload")
-            finally:
-                _discard(resp)
-            if not retry or attempt >= self.options.retries:
-                raise err
-            self._backoff(attempt)
+            if self._put_accepted(resp, what, "upload", attempt):
+                return True
             attempt += 1
 
     def push_manifest(self, repository: str, ref: str, raw: bytes, media_type: str) -> str:
@@ -902,17 +894,27 @@ class RegistryClient:
                 scope=scope,
                 body=raw,
             )
-            try:
-                if resp.status in (201, 204):
-                    return digest
-                retry = resp.status in _RETRY_STATUS or resp.status == 401
-                err = _status_error(resp, what, "manifest")
-            finally:
-                _discard(resp)
-            if not retry or attempt >= self.options.retries:
-                raise err
-            self._backoff(attempt)
+            if self._put_accepted(resp, what, "manifest", attempt):
+                return digest
             attempt += 1
+
+    def _put_accepted(
+        self, resp: urllib3.BaseHTTPResponse, what: str, kind: str, attempt: int
+    ) -> bool:
+        """Whether a PUT's response (released here) accepted the content.
+        A refusal raises, unless it is worth retrying and `attempt` leaves
+        retries: then this waits out the backoff and returns False."""
+        try:
+            if resp.status in (201, 204):
+                return True
+            retry = resp.status in _RETRY_STATUS or resp.status == 401
+            err = _status_error(resp, what, kind)
+        finally:
+            _discard(resp)
+        if not retry or attempt >= self.options.retries:
+            raise err
+        self._backoff(attempt)
+        return False
 
 
 def _discard(resp: urllib3.BaseHTTPResponse) -> None:
