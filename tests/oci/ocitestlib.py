@@ -8,7 +8,10 @@ Stable helpers (other OCI tests import them):
 - `compress(data, "gzip"|"zstd"|"none")`;
 - `image_config(diff_ids, ...)`, `manifest(config_blob, layer_blobs, ...)`;
 - `write_oci_layout(path, [ImageSpec...])` -> list of `BuiltImage`;
-- `write_oci_archive(layout_dir, archive)` and `write_docker_archive(...)`.
+- `write_oci_archive(layout_dir, archive)` and `write_docker_archive(...)`;
+- `write_artifact_layout(path)` -> `BuiltArtifact` (a non-image manifest);
+- `run_cfsctl(capsysbinary, repo_path, *args)` -> (rc, stdout, stderr) of the
+  in-process CLI, and `fields(stdout)` for its `key value` lines.
 
 Everything is deterministic (fixed mtimes, sorted JSON) so digests repeat.
 """
@@ -305,3 +308,50 @@ def write_docker_archive(
             dumps([{"Config": config_name, "RepoTags": repo_tags or [], "Layers": names}]),
         )
     return sha256(config), diff_ids
+
+
+@dataclass
+class BuiltArtifact:
+    payload: bytes
+    blob: str  # digest of the one layer (the payload)
+    config: str  # digest of the empty config
+    manifest_digest: str
+
+
+def write_artifact_layout(path: Path, payload: bytes = b"signature bytes" * 10) -> BuiltArtifact:
+    """An OCI layout whose only manifest is an artifact (artifactType
+    application/x-test, empty config, one application/x-sig layer)."""
+    path.mkdir()
+    (path / "oci-layout").write_bytes(dumps({"imageLayoutVersion": "1.0.0"}))
+    blob = _write_blob(path, payload)
+    config = _write_blob(path, b"{}")
+    raw = dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/x-test",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config, "size": 2},
+        "layers": [{"mediaType": "application/x-sig", "digest": blob, "size": len(payload)}],
+    })  # fmt: skip
+    mdigest = _write_blob(path, raw)
+    (path / "index.json").write_bytes(
+        dumps({"schemaVersion": 2, "manifests": [
+            {"mediaType": OCI_MANIFEST, "digest": mdigest, "size": len(raw)}
+        ]})
+    )  # fmt: skip
+    return BuiltArtifact(payload, blob, config, mdigest)
+
+
+def run_cfsctl(capsysbinary: Any, repo_path: str, *args: str) -> tuple[int, str, str]:
+    """`cfsctl --repo REPO ARGS...` in this process: (exit code, stdout, stderr)."""
+    from composefs.cli import cfsctl
+
+    capsysbinary.readouterr()
+    try:
+        rc = cfsctl.main(["--repo", repo_path, *args])
+    except SystemExit as e:
+        rc = int(e.code or 0)
+    out, err = capsysbinary.readouterr()
+    return rc, out.decode(), err.decode()
+
+
+def fields(out: str) -> dict[str, str]:
+    """The `key value` lines of a cfsctl report."""
+    return dict(line.split(None, 1) for line in out.splitlines() if line.strip())

@@ -20,7 +20,6 @@ from typing import Any, BinaryIO
 import ocitestlib as L
 import pytest
 
-from composefs.cli import cfsctl
 from composefs.errors import DigestMismatch
 from composefs.oci import storage
 from composefs.oci import transports as tr
@@ -44,18 +43,10 @@ def _no_user_auth(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         monkeypatch.delenv(var, raising=False)
 
 
-def cfs(capsysbinary: pytest.CaptureFixture[bytes], repo: Repository, *args: str) -> Any:
-    capsysbinary.readouterr()
-    try:
-        rc = cfsctl.main(["--repo", repo.path, *args])
-    except SystemExit as e:
-        rc = int(e.code or 0)
-    out, err = capsysbinary.readouterr()
-    return rc, out.decode(), err.decode()
-
-
-def pulled(out: str) -> dict[str, str]:
-    return dict(line.split(None, 1) for line in out.splitlines() if line.strip())
+def cfs(
+    capsysbinary: pytest.CaptureFixture[bytes], repo: Repository, *args: str
+) -> tuple[int, str, str]:
+    return L.run_cfsctl(capsysbinary, repo.path, *args)
 
 
 def check_one_line(rc: int, err: str, *words: str) -> None:
@@ -80,7 +71,7 @@ def test_creds(capsysbinary: Any, repo: Repository, registry_auth: Any, oci_imag
         capsysbinary, repo, "oci", "pull", "--creds", registry_auth.creds, ref, "withcreds"
     )
     assert rc == 0, err
-    assert pulled(out)["manifest"] == img.digest
+    assert L.fields(out)["manifest"] == img.digest
     assert storage.list_tags(repo) == [("withcreds", img.digest)]
 
 
@@ -94,7 +85,7 @@ def test_authfile(
     ref = "docker://" + registry_auth.ref(img.name)
     rc, out, err = cfs(capsysbinary, repo, "oci", "pull", "--authfile", str(authfile), ref, "a")
     assert rc == 0, err
-    assert pulled(out)["manifest"] == img.digest
+    assert L.fields(out)["manifest"] == img.digest
     # --creds wins over the file
     rc, _out, err = cfs(
         capsysbinary, repo, "oci", "pull", "--authfile", str(authfile),
@@ -125,7 +116,7 @@ def test_tls_cert_dir(
     shutil.copy(registry_tls.ca_file, certs / "ca.crt")
     rc, out, err = cfs(capsysbinary, repo, "oci", "pull", "--cert-dir", str(certs), ref, "x")
     assert rc == 0, err
-    assert pulled(out)["manifest"] == img.digest
+    assert L.fields(out)["manifest"] == img.digest
     # A directory without the CA does not help.
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -141,7 +132,7 @@ def test_tls_verify_false(
     ref = "docker://" + registry_tls.ref(img.name)
     rc, out, err = cfs(capsysbinary, repo, "oci", "pull", flag, ref, "insecure")
     assert rc == 0, err
-    assert pulled(out)["manifest"] == img.digest
+    assert L.fields(out)["manifest"] == img.digest
     rc, _out, err = cfs(capsysbinary, repo, "oci", "pull", "--tls-verify=true", ref, "secure")
     check_one_line(rc, err, "certificate")
 
@@ -154,7 +145,7 @@ def test_plain_registry_and_proxy_flag(
     ref = "docker://" + registry_plain.ref(img.name)
     rc, out, err = cfs(capsysbinary, repo, "oci", "pull", "--proxy", proxy.url, ref, "p")
     assert rc == 0, err
-    assert pulled(out)["manifest"] == img.digest
+    assert L.fields(out)["manifest"] == img.digest
     assert proxy.log, "the explicit proxy was not used"
 
 

@@ -296,25 +296,8 @@ def test_repull_is_cheap_and_retags(
 
 def test_artifact(repo: Repository, tmp_path: Path) -> None:
     layout = tmp_path / "art"
-    layout.mkdir()
-    (layout / "oci-layout").write_bytes(L.dumps({"imageLayoutVersion": "1.0.0"}))
-    payload = b"signature bytes" * 10
-    blob = L._write_blob(layout, payload)
-    config = L._write_blob(layout, b"{}")
-    raw = L.dumps({
-        "schemaVersion": 2, "mediaType": L.OCI_MANIFEST, "artifactType": "application/x-test",
-        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config, "size": 2},
-        "layers": [{"mediaType": "application/x-sig", "digest": blob, "size": len(payload)}],
-    })  # fmt: skip
-    mdigest = L._write_blob(layout, raw)
-    (layout / "index.json").write_bytes(
-        L.dumps(
-            {
-                "schemaVersion": 2,
-                "manifests": [{"mediaType": L.OCI_MANIFEST, "digest": mdigest, "size": len(raw)}],
-            }
-        )
-    )
+    art = L.write_artifact_layout(layout)
+    payload, blob = art.payload, art.blob
     result = storage.pull(repo, f"oci:{layout}", "art")
     assert result.image_ids == {}
     (info,) = storage.list_images(repo)

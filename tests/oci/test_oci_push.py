@@ -19,7 +19,6 @@ from typing import Any
 import ocitestlib as L
 import pytest
 
-from composefs.cli import cfsctl
 from composefs.errors import DigestMismatch
 from composefs.oci import export, storage
 from composefs.repository import Repository
@@ -63,18 +62,10 @@ def repo(tmp_path: Path) -> Iterator[Repository]:
     r.close()
 
 
-def cfs(capsysbinary: pytest.CaptureFixture[bytes], repo: Repository, *args: str) -> Any:
-    capsysbinary.readouterr()
-    try:
-        rc = cfsctl.main(["--repo", repo.path, *args])
-    except SystemExit as e:
-        rc = int(e.code or 0)
-    out, err = capsysbinary.readouterr()
-    return rc, out.decode(), err.decode()
-
-
-def fields(out: str) -> dict[str, str]:
-    return dict(line.split(None, 1) for line in out.splitlines() if line.strip())
+def cfs(
+    capsysbinary: pytest.CaptureFixture[bytes], repo: Repository, *args: str
+) -> tuple[int, str, str]:
+    return L.run_cfsctl(capsysbinary, repo.path, *args)
 
 
 def pull_fresh(tmp_path: Path, name: str, imgref: str) -> storage.PullResult:
@@ -122,7 +113,7 @@ def test_push_compressed_image_to_registry(
     dest = "docker://" + registry_plain.ref(f"pushed/{name}:v1")
     rc, out, err = cfs(capsysbinary, repo, "oci", "push", "orig", dest)
     assert rc == 0, err
-    got = fields(out)
+    got = L.fields(out)
     assert got["config"] == first.config_digest
     assert got["pushed"] == dest
     assert got["manifest"] != first.manifest_digest
@@ -142,7 +133,7 @@ def test_push_compressed_image_to_registry(
     # Pushing again sends nothing new and names the same manifest.
     rc, out2, err = cfs(capsysbinary, repo, "oci", "push", "@" + first.manifest_digest, dest)
     assert rc == 0, err
-    assert fields(out2)["manifest"] == got["manifest"]
+    assert L.fields(out2)["manifest"] == got["manifest"]
 
 
 def test_push_uncompressed_keeps_manifest_digest(
@@ -160,7 +151,7 @@ def test_push_uncompressed_keeps_manifest_digest(
     rc, out, err = cfs(capsysbinary, repo, "oci", "push", "@" + built.config_digest, dest)
     assert rc == 0, err
     assert err == ""
-    assert fields(out)["manifest"] == built.manifest_digest
+    assert L.fields(out)["manifest"] == built.manifest_digest
     again = pull_fresh(tmp_path, "r2", dest)
     assert again.manifest_digest == built.manifest_digest
     assert again.image_ids == first.image_ids
@@ -185,7 +176,7 @@ def test_push_with_creds(
         capsysbinary, repo, "oci", "push", "--creds", registry_auth.creds, "orig", dest
     )
     assert rc == 0, err
-    assert fields(out)["manifest"] == built.manifest_digest
+    assert L.fields(out)["manifest"] == built.manifest_digest
 
 
 # ---------------------------------------------------------------- OCI layout
@@ -199,7 +190,7 @@ def test_push_to_oci_layout(
     out_dir = tmp_path / "exported"
     rc, out, err = cfs(capsysbinary, repo, "oci", "push", "orig", f"oci:{out_dir}:v1")
     assert rc == 0, err
-    assert fields(out)["manifest"] == built.manifest_digest
+    assert L.fields(out)["manifest"] == built.manifest_digest
     # byte for byte: the blobs are the source layout's blobs
     for digest in (built.manifest_digest, built.config_digest, *built.layer_digests):
         rel = Path("blobs", "sha256", digest.split(":")[1])
@@ -246,7 +237,7 @@ def test_push_compressed_to_oci_layout_and_back(
     out_dir = tmp_path / "exported"
     rc, out, err = cfs(capsysbinary, repo, "oci", "push", "orig", f"oci:{out_dir}")
     assert rc == 0, err
-    digest = fields(out)["manifest"]
+    digest = L.fields(out)["manifest"]
     assert digest != built.manifest_digest
     # every blob of the new manifest is present and is what it claims
     manifest = json.loads((out_dir / "blobs" / "sha256" / digest.split(":")[1]).read_bytes())
@@ -350,32 +341,18 @@ def test_push_artifact_keeps_everything(
 ) -> None:
     """Artifact blobs are stored whole: manifest and blobs come back unchanged."""
     layout = tmp_path / "art"
-    layout.mkdir()
-    (layout / "oci-layout").write_bytes(L.dumps({"imageLayoutVersion": "1.0.0"}))
-    payload = b"signature bytes" * 10
-    blob = L._write_blob(layout, payload)
-    config = L._write_blob(layout, b"{}")
-    raw = L.dumps({
-        "schemaVersion": 2, "mediaType": L.OCI_MANIFEST, "artifactType": "application/x-test",
-        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config, "size": 2},
-        "layers": [{"mediaType": "application/x-sig", "digest": blob, "size": len(payload)}],
-    })  # fmt: skip
-    mdigest = L._write_blob(layout, raw)
-    (layout / "index.json").write_bytes(
-        L.dumps({"schemaVersion": 2, "manifests": [
-            {"mediaType": L.OCI_MANIFEST, "digest": mdigest, "size": len(raw)}
-        ]})
-    )  # fmt: skip
+    art = L.write_artifact_layout(layout)
+    mdigest, blob, config = art.manifest_digest, art.blob, art.config
     storage.pull(repo, f"oci:{layout}", "art")
     out_dir = tmp_path / "out"
     rc, out, err = cfs(capsysbinary, repo, "oci", "push", "art", f"oci:{out_dir}:sig")
     assert rc == 0 and err == "", err
-    assert fields(out)["manifest"] == mdigest
+    assert L.fields(out)["manifest"] == mdigest
     for d in (mdigest, blob, config):
         rel = Path("blobs", "sha256", d.split(":")[1])
         assert (out_dir / rel).read_bytes() == (layout / rel).read_bytes()
     dest = "docker://" + registry_plain.ref("pushed/artifact:sig")
     rc, out, err = cfs(capsysbinary, repo, "oci", "push", "art", dest)
     assert rc == 0, err
-    assert fields(out)["manifest"] == mdigest
+    assert L.fields(out)["manifest"] == mdigest
     assert pull_fresh(tmp_path, "r2", dest).manifest_digest == mdigest
