@@ -11,7 +11,9 @@ Stable helpers (other OCI tests import them):
 - `write_oci_archive(layout_dir, archive)` and `write_docker_archive(...)`;
 - `write_artifact_layout(path)` -> `BuiltArtifact` (a non-image manifest);
 - `run_cfsctl(capsysbinary, repo_path, *args)` -> (rc, stdout, stderr) of the
-  in-process CLI, and `fields(stdout)` for its `key value` lines.
+  in-process CLI, and `fields(stdout)` for its `key value` lines;
+- `composefs_rs_test_layer()` and the ids `OCI_LAYOUT_V2_SHA512` /
+  `OCI_LAYOUT_V1_SHA512` of composefs-rs's test OCI layout.
 
 Everything is deterministic (fixed mtimes, sorted JSON) so digests repeat.
 """
@@ -355,3 +357,27 @@ def run_cfsctl(capsysbinary: Any, repo_path: str, *args: str) -> tuple[int, str,
 def fields(out: str) -> dict[str, str]:
     """The `key value` lines of a cfsctl report."""
     return dict(line.split(None, 1) for line in out.splitlines() if line.strip())
+
+
+# composefs-rs `create_oci_layout()`: its one layer and the fs-verity ids
+# (sha512) of the V2 and V1 images it gives.
+OCI_LAYOUT_V2_SHA512 = (
+    "f7684c21050615c02cec250e0c7d4118fb0ff6340af5039e06f2f372a7614fff25dfd38cf7f28ad67"
+    "d8b86e86371b7deafa9ae4bf543630322aee6196417de92"
+)
+OCI_LAYOUT_V1_SHA512 = (
+    "d06f1f6a73f62ed48e05ce9442ff045cdf2a9f5ba1ec623795de3d6177a253d9"
+    "1076459795d94f55d8c3d71dab458bb3fc0071255a50c0a4896d86ffdc870b9a"
+)
+
+
+def composefs_rs_test_layer() -> bytes:
+    """The layer of composefs-rs's `create_oci_layout()` (GNU headers)."""
+    return tar_layer(
+        [
+            directory("usr/"),
+            file("hello.txt", b"hello from test layer\n"),
+            hardlink("hello-link.txt", "hello.txt"),
+        ],
+        format=tarfile.GNU_FORMAT,
+    )

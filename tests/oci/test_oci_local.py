@@ -35,15 +35,6 @@ from composefs.oci.layers import merge_layers
 from composefs.repository import FormatConfig, Repository
 from composefs.tree import Directory
 
-OCI_LAYOUT_V2_SHA512 = (
-    "f7684c21050615c02cec250e0c7d4118fb0ff6340af5039e06f2f372a7614fff25dfd38cf7f28ad67"
-    "d8b86e86371b7deafa9ae4bf543630322aee6196417de92"
-)
-OCI_LAYOUT_V1_SHA512 = (
-    "d06f1f6a73f62ed48e05ce9442ff045cdf2a9f5ba1ec623795de3d6177a253d9"
-    "1076459795d94f55d8c3d71dab458bb3fc0071255a50c0a4896d86ffdc870b9a"
-)
-
 # tests/conftest.py's marker (importing it by name would get tests/oci/conftest.py)
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for kernel mounts")
 
@@ -154,32 +145,15 @@ def test_pull_oci_layout(repo: Repository, layout: tuple[Path, list[L.BuiltImage
 
 def test_composefs_rs_known_image_ids(tmp_path: Path) -> None:
     path = tmp_path / "layout"
-    L.write_oci_layout(
-        path,
-        [
-            L.ImageSpec(
-                [
-                    L.tar_layer(
-                        [
-                            L.directory("usr/"),
-                            L.file("hello.txt", b"hello from test layer\n"),
-                            L.hardlink("hello-link.txt", "hello.txt"),
-                        ],
-                        format=tarfile.GNU_FORMAT,
-                    )
-                ],
-                compression="none",
-            )
-        ],
-    )
+    L.write_oci_layout(path, [L.ImageSpec([L.composefs_rs_test_layer()], compression="none")])
     r, _ = Repository.init(tmp_path / "r2", insecure=True, formats=FormatConfig(2, (1,)))
     with r:
         result = storage.pull(r, f"oci:{path}", "test-image")
-        assert result.image_ids == {2: OCI_LAYOUT_V2_SHA512, 1: OCI_LAYOUT_V1_SHA512}
+        assert result.image_ids == {2: L.OCI_LAYOUT_V2_SHA512, 1: L.OCI_LAYOUT_V1_SHA512}
         img = storage.open_image_ref(r, "test-image")
         assert img.image_refs == {
-            "composefs.image": OCI_LAYOUT_V2_SHA512,
-            "composefs.image.v1": OCI_LAYOUT_V1_SHA512,
+            "composefs.image": L.OCI_LAYOUT_V2_SHA512,
+            "composefs.image.v1": L.OCI_LAYOUT_V1_SHA512,
         }
         rc = cfsctl.main(["--repo", r.path, "oci", "compute-id", f"@{result.config_digest}"])
         assert rc == 0

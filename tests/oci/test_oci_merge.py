@@ -61,32 +61,11 @@ def leaf(root: Directory, path: str) -> Leaf:
 
 # -- known answers ------------------------------------------------------------
 
-OCI_LAYOUT_V2_SHA512 = (
-    "f7684c21050615c02cec250e0c7d4118fb0ff6340af5039e06f2f372a7614fff25dfd38cf7f28ad67"
-    "d8b86e86371b7deafa9ae4bf543630322aee6196417de92"
-)
-OCI_LAYOUT_V1_SHA512 = (
-    "d06f1f6a73f62ed48e05ce9442ff045cdf2a9f5ba1ec623795de3d6177a253d9"
-    "1076459795d94f55d8c3d71dab458bb3fc0071255a50c0a4896d86ffdc870b9a"
-)
-
-
-def composefs_rs_test_layer() -> bytes:
-    """The layer of composefs-rs's `create_oci_layout()` (GNU headers)."""
-    return L.tar_layer(
-        [
-            L.directory("usr/"),
-            L.file("hello.txt", b"hello from test layer\n"),
-            L.hardlink("hello-link.txt", "hello.txt"),
-        ],
-        format=tarfile.GNU_FORMAT,
-    )
-
 
 def test_composefs_rs_oci_layout_image_ids() -> None:
-    root = merge_layers([T.read_members([composefs_rs_test_layer()])])
-    assert fsverity.digest_hex(mkfs(root, FormatVersion.V2), "sha512") == OCI_LAYOUT_V2_SHA512
-    assert fsverity.digest_hex(mkfs(root, FormatVersion.V1), "sha512") == OCI_LAYOUT_V1_SHA512
+    root = merge_layers([T.read_members([L.composefs_rs_test_layer()])])
+    assert fsverity.digest_hex(mkfs(root, FormatVersion.V2), "sha512") == L.OCI_LAYOUT_V2_SHA512
+    assert fsverity.digest_hex(mkfs(root, FormatVersion.V1), "sha512") == L.OCI_LAYOUT_V1_SHA512
 
 
 # -- basics -----------------------------------------------------------------------
