@@ -4,7 +4,6 @@ composefs 1.0.8 test assets, the composefs-rs digests and fsverity(1)."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import pty
@@ -17,7 +16,7 @@ import pytest
 from composefs.erofs.format import FormatVersion
 from composefs.erofs.reader import image_version, read_image
 from conftest import need_tool
-from vectorlib import C_VECTORS, LAX
+from vectorlib import C_VECTORS, LAX, c_vector_bytes
 
 BIN = Path(sys.executable).parent
 MKCOMPOSEFS = str(BIN / "mkcomposefs")
@@ -75,11 +74,6 @@ def version_args(vectors: Path, name: str) -> list[str]:
     return [f"--min-version={v}", f"--max-version={v}"]
 
 
-def vector_bytes(vectors: Path, name: str) -> bytes:
-    data = (vectors / "c-mkcomposefs" / name).read_bytes()
-    return gzip.decompress(data) if name.endswith(".gz") else data
-
-
 # -- C test-checksums.sh ------------------------------------------------------
 
 
@@ -89,7 +83,7 @@ def test_checksums_and_reproducibility(vectors: Path, tmp_path: Path, name: str)
     vargs = version_args(vectors, name)
     out, out2, out3 = tmp_path / "a.img", tmp_path / "b.img", tmp_path / "c.img"
     run(MKCOMPOSEFS, *vargs, "--from-file", "-", str(out),
-        stdin=vector_bytes(vectors, name), strict=name not in LAX)  # fmt: skip
+        stdin=c_vector_bytes(vectors, name), strict=name not in LAX)  # fmt: skip
     expected = (vectors / "c-mkcomposefs" / f"{name}.sha256").read_text().split()[0]
     assert hashlib.sha256(out.read_bytes()).hexdigest() == expected
     run(DUMP, str(out), str(out2))
@@ -104,7 +98,7 @@ def test_v2_reproducibility(vectors: Path, tmp_path: Path, name: str) -> None:
     """The same round trips for composefs-rs native images."""
     out, out2, out3 = tmp_path / "a.img", tmp_path / "b.img", tmp_path / "c.img"
     run(MKCOMPOSEFS, "--erofs-version=2", "--from-file", "-", str(out),
-        stdin=vector_bytes(vectors, name), strict=name not in LAX)  # fmt: skip
+        stdin=c_vector_bytes(vectors, name), strict=name not in LAX)  # fmt: skip
     assert image_version(out.read_bytes()) is FormatVersion.V2
     run(DUMP, str(out), str(out2))
     assert out2.read_bytes() == out.read_bytes()

@@ -4,7 +4,6 @@ counts) and rejection of hand-made hostile images."""
 
 from __future__ import annotations
 
-import gzip
 import struct
 import subprocess
 import tempfile
@@ -39,27 +38,13 @@ from composefs.tree import (
     Symlink,
 )
 from conftest import need_tool, needs_root
-from vectorlib import C_VECTORS, LAX, RS_VECTORS
+from vectorlib import C_VECTORS, RS_VECTORS, c_vector
 
 V0, V1, V2 = FormatVersion.V0, FormatVersion.V1, FormatVersion.V2
 
 
 DIGEST = "5a" * 32
 DIGEST512 = "a5" * 64
-
-
-def c_vector(vectors: Path, name: str) -> tuple[Directory, FormatVersion, FormatVersion]:
-    """Tree and (min, max) version, as C's test-checksums.sh builds it."""
-    base = vectors / "c-mkcomposefs"
-    data = (base / name).read_bytes()
-    if name.endswith(".gz"):
-        data = gzip.decompress(data)
-    tree = dumpfile.parse(data, strict=name not in LAX)
-    vfile = base / f"{name}.version"
-    if vfile.exists():
-        v = FormatVersion(int(vfile.read_text()))
-        return tree, v, v
-    return tree, V0, V1
 
 
 def fsck(image: bytes) -> None:

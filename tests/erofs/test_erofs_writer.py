@@ -3,7 +3,6 @@ fsck.erofs on every image, a kernel mount as a second oracle, and tree checks.""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import random
@@ -22,7 +21,7 @@ from composefs.errors import TreeError
 from composefs.fsverity import digest_hex
 from composefs.tree import Device, Directory, Fifo, Leaf, Regular, Socket, Stat, Symlink
 from conftest import is_root, need_tool, needs_root
-from vectorlib import C_VECTORS, LAX
+from vectorlib import C_VECTORS, c_vector
 
 V0, V1, V2 = FormatVersion.V0, FormatVersion.V1, FormatVersion.V2
 
@@ -55,27 +54,12 @@ def fsck(image: bytes, extract: bool = True) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def load_c_vector(
-    vectors: Path, name: str
-) -> tuple[Directory, FormatVersion, FormatVersion | None]:
-    base = vectors / "c-mkcomposefs"
-    data = (base / name).read_bytes()
-    if name.endswith(".gz"):
-        data = gzip.decompress(data)
-    tree = dumpfile.parse(data, strict=name not in LAX)
-    vfile = base / f"{name}.version"
-    if vfile.exists():
-        v = FormatVersion(int(vfile.read_text().strip()))
-        return tree, v, v
-    return tree, V0, None
-
-
 # -- byte identity --------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", C_VECTORS)
 def test_c_mkcomposefs_identical(vectors: Path, name: str) -> None:
-    tree, version, max_version = load_c_vector(vectors, name)
+    tree, version, max_version = c_vector(vectors, name)
     image = mkfs(tree, version, max_version=max_version)
     expected = (vectors / "c-mkcomposefs" / f"{name}.sha256").read_text().split()[0]
     assert hashlib.sha256(image).hexdigest() == expected
@@ -106,7 +90,7 @@ def test_rs_trees_every_format_fsck(vectors: Path, name: str, version: FormatVer
     "name", ["special.dump", "longlink.dump", "bigfile.dump", "config.dump.gz"]
 )
 def test_c_trees_other_formats_fsck(vectors: Path, name: str, version: FormatVersion) -> None:
-    tree, _, _ = load_c_vector(vectors, name)
+    tree, _, _ = c_vector(vectors, name)
     fsck(mkfs(tree, version))
 
 
@@ -145,7 +129,7 @@ def test_v2_worked_example_layout() -> None:
 
 
 def test_input_tree_not_modified(vectors: Path) -> None:
-    tree, _, _ = load_c_vector(vectors, "special.dump")
+    tree, _, _ = c_vector(vectors, "special.dump")
     before = dumpfile.dumps(tree)
     a = mkfs(tree, V2)
     mkfs(tree, V0)
@@ -162,7 +146,7 @@ def test_reread_and_rewrite_identical(vectors: Path, name: str) -> None:
     """composefs-info dump | mkcomposefs gives the same image (C test suite
     property), through the image reader and the dumpfile writer."""
     reader = pytest.importorskip("composefs.erofs.reader")
-    tree, version, max_version = load_c_vector(vectors, name)
+    tree, version, max_version = c_vector(vectors, name)
     versions = [version] if max_version is not None else [V0, V1, V2]
     for v in versions:
         image = mkfs(tree, v, max_version=max_version)
@@ -356,7 +340,7 @@ def _mount_walk(image: bytes) -> dict[str, tuple[int, int, int, bytes | None, di
 @pytest.mark.parametrize("version", [V0, V2])
 def test_kernel_mount_matches_tree(vectors: Path, version: FormatVersion) -> None:
     assert is_root()
-    tree, _, _ = load_c_vector(vectors, "special.dump")
+    tree, _, _ = c_vector(vectors, "special.dump")
     seen = _mount_walk(mkfs(tree, version))
     inline = tree.entries[b"inline"]
     assert isinstance(inline, Leaf)
