@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 from composefs import dumpfile
 from composefs.errors import DumpfileError
 from composefs.tree import Device, Directory, Leaf, Regular, Symlink
-from vectorlib import LAX
+from vectorlib import LAX, c_vector_bytes
 
 # Vectors whose text is already canonical: writing back gives the same bytes.
 CANONICAL = {
@@ -31,16 +30,11 @@ def _inputs(vectors: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.name.endswith((".dump", ".dump.gz")))
 
 
-def _read(p: Path) -> bytes:
-    data = p.read_bytes()
-    return gzip.decompress(data) if p.suffix == ".gz" else data
-
-
 def test_vectors_parse_and_round_trip(vectors: Path) -> None:
     inputs = _inputs(vectors)
     assert len(inputs) >= 12
     for p in inputs:
-        data = _read(p)
+        data = c_vector_bytes(vectors, p.name)
         root = dumpfile.parse(data, strict=p.name not in LAX)
         out = dumpfile.dumps(root)
         if p.name in CANONICAL:
