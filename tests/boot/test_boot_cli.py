@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "oci"))
 import ocitestlib as L
+from boottestlib import make_pe
 
 from composefs import fs
 from composefs.boot import transform_for_boot
@@ -150,23 +150,6 @@ def modules_layer() -> bytes:
             L.file("usr/lib/modules/6.9.0/initramfs.img", INITRD),
         ]
     )
-
-
-def make_pe(sections: dict[str, bytes]) -> bytes:
-    pe_offset, opt_size = 0x80, 0xF0
-    data_at = pe_offset + 24 + opt_size + 40 * len(sections)
-    table, data = b"", b""
-    for name, content in sections.items():
-        table += struct.pack(
-            "<8sIIIIIIHHI", name.encode(), len(content), 0, len(content),
-            data_at + len(data), 0, 0, 0, 0, 0,
-        )  # fmt: skip
-        data += content
-    dos = bytearray(pe_offset)
-    dos[0:2] = b"MZ"
-    struct.pack_into("<I", dos, 0x3C, pe_offset)
-    coff = struct.pack("<HHIIIHH", 0x8664, len(sections), 0, 0, 0, opt_size, 0x22)
-    return bytes(dos) + b"PE\0\0" + coff + bytes(opt_size) + table + data
 
 
 def uki_layer(cmdline: str) -> bytes:
