@@ -14,10 +14,10 @@ import io
 import mmap
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from typing import BinaryIO
 
+from .._atomic import replacing
 from ..errors import BootError
 from ..tree import Regular
 from . import uki
@@ -29,25 +29,12 @@ OpenFile = Callable[[Regular], BinaryIO]
 
 
 def _write_atomic(path: str, data: bytes | BinaryIO) -> None:
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(data, bytes):
-                f.write(data)
-            else:
-                shutil.copyfileobj(data, f, 1 << 20)  # streamed: kernels are big
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with replacing(path, mode=0o644, sync=True) as f:
+        if isinstance(data, bytes):
+            f.write(data)
+        else:
+            shutil.copyfileobj(data, f, 1 << 20)  # streamed: kernels are big
 
 
 def _inside(bootdir: str, rel: str) -> str:

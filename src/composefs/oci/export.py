@@ -35,11 +35,11 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
+from .._atomic import replacing
 from ..errors import DigestMismatch, OciError
 from ..splitstream import CONTENT_OCI_BLOB, CONTENT_OCI_LAYER, ObjectRef
 from . import storage
@@ -285,21 +285,8 @@ class _ReassembledBlob(io.RawIOBase):
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    with replacing(path) as f:
+        f.write(data)
 
 
 def _copy_blob(layout: str, source: ImageSource, digest: str, size: int) -> bool:
@@ -312,11 +299,10 @@ def _copy_blob(layout: str, source: ImageSource, digest: str, size: int) -> bool
     except FileNotFoundError:
         pass
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(target))
-    try:
+    with replacing(target, mode=0o644) as out:
         h = hashlib.new(alg)
         count = 0
-        with os.fdopen(fd, "wb") as out, source.open_blob(digest, size) as f:
+        with source.open_blob(digest, size) as f:
             while data := f.read(_COPY):
                 h.update(data)
                 count += len(data)
@@ -327,11 +313,6 @@ def _copy_blob(layout: str, source: ImageSource, digest: str, size: int) -> bool
             raise DigestMismatch(
                 f"{source.reference}: blob {digest} does not match its digest and size"
             )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        _unlink(tmp)
-        raise
     return True
 
 
