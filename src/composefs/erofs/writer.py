@@ -266,6 +266,38 @@ def _chunking(size: int) -> tuple[int, int]:
     return chunkbits - F.BLOCK_BITS, (size + chunksize - 1) // chunksize
 
 
+def _head(
+    header: bytes,
+    root_nid: int,
+    inos: int,
+    build_time: int,
+    build_time_nsec: int,
+    blocks: int,
+    xattr_blkaddr: int,
+) -> list[bytes]:
+    """Composefs header, padding and EROFS superblock: the image's first
+    1152 bytes, as the start of the output list. Only these fields differ
+    between formats; every other superblock field is zero."""
+    sb = F.SUPERBLOCK.pack(
+        F.EROFS_MAGIC,
+        0,  # checksum
+        F.FEATURE_COMPAT_MTIME | F.FEATURE_COMPAT_XATTR_FILTER,
+        F.BLOCK_BITS,
+        0,  # extslots
+        root_nid,
+        inos,
+        build_time,
+        build_time_nsec,
+        blocks,
+        F.INODE_TABLE_OFFSET // BLOCK,  # meta_blkaddr (0: the table is in block 0)
+        xattr_blkaddr,
+        b"",
+        b"",
+        0, 0, 0, 0, 0, 0, 0, 0, 0,
+    )  # fmt: skip
+    return [header, bytes(F.SUPERBLOCK_OFFSET - len(header)), sb]
+
+
 _OVL = F.XATTR_OVERLAY_PREFIX
 _OVL_LEN = len(_OVL)
 _OVL_ESC = F.XATTR_OVERLAY_ESCAPED_PREFIX
@@ -792,33 +824,14 @@ def _emit_epoch1(
     shared_size = sum(len(e) for e in shared_table)
     data_start = (inodes_end + shared_size + BLOCK - 1) & ~(BLOCK - 1)
     n_data_blocks = sum(i.n_blocks for i in inodes)
-    out: list[bytes] = [header, bytes(F.SUPERBLOCK_OFFSET - len(header))]
-    out.append(
-        F.SUPERBLOCK.pack(
-            F.EROFS_MAGIC,
-            0,
-            F.FEATURE_COMPAT_MTIME | F.FEATURE_COMPAT_XATTR_FILTER,
-            F.BLOCK_BITS,
-            0,
-            inodes[0].nid,
-            len(inodes),
-            sb_args["build_time"] & 0xFFFFFFFFFFFFFFFF,
-            sb_args["build_time_nsec"],
-            data_start // BLOCK + n_data_blocks,
-            F.INODE_TABLE_OFFSET // BLOCK,
-            inodes_end // BLOCK,
-            b"",
-            b"",
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-        )
+    out = _head(
+        header,
+        inodes[0].nid,
+        len(inodes),
+        sb_args["build_time"] & 0xFFFFFFFFFFFFFFFF,
+        sb_args["build_time_nsec"],
+        data_start // BLOCK + n_data_blocks,
+        inodes_end // BLOCK,
     )
     blocks: list[bytes] = []
     cur = data_start // BLOCK
@@ -1144,34 +1157,7 @@ def _mkfs_epoch2(root: Directory) -> bytes:
 
     # pass 2: bytes
     header = F.COMPOSEFS_HEADER.pack(F.COMPOSEFS_MAGIC, F.COMPOSEFS_HEADER_VERSION, 0, 2)
-    out: list[bytes] = [header, bytes(F.SUPERBLOCK_OFFSET - len(header))]
-    out.append(
-        F.SUPERBLOCK.pack(
-            F.EROFS_MAGIC,
-            0,
-            F.FEATURE_COMPAT_MTIME | F.FEATURE_COMPAT_XATTR_FILTER,
-            F.BLOCK_BITS,
-            0,
-            inodes[0].nid,
-            len(inodes),
-            0,
-            0,
-            end // BLOCK,
-            0,
-            0,
-            b"",
-            b"",
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-        )
-    )
+    out = _head(header, inodes[0].nid, len(inodes), 0, 0, end // BLOCK, 0)
     blocks: list[bytes] = []
     ibody = _pack_ibody
     refs = [(o >> 2).to_bytes(4, "little") for o in xattr_offsets]
