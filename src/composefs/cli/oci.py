@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import OciError
 
 if TYPE_CHECKING:
-    from ..oci.transports import ProgressEvent
+    from ..oci.image import ProgressEvent
     from ..repository import Repository
     from ..tree import Directory
 
@@ -321,7 +321,7 @@ def cmd_untag(args: argparse.Namespace, opener: RepoOpener) -> None:
 
 def cmd_layer(args: argparse.Namespace, opener: RepoOpener) -> None:
     from ..oci import storage
-    from ..oci.transports import parse_digest
+    from ..oci.image import parse_digest
 
     parse_digest(args.layer)
     repo = opener()
@@ -438,7 +438,7 @@ def cmd_fsck(args: argparse.Namespace, opener: RepoOpener) -> int:
 
 def cmd_import_layer(args: argparse.Namespace, opener: RepoOpener) -> None:
     from ..oci import storage
-    from ..oci.transports import parse_digest
+    from ..oci.image import parse_digest
 
     parse_digest(args.digest)
     repo = opener()

@@ -43,7 +43,7 @@ from .._atomic import replacing
 from ..errors import DigestMismatch, OciError
 from ..splitstream import CONTENT_OCI_BLOB, CONTENT_OCI_LAYER, ObjectRef
 from . import storage
-from .transports import (
+from .image import (
     DOCKER_MANIFEST,
     INDEX_MEDIA_TYPES,
     MANIFEST_MEDIA_TYPES,
@@ -56,8 +56,8 @@ from .transports import (
     layer_compression,
     load_json,
     parse_digest,
-    split_path_tag,
 )
+from .transports import split_path_tag
 
 if TYPE_CHECKING:
     from ..repository import Repository

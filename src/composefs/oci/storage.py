@@ -46,7 +46,7 @@ from ..splitstream import (
 )
 from ..tree import Directory
 from . import tar as _tar
-from .transports import (
+from .image import (
     MAX_JSON_SIZE,
     Descriptor,
     ImageManifest,
@@ -58,11 +58,11 @@ from .transports import (
     is_tar_layer,
     layer_compression,
     load_json,
-    open_source,
     parse_digest,
     read_at_most,
     resolve_manifest,
 )
+from .transports import open_source
 
 if TYPE_CHECKING:
     from ..repository import Repository
