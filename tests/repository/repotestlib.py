@@ -1,5 +1,10 @@
 """Helpers the repository tests share: trees with stored files, a populated
-repository, meta.json variants, object paths."""
+repository, meta.json variants, object paths, a bare object store.
+
+The tests run on the real filesystem under pytest's tmp_path (no fs-verity on
+these machines, so repositories are insecure; `fsverity digest` is the
+independent oracle for object names); the `repo` fixture is in tests/conftest.py.
+"""
 
 from __future__ import annotations
 

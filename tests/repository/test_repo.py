@@ -1,8 +1,6 @@
 """The `Repository` facade: init, open rules, meta.json upgrade, secure and read-only repositories.
 
-These run on the real filesystem under pytest's tmp_path (no fs-verity on
-these machines, so repositories are insecure; `fsverity digest` is the
-independent oracle for object names).
+See repotestlib for the shared helpers.
 """
 
 from __future__ import annotations

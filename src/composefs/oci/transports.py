@@ -4,7 +4,9 @@ An `ImageSource` is one opened image reference. It answers two questions:
 "what is the manifest?" (raw bytes, possibly an index) and "give me blob
 D as a byte stream". Everything else (platform resolution, digest checks,
 decompression, storage) is shared code above it, so a new transport only
-has to implement those two calls.
+has to implement those two calls. The protocol and the image model it
+serves (manifests, descriptors, platforms, `resolve_manifest`) live in
+`composefs.oci.image`; the model's names stay importable from here.
 
 Transports here (no network): ``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]``,
 ``docker-archive:FILE[:REPO:TAG|:@N]`` and ``containers-storage:REF`` (via

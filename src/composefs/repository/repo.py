@@ -13,15 +13,15 @@ object (the way dulwich's ``Repo`` sits over its ``ObjectStore`` and
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
-from collections.abc import Callable, Iterable
-from typing import IO, Any, BinaryIO, TypeVar
+from collections.abc import Callable
+from typing import Concatenate, ParamSpec, TypeVar
 
 from ..errors import ComposefsError, RepositoryError, VerityNotSupported
-from ..splitstream import SplitStreamReader, SplitStreamWriter, Writable
 from ._fs import HEX_LENGTHS, _exists
 from .images import ImageStore
-from .maintenance import FsckResult, GcResult, Maintenance
+from .maintenance import Maintenance
 from .meta import (
     REPO_METADATA_FILENAME,
     FormatConfig,
@@ -33,10 +33,41 @@ from .meta import (
     algorithm_from_string,
     algorithm_string,
 )
-from .objects import ObjectStore, StoreMethod
-from .streams import RepoStreamWriter, StreamStore
+from .objects import ObjectStore
+from .streams import StreamStore
 
-T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
+S = TypeVar("S")
+
+
+def _via(
+    part: Callable[[Repository], S], method: Callable[Concatenate[S, P], R]
+) -> Callable[Concatenate[Repository, P], R]:
+    """`method` of a part, as a `Repository` method: same signature (checked
+    by mypy), same docstring, called on ``part(repo)``."""
+
+    @functools.wraps(method)
+    def delegate(self: Repository, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return method(part(self), *args, **kwargs)
+
+    return delegate
+
+
+def _objects(repo: Repository) -> ObjectStore:
+    return repo.objects
+
+
+def _streams(repo: Repository) -> StreamStore:
+    return repo.streams
+
+
+def _images(repo: Repository) -> ImageStore:
+    return repo.images
+
+
+def _maintenance(repo: Repository) -> Maintenance:
+    return repo.maintenance
 
 
 class Repository:
@@ -231,157 +262,54 @@ class Repository:
         """composefs-rs's printable id: ``sha512:<hex>``."""
         return f"{self.algorithm}:{object_id}"
 
-    # -- objects (`ObjectStore`) ----------------------------------------
-    def ensure_writable(self) -> None:
-        self.objects.ensure_writable()
-
-    def sync(self) -> None:
-        self.objects.sync()
-
+    # -- the parts' methods, on the facade -----------------------------------
+    # Each is the part's own method (same signature and docstring), called
+    # on that part: see `_via`.
     @property
     def objects_dir(self) -> str:
+        """Path of ``objects/`` (the overlayfs data-only layer)."""
         return self.objects.objects_dir
 
-    def object_relpath(self, object_id: str) -> str:
-        return self.objects.object_relpath(object_id)
+    # ObjectStore
+    ensure_writable = _via(_objects, ObjectStore.ensure_writable)
+    sync = _via(_objects, ObjectStore.sync)
+    object_relpath = _via(_objects, ObjectStore.object_relpath)
+    has_object = _via(_objects, ObjectStore.has_object)
+    ensure_object = _via(_objects, ObjectStore.ensure_object)
+    ensure_object_from_stream = _via(_objects, ObjectStore.ensure_object_from_stream)
+    ensure_object_from_file = _via(_objects, ObjectStore.ensure_object_from_file)
+    store_file_with_digest = _via(_objects, ObjectStore.store_file_with_digest)
+    object_sink = _via(_objects, ObjectStore.object_sink)
+    open_object = _via(_objects, ObjectStore.open_object)
+    open_object_file = _via(_objects, ObjectStore.open_object_file)
+    read_object = _via(_objects, ObjectStore.read_object)
+    symlink = _via(_objects, ObjectStore.symlink)
 
-    def has_object(self, object_id: str) -> bool:
-        return self.objects.has_object(object_id)
+    # StreamStore
+    create_stream = _via(_streams, StreamStore.create_stream)
+    store_stream = _via(_streams, StreamStore.store_stream)
+    register_stream = _via(_streams, StreamStore.register_stream)
+    write_stream = _via(_streams, StreamStore.write_stream)
+    ensure_stream = _via(_streams, StreamStore.ensure_stream)
+    has_stream = _via(_streams, StreamStore.has_stream)
+    name_stream = _via(_streams, StreamStore.name_stream)
+    has_named_stream = _via(_streams, StreamStore.has_named_stream)
+    remove_stream_ref = _via(_streams, StreamStore.remove_stream_ref)
+    list_stream_refs = _via(_streams, StreamStore.list_stream_refs)
+    stream_id = _via(_streams, StreamStore.stream_id)
+    open_stream = _via(_streams, StreamStore.open_stream)
+    cat_stream = _via(_streams, StreamStore.cat_stream)
 
-    def ensure_object(self, data: bytes | bytearray | memoryview | BinaryIO | IO[bytes]) -> str:
-        return self.objects.ensure_object(data)
+    # ImageStore
+    write_image = _via(_images, ImageStore.write_image)
+    import_image = _via(_images, ImageStore.import_image)
+    commit_images = _via(_images, ImageStore.commit_images)
+    commit_image = _via(_images, ImageStore.commit_image)
+    open_image = _via(_images, ImageStore.open_image)
+    read_image = _via(_images, ImageStore.read_image)
+    objects_for_image = _via(_images, ImageStore.objects_for_image)
+    mount = _via(_images, ImageStore.mount)
 
-    def ensure_object_from_stream(
-        self, source: BinaryIO | IO[bytes], size: int | None = None
-    ) -> str:
-        return self.objects.ensure_object_from_stream(source, size)
-
-    def ensure_object_from_file(
-        self, path_or_fd: str | os.PathLike[str] | int
-    ) -> tuple[str, StoreMethod]:
-        return self.objects.ensure_object_from_file(path_or_fd)
-
-    def store_file_with_digest(
-        self, path_or_fd: str | os.PathLike[str] | int, object_id: str
-    ) -> bool:
-        return self.objects.store_file_with_digest(path_or_fd, object_id)
-
-    def object_sink(self) -> Callable[[str, int, str], None]:
-        return self.objects.object_sink()
-
-    def open_object(self, object_id: str) -> int:
-        return self.objects.open_object(object_id)
-
-    def open_object_file(self, object_id: str) -> BinaryIO:
-        return self.objects.open_object_file(object_id)
-
-    def read_object(self, object_id: str) -> bytes:
-        return self.objects.read_object(object_id)
-
-    def symlink(self, name: str, target: str) -> None:
-        self.objects.symlink(name, target)
-
-    # -- streams and refs (`StreamStore`) ------------------------------
-    def create_stream(self, content_type: int = 0) -> RepoStreamWriter:
-        return self.streams.create_stream(content_type)
-
-    def store_stream(self, writer: SplitStreamWriter) -> str:
-        return self.streams.store_stream(writer)
-
-    def register_stream(
-        self, object_id: str, content_id: str, reference: str | None = None
-    ) -> None:
-        self.streams.register_stream(object_id, content_id, reference)
-
-    def write_stream(
-        self, writer: SplitStreamWriter, content_id: str, reference: str | None = None
-    ) -> str:
-        return self.streams.write_stream(writer, content_id, reference)
-
-    def ensure_stream(
-        self,
-        content_id: str,
-        content_type: int,
-        callback: Callable[[RepoStreamWriter], T],
-        reference: str | None = None,
-    ) -> tuple[str, T | None]:
-        return self.streams.ensure_stream(content_id, content_type, callback, reference)
-
-    def has_stream(self, content_id: str) -> str | None:
-        return self.streams.has_stream(content_id)
-
-    def name_stream(self, content_id: str, name: str) -> None:
-        self.streams.name_stream(content_id, name)
-
-    def has_named_stream(self, name: str) -> bool:
-        return self.streams.has_named_stream(name)
-
-    def remove_stream_ref(self, name: str) -> bool:
-        return self.streams.remove_stream_ref(name)
-
-    def list_stream_refs(self, prefix: str = "") -> list[tuple[str, str]]:
-        return self.streams.list_stream_refs(prefix)
-
-    def stream_id(self, name: str) -> str | None:
-        return self.streams.stream_id(name)
-
-    def open_stream(
-        self,
-        name: str,
-        verity: str | None = None,
-        expected_content_type: int | None = None,
-    ) -> SplitStreamReader:
-        return self.streams.open_stream(name, verity, expected_content_type)
-
-    def cat_stream(
-        self,
-        name: str,
-        out: Writable,
-        verity: str | None = None,
-        expected_content_type: int | None = None,
-    ) -> int:
-        return self.streams.cat_stream(name, out, verity, expected_content_type)
-
-    # -- images (`ImageStore`) ----------------------------------------
-    def write_image(self, data: bytes | bytearray | memoryview, name: str | None = None) -> str:
-        return self.images.write_image(data, name)
-
-    def import_image(self, source: BinaryIO | IO[bytes], name: str | None = None) -> str:
-        return self.images.import_image(source, name)
-
-    def commit_images(self, root: Any, name: str | None = None) -> dict[int, str]:
-        return self.images.commit_images(root, name)
-
-    def commit_image(self, root: Any, name: str | None = None) -> str:
-        return self.images.commit_image(root, name)
-
-    def open_image(self, name: str) -> tuple[int, bool]:
-        return self.images.open_image(name)
-
-    def read_image(self, name: str) -> bytes:
-        return self.images.read_image(name)
-
-    def objects_for_image(self, name: str) -> list[str]:
-        return self.images.objects_for_image(name)
-
-    def mount(
-        self,
-        name: str,
-        mountpoint: str,
-        *,
-        upperdir: str | None = None,
-        workdir: str | None = None,
-        read_write: bool = False,
-    ) -> None:
-        self.images.mount(
-            name, mountpoint, upperdir=upperdir, workdir=workdir, read_write=read_write
-        )
-
-    # -- maintenance --------------------------------------------------
-    def gc(
-        self, roots: Iterable[str] = (), *, dry_run: bool = False, wait: bool = True
-    ) -> GcResult:
-        return self.maintenance.gc(roots, dry_run=dry_run, wait=wait)
-
-    def fsck(self, *, metadata_only: bool = False, threads: int | None = None) -> FsckResult:
-        return self.maintenance.fsck(metadata_only=metadata_only, threads=threads)
+    # Maintenance
+    gc = _via(_maintenance, Maintenance.gc)
+    fsck = _via(_maintenance, Maintenance.fsck)
