@@ -67,7 +67,7 @@ def test_commit_all_formats(tmp_path: Path) -> None:
 def test_image_store_alone(tmp_path: Path) -> None:
     """Images over a bare `ObjectStore` with a fixed format configuration."""
     store = bare_store(tmp_path / "store", "sha512")
-    images = ImageStore(store, lambda: FormatConfig(1))
+    images = ImageStore(store, FormatConfig(1))
     root = Directory(Stat(0o755, mtime=1000))
     root.insert(
         b"/f", Leaf(Stat(0o644, mtime=1000), Regular(5000, digest=store.ensure_object(b"F" * 5000)))

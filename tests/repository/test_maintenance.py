@@ -233,7 +233,7 @@ def test_maintenance_alone(tmp_path: Path) -> None:
     """gc and fsck over bare parts: unreferenced objects go, named ones stay."""
     store = bare_store(tmp_path / "store")
     streams = StreamStore(store)
-    images = ImageStore(store, lambda: FormatConfig(1))
+    images = ImageStore(store, FormatConfig(1))
     m = Maintenance(store, streams, images)
     kept = store.ensure_object(b"K" * 100)
     lost = store.ensure_object(b"L" * 100)

@@ -9,7 +9,6 @@ objects an image references, and mounts one (overlayfs over the image, with
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import IO, Any, BinaryIO
 
 from .. import fsverity
@@ -20,12 +19,15 @@ from .objects import ObjectStore
 
 
 class ImageStore:
-    """The images of a repository, stored in `objects`; `format_config`
-    says which EROFS formats a commit writes."""
+    """The images of a repository, stored in `objects`; `formats` says
+    which EROFS formats a commit writes."""
 
-    def __init__(self, objects: ObjectStore, format_config: Callable[[], FormatConfig]) -> None:
+    def __init__(self, objects: ObjectStore, formats: FormatConfig) -> None:
         self.objects = objects
-        self.format_config = format_config
+        self.formats = formats
+
+    def format_config(self) -> FormatConfig:
+        return self.formats
 
     def write_image(self, data: bytes | bytearray | memoryview, name: str | None = None) -> str:
         """Store an EROFS image, link ``images/<id>`` and optionally

@@ -157,6 +157,14 @@ class ObjectStore:
             os.close(self.dirfd)  # closing drops the flock
             self.dirfd = -1
 
+    def __del__(self) -> None:
+        # The store goes when the last holder does (the Repository, a stream
+        # writer, a part): the lock is released then, not at interpreter exit.
+        try:
+            self.close()
+        except Exception:
+            pass
+
     def ensure_writable(self) -> None:
         """Refuse early if nothing can be written (read-only mount,
         permissions, unknown read-only-compatible features)."""

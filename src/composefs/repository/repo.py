@@ -88,7 +88,9 @@ class Repository:
         self._erofs_override: int | None = None
         self.objects = ObjectStore(path, fd, metadata.algorithm, insecure, read_only)
         self.streams = StreamStore(self.objects)
-        self.images = ImageStore(self.objects, self.format_config)
+        # The parts hold no reference back to the facade: dropping the last
+        # reference to a Repository closes it (and releases its lock) at once.
+        self.images = ImageStore(self.objects, metadata.format_config())
         self.maintenance = Maintenance(self.objects, self.streams, self.images)
 
     # -- opening ---------------------------------------------------------
@@ -227,12 +229,6 @@ class Repository:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
     def fileno(self) -> int:
         """The repository directory fd (holds the lock)."""
         return self.objects.dirfd
@@ -247,6 +243,7 @@ class Repository:
         if version not in (0, 1, 2):
             raise RepositoryError(f"unknown EROFS format version {version}")
         self._erofs_override = version
+        self.images.formats = FormatConfig(version)
 
     def format_config(self) -> FormatConfig:
         if self._erofs_override is not None:
