@@ -10,7 +10,8 @@ The package's rooms (each one testable alone, tests in tests/repository/)::
     maintenance.py  Maintenance: gc and fsck, GcResult / FsckResult / FsckError
     repo.py         Repository: open/init/lock, configuration, delegates to the parts
 
-Imports point one way: _fs <- meta <- objects <- streams, images <- maintenance <- repo.
+Imports point one way: _fs <- meta, objects; objects <- streams, images;
+meta, streams, images <- maintenance <- repo (no part imports the facade).
 
 The on-disk layout is composefs-rs 0.7.0's (``doc/repository.md``), so either
 implementation can read what the other wrote::
