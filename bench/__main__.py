@@ -4,7 +4,10 @@ Every `bench/bench_*.py` module with a `main(argv)` function is a benchmark;
 NAME is its file name with or without the `bench_` prefix (`fsverity` or
 `bench_fsverity`).  Without names all of them run, in name order.  Each
 prints its own figures; a benchmark that raises is reported and the others
-still run (the exit status is then 1).
+still run (the exit status is then 1).  At the end a summary table lists
+every figure a benchmark recorded (`bench.common.record`): ours, the
+reference's from the same run, the ratio and the target.  `FULL=1` in the
+environment runs the long variants as well.
 """
 
 from __future__ import annotations
@@ -63,7 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)} (available: {', '.join(names)})")
     # Benchmarks measure this checkout, installed or not.
     sys.path.insert(0, str(ROOT / "src"))
+    from bench import common
+
+    t0 = time.perf_counter()
     failed = [n for n in wanted if not run_one(n)]
+    table = common.summary_table()
+    if table:
+        print(f"== summary ({time.perf_counter() - t0:.0f} s) ==")
+        print(table, flush=True)
     if failed:
         print(f"bench: failed: {', '.join(failed)}", file=sys.stderr)
         return 1
