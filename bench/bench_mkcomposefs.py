@@ -8,7 +8,7 @@ project (`cs9-x86_64-minimal`, `config`).  The C tools come from
 `bench.common.c_tools()` (built once from Debian's source package).
 
 For each input, whole processes of ours and C's alternate (RUNS times,
-default 3): wall, user+sys CPU and peak RSS, medians.  Our image must be
+default 2, FULL 5): wall, user+sys CPU and peak RSS, medians.  Our image must be
 byte-identical to the expected one.  Targets: mkcomposefs <= 2.0x C in wall,
 CPU and peak RSS; composefs-info dump <= 2.5x C.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common  # noqa: E402
+from bench import common
 
 VECTORS = (common.ROOT.parent / "shared" / "vectors" / "c-mkcomposefs").resolve()
 C_INPUTS = ("cs9-x86_64-developer.dump.gz", "f36-x86_64-silverblue.dump.gz")
@@ -42,7 +42,7 @@ def _inputs(c: common.CTools) -> list[tuple[str, Path]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    runs = int(args[0]) if args else (5 if common.FULL else 3)
+    runs = int(args[0]) if args else (5 if common.FULL else 2)
     c = common.c_tools()
     if c is None:
         print("bench_mkcomposefs: no C reference (see bench/common.py); skipped")

@@ -13,7 +13,12 @@ a docker-registry started on 127.0.0.1 for the run. Then, in the same run:
 * ours, the second image (only its small layer is new)
 * reference: ``skopeo copy`` to an OCI layout + ``umoci unpack`` of it
 
-Targets: faster than skopeo + umoci, peak memory < 200 MB.
+Both sides write onto the same fresh journaled ext4 (a loop filesystem,
+`bench.common.scratch_ext4`), and the registry's blobs are evicted from the
+page cache before every cold pull (ours and the reference's).
+
+Targets: a cold pull <= 0.5x the time of skopeo + umoci, a repeated pull
+< 0.3 s, peak memory < 100 MB; the summary table gets those rows.
 Options: ``--rebuild`` remakes the cached rootfs/image, ``--json FILE``
 writes the figures, ``--runs N`` repeats the cold pulls and keeps the best.
 """
@@ -39,13 +44,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common
+
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "composefs-py" / "bench"
 SUITE = "bookworm"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 TARGET_SECONDS_NOTE = "skopeo+umoci"
-MEMORY_TARGET_MB = 200
+MEMORY_TARGET_MB = 100
+REPEAT_TARGET_S = 0.3
+RATIO_TARGET = 0.5
 
 
 class BenchSkip(Exception):
@@ -382,10 +394,10 @@ def child_main(argv: list[str]) -> int:
         # Transport only: download, verify and decompress every layer.
         import zlib
 
-        from composefs.oci import registry, transports
+        from composefs.oci import image, registry
 
         with registry.open_source(ref) as src:
-            resolved = transports.resolve_manifest(src)
+            resolved = image.resolve_manifest(src)
             total = 0
             for layer in resolved.manifest.layers:
                 d = zlib.decompressobj(31)
@@ -428,7 +440,10 @@ def _main(argv: list[str]) -> int:
 
     layout = prepare(args.rebuild)
     figures: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-oci-pull-") as tmpd:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-oci-pull-") as tmpd,
+        common.scratch_ext4(4000) as scratch,
+    ):
         tmp = Path(tmpd)
         (tmp / "reg").mkdir()
         with local_registry(tmp / "reg") as host:
@@ -448,12 +463,17 @@ def _main(argv: list[str]) -> int:
             # each: the machine is shared, so load drifts during the run.
             best_ref: tuple[float, float, float, float] | None = None
             best: tuple[float, int, Path, float] | None = None
+            storage = tmp / "reg" / "storage"
             for i in range(args.runs):
-                t_copy, c_copy, t_unpack, c_unpack = skopeo_umoci(tmp / f"ref{i}", ref_a)
+                subprocess.run(["sync"], check=True)
+                common.drop_cache(storage)
+                t_copy, c_copy, t_unpack, c_unpack = skopeo_umoci(scratch / f"ref{i}", ref_a)
                 if best_ref is None or t_copy + t_unpack < best_ref[0] + best_ref[2]:
                     best_ref = (t_copy, c_copy, t_unpack, c_unpack)
                 if have_pull:
-                    repo = tmp / f"repo{i}"
+                    repo = scratch / f"repo{i}"
+                    subprocess.run(["sync"], check=True)
+                    common.drop_cache(storage)
                     wall, rss, rep = run_child(["pull", str(repo), ref_a])
                     if best is None or wall < best[0]:
                         best = (wall, rss, repo, rep["cpu"])
@@ -480,6 +500,14 @@ def _main(argv: list[str]) -> int:
             figures["load_average"] = os.getloadavg()[0]
 
     report(figures)
+    if "pull_cold_s" in figures:
+        f = figures
+        common.record("oci pull", "cold pull vs skopeo+umoci, wall", f["pull_cold_s"],
+                      f["skopeo_umoci_s"], RATIO_TARGET)  # fmt: skip
+        common.record("oci pull", "repeated pull, wall", f["pull_repeat_s"], None,
+                      REPEAT_TARGET_S)  # fmt: skip
+        common.record("oci pull", "cold pull peak RSS", f["pull_cold_rss"] / 1e6, None,
+                      MEMORY_TARGET_MB, "MB")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
@@ -509,13 +537,13 @@ def report(f: dict[str, Any]) -> None:
         row("ours: fetch+verify+gunzip only", "fetch_only"),
     ]
     if "pull_cold_s" in f:
-        ok_t = "faster" if f["pull_cold_s"] < f["skopeo_umoci_s"] else "SLOWER"
+        ok_t = f"{f['pull_cold_s'] / f['skopeo_umoci_s']:.2f}x the time of"
         ok_m = "OK" if f["pull_cold_rss"] < MEMORY_TARGET_MB * 1e6 else "OVER"
         lines += [
             row(
                 "ours: pull + image, fresh repo",
                 "pull_cold",
-                f"  [{ok_t} than skopeo+umoci; memory {ok_m} (< {MEMORY_TARGET_MB} MB)]",
+                f"  [{ok_t} skopeo+umoci; memory {ok_m} (< {MEMORY_TARGET_MB} MB)]",
             ),
             row("ours: repeated pull", "pull_repeat"),
             row("ours: 2nd image, shared base", "pull_shared_base"),
