@@ -123,37 +123,78 @@ class _XattrCodec:
 class _Inode:
     """One inode to write, with the layout facts the two passes share.
 
-    Class attributes are the defaults; an inode stores only what differs
-    (tens of thousands are created per image, so fewer stores matter).
+    Slots, not a per-instance dict: a dict grown attribute by attribute
+    through the passes ends at ~830 bytes an inode (plus the resizes on the
+    way); the slots take ~290 (about 60 MB less at the peak of a 112k-entry
+    image, and a faster layout pass).
     """
 
-    size = 0
-    rdev = 0
-    data: bytes | None = None  # inline file content or symlink target
-    external = False
-    chunk_format = 0
-    chunk_count = 0
-    nlink = 1
+    __slots__ = (
+        "blkaddr",
+        "chunk_count",
+        "chunk_format",
+        "compact",
+        "data",
+        "dir_starts",
+        "entries",
+        "external",
+        "ftype",
+        "gid",
+        "ino",
+        "ipad",
+        "metacopy",
+        "mode",
+        "mtime",
+        "n_blocks",
+        "nid",
+        "nlink",
+        "nsec",
+        "plain",
+        "rdev",
+        "redirect",
+        "shared",
+        "size",
+        "tail",
+        "uid",
+        "xattr_local",
+        "xattr_size",
+        "xattrs",
+        "xfilter",
+    )
+    ftype: int
+    mode: int
+    uid: int
+    gid: int
+    mtime: int
+    nsec: int
+    xattrs: dict[bytes, bytes]
+    size: int
+    rdev: int
+    data: bytes | None  # inline file content or symlink target
+    external: bool
+    chunk_format: int
+    chunk_count: int
+    nlink: int
     # directory entries including "." and "..", sorted by name
-    entries: Sequence[tuple[bytes, _Inode]] = ()
-    dir_starts: Sequence[int] = ()  # index of the first entry of each dirent block
-    shared: Sequence[int] = ()
+    entries: Sequence[tuple[bytes, _Inode]]
+    dir_starts: Sequence[int]  # index of the first entry of each dirent block
+    shared: Sequence[int]
     # epoch 1, an external file with no xattrs of its own: its overlay
     # metacopy/redirect values are kept here instead of in `xattrs`
     # (the common case, handled in bulk by _share_epoch1)
-    plain = False
-    metacopy = b""
-    redirect: bytes | None = None
-    xattr_local = b""
-    xattr_size = 0
-    xfilter = 0
-    n_blocks = 0
-    tail = 0
-    compact = False
-    nid = 0
-    ipad = 0
-    ino = 0
-    blkaddr = 0
+    plain: bool
+    metacopy: bytes
+    redirect: bytes | None
+    xattr_local: bytes
+    xattr_size: int
+    xfilter: int
+    n_blocks: int
+    tail: int
+    compact: bool
+    nid: int
+    ipad: int
+    ino: int
+    blkaddr: int
 
     def __init__(self, ftype: int, mode: int, st: Stat, xattrs: dict[bytes, bytes]) -> None:
         self.ftype = ftype
@@ -163,6 +204,32 @@ class _Inode:
         self.mtime = st.mtime
         self.nsec = st.mtime_nsec
         self.xattrs = xattrs
+        self._defaults()
+
+    def _defaults(self) -> None:
+        self.size = 0
+        self.rdev = 0
+        self.data = None
+        self.external = False
+        self.chunk_format = 0
+        self.chunk_count = 0
+        self.nlink = 1
+        self.entries = ()
+        self.dir_starts = ()
+        self.shared = ()
+        self.plain = False
+        self.metacopy = b""
+        self.redirect = None
+        self.xattr_local = b""
+        self.xattr_size = 0
+        self.xfilter = 0
+        self.n_blocks = 0
+        self.tail = 0
+        self.compact = False
+        self.nid = 0
+        self.ipad = 0
+        self.ino = 0
+        self.blkaddr = 0
 
 
 # --------------------------------------------------------------------------
@@ -485,22 +552,13 @@ def _collect_epoch1_pass(
                 path = c.payload
                 if path is None and digest is not None:
                     path = f"{digest[:2]}/{digest[2:]}".encode()
-                li = _Inode.__new__(_Inode)
-                li.__dict__ = {
-                    "ftype": S_IFREG,
-                    "mode": S_IFREG | (st.mode & 0o7777),
-                    "uid": st.uid,
-                    "gid": st.gid,
-                    "mtime": st.mtime,
-                    "nsec": st.mtime_nsec,
-                    "xattrs": {},
-                    "size": c.size,
-                    "external": True,
-                    "plain": True,
-                    "metacopy": b"" if digest is None else _metacopy(digest),
-                    "redirect": b"/" + path if path else None,
-                    "nlink": nl if nl is not None else n,
-                }
+                li = _Inode(S_IFREG, S_IFREG | (st.mode & 0o7777), st, {})
+                li.size = c.size
+                li.external = True
+                li.plain = True
+                li.metacopy = b"" if digest is None else _metacopy(digest)
+                li.redirect = b"/" + path if path else None
+                li.nlink = nl if nl is not None else n
                 if n > 1:
                     leaf_inodes[lid] = li
                 append(li)
