@@ -179,11 +179,17 @@ def scaling_repo() -> None:
             path = scratch / f"repo{n}"
             repo = _build_repo(path, n)
             objects = sum(len(files) for _, _, files in os.walk(path / "objects"))
-            times = []
-            for op in ("fsck", "gc"):
-                w0, c0 = time.perf_counter(), time.process_time()
-                getattr(repo, op)()
-                times += [time.perf_counter() - w0, time.process_time() - c0]
+            times: list[float] = []
+            for op, repeat in (("fsck", 3), ("gc", 1)):
+                # fsck changes nothing: the best of 3 (the machine is shared);
+                # gc only deletes the first time, so it runs once.
+                best = (float("inf"), float("inf"))
+                for _ in range(repeat):
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    getattr(repo, op)()
+                    run = (time.perf_counter() - w0, time.process_time() - c0)
+                    best = min(best, run, key=lambda t: t[1])
+                times += best
             repo.close()  # type: ignore[attr-defined]
             rows[n] = (times[0] / objects, times[1] / objects, times[2] / objects,
                        times[3] / objects)  # fmt: skip

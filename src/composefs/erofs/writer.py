@@ -204,9 +204,6 @@ class _Inode:
         self.mtime = st.mtime
         self.nsec = st.mtime_nsec
         self.xattrs = xattrs
-        self._defaults()
-
-    def _defaults(self) -> None:
         self.size = 0
         self.rdev = 0
         self.data = None
@@ -547,7 +544,7 @@ def _collect_epoch1_pass(
             st = child.stat
             if type(c) is Regular and c.data is None and c.size > 0 and not st.xattrs:
                 # The most common leaf by far: external content and no xattrs
-                # of its own (what `_leaf_inode` does, in one dict build).
+                # of its own (what `_leaf_inode` does, without its branches).
                 digest = c.digest
                 path = c.payload
                 if path is None and digest is not None:
