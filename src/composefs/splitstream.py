@@ -211,7 +211,11 @@ class SplitStreamWriter:
             return
         self.total_size += n
         self.inline_size += n
-        self._pending_len += n
+        self._append_inline(data)
+
+    def _append_inline(self, data: bytes | bytearray | memoryview) -> None:
+        # The stream body part of `write_inline` (counters already updated).
+        self._pending_len += len(data)
         if self._pending_spill is not None:
             self._pending_spill.write(data)
             return
@@ -224,11 +228,15 @@ class SplitStreamWriter:
     def write_reference(self, object_id: str, size: int) -> None:
         """Append an external chunk: the stored object `object_id` of `size` bytes."""
         self._check_open()
+        self._append_reference(object_id)
+        self.total_size += size
+        self.external_size += size
+
+    def _append_reference(self, object_id: str) -> None:
+        # The stream body part of `write_reference`.
         idx = self.add_object_ref(object_id)
         self._flush_inline()
         self._stream.write(self._compressor.compress(_I64.pack(idx)))
-        self.total_size += size
-        self.external_size += size
 
     def _flush_inline(self) -> None:
         n = self._pending_len

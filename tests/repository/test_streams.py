@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from repotestlib import bare_store
 
-from composefs.errors import NotFoundError, SplitstreamError
+from composefs.errors import NotFoundError, RepositoryError, SplitstreamError
 from composefs.repository import (
     Repository,
     StreamStore,
@@ -84,3 +84,45 @@ def test_stream_store_alone(tmp_path: Path) -> None:
     with streams.open_stream("content-1") as r:
         assert r.object_refs == [ext]
     store.close()
+
+
+def _queued_vs_direct(repo: Repository, queued: bool, records: list[bytes | str]) -> str:
+    w = repo.create_stream(CONTENT_OCI_LAYER)
+    for r in records:
+        if isinstance(r, str):
+            w.write_inline(r.encode())
+        elif queued:
+            w.queue_external_stream(io.BytesIO(r), len(r))
+        else:
+            w.write_external_stream(io.BytesIO(r), len(r))
+    assert w.inline_size == sum(len(r) for r in records if isinstance(r, str))
+    return repo.store_stream(w)
+
+
+def test_queue_external_stream_same_stream_as_direct(repo: Repository) -> None:
+    # Small objects stored in the background, interleaved with inline data,
+    # one above the in-memory threshold (stored in the caller's thread) and
+    # more than the queue bound: the splitstream is byte-identical.
+    records: list[bytes | str] = []
+    for i in range(300):
+        records.append(f"header {i}")
+        records.append(os.urandom(100 + 97 * i) if i % 7 else b"same content" * 50)
+    records.insert(150, os.urandom((1 << 20) + 5))
+    queued = _queued_vs_direct(repo, True, records)
+    direct = _queued_vs_direct(repo, False, records)
+    assert queued == direct
+    out = io.BytesIO()
+    with SplitStreamReader(repo.open_object_file(queued), owns_source=True) as reader:
+        reader.cat(out, repo.open_object_file)
+    assert out.getvalue() == b"".join(r.encode() if isinstance(r, str) else r for r in records)
+
+
+def test_queue_external_stream_failure_surfaces(repo: Repository) -> None:
+    w = repo.create_stream(CONTENT_OCI_LAYER)
+    w.queue_external_stream(io.BytesIO(b"x" * 5000), 5000)
+    with pytest.raises(RepositoryError, match="short read"):
+        w.queue_external_stream(io.BytesIO(b"y" * 10), 5000)
+    w.close()  # stops the background thread; nothing was named
+    assert w._pool is None
+    with pytest.raises(SplitstreamError):
+        w.write_inline(b"more")

@@ -217,7 +217,7 @@ class _LayerSink:
         pass
 
     def external(self, entry: _tar.TarEntry, content: _tar.ContentReader) -> None:
-        self.writer.write_external_stream(content, entry.size)
+        self.writer.queue_external_stream(content, entry.size)
         self.stats.objects_copied += 1
         self.stats.bytes_copied += entry.size
 

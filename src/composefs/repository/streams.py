@@ -10,26 +10,45 @@ from __future__ import annotations
 
 import os
 import stat
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, BinaryIO, TypeVar
 
 from .. import fsverity
 from ..errors import NotFoundError, RepositoryError
 from ..splitstream import SplitStreamReader, SplitStreamWriter, Writable
-from ._fs import _check_relpath
-from .objects import FdWriter, ObjectStore, TmpObject
+from ._fs import _check_relpath, _read_exactly
+from .objects import _SMALL_OBJECT, FdWriter, ObjectStore, TmpObject
 
 T = TypeVar("T")
+
+
+# Objects queued for the background store: at most this many bytes (and
+# entries) in flight, so memory stays bounded whatever the layer holds.
+_QUEUE_BYTES = 4 << 20
+_QUEUE_ENTRIES = 64
 
 
 class RepoStreamWriter(SplitStreamWriter):
     """A splitstream writer bound to a repository: `write_external*` store
     the data as an object and reference it. Finish it with
-    `StreamStore.write_stream` (or `StreamStore.store_stream`)."""
+    `StreamStore.write_stream` (or `StreamStore.store_stream`).
+
+    `queue_external_stream` hands small objects to one background thread
+    (hashing and writing them while the caller parses what follows: a
+    layer import uses both CPUs); the stream records stay in order, and
+    `finish` waits for every queued object.
+    """
 
     def __init__(self, repo: ObjectStore, content_type: int) -> None:
         super().__init__(repo.algorithm, content_type)
         self.repo = repo
+        # Stream records waiting for an object ahead of them: (future object
+        # id, None, size) for a reference, (None, data, size) for inline data.
+        self._queue: deque[tuple[Future[str] | None, bytes | None, int]] = deque()
+        self._queued_bytes = 0
+        self._pool: ThreadPoolExecutor | None = None
 
     def write_external(self, data: bytes | bytearray | memoryview) -> str:
         """Store `data` as an object and append a reference to it."""
@@ -43,6 +62,85 @@ class RepoStreamWriter(SplitStreamWriter):
         object_id, n = self.repo.store_from_stream(source, size, check_writable=False)
         self.write_reference(object_id, n)
         return object_id
+
+    def queue_external_stream(self, source: BinaryIO | IO[bytes], size: int) -> None:
+        """`write_external_stream` of exactly `size` bytes, with a small
+        object stored in the background (its id is not returned)."""
+        self._check_open()
+        if size > _SMALL_OBJECT:
+            object_id, n = self.repo.store_from_stream(source, size, check_writable=False)
+            self.write_reference(object_id, n)
+            return
+        data = _read_exactly(source, size)
+        if self._pool is None:
+            # Lazily opened state, set up here rather than raced for.
+            self.repo.objects_fd()
+            self.repo.ensure_writable_once()
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="object-store")
+        fut = self._pool.submit(self.repo.store_bytes, data, check_writable=False)
+        self.total_size += size
+        self.external_size += size
+        self._queue.append((fut, None, size))
+        self._queued_bytes += size
+        self._apply_queue(block=True)
+
+    def write_inline(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._queue:
+            super().write_inline(data)
+            return
+        self._check_open()
+        if data:
+            self.total_size += len(data)
+            self.inline_size += len(data)
+            self._queue.append((None, bytes(data), len(data)))
+            self._queued_bytes += len(data)
+            self._apply_queue(block=True)
+
+    def write_reference(self, object_id: str, size: int) -> None:
+        self._apply_queue(block=True, everything=True)
+        super().write_reference(object_id, size)
+
+    def _apply_queue(self, *, block: bool, everything: bool = False) -> None:
+        """Write the queued records whose objects are stored, in order;
+        with `block`, wait while the queue is over its bounds (or, with
+        `everything`, until it is empty). Without `block` it never waits."""
+        queue = self._queue
+        while queue:
+            fut, data, nbytes = queue[0]
+            if fut is not None and not fut.done():
+                over = self._queued_bytes > _QUEUE_BYTES or len(queue) > _QUEUE_ENTRIES
+                if not (block and (everything or over)):
+                    return
+            queue.popleft()
+            self._queued_bytes -= nbytes
+            if fut is None:
+                assert data is not None
+                self._append_inline(data)
+            else:
+                self._append_reference(fut.result())  # a failed store raises here
+
+    def finish(self, out: Writable) -> int:
+        self._apply_queue(block=True, everything=True)
+        self._shutdown()
+        return super().finish(out)
+
+    @property
+    def object_refs(self) -> list[str]:
+        self._apply_queue(block=True, everything=True)
+        return super().object_refs
+
+    def close(self) -> None:
+        for fut, _, _ in self._queue:
+            if fut is not None:
+                fut.cancel()
+        self._queue.clear()
+        self._shutdown()
+        super().close()
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def write_external_file(self, path_or_fd: str | os.PathLike[str] | int) -> str:
         """Store a file's content (reflinked when possible) and reference it."""
