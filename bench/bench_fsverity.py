@@ -10,7 +10,7 @@ read the same cached data, so this measures hashing, not the disk):
   against one `fsverity digest` process per file, run concurrently.
 
 Each figure is the best of RUNS (default 3 in FULL mode, else 2, with
-256 MiB / 4 x 64 MiB files instead of 1 GiB / 4 x 256 MiB) runs, ours and theirs
+128 MiB / 4 x 32 MiB files instead of 1 GiB / 4 x 256 MiB) runs, ours and theirs
 interleaved, in MB/s (10^6 bytes per second).
 
 Run: `python -m bench fsverity` or
@@ -116,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
 
     full = common.FULL  # the default run stays short (make bench: <= 3 minutes in all)
     ap.add_argument(
-        "--size-mib", type=int, default=1024 if full else 256, help="the single large file (MiB)"
+        "--size-mib", type=int, default=1024 if full else 128, help="the single large file (MiB)"
     )
     ap.add_argument("--files", type=int, default=4, help="how many files in the parallel case")
     ap.add_argument(
-        "--file-mib", type=int, default=256 if full else 64, help="size of each of those (MiB)"
+        "--file-mib", type=int, default=256 if full else 32, help="size of each of those (MiB)"
     )
     ap.add_argument("--runs", type=int, default=3 if full else 2)
     ap.add_argument("--dir", default=None, help="where to put the test files (default: $TMPDIR)")

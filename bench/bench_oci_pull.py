@@ -326,20 +326,12 @@ def _skopeo(*args: str) -> None:
 def run_child(args: list[str]) -> tuple[float, int, dict[str, Any]]:
     """Run this file as a child; wall seconds, peak RSS (bytes), its JSON report
     (plus the child's CPU seconds as "cpu": the machine is often shared)."""
-    t0 = time.monotonic()
-    proc = subprocess.Popen(
+    usage, out = common.run_capture(
         [sys.executable, os.path.abspath(__file__), "--child", *args], stdout=subprocess.PIPE
     )
-    assert proc.stdout is not None
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"oci_pull: child {' '.join(args)} failed with {proc.returncode}")
     rep = json.loads(out or b"{}")
-    rep["cpu"] = usage.ru_utime + usage.ru_stime
-    return wall, usage.ru_maxrss * 1024, rep
+    rep["cpu"] = usage.cpu
+    return usage.wall, usage.rss, rep
 
 
 def run_timed(cmd: list[str]) -> tuple[float, float]:

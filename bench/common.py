@@ -123,6 +123,9 @@ class Usage:
         return self.rss / 1e6
 
 
+GNU_TIME = "/usr/bin/time"
+
+
 def run(
     cmd: Sequence[str],
     *,
@@ -130,14 +133,44 @@ def run(
     stdout: int | None = subprocess.DEVNULL,
 ) -> Usage:
     """Run `cmd` to completion: its wall time, user+sys CPU and peak RSS."""
-    t0 = time.monotonic()
-    proc = subprocess.Popen(list(cmd), env=env, stdout=stdout, stdin=subprocess.DEVNULL)
-    _, status, ru = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench: {' '.join(cmd)} failed with status {proc.returncode}")
-    return Usage(wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024)
+    return run_capture(cmd, env=env, stdout=stdout)[0]
+
+
+def run_capture(
+    cmd: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    stdout: int | None = subprocess.DEVNULL,
+) -> tuple[Usage, bytes]:
+    """`run`, also returning the standard output when `stdout` is PIPE.
+
+    The peak RSS comes from GNU time, a small process that starts `cmd`:
+    the ru_maxrss that wait4() reports for our own child counts the memory
+    of this (large) Python process at fork/exec time as the child's.
+    """
+    rss_file = None
+    argv = list(cmd)
+    if os.path.exists(GNU_TIME):
+        fd, rss_file = tempfile.mkstemp(prefix="bench-rss-")
+        os.close(fd)
+        argv = [GNU_TIME, "-f", "%M", "-o", rss_file, *argv]
+    try:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, env=env, stdout=stdout, stdin=subprocess.DEVNULL)
+        out = proc.stdout.read() if proc.stdout is not None else b""
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.monotonic() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench: {' '.join(cmd)} failed with status {proc.returncode}")
+        rss = ru.ru_maxrss * 1024
+        if rss_file is not None:
+            lines = Path(rss_file).read_text().split()
+            rss = int(lines[-1]) * 1024
+    finally:
+        if rss_file is not None:
+            os.unlink(rss_file)
+    return Usage(wall, ru.ru_utime + ru.ru_stime, rss), out
 
 
 def median_usage(samples: Sequence[Usage]) -> Usage:

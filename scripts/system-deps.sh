@@ -21,6 +21,7 @@ if [ "${1:-}" != demo ]; then
     want qemu-system-x86_64 qemu-system-x86
     want meson meson            # bench: builds C composefs 1.0.8 as the same-run reference
     want ninja ninja-build
+    [ -x /usr/bin/time ] || need="$need time"  # bench: a child's own peak RSS
     dpkg -s libssl-dev >/dev/null 2>&1 || need="$need libssl-dev"
     dpkg -s busybox-static >/dev/null 2>&1 || need="$need busybox-static"
 fi
