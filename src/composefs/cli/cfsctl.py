@@ -581,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The OCI group is optional; a broken module must fail loudly, not vanish.
     if importlib.util.find_spec(f"{__package__}.oci") is not None:
         importlib.import_module(f"{__package__}.oci").add_parser(sub)
+    importlib.import_module(f"{__package__}.varlink").add_parser(sub)
     return p
 
 
