@@ -262,6 +262,25 @@ def _activation_socket() -> socket.socket | None:
     return socket.socket(fileno=3)
 
 
+def _bind(path: str, mode: int) -> socket.socket:
+    """A Unix socket bound at `path` with permissions `mode` from the start
+    (no window in which others could connect)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # a stale socket of an earlier run
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise ComposefsError(f"cannot bind varlink socket {path}: {e.strerror}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    return sock
+
+
 def parse_address(address: str) -> str:
     """``unix:PATH`` (varlink address syntax) or a bare path."""
     if address.startswith("unix:"):
@@ -301,21 +320,16 @@ async def serve(
         sock.setblocking(False)
         transport = VarlinkTransport(loop, sock, sock, factory())
         transport.closed_future.add_done_callback(lambda _f: stop.set())
-    elif sock is not None:
-        server = await create_unix_server(factory, sock=sock)
     else:
-        if address is None:
-            raise ComposefsError("no --address given and not socket-activated")
-        path = parse_address(address)
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)  # a stale socket of an earlier run
-        old = os.umask(0o777 & ~socket_mode)
-        try:
-            server = await create_unix_server(factory, path)
-        finally:
-            os.umask(old)
-        os.chmod(path, socket_mode)
+        if sock is None:
+            if address is None:
+                raise ComposefsError("no --address given and not socket-activated")
+            path = parse_address(address)
+            sock = _bind(path, socket_mode)
+        server = await create_unix_server(factory, sock=sock)
+        # asyncvarlink listens with a backlog of 1: concurrent clients would
+        # get EAGAIN from connect(). Listening again raises the backlog.
+        sock.listen(socket.SOMAXCONN)
     if ready is not None:
         ready.set()
     try:

@@ -329,7 +329,7 @@ class Service:
                 objects = await self._run(repo.objects_for_image, p["name"])
             except NotFoundError:
                 raise _err(REPO, "NoSuchRef", reference=p["name"]) from None
-        return {"object_ids": sorted(objects)}
+        return {"object_ids": sorted(repo.to_id(o) for o in objects)}
 
     def _mount_fd(self, repo: Any, name: str, options: dict[str, Any], fds: list[int]) -> int:
         """A detached mount of image `name`; `fds` are (upperdir, workdir)
