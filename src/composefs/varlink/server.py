@@ -102,9 +102,12 @@ class Connection(VarlinkServerProtocol):
         self._calls: set[Call] = set()
         self._pending = 0  # bytes received since the last NUL
         self._fileno = -1
+        self._overflowed = False
 
     # -- protocol-level robustness ---------------------------------------------
     def message_received(self, data: bytes, fds: FileDescriptorArray | None) -> None:
+        if self._overflowed:
+            return  # hanging up; the rest of the oversized message is dropped
         nul = data.rfind(b"\0")
         self._pending = self._pending + len(data) if nul < 0 else len(data) - nul - 1
         if self._pending > MAX_MESSAGE:
@@ -112,6 +115,7 @@ class Connection(VarlinkServerProtocol):
             if fds:
                 for fd in fds:
                     fd.close()
+            self._overflowed = True
             sent = self.send_error(_error(PROTOCOL_VIOLATION, reason="message too large"))
             sent.add_done_callback(lambda _f: self.close())
             return
