@@ -120,7 +120,9 @@ def test_wire_format(raw: RawClient) -> None:
     second = json.loads(raw.recv_raw())
     assert second["parameters"]["description"].startswith("interface org.composefs.Oci\n")
     # Errors: {"error": NAME, "parameters": {...}}, also NUL-terminated.
-    raw.send_raw(b'{"method":"org.composefs.Repository.CloseRepository","parameters":{"handle":77}}\0')
+    raw.send_raw(
+        b'{"method":"org.composefs.Repository.CloseRepository","parameters":{"handle":77}}\0'
+    )
     assert json.loads(raw.recv_raw()) == {
         "error": f"{REPO}.InvalidHandle", "parameters": {"handle": 77},
     }  # fmt: skip
@@ -287,7 +289,7 @@ def _connect_as_nobody(path: str) -> subprocess.CompletedProcess[str]:
         "s=socket.socket(socket.AF_UNIX)\n"
         "try:\n s.connect(sys.argv[1])\n"
         "except PermissionError:\n print('EACCES'); sys.exit(0)\n"
-        "s.sendall(b'{\"method\":\"org.varlink.service.GetInfo\"}\\0')\n"
+        's.sendall(b\'{"method":"org.varlink.service.GetInfo"}\\0\')\n'
         "print(s.recv(65536).split(b'\\0')[0].decode())\n"
     )
     # The system python: the venv's may not be readable by nobody.

@@ -179,9 +179,7 @@ def test_list_images_inspect_tag_untag(client: varlink.Client, pulled: Path) -> 
         o.Tag(handle=h, manifest_digest=entry["manifest_digest"], name="alias:v2")
         names = sorted(i["name"] for i in o.ListImages(handle=h)["images"])
         assert names == ["alias:v2", "one"]
-        assert [i["name"] for i in o.ListImages(handle=h, filter="alias")["images"]] == [
-            "alias:v2"
-        ]
+        assert [i["name"] for i in o.ListImages(handle=h, filter="alias")["images"]] == ["alias:v2"]
         assert o.ListImages(handle=h, filter="zzz")["images"] == []
 
         got = o.Inspect(handle=h, image="alias:v2")
