@@ -45,6 +45,8 @@ REFERENCE: dict[str, dict[str, Any]] = {
         "methods": {
             "InitRepository": ("path: string, algorithm: ?string, insecure: ?bool",
                                "created: bool"),
+            "EnsureRepository": ("path: string, algorithm: ?string, insecure: ?bool",
+                                 "status: EnsureStatus"),
             "OpenRepository": ("path: ?string, user: ?bool, system: ?bool",
                                "handle: int, hash_algorithm: ?string, objects_device_id: ?int"),
             "CloseRepository": ("handle: int", ""),
@@ -55,6 +57,7 @@ REFERENCE: dict[str, dict[str, Any]] = {
                      "errors: []string"),
             "Gc": ("handle: int, dry_run: bool, roots: []string", "result: GcResult, dry_run: bool"),
             "ImageObjects": ("handle: int, name: string", "object_ids: []string"),
+            "ListImageRefs": ("handle: int", "images: []ImageRefEntry"),
             "Mount": ("handle: int, name: string, options: MountParams", "fd_index: int"),
         },
         "errors": {

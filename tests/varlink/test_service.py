@@ -89,6 +89,40 @@ def test_init_sha256_and_conflict(raw: RawClient, tmp_path: Path) -> None:
     assert err.error == f"{REPO}.InvalidSpec"
 
 
+def test_ensure_repository(raw: RawClient, tmp_path: Path) -> None:
+    path = tmp_path / "a" / "repo"
+    params = {"path": str(path), "insecure": True}
+    assert raw.call(f"{REPO}.EnsureRepository", params) == {"status": "Created"}
+    assert raw.call(f"{REPO}.EnsureRepository", params) == {"status": "Opened"}
+    # Another algorithm requested: the existing repository is kept, not an error.
+    params["algorithm"] = "fsverity-sha256-12"
+    assert raw.call(f"{REPO}.EnsureRepository", params) == {"status": "Opened"}
+    assert "sha512" in (path / "meta.json").read_text()
+    # A legacy repository (objects, no meta.json) is upgraded in place.
+    tree = tmp_path / "tree"
+    (tree / "usr").mkdir(parents=True)
+    (tree / "usr" / "f").write_bytes(b"x" * 8192)
+    cfsctl("--repo", str(path), "create-image", str(tree))
+    (path / "meta.json").unlink()
+    assert raw.call(f"{REPO}.EnsureRepository", params) == {"status": "Upgraded"}
+    assert (path / "meta.json").exists()
+
+
+def test_list_image_refs(raw: RawClient, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    cfsctl("--repo", str(repo), "init", "--insecure")
+    tree = tmp_path / "tree"
+    (tree / "usr").mkdir(parents=True)
+    (tree / "usr" / "f").write_text("x\n")
+    image_id = cfsctl("--repo", str(repo), "create-image", str(tree), "base").stdout.strip()
+    cfsctl("--repo", str(repo), "create-image", str(tree), "sub/other")
+    h = open_handle(raw, repo)
+    hexid = image_id.split(":", 1)[-1]
+    assert raw.call(f"{REPO}.ListImageRefs", {"handle": h}) == {
+        "images": [{"name": "base", "digest": hexid}, {"name": "sub/other", "digest": hexid}]
+    }
+
+
 def test_open_errors(raw: RawClient, tmp_path: Path) -> None:
     err = expect_error(raw, f"{REPO}.OpenRepository", {"path": str(tmp_path / "nope")})
     assert err.error == f"{REPO}.RepoNotFound"

@@ -46,11 +46,13 @@ _MOUNT_PARAMS = {"overlay": "?bool", "read_write": "?bool"}
 
 SIGNATURES: dict[str, dict[str, str]] = {
     f"{REPO}.InitRepository": {"path": "string", "algorithm": "?string", "insecure": "?bool"},
+    f"{REPO}.EnsureRepository": {"path": "string", "algorithm": "?string", "insecure": "?bool"},
     f"{REPO}.OpenRepository": {"path": "?string", "user": "?bool", "system": "?bool"},
     f"{REPO}.CloseRepository": {"handle": "int"},
     f"{REPO}.Fsck": {"handle": "int", "metadata_only": "?bool"},
     f"{REPO}.Gc": {"handle": "int", "dry_run": "bool", "roots": "[]string"},
     f"{REPO}.ImageObjects": {"handle": "int", "name": "string"},
+    f"{REPO}.ListImageRefs": {"handle": "int"},
     f"{REPO}.Mount": {"handle": "int", "name": "string", "options": "MountParams"},
     f"{OCI}.ListImages": {"handle": "int", "filter": "?string"},
     f"{OCI}.Check": {"handle": "int", "image": "?string"},
@@ -174,11 +176,13 @@ class Service:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="varlink")
         self._handlers: dict[str, Callable[[Call], Awaitable[Any]]] = {
             f"{REPO}.InitRepository": self.init_repository,
+            f"{REPO}.EnsureRepository": self.ensure_repository,
             f"{REPO}.OpenRepository": self.open_repository,
             f"{REPO}.CloseRepository": self.close_repository,
             f"{REPO}.Fsck": self.fsck,
             f"{REPO}.Gc": self.gc,
             f"{REPO}.ImageObjects": self.image_objects,
+            f"{REPO}.ListImageRefs": self.list_image_refs,
             f"{REPO}.Mount": self.mount,
             f"{OCI}.ListImages": self.list_images,
             f"{OCI}.Check": self.check,
@@ -260,6 +264,35 @@ class Service:
 
         return {"created": await self._run(work)}
 
+    async def ensure_repository(self, call: Call) -> Reply:
+        """Open as-is (``Opened``), upgrade a legacy repository in place
+        (``Upgraded``) or create one (``Created``); unlike InitRepository
+        an existing repository's configuration is never an error."""
+        from ..repository import REPO_METADATA_FILENAME, Repository, algorithm_from_string
+
+        p = call.params
+        try:
+            algorithm = algorithm_from_string(p["algorithm"] or "fsverity-sha512-12")
+        except ComposefsError as e:
+            raise _err(REPO, "InvalidSpec", message=f"invalid algorithm: {_msg(e)}") from None
+        insecure = self.insecure if p["insecure"] is None else p["insecure"]
+        path = p["path"]
+
+        def work() -> str:
+            if os.path.exists(os.path.join(path, REPO_METADATA_FILENAME)):
+                status = "Opened"
+            elif os.path.isdir(os.path.join(path, "objects")):
+                status = "Upgraded"
+            else:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                repo, _created = Repository.init(path, algorithm=algorithm, insecure=insecure)
+                repo.close()
+                return "Created"
+            Repository.open(path, upgrade=True, insecure=insecure).close()
+            return status
+
+        return {"status": await self._run(work)}
+
     async def open_repository(self, call: Call) -> Reply:
         from ..repository import Repository, system_path, user_path
 
@@ -330,6 +363,29 @@ class Service:
             except NotFoundError:
                 raise _err(REPO, "NoSuchRef", reference=p["name"]) from None
         return {"object_ids": sorted(repo.to_id(o) for o in objects)}
+
+    async def list_image_refs(self, call: Call) -> Reply:
+        with self._use(call.params["handle"], REPO) as repo:
+            top = os.path.join(repo.path, "images", "refs")
+
+            def work() -> list[dict[str, str]]:
+                out = []
+                # A ref is a symlink to ../../<id> (a file, so never in dirnames).
+                for dirpath, dirnames, filenames in os.walk(top):
+                    dirnames.sort()
+                    for name in sorted(filenames):
+                        full = os.path.join(dirpath, name)
+                        if os.path.islink(full):
+                            target = os.readlink(full).rstrip("/")
+                            out.append(
+                                {
+                                    "name": os.path.relpath(full, top),
+                                    "digest": target.rsplit("/", 1)[-1],
+                                }
+                            )
+                return out
+
+            return {"images": await self._run(work)}
 
     def _mount_fd(self, repo: Any, name: str, options: dict[str, Any], fds: list[int]) -> int:
         """A detached mount of image `name`; `fds` are (upperdir, workdir)
