@@ -524,3 +524,38 @@ def test_disconnect_mid_pull(service: Service, repo: Path, tmp_path: Path) -> No
         assert c2.call(f"{OCI}.ListImages", {"handle": h}) == {"images": []}
         assert c2.call(f"{REPO}.Fsck", {"handle": h})["ok"] is True
     assert service.alive()
+
+
+def test_pull_bootable(raw: RawClient, repo: Path, tmp_path: Path) -> None:
+    """``bootable``: the boot image is generated, recorded (Inspect shows it),
+    equals ComputeId(bootable) and the CLI's, and OciMount can mount it."""
+    from conftest import LayoutBuilder, layer
+
+    lay = tmp_path / "bootlay"
+    b = LayoutBuilder(lay)
+    files = {"usr/lib/os-release": b"ID=test\n", "boot/vmlinuz-1": b"K" * 5000}
+    b.tag(b.image([layer(files, dirs=("sysroot",))]), "boot")
+    h = open_handle(raw, repo)
+    params = {"handle": h, "image": f"oci:{lay}:boot", "name": "boot", "local_fetch": "auto",
+              "bootable": True}  # fmt: skip
+    completed = raw.call_more(f"{OCI}.Pull", params)[-1]["completed"]
+    boot_image = completed["boot_image"]
+    assert boot_image and completed["boot_image_format_version"]
+    inspect = raw.call(f"{OCI}.Inspect", {"handle": h, "image": "boot"})
+    assert inspect["composefs_boot_erofs"] == boot_image != inspect["composefs_erofs"]
+    computed = raw.call(f"{OCI}.ComputeId", {"handle": h, "image": "boot", "bootable": True})
+    assert computed == {"image_id": boot_image}
+    cli = cfsctl("--repo", str(repo), "oci", "compute-id", "--bootable", "boot").stdout.strip()
+    assert cli == boot_image
+    if os.geteuid() == 0:
+        params = {"handle": h, "image": "boot", "bootable": True, "options": {}}
+        assert raw.call(f"{OCI}.OciMount", params) == {"fd_index": 0}
+        (fd,) = raw.take_fds()
+        try:
+            boot = os.open("boot", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            try:
+                assert os.listdir(boot) == []  # emptied for boot
+            finally:
+                os.close(boot)
+        finally:
+            os.close(fd)
