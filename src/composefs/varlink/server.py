@@ -233,6 +233,7 @@ class Connection(VarlinkServerProtocol):
             raise _error(e.error, **e.parameters) from None
         finally:
             watcher.cancel()
+            call.close_fds()  # Pull takes none
             self._calls.discard(call)
             await frames.aclose()  # type: ignore[attr-defined]
 
