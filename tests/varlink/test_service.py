@@ -296,14 +296,16 @@ def test_pull_streams_progress(raw: RawClient, repo: Path, layout: Layout) -> No
 
 
 def test_pull_without_more(client: varlink.Client, repo: Path, layout: Layout) -> None:
-    """Without ``more`` the reply is the single ``completed`` frame; the
-    tag defaults to the image reference (as the reference)."""
+    """Without ``more`` the reply is the single ``completed`` frame. Without
+    ``name`` nothing is tagged (as the reference); the image is there by digest."""
     with client.open(REPO) as r, client.open(OCI) as o:
         h = r.OpenRepository(path=str(repo))["handle"]
         reply = o.Pull(handle=h, image=layout.ref("two"), local_fetch="disabled", bootable=False)
         assert set(reply) == {"completed"}
         assert reply["completed"]["manifest_digest"] == layout.digests["two"]
-        assert [i["name"] for i in o.ListImages(handle=h)["images"]] == [layout.ref("two")]
+        assert o.ListImages(handle=h)["images"] == []
+        inspect = o.Inspect(handle=h, image=layout.digests["two"])
+        assert json.loads(inspect["manifest"])["schemaVersion"] == 2
 
 
 def test_pull_from_registry(raw: RawClient, repo: Path, oci_images: dict[str, Any],

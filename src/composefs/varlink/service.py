@@ -556,9 +556,9 @@ class Service:
         with self._use(p["handle"], OCI) as repo:
 
             def work() -> Reply:
-                tag = p["name"] if p["name"] is not None else p["image"]
+                # As the reference: no `name`, no tag (the CLI tags with the image).
                 boot = _boot_transform(repo) if p["bootable"] else None
-                result = storage.pull(repo, p["image"], tag, progress=progress)
+                result = storage.pull(repo, p["image"], p["name"], progress=progress)
                 boot_image = None
                 if boot is not None:
                     img = storage.open_image(repo, result.manifest_digest)
