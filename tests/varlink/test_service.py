@@ -478,9 +478,12 @@ def test_concurrent_clients(service: Service, repo: Path, layout: Layout) -> Non
     assert service.alive()
 
 
-def test_disconnect_mid_pull(service: Service, repo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("more", [True, False])
+def test_disconnect_mid_pull(service: Service, repo: Path, tmp_path: Path, more: bool) -> None:
     """The client hangs up while a layer is arriving: the pull stops (the
-    rest of the layer is never fetched), nothing is tagged, fsck is clean."""
+    rest of the layer is never fetched), nothing is tagged, fsck is clean.
+    Without ``more`` no frame is sent that could fail: the service must
+    notice the hang-up by itself."""
     from slowregistry import SlowRegistry
 
     from conftest import LayoutBuilder, det_bytes, layer
@@ -509,9 +512,14 @@ def test_disconnect_mid_pull(service: Service, repo: Path, tmp_path: Path) -> No
         c = RawClient(service.socket)
         h = open_handle(c, repo)
         params["name"] = "slow"
-        c.send(f"{OCI}.Pull", params, more=True)
-        while "progress" not in c.recv()["parameters"]:
-            pass
+        c.send(f"{OCI}.Pull", params, more=more)
+        if more:
+            while "progress" not in c.recv()["parameters"]:
+                pass
+        else:
+            deadline = time.monotonic() + 60
+            while big not in reg.sent and time.monotonic() < deadline:
+                time.sleep(0.05)
         c.close()  # hang up mid-layer
         time.sleep(1)  # the service notices (it polls every 0.2 s) and cancels
         reg.release.set()

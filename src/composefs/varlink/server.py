@@ -32,7 +32,18 @@ from asyncvarlink import (
 
 from .. import __version__
 from ..errors import ComposefsError, VarlinkCallError
-from .service import OCI, PRODUCT, REPO, SIGNATURES, STREAMING, URL, VENDOR, Call, Service
+from .service import (
+    OCI,
+    PRODUCT,
+    REPO,
+    SIGNATURES,
+    STREAMING,
+    URL,
+    VENDOR,
+    Call,
+    Service,
+    validate_parameters,
+)
 
 _log = logging.getLogger("composefs.varlink")
 
@@ -133,14 +144,14 @@ class Connection(VarlinkServerProtocol):
         self._fileno = sock.fileno() if isinstance(sock, socket.socket) else -1
 
     def _peer_gone(self) -> bool:
+        """The client closed its socket. (POLLHUP needs both directions shut:
+        a client that only shut down writing still waits for the reply.)"""
         if self._fileno < 0:
             return False
         p = select.poll()
-        p.register(self._fileno, select.POLLRDHUP)
+        p.register(self._fileno, 0)  # POLLHUP/POLLERR are always reported
         try:
-            return any(
-                ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _fd, ev in p.poll(0)
-            )
+            return any(ev & (select.POLLHUP | select.POLLERR) for _fd, ev in p.poll(0))
         except OSError:
             return True
 
@@ -239,8 +250,6 @@ class Connection(VarlinkServerProtocol):
 
 
 def _validate(call: VarlinkMethodCall) -> dict[str, Any]:
-    from .service import validate_parameters
-
     result = validate_parameters(call.method, call.parameters)
     if isinstance(result, str):
         raise _error(f"{SERVICE}.InvalidParameter", parameter=result)
