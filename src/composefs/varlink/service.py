@@ -174,6 +174,7 @@ class Service:
         self._handles: dict[int, _Handle] = {}
         self._next_handle = 0
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="varlink")
+        self._closing = threading.Event()
         self._handlers: dict[str, Callable[[Call], Awaitable[Any]]] = {
             f"{REPO}.InitRepository": self.init_repository,
             f"{REPO}.EnsureRepository": self.ensure_repository,
@@ -194,6 +195,7 @@ class Service:
         }
 
     def close(self) -> None:
+        self._closing.set()  # running pulls stop at their next progress report
         self._pool.shutdown(wait=True, cancel_futures=True)
         for h in self._handles.values():
             h.repo.close()
@@ -219,7 +221,7 @@ class Service:
         return self.pull(call)
 
     def _internal(self, method: str, e: BaseException) -> VarlinkCallError:
-        if not isinstance(e, (ComposefsError, OSError)):
+        if not isinstance(e, (ComposefsError, OSError, _Cancelled)):
             _log.error("%s failed", method, exc_info=e)
         interface = method.rpartition(".")[0]
         return _err(interface, "InternalError", message=_msg(e))
@@ -545,8 +547,8 @@ class Service:
         last_progress: dict[str, float] = {}
 
         def progress(ev: Any) -> None:
-            if call.cancelled.is_set():
-                raise _Cancelled("client disconnected")
+            if call.cancelled.is_set() or self._closing.is_set():
+                raise _Cancelled("pull cancelled (client disconnected or service stopping)")
             if not call.more:
                 return
             frame = _progress_frame(ev, last_progress)
