@@ -10,6 +10,7 @@ import configparser
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -163,8 +164,8 @@ def test_interface_description(service: Service, interface: str) -> None:
         with client.open(SERVICE) as s:
             text = s.GetInterfaceDescription(interface=interface)["description"]
             assert interface in s.GetInfo()["interfaces"]
-    pinned = ROOT / "src" / "composefs" / "varlink" / f"{interface}.varlink"
-    assert text == pinned.read_text()
+    # Pinned here too, so a change to the served text fails until reviewed.
+    assert text == (Path(__file__).parent / "idl" / f"{interface}.varlink").read_text()
     parsed = varlink.Interface(text)
     assert parsed.name == interface
     ref = REFERENCE[interface]
@@ -174,6 +175,11 @@ def test_interface_description(service: Service, interface: str) -> None:
         assert f"method {name}({params}) -> ({returns})" in text
     for name, fields in ref["errors"].items():
         assert f"error {name} ({fields})" in text
+    # Every type used is declared, every declared type is used.
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    declared = set(re.findall(r"^type (\w+)", code, re.M))
+    used = set(re.findall(r":\s*(?:\?|\[\])*([A-Z]\w*)", code))
+    assert declared == used
 
 
 def test_interface_not_found(raw: RawClient) -> None:
