@@ -308,6 +308,15 @@ def test_pull_without_more(client: varlink.Client, repo: Path, layout: Layout) -
         assert json.loads(inspect["manifest"])["schemaVersion"] == 2
 
 
+def test_pull_more_with_varlink_package(client: varlink.Client, repo: Path, layout: Layout) -> None:
+    with client.open(REPO) as r, client.open(OCI) as o:
+        h = r.OpenRepository(path=str(repo))["handle"]
+        frames = list(o.Pull(handle=h, image=layout.ref("one"), name="one", local_fetch="auto",
+                             bootable=False, _more=True))  # fmt: skip
+        assert "completed" in frames[-1] and all("completed" not in f for f in frames[:-1])
+        assert sum("started" in f for f in frames) == 2
+
+
 def test_pull_from_registry(raw: RawClient, repo: Path, oci_images: dict[str, Any],
                             registry_plain: Any) -> None:  # fmt: skip
     img = oci_images["plain"]
