@@ -33,6 +33,14 @@ def _load_oci_conftest() -> Any:
 
 
 _oci = _load_oci_conftest()
+
+
+def _is_fixture(obj: Any) -> bool:
+    return hasattr(obj, "_pytestfixturefunction") or (
+        type(obj).__name__ == "FixtureFunctionDefinition"
+    )
+
+
 registry_workdir = _oci.registry_workdir
 registry_plain = _oci.registry_plain
 oci_images = _oci.oci_images
@@ -136,3 +144,12 @@ def need_systemd_socket_activate() -> str:
     if path is None:
         pytest.skip("systemd-socket-activate not installed (Debian package systemd)")
     return path
+
+
+# pytest imports every conftest.py as the module ``conftest``; tests that do
+# ``from conftest import …`` at run time get whichever was loaded last (this
+# one). Keep the helpers of tests/oci (which re-exports the root's) working.
+for _name in dir(_oci):
+    if not _name.startswith("_") and _name not in globals():
+        if not _is_fixture(getattr(_oci, _name)):
+            globals()[_name] = getattr(_oci, _name)
