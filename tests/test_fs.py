@@ -257,6 +257,36 @@ def test_digest_store(tree: Path, tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in files} == before
 
 
+def test_digest_store_failure_leaves_no_partial_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The copies are staged and named only after one syncfs at the end: a
+    # failure midway removes the staged ones and names nothing.
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        (src / f"f{i}").write_bytes(b"%d" % i * 5000)
+    real_copy = fs._copy_data
+    calls = []
+
+    def failing_copy(a: int, b: int) -> None:
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_copy(a, b)
+
+    monkeypatch.setattr(fs, "_copy_data", failing_copy)
+    store = tmp_path / "store"
+    with pytest.raises(SourceError, match="No space left"):
+        fs.read_directory(src, digest_store=str(store), threads=2)
+    assert len(calls) == 4
+    assert [p for p in store.rglob("*") if p.is_file()] == []
+    monkeypatch.setattr(fs, "_copy_data", real_copy)
+    fs.read_directory(src, digest_store=str(store), threads=2)
+    assert len([p for p in store.rglob("*") if p.is_file()]) == 6
+    assert not list(store.rglob(".tmp*"))
+
+
 def test_object_sink(tree: Path) -> None:
     seen: list[tuple[int, str, bytes]] = []
 

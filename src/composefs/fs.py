@@ -37,6 +37,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import fsverity
 from .errors import ComposefsError, SourceError, TreeError, VerityError
@@ -127,6 +128,10 @@ class _Scanner:
         self.slots = threading.BoundedSemaphore(max(4, 4 * opts.threads))
         self.inflight: dict[Future[str], int] = {}
         self.store_fd: int | None = None
+        # Digest-store copies written (not yet fsynced nor renamed): one
+        # syncfs then the renames at the end, instead of an fsync per file.
+        self.staged: dict[str, str] = {}  # "xx/rest" -> "xx/.tmpNAME"
+        self.staged_lock = threading.Lock()
         if opts.threads > 1:
             self.pool = ThreadPoolExecutor(opts.threads, thread_name_prefix="composefs-read")
 
@@ -190,6 +195,7 @@ class _Scanner:
                 self.store_fd = _open_store(self.o.digest_store)
             root = self._walk(rootfd, shown_root)
             self._finish()
+            self._commit_staged()
             return root
         except BaseException:
             self._abort()
@@ -337,12 +343,10 @@ class _Scanner:
     # -- hashing, storing ---------------------------------------------
     def _submit(self, pend: _Pending, fd: int, shown: str, size: int) -> None:
         """Hash `fd` (which this call now owns) now or in the pool."""
-        if self.pool is None or (size < _POOL_MIN and self.store_fd is None):
+        if self.pool is None or size < _POOL_MIN:
             # A small file costs less to hash (and store) right here than
             # to hand to a worker: each handoff is a few futex wakeups and
-            # GIL switches (about 40% more CPU on a Debian root). Only a
-            # digest store, which fsyncs every file, gains from threads
-            # for small files: its waits overlap.
+            # GIL switches (about 40% more CPU on a Debian root).
             try:
                 pend.digest = self._process(fd, shown, size)
             finally:
@@ -378,13 +382,34 @@ class _Scanner:
         hexd = raw.hex()
         if self.store_fd is not None:
             try:
-                store_in_flat_digest_store(self.store_fd, fd, hexd, o.algorithm)
+                self._stage(fd, hexd)
             except OSError as e:
                 raise SourceError(f"cannot fill store with {shown}: {_strerror(e)}") from None
         if o.object_sink is not None:
             path = f"/proc/self/fd/{fd}" if self.proc else shown
             o.object_sink(path, size, hexd)
         return hexd
+
+    def _stage(self, src_fd: int, digest_hex: str) -> None:
+        """Copy `src_fd` into the digest store under a temporary name
+        (see `_commit_staged`), unless the object is there or staged."""
+        assert self.store_fd is not None
+        final = f"{digest_hex[:2]}/{digest_hex[2:]}"
+        with self.staged_lock:
+            if final in self.staged:
+                return
+            self.staged[final] = ""  # claimed: another thread skips it
+        try:
+            tmp = _write_store_copy(self.store_fd, src_fd, digest_hex, self.o.algorithm, False)
+        except BaseException:
+            with self.staged_lock:
+                del self.staged[final]
+            raise
+        with self.staged_lock:
+            if tmp is None:
+                del self.staged[final]
+            else:
+                self.staged[final] = tmp
 
     def _finish(self) -> None:
         for pend in self.pending.values():
@@ -395,6 +420,24 @@ class _Scanner:
             assert pend.digest is not None
             for content in pend.leaves:
                 content.digest = pend.digest
+
+    def _commit_staged(self) -> None:
+        """Make the staged digest-store copies durable (one syncfs), then
+        give them their names: as with C's fsync-then-rename per file, a
+        file under its final name is always complete."""
+        if not self.staged or self.store_fd is None:
+            return
+        try:
+            _syncfs(self.store_fd)
+        except OSError as e:
+            raise SourceError(f"cannot fill store: {_strerror(e)}") from None
+        fd = self.store_fd
+        for final, tmp in sorted(self.staged.items()):
+            try:
+                os.rename(tmp, final, src_dir_fd=fd, dst_dir_fd=fd)
+            except OSError as e:
+                raise SourceError(f"cannot fill store with {final}: {_strerror(e)}") from None
+            del self.staged[final]
 
     def _abort(self) -> None:
         for fut in self.inflight:
@@ -409,6 +452,13 @@ class _Scanner:
                 except OSError:
                     pass
         self.inflight.clear()
+        if self.store_fd is not None:
+            for tmp in self.staged.values():
+                try:
+                    os.unlink(tmp, dir_fd=self.store_fd)
+                except OSError:
+                    pass
+        self.staged.clear()
 
 
 # Files from this size on are hashed by the worker threads (when there are any).
@@ -467,7 +517,8 @@ def store_in_flat_digest_store(
     a temporary file, fsynced, fs-verity is tried on it (failures ignored, as
     C does) and it is renamed into place.  An existing object is kept.  The
     copy tries a reflink, then copy_file_range, then plain reads and writes.
-    Returns True if a new object was written.
+    Returns True if a new object was written.  (A whole tree read with a
+    digest store stages its copies and syncs them once instead.)
     """
     own = isinstance(store, str)
     store_fd = (
@@ -476,52 +527,85 @@ def store_in_flat_digest_store(
         else store
     )
     try:
-        sub, rest = digest_hex[:2], digest_hex[2:]
+        tmp = _write_store_copy(store_fd, src_fd, digest_hex, algorithm, True)
+        if tmp is None:
+            return False
         try:
-            os.mkdir(sub, 0o755, dir_fd=store_fd)
-        except FileExistsError:
-            pass
-        subfd = os.open(
-            sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=store_fd
-        )
-        try:
+            os.rename(tmp, f"{digest_hex[:2]}/{digest_hex[2:]}", src_dir_fd=store_fd,
+                      dst_dir_fd=store_fd)  # fmt: skip
+        except BaseException:
             try:
-                os.stat(rest, dir_fd=subfd, follow_symlinks=False)
-                return False
-            except FileNotFoundError:
+                os.unlink(tmp, dir_fd=store_fd)
+            except OSError:
                 pass
-            tmp = f".tmp{secrets.token_hex(8)}"
-            tfd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=subfd
-            )
-            try:
-                try:
-                    _copy_data(src_fd, tfd)
-                    os.fchmod(tfd, 0o644)
-                    os.fsync(tfd)
-                finally:
-                    os.close(tfd)
-                # fs-verity needs no writable descriptor open: reopen read-only.
-                rfd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=subfd)
-                try:
-                    fsverity.enable_verity(rfd, algorithm)
-                except VerityError:
-                    pass  # insecure store, exactly like C
-                finally:
-                    os.close(rfd)
-                os.rename(tmp, rest, src_dir_fd=subfd, dst_dir_fd=subfd)
-            except BaseException:
-                try:
-                    os.unlink(tmp, dir_fd=subfd)
-                except OSError:
-                    pass
-                raise
-            return True
-        finally:
-            os.close(subfd)
+            raise
+        return True
     finally:
         if own:
             os.close(store_fd)
+
+
+def _write_store_copy(
+    store_fd: int, src_fd: int, digest_hex: str, algorithm: str, fsync: bool
+) -> str | None:
+    """Copy `src_fd` to a new temporary file in the store's `XX/`
+    directory (fsynced if asked, fs-verity tried); its store-relative
+    path, or None when `XX/REST` already exists."""
+    sub, rest = digest_hex[:2], digest_hex[2:]
+    try:
+        os.mkdir(sub, 0o755, dir_fd=store_fd)
+    except FileExistsError:
+        pass
+    subfd = os.open(
+        sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=store_fd
+    )
+    try:
+        try:
+            os.stat(rest, dir_fd=subfd, follow_symlinks=False)
+            return None
+        except FileNotFoundError:
+            pass
+        tmp = f".tmp{secrets.token_hex(8)}"
+        tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=subfd)
+        try:
+            try:
+                _copy_data(src_fd, tfd)
+                os.fchmod(tfd, 0o644)
+                if fsync:
+                    os.fsync(tfd)
+            finally:
+                os.close(tfd)
+            # fs-verity needs no writable descriptor open: reopen read-only.
+            rfd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=subfd)
+            try:
+                fsverity.enable_verity(rfd, algorithm)
+            except VerityError:
+                pass  # insecure store, exactly like C
+            finally:
+                os.close(rfd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=subfd)
+            except OSError:
+                pass
+            raise
+        return f"{sub}/{tmp}"
+    finally:
+        os.close(subfd)
+
+
+_libc: Any = None
+
+
+def _syncfs(fd: int) -> None:
+    import ctypes
+
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.syncfs(fd) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
 
 
 def _copy_data(src: int, dst: int) -> None:
