@@ -89,3 +89,7 @@ class TarFormatError(OciError):
 
 class BootError(ComposefsError):
     """Boot resources, SELinux policy, UKIs or kernel arguments are unusable."""
+
+
+class FuseError(MountError):
+    """Serving or mounting an image through FUSE failed (or FUSE is unavailable)."""
