@@ -7,6 +7,12 @@ want() { # want COMMAND PACKAGE
     command -v "$1" >/dev/null 2>&1 || need="$need $2"
 }
 want fsck.erofs erofs-utils
+# FUSE mounts (composefs-fuse, cfsctl mount --fuse); pyfuse3 builds against libfuse3
+want fusermount3 fuse3
+dpkg -s libfuse3-dev >/dev/null 2>&1 || need="$need libfuse3-dev"
+want pkg-config pkg-config
+want gcc gcc
+dpkg -s python3-dev >/dev/null 2>&1 || need="$need python3-dev"
 if [ "${1:-}" != demo ]; then
     want fsverity fsverity
     want mkfs.ext4 e2fsprogs
@@ -18,6 +24,7 @@ if [ "${1:-}" != demo ]; then
     want debootstrap debootstrap  # bench: a Debian minbase image to pull
     want zstd zstd
     want unshare util-linux
+    want capsh libcap2-bin  # C's test-random-fuse.sh looks for FUSE with it
     want qemu-system-x86_64 qemu-system-x86
     dpkg -s busybox-static >/dev/null 2>&1 || need="$need busybox-static"
 fi
