@@ -5,8 +5,9 @@
 Options as C's ``tools/cfs-fuse.c`` (its libfuse command line): ``-f``
 foreground, ``-d`` debug (implies ``-f``), ``-s`` single-threaded (always
 true here), ``-h``/``--help``, ``-V``/``--version``; ``-o`` takes
-``source=``, ``basedir=`` (here also ``DIR:DIR…``), ``noacl`` and any libfuse
-mount option (``allow_other``, ``max_read=N``, …), which is passed through.
+``source=``, ``basedir=`` (here also ``DIR:DIR…``), ``allow_other``,
+``fsname=``, ``noexec``, ``noatime``; libfuse's tuning options (``clone_fd``,
+``max_read=``, ``noacl``…) are accepted and ignored.
 Not in the foreground it returns once mounted and serves from a daemon.
 """
 
@@ -30,12 +31,17 @@ usage: {PROG} [options] <mountpoint>
     -s                     disable multi-threaded operation
     -o source=IMAGE        composefs image to mount (required)
     -o basedir=DIR[:DIR]   where the image's external files live
-    -o noacl               do not use the image's POSIX ACLs
-    -o OPTION[,OPTION...]  libfuse mount options (allow_other, max_read=N, ...)
+    -o allow_other         let other users see the mount
+    -o fsname=NAME         the mount's source name (default: the image path)
+    -o noexec, noatime     generic mount flags
 """
 
-# fuse_parse_cmdline options that only tune libfuse's own loop.
-_LOOP_OPTIONS = ("clone_fd", "max_idle_threads=", "max_threads=")
+# libfuse options that only tune libfuse's own loop or restate what we do
+# anyway: accepted and ignored.
+_IGNORED = ("clone_fd", "max_idle_threads=", "max_threads=", "max_read=", "noacl", "ro",
+            "default_permissions", "nosuid", "nodev", "auto_unmount", "subtype=")  # fmt: skip
+# Mount options passed on to the mount.
+_PASSED = ("allow_other", "noexec", "noatime")
 
 
 def _split(value: str) -> list[str]:
@@ -57,7 +63,7 @@ def _split(value: str) -> list[str]:
 
 def _main(argv: Sequence[str]) -> int:
     foreground = debug = False
-    source = None
+    source = fsname = None
     basedirs: list[str] = []
     passthrough: list[str] = []
     mountpoint = None
@@ -95,10 +101,14 @@ def _main(argv: Sequence[str]) -> int:
                     basedirs.extend(d for d in val.split(":") if d)
                 elif key == "debug":
                     debug = True
-                elif opt == "noacl" or opt.startswith(_LOOP_OPTIONS):
+                elif key == "fsname" and eq:
+                    fsname = val
+                elif opt in _PASSED:
+                    passthrough.append(opt)
+                elif opt.startswith(_IGNORED):
                     pass
                 else:
-                    passthrough.append(opt)
+                    raise UsageError(f"unknown or unsupported option -o {opt}")
         elif a.startswith("-") and a != "-":
             raise UsageError(f"unknown option {a!r} (see --help)")
         elif mountpoint is None:
@@ -115,7 +125,7 @@ def _main(argv: Sequence[str]) -> int:
     with open(source, "rb") as f:
         image = f.read()
     mount_image(
-        image, basedirs, mountpoint, fsname=source, options=passthrough,
+        image, basedirs, mountpoint, fsname=fsname or source, options=passthrough,
         foreground=foreground, debug=debug,
     )  # fmt: skip
     return 0

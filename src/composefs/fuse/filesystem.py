@@ -85,6 +85,7 @@ class OpenFile:
     node_id: int
     fd: int | None
     data: bytes | None
+    size: int
 
 
 class _Node:
@@ -239,8 +240,9 @@ class ImageFilesystem:
         if ino.ftype != fmt.S_IFREG:
             raise FsError(errno.EISDIR if ino.ftype == fmt.S_IFDIR else errno.EINVAL)
         if ino.datalayout != fmt.DATALAYOUT_CHUNK_BASED:
-            return OpenFile(node_id, None, self._view.content(ino) if ino.size else b"")
-        return OpenFile(node_id, self._open_object(node), None)
+            data = self._view.content(ino) if ino.size else b""
+            return OpenFile(node_id, None, data, ino.size)
+        return OpenFile(node_id, self._open_object(node), None, ino.size)
 
     def _external(self, node: _Node) -> tuple[bytes, str | None, bytes | None]:
         """(backing path, digest algorithm, digest) of an external file."""

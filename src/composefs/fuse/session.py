@@ -1,0 +1,392 @@
+"""A FUSE session on ``/dev/fuse``: mount, answer requests, unmount.
+
+Mounting: as root mount(2) with ``fd=`` (libfuse does the same); otherwise
+the setuid ``fusermount3`` mounts and passes the ``/dev/fuse`` descriptor back
+over a socket (``_FUSE_COMMFD``), and ``fusermount3 -u`` unmounts.
+
+One thread reads requests and answers them from an `ImageFilesystem`. File
+data goes to the kernel with splice(2) (object page cache -> pipe -> device):
+no copy through Python. Opening a file whose object must be hashed first
+runs in a worker thread, so a large object does not stall other requests.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..errors import FuseError
+from . import protocol as p
+from .filesystem import FsError, ImageFilesystem, OpenFile
+
+__all__ = ["Session", "fusermount", "mount_fuse"]
+
+log = logging.getLogger("composefs.fuse")
+
+_CAP_SYS_ADMIN = 21
+# Largest READ request we accept: 128 pages. Its reply (header + data) must
+# fit in the splice pipe, which unprivileged users may grow to 1 MiB.
+MAX_PAGES = 128
+MAX_READ = MAX_PAGES * 4096
+_BUFSIZE = MAX_READ + 64 * 1024
+_F_SETPIPE_SZ = 1031
+_MS_NOEXEC = 0x8
+_MS_NOATIME = 0x400
+
+
+def fusermount() -> str | None:
+    return shutil.which("fusermount3") or shutil.which("fusermount")
+
+
+def _escape(value: str) -> str:
+    # fusermount3 and the kernel split options at commas.
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
+def mount_fuse(mountpoint: str, fsname: str, options: Iterable[str] = ()) -> tuple[int, bool]:
+    """Mount a read-only FUSE filesystem at `mountpoint`; returns (the
+    ``/dev/fuse`` fd, whether ``fusermount3`` mounted it)."""
+    opts = ["ro", "nosuid", "nodev", "default_permissions", *options]
+    if os.geteuid() == 0:
+        from ..mount import MS_NODEV, MS_NOSUID, MS_RDONLY, sys_mount
+
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        mode = os.stat(mountpoint).st_mode & 0o170000
+        data = [f"fd={fd}", f"rootmode={mode:o}", "user_id=0", "group_id=0",
+                "default_permissions"]  # fmt: skip
+        data += [o for o in options if o == "allow_other"]
+        flags = MS_RDONLY | MS_NOSUID | MS_NODEV
+        flags |= _MS_NOEXEC if "noexec" in options else 0
+        flags |= _MS_NOATIME if "noatime" in options else 0
+        try:
+            sys_mount(fsname, mountpoint, "fuse.composefs", flags, ",".join(data))
+        except OSError as e:
+            os.close(fd)
+            raise FuseError(f"cannot mount {mountpoint}: {e.strerror}") from None
+        return fd, False
+    tool = fusermount()
+    if tool is None:
+        raise FuseError("fusermount3 not found (install Debian's fuse3)")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        env = {**os.environ, "_FUSE_COMMFD": str(theirs.fileno())}
+        opts += [f"fsname={_escape(fsname)}", "subtype=composefs"]
+        proc = subprocess.run(
+            [tool, "-o", ",".join(opts), "--", mountpoint],
+            env=env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False,
+        )  # fmt: skip
+        theirs.close()
+        fds: list[int] = []
+        if proc.returncode == 0:
+            _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+        if not fds:
+            msg = proc.stderr.decode(errors="replace").strip().splitlines()
+            why = msg[-1] if msg else f"exit status {proc.returncode}"
+            raise FuseError(f"cannot mount {mountpoint}: {why}")
+        os.set_inheritable(fds[0], False)
+        return fds[0], True
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def unmount_fuse(mountpoint: str, via_fusermount: bool) -> None:
+    if via_fusermount:
+        tool = fusermount() or "fusermount3"
+        subprocess.run([tool, "-u", "-q", "-z", "--", mountpoint], check=False,
+                       stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    else:
+        from ..mount import MNT_DETACH, sys_umount2
+
+        try:
+            sys_umount2(mountpoint, MNT_DETACH)
+        except OSError:
+            pass  # already unmounted
+
+
+def _privileged(pid: int, uid: int) -> bool:
+    """Whether the calling process has CAP_SYS_ADMIN (sees trusted.* xattrs)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_ADMIN & 1)
+    except (OSError, ValueError):
+        pass
+    return uid == 0
+
+
+_OP_NAMES = {v: k for k, v in vars(p.Op).items() if isinstance(v, int)}
+
+
+class _Stop(Exception):
+    """A signal asked the server to unmount and end."""
+
+
+class Session:
+    """Answers the requests of one mounted filesystem."""
+
+    def __init__(self, fs: ImageFilesystem, fd: int, debug: bool = False) -> None:
+        self.fs = fs
+        self.fd = fd
+        self.debug = debug
+        self.files: dict[int, OpenFile] = {}
+        self.next_fh = 1
+        self.pool = ThreadPoolExecutor(4, thread_name_prefix="cfs-fuse-open")
+        self.pipe: tuple[int, int] | None = None
+        try:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            fcntl.fcntl(w, _F_SETPIPE_SZ, MAX_READ + 4096)
+            self.pipe = (r, w)
+        except OSError:
+            pass  # no big pipe: reads are copied instead of spliced
+        self.handlers: dict[int, Callable[[int, int, bytes, Any], None]] = {
+            p.Op.LOOKUP: self._lookup,
+            p.Op.GETATTR: self._getattr,
+            p.Op.READLINK: self._readlink,
+            p.Op.OPEN: self._open,
+            p.Op.READ: self._read,
+            p.Op.RELEASE: self._release,
+            p.Op.OPENDIR: self._opendir,
+            p.Op.READDIR: self._readdir,
+            p.Op.READDIRPLUS: self._readdirplus,
+            p.Op.RELEASEDIR: self._ok,
+            p.Op.STATFS: self._statfs,
+            p.Op.GETXATTR: self._getxattr,
+            p.Op.LISTXATTR: self._listxattr,
+            p.Op.INIT: self._init,
+            p.Op.DESTROY: self._ok,
+        }
+
+    # -- plumbing ------------------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        try:
+            os.write(self.fd, data)
+        except OSError as e:
+            # ENOENT: the request was interrupted (its caller died): fine.
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                raise
+
+    def serve(self) -> None:
+        """Answer requests until the filesystem is unmounted (or `_Stop`)."""
+        buf = bytearray(_BUFSIZE)
+        view = memoryview(buf)
+        hsize = p.IN_HEADER.size
+        try:
+            while True:
+                try:
+                    n = os.readv(self.fd, [buf])
+                except OSError as e:
+                    if e.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
+                        continue  # an interrupted request; go on
+                    if e.errno == errno.ENODEV:
+                        return  # unmounted
+                    raise
+                _, opcode, unique, nodeid, uid, _, pid, _ = p.IN_HEADER.unpack_from(buf)
+                body = bytes(view[hsize:n])
+                if self.debug:
+                    sys.stderr.write(
+                        f"unique: {unique}, opcode: {_OP_NAMES.get(opcode, '?')} ({opcode}), "
+                        f"nodeid: {nodeid}, insize: {n}, pid: {pid}\n"
+                    )
+                handler = self.handlers.get(opcode)
+                try:
+                    if handler is not None:
+                        handler(unique, nodeid, body, (uid, pid))
+                    elif opcode in p.NO_REPLY:
+                        pass
+                    elif opcode in p.WRITE_OPS:
+                        self.send(p.error(unique, errno.EROFS))
+                    else:
+                        self.send(p.error(unique, errno.ENOSYS))
+                except FsError as e:
+                    self.send(p.error(unique, e.errno))
+                except (_Stop, KeyboardInterrupt):
+                    raise
+                except Exception:
+                    # A bug must not take the whole mount down with it.
+                    log.exception("FUSE request %d failed", opcode)
+                    self.send(p.error(unique, errno.EIO))
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            for f in self.files.values():
+                self.fs.release(f)
+            self.files.clear()
+            if self.pipe is not None:
+                os.close(self.pipe[0])
+                os.close(self.pipe[1])
+                self.pipe = None
+
+    # -- requests ------------------------------------------------------------------
+    def _ok(self, unique: int, nodeid: int, body: bytes, who: Any) -> None:
+        self.send(p.reply(unique))
+
+    def _init(self, unique: int, nodeid: int, body: bytes, who: Any) -> None:
+        major, minor, readahead, kflags = p.parse_init(body)
+        if major != p.MAJOR:
+            self.send(p.error(unique, errno.EPROTO))
+            return
+        want = (
+            p.ASYNC_READ | p.BIG_WRITES | p.DO_READDIRPLUS | p.PARALLEL_DIROPS | p.POSIX_ACL
+            | p.MAX_PAGES | p.CACHE_SYMLINKS | p.SPLICE_WRITE | p.SPLICE_MOVE
+        )  # fmt: skip
+        flags = kflags & want
+        self.send(p.reply(unique, p.init_out(min(minor, p.MINOR), readahead, flags, MAX_PAGES)))
+
+    def _lookup(self, unique: int, nodeid: int, body: bytes, who: Any) -> None:
+        name = body.rstrip(b"\0")
+        self.send(p.reply(unique, p.entry_out(self.fs.lookup(nodeid, name))))
+
+    def _getattr(self, unique: int, nodeid: int, body: bytes, who: Any) -> None:
+        self.send(p.reply(unique, p.attr_out(self.fs.getattr(nodeid))))
+
+    def _readlink(self, unique: int, nodeid: int, body: bytes, who: Any) -> None:
+        self.send(p.reply(unique, self.fs.readlink(nodeid)))
+
+    def _statfs(self, unique: int, nodeid: int, body: bytes, who: Any) -> None:
+        self.send(p.reply(unique, p.statfs_out(*self.fs.statfs())))
+
+    def _opendir(self, unique: int, nodeid: int, body: bytes, who: Any) -> None:
+        if self.fs.getattr(nodeid).mode & 0o170000 != 0o040000:
+            raise FsError(errno.ENOTDIR)
+        self.send(p.reply(unique, p.open_out(0, p.FOPEN_KEEP_CACHE | p.FOPEN_CACHE_DIR)))
+
+    def _readdir_common(self, unique: int, nodeid: int, body: bytes, plus: bool) -> None:
+        _, offset, size = p.READ_IN.unpack_from(body)
+        out: list[bytes] = []
+        used = 0
+        encode = p.direntplus if plus else p.dirent
+        for name, attr, nxt in self.fs.readdir(nodeid, offset):
+            rec = encode(attr, name, nxt)
+            if used + len(rec) > size:
+                break
+            out.append(rec)
+            used += len(rec)
+        self.send(p.reply(unique, *out))
+
+    def _readdir(self, unique: int, nodeid: int, body: bytes, who: Any) -> None:
+        self._readdir_common(unique, nodeid, body, False)
+
+    def _readdirplus(self, unique: int, nodeid: int, body: bytes, who: Any) -> None:
+        self._readdir_common(unique, nodeid, body, True)
+
+    def _listxattr(self, unique: int, nodeid: int, body: bytes, who: Any) -> None:
+        size, _ = p.GETXATTR_IN.unpack_from(body)
+        names = self.fs.listxattr(nodeid, _privileged(who[1], who[0]))
+        data = b"".join(n + b"\0" for n in names)
+        self._xattr_reply(unique, size, data)
+
+    def _getxattr(self, unique: int, nodeid: int, body: bytes, who: Any) -> None:
+        size, _ = p.GETXATTR_IN.unpack_from(body)
+        name = body[p.GETXATTR_IN.size :].split(b"\0", 1)[0]
+        value = self.fs.getxattr(nodeid, name, _privileged(who[1], who[0]))
+        self._xattr_reply(unique, size, value)
+
+    def _xattr_reply(self, unique: int, size: int, data: bytes) -> None:
+        if size == 0:
+            self.send(p.reply(unique, p.xattr_size(len(data))))
+        elif len(data) > size:
+            self.send(p.error(unique, errno.ERANGE))
+        else:
+            self.send(p.reply(unique, data))
+
+    def _open(self, unique: int, nodeid: int, body: bytes, who: Any) -> None:
+        (flags,) = p.OPEN_IN.unpack_from(body)
+        # Opening may hash a whole object: not on the request loop.
+        self.pool.submit(self._open_job, unique, nodeid, flags)
+
+    def _open_job(self, unique: int, nodeid: int, flags: int) -> None:
+        try:
+            f = self.fs.open(nodeid, flags)
+        except FsError as e:
+            self.send(p.error(unique, e.errno))
+            return
+        except Exception:
+            self.send(p.error(unique, errno.EIO))
+            return
+        fh = self.next_fh  # (the GIL makes this pair atomic enough: one writer)
+        self.next_fh += 1
+        self.files[fh] = f
+        self.send(p.reply(unique, p.open_out(fh, p.FOPEN_KEEP_CACHE)))
+
+    def _release(self, unique: int, nodeid: int, body: bytes, who: Any) -> None:
+        (fh,) = p.RELEASE_IN.unpack_from(body)
+        f = self.files.pop(fh, None)
+        if f is not None:
+            self.fs.release(f)
+        self.send(p.reply(unique))
+
+    def _read(self, unique: int, nodeid: int, body: bytes, who: Any) -> None:
+        fh, offset, size = p.READ_IN.unpack_from(body)
+        f = self.files.get(fh)
+        if f is None:
+            raise FsError(errno.EBADF)
+        if f.fd is None or self.pipe is None or size > MAX_READ:
+            self.send(p.reply(unique, self.fs.read(f, offset, size)))
+            return
+        n = max(0, min(size, f.size - offset))
+        if n == 0:
+            self.send(p.reply(unique))
+            return
+        r, w = self.pipe
+        os.write(w, p.reply_header(unique, n))
+        moved = 0
+        try:
+            while moved < n:
+                got = os.splice(f.fd, w, n - moved, offset_src=offset + moved)
+                if got == 0:
+                    break
+                moved += got
+        except OSError:
+            pass
+        if moved < n:
+            # The object shrank under us: empty the pipe, answer EIO.
+            left = 16 + moved  # the header and the data spliced so far
+            while left > 0:
+                left -= len(os.read(r, left))
+            self.send(p.error(unique, errno.EIO))
+            return
+        total = 16 + n
+        try:
+            while total > 0:
+                total -= os.splice(r, self.fd, total, flags=os.SPLICE_F_MOVE)
+        except OSError as e:
+            # The reader went away: drop what is left in the pipe.
+            while total > 0:
+                total -= len(os.read(r, total))
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                raise
+
+
+def run_session(
+    fs: ImageFilesystem, fd: int, mountpoint: str, via_fusermount: bool, debug: bool = False
+) -> int:
+    """Serve until unmounted; a SIGINT/SIGTERM/SIGHUP unmounts first."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stop
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    stopped = False
+    try:
+        Session(fs, fd, debug).serve()
+    except _Stop:
+        stopped = True
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if stopped:
+            unmount_fuse(mountpoint, via_fusermount)
+        os.close(fd)
+    return 0
