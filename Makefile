@@ -7,10 +7,9 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test test-vm lint pytest bench venv system-deps clean
 
 $(STAMP): pyproject.toml
-	@./scripts/system-deps.sh demo  # pyfuse3 (the fuse extra) builds against libfuse3-dev
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,varlink,fuse]'
+	$(PY) -m pip install -q -e '.[test,varlink]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -16,7 +16,7 @@ use):
   ``tar -cf - | cat`` (reads every file; FUSE also hashes each object once),
   ``find -ls`` (metadata ops/s) and the mount command's time.
 
-Needs root (kernel mounts) and pyfuse3. Best of ``--runs`` (default 3).
+Needs root (kernel mounts). Best of ``--runs`` (default 3).
 """
 
 from __future__ import annotations
@@ -223,10 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench fuse: skipped: needs root for the kernel mounts")
         return 0
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError:
-        print("bench fuse: skipped: pyfuse3 not installed (the fuse extra)")
+    sys.path.insert(0, str(ROOT / "src"))
+    from composefs.fuse.server import available
+
+    why = available()
+    if why is not None:
+        print(f"bench fuse: skipped: {why}")
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-fuse-", dir="/var/tmp") as tmp:
         work = Path(tmp)

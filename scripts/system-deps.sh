@@ -7,12 +7,8 @@ want() { # want COMMAND PACKAGE
     command -v "$1" >/dev/null 2>&1 || need="$need $2"
 }
 want fsck.erofs erofs-utils
-# FUSE mounts (composefs-fuse, cfsctl mount --fuse); pyfuse3 builds against libfuse3
+# FUSE mounts by unprivileged users (composefs-fuse, cfsctl mount --fuse)
 want fusermount3 fuse3
-dpkg -s libfuse3-dev >/dev/null 2>&1 || need="$need libfuse3-dev"
-want pkg-config pkg-config
-want gcc gcc
-dpkg -s python3-dev >/dev/null 2>&1 || need="$need python3-dev"
 if [ "${1:-}" != demo ]; then
     want fsverity fsverity
     want mkfs.ext4 e2fsprogs

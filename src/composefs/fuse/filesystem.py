@@ -1,6 +1,6 @@
 """A composefs image as a read-only filesystem: what FUSE requests answer.
 
-Binding-free (the pyfuse3 glue lives in `composefs.fuse.server`), so every
+Binding-free (the /dev/fuse session lives in `composefs.fuse.session`), so every
 answer is testable without a mount. The image is validated whole by the
 hardened reader (`erofs.reader.read_image`) when the filesystem is created;
 requests then read inodes lazily through `erofs.reader.ImageView` and cache
