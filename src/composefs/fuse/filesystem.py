@@ -185,8 +185,9 @@ class ImageFilesystem:
                 if ftype == fmt.FT_CHRDEV and self._node(nid).attr.rdev == 0:
                     continue  # a whiteout: overlayfs hides it
                 entries.append((name, nid))
-            node.entries = entries
+            # index first: other request threads take `entries` as "ready"
             node.index = {n: nid for n, nid in entries if n not in (b".", b"..")}
+            node.entries = entries
         return node
 
     def lookup(self, parent: int, name: bytes) -> Attr:
