@@ -1,8 +1,9 @@
 """The FUSE kernel protocol (``linux/fuse.h``), the part a read-only server
 speaks: request headers in, reply messages out. IO-free: bytes in, bytes out.
 
-We speak protocol 7.31 (kernel 5.4+): the kernel adapts to the smaller of its
-own minor and ours, and nothing a read-only filesystem needs came later.
+We speak protocol 7.40 (kernel 6.9: passthrough); the kernel adapts to the
+smaller of its own minor and ours, and what we send is valid from 7.31 on
+(kernel 5.4) when it does not offer passthrough.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ __all__ = [
 ]
 
 MAJOR = 7
-MINOR = 31
+MINOR = 40
 
 
 class Op:
@@ -92,10 +93,14 @@ PARALLEL_DIROPS = 1 << 18
 POSIX_ACL = 1 << 20
 MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
+INIT_EXT = 1 << 30
+# flags2 (the high 32 bits of the 64-bit flags)
+PASSTHROUGH2 = 1 << (37 - 32)
 
 # open_out flags
 FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_CACHE_DIR = 1 << 3
+FOPEN_PASSTHROUGH = 1 << 7
 
 # struct fuse_in_header: len, opcode, unique, nodeid, uid, gid, pid, padding
 IN_HEADER = struct.Struct("<IIQQIIII")
@@ -105,8 +110,9 @@ _ATTR = struct.Struct("<QQQQQQIIIIIIIIII")
 _ENTRY_HEAD = struct.Struct("<QQQQII")
 _ATTR_OUT_HEAD = struct.Struct("<QII")
 _INIT_IN = struct.Struct("<IIII")
+_INIT_IN_FLAGS2 = struct.Struct("<I")  # at offset 16, from 7.36 on
 _INIT_OUT = struct.Struct("<IIIIHHIIHHI7I")
-_OPEN_OUT = struct.Struct("<QII")
+_OPEN_OUT = struct.Struct("<QIi")  # fh, open_flags, backing_id
 _DIRENT = struct.Struct("<QQII")
 _STATFS = struct.Struct("<QQQQQIIII6I")
 _XATTR_OUT = struct.Struct("<II")
@@ -149,21 +155,26 @@ def attr_out(a: Attr) -> bytes:
     return _ATTR_OUT_HEAD.pack(_TIMEOUT, 0, 0) + _attr(a)
 
 
-def parse_init(body: bytes) -> tuple[int, int, int, int]:
-    """(major, minor, max_readahead, flags) of an INIT request."""
+def parse_init(body: bytes) -> tuple[int, int, int, int, int]:
+    """(major, minor, max_readahead, flags, flags2) of an INIT request."""
     major, minor, readahead, flags = _INIT_IN.unpack_from(body)
-    return major, minor, readahead, flags
+    flags2 = 0
+    if flags & INIT_EXT and len(body) >= _INIT_IN.size + 4:
+        (flags2,) = _INIT_IN_FLAGS2.unpack_from(body, _INIT_IN.size)
+    return major, minor, readahead, flags, flags2
 
 
-def init_out(minor: int, max_readahead: int, flags: int, max_pages: int) -> bytes:
+def init_out(minor: int, max_readahead: int, flags: int, max_pages: int, flags2: int = 0) -> bytes:
+    # max_stack_depth 1: passthrough files live on a plain filesystem
+    stack = 1 if flags2 & PASSTHROUGH2 else 0
     return _INIT_OUT.pack(
-        MAJOR, minor, max_readahead, flags, 16, 12, 128 * 1024, 1, max_pages, 0, 0,
-        0, 0, 0, 0, 0, 0, 0,
+        MAJOR, minor, max_readahead, flags, 16, 12, 128 * 1024, 1, max_pages, 0, flags2,
+        stack, 0, 0, 0, 0, 0, 0,
     )  # fmt: skip
 
 
-def open_out(fh: int, flags: int) -> bytes:
-    return _OPEN_OUT.pack(fh, flags, 0)
+def open_out(fh: int, flags: int, backing_id: int = 0) -> bytes:
+    return _OPEN_OUT.pack(fh, flags, backing_id)
 
 
 def direntplus(a: Attr, name: bytes, next_off: int) -> bytes:

@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -43,6 +44,11 @@ MAX_READ = MAX_PAGES * 4096
 _BUFSIZE = MAX_READ + 64 * 1024
 THREADS = 2
 _F_SETPIPE_SZ = 1031
+# FUSE_DEV_IOC_BACKING_OPEN / _CLOSE: _IOW(229, 1, struct fuse_backing_map),
+# _IOW(229, 2, uint32_t)
+_BACKING_MAP = struct.Struct("<iIQ")
+_BACKING_OPEN = 0x4010E501
+_BACKING_CLOSE = 0x4004E502
 _MS_NOEXEC = 0x8
 _MS_NOATIME = 0x400
 
@@ -169,6 +175,10 @@ class Session:
         self.local = threading.local()
         self.pipes: list[tuple[int, int]] = []
         self.threads: list[threading.Thread] = []
+        self.passthrough = False
+        # node id -> (backing id, open files using it)
+        self.backing: dict[int, tuple[int, int]] = {}
+        self.backing_lock = threading.Lock()
         self.handlers: dict[int, Callable[[int, int, bytes, Any], None]] = {
             p.Op.LOOKUP: self._lookup,
             p.Op.GETATTR: self._getattr,
@@ -282,7 +292,7 @@ class Session:
         self.send(p.reply(unique))
 
     def _init(self, unique: int, nodeid: int, body: bytes, who: Any) -> None:
-        major, minor, readahead, kflags = p.parse_init(body)
+        major, minor, readahead, kflags, kflags2 = p.parse_init(body)
         if major != p.MAJOR:
             self.send(p.error(unique, errno.EPROTO))
             return
@@ -291,7 +301,15 @@ class Session:
             | p.MAX_PAGES | p.CACHE_SYMLINKS | p.SPLICE_WRITE | p.SPLICE_MOVE
         )  # fmt: skip
         flags = kflags & want
-        self.send(p.reply(unique, p.init_out(min(minor, p.MINOR), readahead, flags, MAX_PAGES)))
+        flags2 = 0
+        # Passthrough: the kernel reads external files itself, as fast as its
+        # own composefs mount; registering a backing file needs CAP_SYS_ADMIN.
+        if kflags & p.INIT_EXT and kflags2 & p.PASSTHROUGH2 and os.geteuid() == 0:
+            flags |= p.INIT_EXT
+            flags2 = p.PASSTHROUGH2
+            self.passthrough = True
+        minor = min(minor, p.MINOR)
+        self.send(p.reply(unique, p.init_out(minor, readahead, flags, MAX_PAGES, flags2)))
 
     def _lookup(self, unique: int, nodeid: int, body: bytes, who: Any) -> None:
         name = body.rstrip(b"\0")
@@ -366,12 +384,49 @@ class Session:
             return
         fh = next(self.fhs)
         self.files[fh] = f
-        self.send(p.reply(unique, p.open_out(fh, p.FOPEN_KEEP_CACHE)))
+        backing = self._backing(f) if self.passthrough and f.fd is not None else None
+        if backing is not None:
+            self.send(p.reply(unique, p.open_out(fh, p.FOPEN_PASSTHROUGH, backing)))
+        else:
+            self.send(p.reply(unique, p.open_out(fh, p.FOPEN_KEEP_CACHE)))
+
+    def _backing(self, f: OpenFile) -> int | None:
+        """The kernel's backing id for `f`'s object: one per inode while it
+        is open (the kernel wants one backing file per inode)."""
+        with self.backing_lock:
+            got = self.backing.get(f.node_id)
+            if got is not None:
+                self.backing[f.node_id] = (got[0], got[1] + 1)
+                return got[0]
+            arg = bytearray(_BACKING_MAP.pack(f.fd, 0, 0))
+            try:
+                backing_id = int(fcntl.ioctl(self.fd, _BACKING_OPEN, arg))
+            except OSError:
+                self.passthrough = False  # not allowed after all: splice
+                return None
+            self.backing[f.node_id] = (backing_id, 1)
+            return backing_id
+
+    def _unbacking(self, f: OpenFile) -> None:
+        with self.backing_lock:
+            got = self.backing.get(f.node_id)
+            if got is None:
+                return
+            if got[1] > 1:
+                self.backing[f.node_id] = (got[0], got[1] - 1)
+                return
+            del self.backing[f.node_id]
+            try:
+                fcntl.ioctl(self.fd, _BACKING_CLOSE, struct.pack("<I", got[0]))
+            except OSError:
+                pass
 
     def _release(self, unique: int, nodeid: int, body: bytes, who: Any) -> None:
         (fh,) = p.RELEASE_IN.unpack_from(body)
         f = self.files.pop(fh, None)
         if f is not None:
+            if self.passthrough:
+                self._unbacking(f)
             self.fs.release(f)
         self.send(p.reply(unique))
 
