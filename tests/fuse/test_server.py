@@ -113,11 +113,14 @@ def assert_same(kernel: dict[str, tuple[object, ...]], fuse: dict[str, tuple[obj
     assert not diffs, "\n".join(diffs[:20])
 
 
-def test_every_file_type_equals_the_kernel_mount(tmp_path: Path, mounts: list[Path]) -> None:
+@pytest.mark.parametrize("extra", [[], ["-o", "nopassthrough"]], ids=["passthrough", "splice"])
+def test_every_file_type_equals_the_kernel_mount(
+    tmp_path: Path, mounts: list[Path], extra: list[str]
+) -> None:
     image, objects = every_type_image(tmp_path)
     km, fm = mountpoint(tmp_path, mounts, "k"), mountpoint(tmp_path, mounts, "f")
     kernel_mount(image, objects, km)
-    fuse_mount(image, objects, fm)
+    fuse_mount(image, objects, fm, *extra)
     try:
         k, f = describe(km), describe(fm)
         assert len(k) > 15
@@ -125,7 +128,7 @@ def test_every_file_type_equals_the_kernel_mount(tmp_path: Path, mounts: list[Pa
         # hardlinks share st_ino; st_ino is stable across mounts
         assert f["/ext/big"][7] == f["/ext/hardbig"][7]
         unmount(fm)
-        fuse_mount(image, objects, fm)
+        fuse_mount(image, objects, fm, *extra)
         assert describe(fm) == f
     finally:
         subprocess.run(["umount", str(km)], check=False)
@@ -244,7 +247,7 @@ def test_corrupt_image_is_refused_with_one_line(tmp_path: Path, mounts: list[Pat
 def test_daemon_survives_a_client_killed_mid_read(tmp_path: Path, mounts: list[Path]) -> None:
     image, objects = every_type_image(tmp_path)
     fm = mountpoint(tmp_path, mounts, "f")
-    fuse_mount(image, objects, fm)
+    fuse_mount(image, objects, fm, "-o", "nopassthrough")  # reads go through the server
     big = fm / "ext" / "big"
     reader = (
         "import sys, time\n"
@@ -295,3 +298,47 @@ def test_unmount_leaves_no_process(tmp_path: Path, mounts: list[Path]) -> None:
     assert fuse_servers_for(fm)
     (fm / "ext" / "big").read_bytes()
     unmount(fm)  # asserts that the server is gone
+
+
+def _passthrough_kernel() -> bool:
+    import gzip
+
+    try:
+        with gzip.open("/proc/config.gz", "rt") as f:
+            return "CONFIG_FUSE_PASSTHROUGH=y" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("passthrough", [True, False])
+def test_root_mounts_read_through_passthrough(
+    tmp_path: Path, mounts: list[Path], passthrough: bool
+) -> None:
+    """As root the kernel reads verified objects itself (no READ request
+    reaches the server); -o nopassthrough serves them (spliced)."""
+    if passthrough and not _passthrough_kernel():
+        pytest.skip("the kernel has no FUSE passthrough (CONFIG_FUSE_PASSTHROUGH)")
+    image, objects = every_type_image(tmp_path)
+    fm = mountpoint(tmp_path, mounts, "f")
+    log = tmp_path / "debug.log"
+    opts = f"source={image},basedir={objects}" + ("" if passthrough else ",nopassthrough")
+    with open(log, "wb") as err:
+        p = subprocess.Popen(
+            [str(VENV_BIN / "composefs-fuse"), "-d", "-o", opts, str(fm)], stderr=err
+        )
+        try:
+            end = time.monotonic() + 30
+            while not is_mounted(fm) and time.monotonic() < end:
+                time.sleep(0.05)
+            assert (fm / "ext" / "big").read_bytes() == EXTERNAL[b"/ext/big"]
+            assert (fm / "dir" / "inline").read_bytes() == b"hello"
+        finally:
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=30)
+    assert wait_unmounted(fm)
+    reads = log.read_text().count("opcode: READ (15)")
+    assert "opcode: OPEN (14)" in log.read_text()
+    if passthrough:
+        assert reads == 1  # the inline file only
+    else:
+        assert reads > 3 * 1024 * 1024 // (512 * 1024)

@@ -34,6 +34,9 @@ usage: {PROG} [options] <mountpoint>
     -o allow_other         let other users see the mount
     -o fsname=NAME         the mount's source name (default: the image path)
     -o noexec, noatime     generic mount flags
+    -o nopassthrough       serve file data from this process even as root
+                           (root mounts otherwise let the kernel read the
+                           verified objects directly: FUSE passthrough)
 """
 
 # libfuse options that only tune libfuse's own loop or restate what we do
@@ -63,9 +66,10 @@ def _split(value: str) -> list[str]:
 
 def _main(argv: Sequence[str]) -> int:
     foreground = debug = False
+    passthrough = True
     source = fsname = None
     basedirs: list[str] = []
-    passthrough: list[str] = []
+    mount_options: list[str] = []
     mountpoint = None
     args = list(argv)
     i = 0
@@ -101,10 +105,12 @@ def _main(argv: Sequence[str]) -> int:
                     basedirs.extend(d for d in val.split(":") if d)
                 elif key == "debug":
                     debug = True
+                elif opt == "nopassthrough":
+                    passthrough = False
                 elif key == "fsname" and eq:
                     fsname = val
                 elif opt in _PASSED:
-                    passthrough.append(opt)
+                    mount_options.append(opt)
                 elif opt.startswith(_IGNORED):
                     pass
                 else:
@@ -125,8 +131,8 @@ def _main(argv: Sequence[str]) -> int:
     with open(source, "rb") as f:
         image = f.read()
     mount_image(
-        image, basedirs, mountpoint, fsname=fsname or source, options=passthrough,
-        foreground=foreground, debug=debug,
+        image, basedirs, mountpoint, fsname=fsname or source, options=mount_options,
+        foreground=foreground, debug=debug, passthrough=passthrough,
     )  # fmt: skip
     return 0
 

@@ -63,6 +63,7 @@ def serve(
     options: Iterable[str] = (),
     foreground: bool = False,
     debug: bool = False,
+    passthrough: bool = True,
     on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Mount `fs` read-only at `mountpoint` and serve it.
@@ -70,7 +71,8 @@ def serve(
     In the foreground this returns after the filesystem is unmounted (or a
     signal ended it); otherwise it returns in the caller once mounted,
     leaving a daemon to serve. `options` are extra mount options
-    (``allow_other``).
+    (``allow_other``). `passthrough=False` keeps the kernel's FUSE
+    passthrough off (file data then always goes through this process).
     """
     why = available()
     if why is not None:
@@ -83,7 +85,7 @@ def serve(
     if foreground:
         if on_ready is not None:
             on_ready()
-        run_session(fs, fd, mountpoint, via_fusermount, debug)
+        run_session(fs, fd, mountpoint, via_fusermount, debug, passthrough)
         return
     pid = os.fork()
     if pid:
@@ -99,7 +101,7 @@ def serve(
         for std in (0, 1, 2):
             os.dup2(null, std)
         os.close(null)
-        code = run_session(fs, fd, mountpoint, via_fusermount)
+        code = run_session(fs, fd, mountpoint, via_fusermount, False, passthrough)
     finally:
         os._exit(code)
 
@@ -113,6 +115,7 @@ def mount_image(
     options: Iterable[str] = (),
     foreground: bool = False,
     debug: bool = False,
+    passthrough: bool = True,
     verify: bool = True,
     on_ready: Callable[[], None] | None = None,
 ) -> None:
@@ -131,7 +134,7 @@ def mount_image(
         fs = ImageFilesystem(image, fds, verify=verify)
         serve(
             fs, mountpoint, fsname=fsname, options=options, foreground=foreground,
-            debug=debug, on_ready=on_ready,
+            debug=debug, passthrough=passthrough, on_ready=on_ready,
         )  # fmt: skip
     finally:
         for fd in fds:

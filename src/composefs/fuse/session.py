@@ -164,8 +164,11 @@ class _Stop(Exception):
 class Session:
     """Answers the requests of one mounted filesystem."""
 
-    def __init__(self, fs: ImageFilesystem, fd: int, debug: bool = False) -> None:
+    def __init__(
+        self, fs: ImageFilesystem, fd: int, debug: bool = False, passthrough: bool = True
+    ) -> None:
         self.fs = fs
+        self.allow_passthrough = passthrough
         self.fd = fd
         self.debug = debug
         self.files: dict[int, OpenFile] = {}
@@ -304,7 +307,12 @@ class Session:
         flags2 = 0
         # Passthrough: the kernel reads external files itself, as fast as its
         # own composefs mount; registering a backing file needs CAP_SYS_ADMIN.
-        if kflags & p.INIT_EXT and kflags2 & p.PASSTHROUGH2 and os.geteuid() == 0:
+        if (
+            self.allow_passthrough
+            and kflags & p.INIT_EXT
+            and kflags2 & p.PASSTHROUGH2
+            and os.geteuid() == 0
+        ):
             flags |= p.INIT_EXT
             flags2 = p.PASSTHROUGH2
             self.passthrough = True
@@ -476,7 +484,12 @@ class Session:
 
 
 def run_session(
-    fs: ImageFilesystem, fd: int, mountpoint: str, via_fusermount: bool, debug: bool = False
+    fs: ImageFilesystem,
+    fd: int,
+    mountpoint: str,
+    via_fusermount: bool,
+    debug: bool = False,
+    passthrough: bool = True,
 ) -> int:
     """Serve until unmounted; a SIGINT/SIGTERM/SIGHUP unmounts first."""
 
@@ -485,7 +498,7 @@ def run_session(
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     stopped = False
-    session = Session(fs, fd, debug)
+    session = Session(fs, fd, debug, passthrough)
     try:
         session.serve()
     except _Stop:
