@@ -13,6 +13,7 @@ Not in the foreground it returns once mounted and serves from a daemon.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -126,9 +127,14 @@ def _main(argv: Sequence[str]) -> int:
     if source is None:
         raise UsageError("no image given: use -o source=IMAGE")
 
+    from ..erofs.reader import MAX_IMAGE_SIZE
+    from ..errors import ImageError
     from ..fuse.server import mount_image
 
     with open(source, "rb") as f:
+        # An image is metadata only: refuse a huge file before reading it.
+        if os.fstat(f.fileno()).st_size > MAX_IMAGE_SIZE:
+            raise ImageError(f"{source}: larger than a composefs image can be")
         image = f.read()
     mount_image(
         image, basedirs, mountpoint, fsname=fsname or source, options=mount_options,
