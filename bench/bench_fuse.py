@@ -211,6 +211,8 @@ def report(seq: dict[str, float] | None, deb: dict[str, float] | None) -> None:
         print(
             f"{'1 GiB sequential read (MB/s)':34} {k:12.0f} {f:12.0f} {f / k:11.0%}  (goal >= 50%)"
         )
+        s = seq["splice_mbs"]
+        print(f"{'  without passthrough (non-root)':34} {'':12} {s:12.0f} {s / k:11.0%}")
         print(f"{'  first open: fs-verity check (s)':34} {'-':>12} {seq['verify_s']:12.2f}")
     if deb:
         n = deb["entries"]
