@@ -178,6 +178,9 @@ def test_unprivileged_user_mounts_its_own_repository(open_tmp: Path, user_dev_fu
         assert r.returncode == 0 and len(sums) == 1, r.stdout
         r = as_nobody(home, "stat", "-c", "%u:%g %s", str(mnt / "small"))
         assert r.stdout.split() == [f"{nobody.pw_uid}:{nobody.pw_gid}", "11"], r.stdout
+        # the server holds no repository lock: gc runs while mounted
+        r = as_nobody(home, cfsctl, "--user", "gc", "--root", image_id)
+        assert r.returncode == 0, r.stderr
         r = as_nobody(home, "fusermount3", "-u", str(mnt))
         assert r.returncode == 0, r.stderr
         assert wait_unmounted(mnt)

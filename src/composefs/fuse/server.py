@@ -164,8 +164,11 @@ def mount_from_repository(
 ) -> None:
     """Mount image `name` of `repo` (a `Repository`; the image's digest is
     checked as for a kernel mount) read-only through FUSE, its files from
-    the repository's ``objects/``, each object's digest checked on open."""
+    the repository's ``objects/``, each object's digest checked on open.
+    Closes `repo` (releasing its lock) before mounting."""
     image = repo.read_image(name)
-    mount_image(
-        image, [repo.objects_dir], mountpoint, fsname=f"composefs:{name}", foreground=foreground
-    )
+    objects = repo.objects_dir
+    # The server must not hold the repository's lock for the life of the
+    # mount (gc would wait for it), no more than a kernel mount does.
+    repo.close()
+    mount_image(image, [objects], mountpoint, fsname=f"composefs:{name}", foreground=foreground)
