@@ -3,8 +3,9 @@
 The binding is our own FUSE protocol implementation (`fuse.session`):
 libfuse through pyfuse3 copies every byte of file data through Python twice
 and cannot splice, which measured 7-20% of the kernel mount's sequential
-read throughput; splicing object pages straight to ``/dev/fuse`` is what C's
-``composefs-fuse`` does too (``bench/bench_fuse.py`` has the figures).
+read throughput. Splicing object pages straight to ``/dev/fuse`` (what C's
+``composefs-fuse`` does) and, as root, FUSE passthrough do better
+(``bench/bench_fuse.py`` has the figures; passthrough matches the kernel).
 
 Not in the foreground, `serve` returns in the caller once the mount exists
 while a detached child (its own session, ``/`` as working directory, stdio
@@ -22,12 +23,10 @@ from typing import Any
 
 from ..errors import FuseError
 from .filesystem import ImageFilesystem
-from .session import fusermount, mount_fuse, run_session
+from .session import fusermount, mount_fuse, privileged, run_session
 
 __all__ = ["available", "kernel_mount_allowed", "mount_from_repository", "mount_image", "serve",
            "want_fuse"]  # fmt: skip
-
-_CAP_SYS_ADMIN = 21
 
 
 def available() -> str | None:
@@ -41,18 +40,6 @@ def available() -> str | None:
     if fusermount() is None:
         return "fusermount3 not found (install Debian's fuse3)"
     return None
-
-
-def _privileged(pid: int, uid: int) -> bool:
-    """Whether process `pid` has CAP_SYS_ADMIN."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"CapEff:"):
-                    return bool(int(line.split()[1], 16) >> _CAP_SYS_ADMIN & 1)
-    except (OSError, ValueError):
-        pass
-    return uid == 0
 
 
 def serve(
@@ -143,7 +130,7 @@ def mount_image(
 
 def kernel_mount_allowed() -> bool:
     """Whether this process may mount EROFS + overlayfs (has CAP_SYS_ADMIN)."""
-    return _privileged(os.getpid(), os.geteuid())
+    return privileged(os.getpid(), os.geteuid())
 
 
 def want_fuse(mode: str) -> bool:

@@ -4,10 +4,12 @@ Mounting: as root mount(2) with ``fd=`` (libfuse does the same); otherwise
 the setuid ``fusermount3`` mounts and passes the ``/dev/fuse`` descriptor back
 over a socket (``_FUSE_COMMFD``), and ``fusermount3 -u`` unmounts.
 
-One thread reads requests and answers them from an `ImageFilesystem`. File
-data goes to the kernel with splice(2) (object page cache -> pipe -> device):
-no copy through Python. Opening a file whose object must be hashed first
-runs in a worker thread, so a large object does not stall other requests.
+Two threads read requests and answer them from an `ImageFilesystem` (the
+kernel sends readahead requests in parallel). File data goes to the kernel
+with splice(2) (object page cache -> pipe -> device), no copy through
+Python; as root with FUSE passthrough, the kernel reads the object itself.
+Opening a file whose object must be hashed first runs in a worker thread,
+so a large object does not stall other requests.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ..errors import FuseError
 from . import protocol as p
 from .filesystem import FsError, ImageFilesystem, OpenFile
 
-__all__ = ["Session", "fusermount", "mount_fuse"]
+__all__ = ["Session", "fusermount", "mount_fuse", "privileged", "run_session", "unmount_fuse"]
 
 log = logging.getLogger("composefs.fuse")
 
@@ -142,7 +144,7 @@ def unmount_fuse(mountpoint: str, via_fusermount: bool) -> None:
             pass  # already unmounted
 
 
-def _privileged(pid: int, uid: int) -> bool:
+def privileged(pid: int, uid: int) -> bool:
     """Whether the calling process has CAP_SYS_ADMIN (sees trusted.* xattrs)."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
@@ -358,14 +360,14 @@ class Session:
 
     def _listxattr(self, unique: int, nodeid: int, body: bytes, who: Any) -> None:
         size, _ = p.GETXATTR_IN.unpack_from(body)
-        names = self.fs.listxattr(nodeid, _privileged(who[1], who[0]))
+        names = self.fs.listxattr(nodeid, privileged(who[1], who[0]))
         data = b"".join(n + b"\0" for n in names)
         self._xattr_reply(unique, size, data)
 
     def _getxattr(self, unique: int, nodeid: int, body: bytes, who: Any) -> None:
         size, _ = p.GETXATTR_IN.unpack_from(body)
         name = body[p.GETXATTR_IN.size :].split(b"\0", 1)[0]
-        value = self.fs.getxattr(nodeid, name, _privileged(who[1], who[0]))
+        value = self.fs.getxattr(nodeid, name, privileged(who[1], who[0]))
         self._xattr_reply(unique, size, value)
 
     def _xattr_reply(self, unique: int, size: int, data: bytes) -> None:
