@@ -7,6 +7,8 @@ want() { # want COMMAND PACKAGE
     command -v "$1" >/dev/null 2>&1 || need="$need $2"
 }
 want fsck.erofs erofs-utils
+# FUSE mounts by unprivileged users (composefs-fuse, cfsctl mount --fuse)
+want fusermount3 fuse3
 if [ "${1:-}" != demo ]; then
     want fsverity fsverity
     want mkfs.ext4 e2fsprogs
@@ -19,6 +21,7 @@ if [ "${1:-}" != demo ]; then
     want zstd zstd
     want unshare util-linux
     want systemd-socket-activate systemd  # varlink socket-activation tests
+    want capsh libcap2-bin  # C's test-random-fuse.sh looks for FUSE with it
     want qemu-system-x86_64 qemu-system-x86
     want meson meson            # bench: builds C composefs 1.0.8 as the same-run reference
     want ninja ninja-build

@@ -101,3 +101,7 @@ class VarlinkCallError(ComposefsError):
         self.parameters = dict(parameters or {})
         detail = ", ".join(f"{k}={v!r}" for k, v in self.parameters.items())
         super().__init__(f"{error}({detail})" if detail else error)
+
+
+class FuseError(MountError):
+    """Serving or mounting an image through FUSE failed (or FUSE is unavailable)."""

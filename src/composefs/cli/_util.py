@@ -49,3 +49,16 @@ def run(prog: str, func: Callable[[Sequence[str]], int | None], argv: Sequence[s
         die(prog, f"{e.strerror or e}{where}")
     except KeyboardInterrupt:
         die(prog, "interrupted", 130)
+
+
+def fuse_options(sp: argparse.ArgumentParser) -> None:
+    """`mount`'s FUSE choice (composefs-rs 0.8)."""
+    sp.add_argument(
+        "--fuse",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="mount with FUSE: auto (when the kernel mount is not allowed), yes, no",
+    )
+    sp.add_argument(
+        "--foreground", action="store_true", help="FUSE: serve in the foreground until unmounted"
+    )

@@ -53,7 +53,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import ComposefsError, RepositoryError, UsageError
-from ._util import Parser, run
+from ._util import Parser, fuse_options, run
 
 if TYPE_CHECKING:
     from ..repository import Repository
@@ -245,6 +245,13 @@ def cmd_mount(args: argparse.Namespace, opener: RepoOpener) -> None:
         raise UsageError("--upperdir and --workdir must be given together")
     if args.read_write and args.upperdir is None:
         raise UsageError("--read-write requires --upperdir and --workdir")
+    from ..fuse.server import mount_from_repository, want_fuse
+
+    if want_fuse(args.fuse):
+        if args.upperdir is not None:
+            raise UsageError("a FUSE mount is read-only: no --upperdir/--workdir")
+        mount_from_repository(opener(), args.name, args.mountpoint, foreground=args.foreground)
+        return
     opener().mount(
         args.name,
         args.mountpoint,
@@ -517,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--upperdir", metavar="DIR", help="writable overlayfs upper directory")
     sp.add_argument("--workdir", metavar="DIR", help="overlayfs work directory (with --upperdir)")
     sp.add_argument("--read-write", action="store_true", help="mount read-write (needs --upperdir)")
+    fuse_options(sp)
 
     def tree_options(sp: argparse.ArgumentParser, bootable: bool = True) -> None:
         sp.add_argument("path", help="root of the directory tree")

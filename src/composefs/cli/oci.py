@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import OciError
+from ._util import fuse_options
 
 if TYPE_CHECKING:
     from ..oci.image import ProgressEvent
@@ -378,6 +379,13 @@ def cmd_mount(args: argparse.Namespace, opener: RepoOpener) -> None:
         if args.bootable:
             raise OciError("No boot EROFS image linked — try pulling with --bootable")
         raise OciError("No composefs EROFS image linked — try re-pulling the image")
+    from ..fuse.server import mount_from_repository, want_fuse
+
+    if want_fuse(args.fuse):
+        if args.upperdir is not None:
+            raise OciError("a FUSE mount is read-only: no --upperdir/--workdir")
+        mount_from_repository(repo, image_id, args.mountpoint, foreground=args.foreground)
+        return
     repo.mount(
         image_id,
         args.mountpoint,
@@ -551,6 +559,7 @@ def add_parser(subparsers: Any) -> None:
     sp.add_argument("--upperdir", metavar="DIR", help="writable overlayfs upper directory")
     sp.add_argument("--workdir", metavar="DIR", help="overlayfs work directory")
     sp.add_argument("--read-write", action="store_true", help="mount read-write")
+    fuse_options(sp)
 
     sp = add(
         "prepare-boot",

@@ -80,6 +80,8 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_IMAGE_SIZE",
     "ImageInfo",
+    "ImageView",
+    "RawInode",
     "collect_digests",
     "collect_objects",
     "image_info",
@@ -839,3 +841,10 @@ def _external_leaves(root: Directory) -> list[Leaf]:
             seen.add(id(leaf))
             out.append(leaf)
     return out
+
+
+# Per-inode access for servers that answer one request at a time (the FUSE
+# filesystem): validate the whole image once with `read_image`, then read
+# inodes, raw xattrs, dirents and inline data lazily, bounds-checked as above.
+ImageView = _Reader
+RawInode = _Inode
