@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
+from . import limits
 from .errors import DumpfileError
 from .tree import (
     S_IFBLK,
@@ -203,13 +204,15 @@ def _split_path(path: bytes) -> tuple[bytes, bytes]:
 
 
 class _Parser:
-    __slots__ = ("_lineno", "_meta", "_xattrs", "dirs", "hardlinks", "root", "strict")
+    __slots__ = ("_lineno", "_meta", "_xattrs", "deep", "dirs", "hardlinks", "root", "strict")
 
     def __init__(self, strict: bool) -> None:
         self.strict = strict
         self.root: Directory | None = None
         # canonical path -> directory, so a parent is found in one lookup
         self.dirs: dict[bytes, Directory] = {}
+        # directories at the depth limit (limits.MAX_DEPTH): no children allowed
+        self.deep: set[bytes] = set()
         # canonical path -> (line number, parent, name, target path)
         self.hardlinks: dict[bytes, tuple[int, Directory, bytes, bytes]] = {}
         self._lineno = 0
@@ -303,7 +306,7 @@ class _Parser:
                         if len(xattr_cache) >= _CACHE_MAX:
                             xattr_cache.clear()
                         xattr_cache[xattr_f] = xa
-                    if xa is None:
+                    if xa is None or (meta[0] == S_IFREG and limits.WHITEOUT_XATTR in xa):
                         raise ValueError
                     xattrs = xa.copy()
                 else:
@@ -323,7 +326,7 @@ class _Parser:
                     d.size = size
                     parent.entries[name] = d
                     # ppath is "" or "/" for the root (C collapses "//")
-                    dirs[ppath + b"/" + name if len(ppath) > 1 else b"/" + name] = d
+                    self._add_dir(ppath + b"/" + name if len(ppath) > 1 else b"/" + name, d)
                 elif ftype == S_IFLNK:
                     if not payload or len(payload) >= PATH_MAX or (strict and size != len(payload)):
                         raise ValueError
@@ -410,6 +413,8 @@ class _Parser:
                 ppath, name = _split_path(path)
             parent = self.dirs.get(ppath)
             if parent is None:
+                if ppath in self.deep:
+                    raise ValueError(f"{_show(path)}: {limits.depth_error()}")
                 node = self.root.lookup(ppath)
                 if node is None:
                     raise ValueError(f"parent directory missing for {_show(path)}")
@@ -472,6 +477,8 @@ class _Parser:
             if len(xattr_f) > _LINE_XATTR_MAX:
                 raise ValueError("too many xattrs")
             xattrs = _parse_xattrs(xattr_f)
+            if ftype == S_IFREG and limits.WHITEOUT_XATTR in xattrs:
+                raise ValueError(limits.xattr_problem(limits.WHITEOUT_XATTR, b"", True))
         stat = Stat(mode & 0o7777, uid, gid, mtime, mtime_nsec, xattrs)
 
         if ftype == S_IFDIR:
@@ -482,7 +489,7 @@ class _Parser:
                 self.dirs[b"/"] = d
             else:
                 parent.entries[name] = d
-                self.dirs[b"/" + name if ppath == b"/" else ppath + b"/" + name] = d
+                self._add_dir(b"/" + name if ppath == b"/" else ppath + b"/" + name, d)
             return
 
         leaf_content: LeafContent
@@ -521,6 +528,13 @@ class _Parser:
             leaf_content = Socket()
         assert parent is not None
         parent.entries[name] = Leaf(stat, leaf_content, nlink)
+
+    def _add_dir(self, cpath: bytes, d: Directory) -> None:
+        # A directory whose children would be too deep for the reader.
+        if cpath.count(b"/") >= limits.MAX_DEPTH:
+            self.deep.add(cpath)
+        else:
+            self.dirs[cpath] = d
 
     def resolve_hardlinks(self) -> None:
         """Point every hardlink at its final target (C allows forward
@@ -641,8 +655,7 @@ def _parse_xattrs(field: bytes) -> dict[bytes, bytes]:
 
 
 def _show(b: bytes) -> str:
-    s = b.decode(errors="backslashreplace")
-    return s if len(s) <= 80 else s[:77] + "..."
+    return limits.show(b, 80)
 
 
 def parse(source: bytes | BinaryIO, *, strict: bool = True) -> Directory:

@@ -22,7 +22,8 @@ What is checked (composefs-rs `reader.rs` `restrict_to_composefs` and
 * directories: well-formed dirent blocks, names sorted and unique, no `/` or
   NUL, `.` and `..` pointing where they must, dirent file types matching the
   inodes, link counts of 2 + subdirectories, no directory reached twice (no
-  cycles, no directory hardlinks), at most 2048 levels deep;
+  cycles, no directory hardlinks), paths of at most 2048 components
+  (`limits.MAX_DEPTH`, the rule the writers share);
 * xattrs: entries exactly filling a non-empty area, known prefixes, no duplicates,
   shared entries inside the image, the bloom filter admitting every name,
   well-formed overlay metacopy and redirect values on external files only;
@@ -59,6 +60,7 @@ from dataclasses import dataclass
 
 import xxhash
 
+from .. import limits
 from ..errors import ImageError
 from ..tree import (
     Device,
@@ -89,13 +91,11 @@ __all__ = [
 
 # composefs-rs refuses images above 1 GiB: they are metadata only.
 MAX_IMAGE_SIZE = 1 << 30
-# PATH_MAX / 2: every level costs at least one name byte and a '/'.
-MAX_DEPTH = 4096 // 2
-# C LCFS_INLINE_CONTENT_MAX: the largest file C stores in the image itself.
-INLINE_CONTENT_MAX = 5000
-# A symlink target must fit in PATH_MAX including its terminating NUL.
-SYMLINK_MAX = 4095
-NAME_MAX = 255
+# The limits every writer shares (see composefs.limits).
+MAX_DEPTH = limits.MAX_DEPTH
+INLINE_CONTENT_MAX = limits.INLINE_CONTENT_MAX
+SYMLINK_MAX = limits.SYMLINK_MAX
+NAME_MAX = limits.NAME_MAX
 
 _BLK = fmt.BLOCK_SIZE
 _U16 = struct.Struct("<H")
@@ -588,8 +588,6 @@ class _Builder:
         stack: list[tuple[Directory, _Inode, int, int]] = [(root, root_ino, root_nid, 0)]
         while stack:
             d, ino, parent_nid, depth = stack.pop()
-            if depth >= MAX_DEPTH:
-                raise _err(f"directories nested deeper than {MAX_DEPTH}")
             stack.extend(self._fill(d, ino, parent_nid, depth, ino.nid == root_nid))
         return root
 
@@ -617,6 +615,8 @@ class _Builder:
                 else:
                     dotdot = True
                 continue
+            if depth >= MAX_DEPTH:
+                raise _err(f"paths nested deeper than {MAX_DEPTH} components")
             is_slot = is_root and name in _HEX2
             hex_slots += is_slot
             cached = self.leaves.get(child_nid)

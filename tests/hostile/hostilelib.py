@@ -1,0 +1,238 @@
+"""Generators of hostile inputs, one per class, shared by the hostile tests.
+
+Each generator is deterministic for a given `random.Random` and produces
+inputs near and across the limits of `composefs.limits` (depth, names,
+xattrs, sizes), plus the values the reader treats specially (overlay
+markers, whiteouts, hardlinks).
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import tarfile
+from collections.abc import Callable, Iterator
+
+from composefs import limits
+from composefs.tree import S_IFBLK, S_IFCHR, Device, Directory, Fifo, Leaf, Regular, Stat, Symlink
+
+# -- names and xattrs ---------------------------------------------------------
+
+HOSTILE_BYTES = b"\n\r\t\x1b\x07\x00\x7f\\=/ .\xff\xc3"
+
+
+def name(rng: random.Random) -> bytes:
+    """A file name: usually valid, sometimes with control bytes or at the limits."""
+    kind = rng.randrange(6)
+    if kind == 0:
+        return bytes(rng.choice(b"abc") for _ in range(rng.choice([1, 254, 255, 256])))
+    if kind == 1:
+        return b"n" + bytes(rng.choice(HOSTILE_BYTES) for _ in range(rng.randrange(1, 6)))
+    if kind == 2:
+        return rng.choice([b".", b"..", b"", b"a/b", b"a\0b", b"\x1b[31mred", b"new\nline"])
+    return b"f%d" % rng.randrange(1000)
+
+
+XATTR_NAMES = [
+    b"user.a",
+    b"user.with\0nul",
+    b"\0",
+    b"",
+    b"trusted.overlay.whiteout",
+    b"trusted.overlay.whiteouts",
+    b"trusted.overlay.opaque",
+    b"trusted.overlay.metacopy",
+    b"trusted.overlay.redirect",
+    b"trusted.overlay.overlay.whiteout",
+    b"trusted.overlay.overlay.x",
+    b"trusted.overlay.x",
+    b"security.selinux",
+    b"system.posix_acl_access",
+    b"lustre.x",
+    b"unknownprefix.x",
+    b"user." + b"x" * 250,
+    b"user." + b"x" * 251,
+    b"trusted." + b"y" * 255,
+    b"user.\n\x1b",
+]
+
+
+def xattrs(rng: random.Random) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for _ in range(rng.randrange(4)):
+        value = rng.choice([b"", b"v", b"x" * rng.choice([100, 4000, 0xFFFF, 0x10000])])
+        out[rng.choice(XATTR_NAMES)] = value
+    return out
+
+
+def stat(rng: random.Random) -> Stat:
+    return Stat(
+        rng.choice([0o755, 0o7777, 0o644, 0]),
+        rng.choice([0, 1000, 0xFFFF, 0x10000, 0xFFFFFFFF]),
+        rng.choice([0, 0xFFFFFFFF]),
+        rng.choice([0, 1, -1, 1 << 40, (1 << 63) - 1]),
+        rng.choice([0, 999_999_999]),
+        xattrs(rng) if rng.random() < 0.4 else {},
+    )
+
+
+def leaf(rng: random.Random) -> Leaf:
+    kind = rng.randrange(8)
+    st = stat(rng)
+    if kind == 0:
+        return Leaf(st, Symlink(b"t" * rng.choice([1, 4094, 4095, 4096])))
+    if kind == 1:
+        return Leaf(st, Device(rng.choice([S_IFCHR, S_IFBLK]), rng.choice([0, 1, 0xFFFFFFFF])))
+    if kind == 2:
+        return Leaf(st, Fifo())
+    if kind == 3:
+        size = rng.choice([0, 1, 4095, 4096, 4097, 5000])
+        return Leaf(st, Regular(size, data=bytes(size) if size else None))
+    if kind == 4:
+        return Leaf(st, Regular(rng.choice([1, 1 << 33]), digest="ab" * 32))
+    return Leaf(st, Regular(0))
+
+
+# -- trees ---------------------------------------------------------------------
+
+
+def deep_chain(depth: int, name_len: int = 1, leaf_at_bottom: bool = False) -> Directory:
+    """`depth` nested directories (the deepest path has `depth` components)."""
+    root = Directory()
+    d = root
+    for _ in range(depth):
+        nxt = Directory()
+        d.entries[b"d" * name_len] = nxt
+        d = nxt
+    if leaf_at_bottom:
+        d.entries[b"f"] = Leaf(Stat(0o644), Regular(0))
+    return root
+
+
+def random_tree(rng: random.Random) -> Directory:
+    """A small tree full of hostile names, xattrs, leaves and hardlinks."""
+    root = Directory(stat(rng))
+    dirs = [root]
+    leaves: list[Leaf] = []
+    for _ in range(rng.randrange(1, 25)):
+        parent = rng.choice(dirs)
+        nm = name(rng)
+        r = rng.random()
+        if r < 0.25:
+            child = Directory(stat(rng))
+            parent.entries[nm] = child
+            dirs.append(child)
+        elif r < 0.35 and leaves:
+            parent.entries[nm] = rng.choice(leaves)  # a hardlink
+        else:
+            lf = leaf(rng)
+            leaves.append(lf)
+            parent.entries[nm] = lf
+    return root
+
+
+def hostile_trees(rng: random.Random) -> Iterator[tuple[str, Directory]]:
+    """(class, tree) pairs: depth around the limit, then random hostile trees."""
+    for depth in (limits.MAX_DEPTH - 1, limits.MAX_DEPTH, limits.MAX_DEPTH + 1):
+        yield f"chain-{depth}", deep_chain(depth)
+        yield f"chain-{depth}-leaf", deep_chain(depth - 1, leaf_at_bottom=True)
+    yield "chain-2100", deep_chain(2100)
+    for i in range(400):
+        yield f"random-{i}", random_tree(rng)
+
+
+# -- tars -------------------------------------------------------------------------
+
+
+def tar_bytes(
+    members: list[tuple[tarfile.TarInfo, bytes | None]], fmt: int = tarfile.PAX_FORMAT
+) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:
+        for info, data in members:
+            t.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def reg(
+    path: str, data: bytes = b"", pax: dict[str, str] | None = None
+) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(path)
+    info.size = len(data)
+    if pax:
+        info.pax_headers = dict(pax)
+    return info, data
+
+
+def directory(path: str) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(path)
+    info.type = tarfile.DIRTYPE
+    info.mode = 0o755
+    return info, None
+
+
+def hostile_layers(rng: random.Random) -> Iterator[tuple[str, bytes]]:
+    """(class, tar) pairs of one-or-few-entry layers that stress the rules."""
+    deep = "/".join(["d"] * 2100) + "/f"
+    yield "deep-2100", tar_bytes([reg(deep)])
+    ok = "/".join(["d"] * (limits.MAX_DEPTH - 1)) + "/f"
+    yield "deep-limit", tar_bytes([reg(ok)])
+    yield "xattr-nul", tar_bytes([reg("f", pax={"SCHILY.xattr.user.a\0b": "v"})])
+    yield (
+        "xattr-whiteout",
+        tar_bytes([reg("f", pax={"SCHILY.xattr.trusted.overlay.whiteout": "y"})]),
+    )
+    for _ in range(20):
+        nm = rng.choice(XATTR_NAMES).decode("utf-8", "surrogateescape")
+        yield "xattr-random", tar_bytes([reg("f", pax={"SCHILY.xattr." + nm: "v"})])
+    for key in ("size", "uid", "gid", "mtime"):
+        yield f"pax-{key}-huge", tar_bytes([reg("f", pax={key: "9" * 5000})])
+        yield f"pax-{key}-2^64", tar_bytes([reg("f", pax={key: str(1 << 64)})])
+    for bad in ("new\nline", "esc\x1b[2Jx", "bel\x07", "a/../b"):
+        yield "name-" + repr(bad), tar_bytes([reg(bad + "/../x")])
+
+
+Gen = Callable[[random.Random], Iterator[tuple[str, bytes]]]
+
+
+def make_deep_dir(top: str, depth: int, name: bytes = b"d") -> None:
+    """`depth` nested directories under `top` (built with dir fds: the path
+    is far longer than PATH_MAX)."""
+    import os
+
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            nfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
+
+
+def remove_deep_dir(top: str, name: bytes = b"d") -> None:
+    """Undo `make_deep_dir` iteratively (shutil.rmtree recurses per level)."""
+    import os
+
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        while True:
+            try:
+                cfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            except FileNotFoundError:
+                return
+            try:
+                inner = os.listdir(cfd)
+            finally:
+                os.close(cfd)
+            if inner:
+                # lift the grandchild up one level, then drop the emptied child
+                os.rename(name + b"/" + name, b".lift", src_dir_fd=fd, dst_dir_fd=fd)
+                os.rmdir(name, dir_fd=fd)
+                os.rename(b".lift", name, src_dir_fd=fd, dst_dir_fd=fd)
+            else:
+                os.rmdir(name, dir_fd=fd)
+                return
+    finally:
+        os.close(fd)
