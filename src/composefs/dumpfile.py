@@ -173,15 +173,27 @@ def _chunks(source: bytes | BinaryIO, strict: bool) -> Iterator[list[bytes]]:
             yield [last]
         return
     lineno = 0
-    rest = b""
+    # The unfinished line, in pieces: joined only once its newline arrives,
+    # so a long line costs linear time, not a copy per chunk.
+    pending: list[bytes] = []
     while True:
         chunk = source.read(1 << 20)
         if not chunk:
             break
-        parts = (rest + chunk).split(b"\n")
+        if b"\n" not in chunk:
+            pending.append(chunk)
+            continue
+        if pending:
+            pending.append(chunk)
+            chunk = b"".join(pending)
+            pending.clear()
+        parts = chunk.split(b"\n")
         rest = parts.pop()
+        if rest:
+            pending.append(rest)
         lineno += len(parts)
         yield parts
+    rest = b"".join(pending)
     if rest:
         if strict:
             raise DumpfileError("missing trailing newline", lineno + 1)
@@ -544,29 +556,37 @@ class _Parser:
         pending = self.hardlinks
         done: dict[bytes, Leaf] = {}
 
-        def resolve(path: bytes, lineno: int, target: bytes, chain: set[bytes]) -> Leaf:
-            tcanon = _canon(target)
-            if tcanon in chain:
-                raise DumpfileError(f"self-referential hardlink {_show(target)}", lineno)
-            if tcanon in done:
-                return done[tcanon]
-            rec = pending.get(tcanon)
-            if rec is not None:
-                chain.add(tcanon)
-                leaf = resolve(tcanon, rec[0], rec[3], chain)
-                done[tcanon] = leaf
-                return leaf
-            node = root.lookup(tcanon)
-            if node is None:
-                raise DumpfileError(f"no target at {_show(target)} for hardlink", lineno)
-            if isinstance(node, Directory):
-                raise DumpfileError(f"hardlink target {_show(target)} is a directory", lineno)
-            return node
+        def resolve(canon: bytes, lineno: int, target: bytes) -> Leaf:
+            # Iterative: a chain of links to links may be thousands long.
+            chain = [canon]
+            seen = {canon}
+            while True:
+                tcanon = _canon(target)
+                if tcanon in seen:
+                    raise DumpfileError(f"self-referential hardlink {_show(target)}", lineno)
+                leaf = done.get(tcanon)
+                if leaf is not None:
+                    break
+                rec = pending.get(tcanon)
+                if rec is None:
+                    node = root.lookup(tcanon)
+                    if node is None:
+                        raise DumpfileError(f"no target at {_show(target)} for hardlink", lineno)
+                    if isinstance(node, Directory):
+                        raise DumpfileError(
+                            f"hardlink target {_show(target)} is a directory", lineno
+                        )
+                    leaf = node
+                    break
+                chain.append(tcanon)
+                seen.add(tcanon)
+                lineno, target = rec[0], rec[3]
+            for link in chain:
+                done[link] = leaf
+            return leaf
 
         for canon, (lineno, parent, name, target) in pending.items():
-            leaf = resolve(canon, lineno, target, {canon})
-            done[canon] = leaf
-            parent.entries[name] = leaf
+            parent.entries[name] = resolve(canon, lineno, target)
 
 
 # (file type, permission bits, nlink, uid, gid, rdev, mtime, mtime_nsec)

@@ -236,3 +236,27 @@ def remove_deep_dir(top: str, name: bytes = b"d") -> None:
                 return
     finally:
         os.close(fd)
+
+
+# -- dumpfiles ----------------------------------------------------------------------
+
+DUMP_ROOT = b"/ 0 40755 2 0 0 0 0.0 - - -\n"
+
+
+def hardlink_chain(n: int, *, cycle: bool = False, reverse: bool = False) -> bytes:
+    """A file and `n` links, each naming the previous link (C accepts any length)."""
+    lines = [b"/f 0 100644 1 0 0 0 0.0 - - -"]
+    for i in range(n):
+        target = b"/f" if i == 0 and not cycle else b"/l%d" % (i - 1 if i else n - 1)
+        lines.append(b"/l%d 0 @100644 1 0 0 0 0.0 %s - -" % (i, target))
+    if reverse:
+        lines.reverse()  # forward references all the way
+    return DUMP_ROOT + b"\n".join(lines) + b"\n"
+
+
+def dump_line_names(rng: random.Random) -> Iterator[bytes]:
+    """Dumpfile paths that must be escaped in error messages."""
+    for bad in (b"\\n", b"\\x1b[2J", b"\\x07", b"\n"):
+        yield b"/missing" + bad + b"/x"
+    for _ in range(10):
+        yield b"/m" + bytes(rng.choice(b"\x1b\x07\x7f\x9b\r") for _ in range(4)) + b"/x"
