@@ -260,3 +260,28 @@ def dump_line_names(rng: random.Random) -> Iterator[bytes]:
         yield b"/missing" + bad + b"/x"
     for _ in range(10):
         yield b"/m" + bytes(rng.choice(b"\x1b\x07\x7f\x9b\r") for _ in range(4)) + b"/x"
+
+
+# -- JSON ---------------------------------------------------------------------------
+
+
+def hostile_json(
+    rng: random.Random, wrap: Callable[[str], str] = lambda v: v
+) -> Iterator[tuple[str, bytes]]:
+    """(class, document) pairs; `wrap` places a hostile value inside an
+    otherwise valid document (e.g. a token answer)."""
+    for depth in (65, 1000, 100_000):
+        yield f"nested-list-{depth}", ("[" * depth + "]" * depth).encode()
+        yield f"nested-object-{depth}", ('{"a":' * depth + "1" + "}" * depth).encode()
+        yield f"nested-value-{depth}", wrap("[" * depth + "]" * depth).encode()
+    for digits in (41, 4301, 5000):
+        yield f"int-{digits}", wrap("9" * digits).encode()
+        yield f"negint-{digits}", wrap("-" + "9" * digits).encode()
+    for num in ("1e309", "-1e309", "1e308", "Infinity", "NaN", "-Infinity"):
+        yield f"number-{num}", wrap(num).encode()
+    yield "not-utf8", b'{"a": "\xff\xfe"}'
+    yield "truncated", wrap('"x').encode()
+    for _ in range(10):
+        # random bracket soup
+        n = rng.randrange(1, 3000)
+        yield "soup", "".join(rng.choice('[{]}":,1a ') for _ in range(n)).encode()
