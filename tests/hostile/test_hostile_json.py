@@ -6,16 +6,16 @@ from __future__ import annotations
 import json
 import random
 
-import hostilelib as H
 import pytest
 
+import hostilelib as H
 from composefs import _json
 from composefs.errors import FormatError, RegistryError
 
 
 def test_hostile_documents() -> None:
     for cls, doc in H.hostile_json(
-        random.Random(4), lambda v: '{"token": "t", "expires_in": %s}' % v
+        random.Random(4), lambda v: '{"token": "t", "expires_in": ' + v + "}"
     ):
         try:
             _json.loads(doc, "test doc")

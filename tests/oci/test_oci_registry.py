@@ -1404,7 +1404,7 @@ def test_hostile_token_answers(front: Any, oci_images: Any, fast_options: Any) -
 
     outcomes = set()
     for cls, body in H.hostile_json(
-        random.Random(8), lambda v: '{"token": "x", "expires_in": %s}' % v
+        random.Random(8), lambda v: '{"token": "x", "expires_in": ' + v + '}'
     ):
         front.reset()
         front.fault("front", "/token", "replace", body)
@@ -1425,7 +1425,7 @@ def test_hostile_manifest_json(front: Any, oci_images: Any, fast_options: Any) -
     import hostilelib as H
 
     front.require_token = False
-    for cls, body in H.hostile_json(random.Random(5)):
+    for _cls, body in H.hostile_json(random.Random(5)):
         front.reset()
         front.require_token = False
         front.fault(
