@@ -285,3 +285,43 @@ def hostile_json(
         # random bracket soup
         n = rng.randrange(1, 3000)
         yield "soup", "".join(rng.choice('[{]}":,1a ') for _ in range(n)).encode()
+
+
+# -- images ---------------------------------------------------------------------------
+
+
+def shared_block_image(n: int, version: int = 2) -> bytes:
+    """A valid-looking image whose `n` 4 KiB files all point at one data
+    block, the other blocks cut off: tiny on disk, n * 4 KiB when read."""
+    from composefs.erofs import format as F
+    from composefs.erofs import reader as R
+    from composefs.erofs.format import FormatVersion
+    from composefs.erofs.writer import mkfs
+
+    root = Directory()
+    for i in range(n):
+        root.entries[b"f%06d" % i] = Leaf(Stat(0o644), Regular(4096, data=bytes([i % 251]) * 4096))
+    img = bytearray(mkfs(root, FormatVersion(version)))
+    r = R._Reader(bytes(img))
+    files = [
+        r.inode(nid)
+        for name, nid, _ in r.dirents(r.inode(r.info.root_nid))
+        if name not in (b".", b"..") and name in root.entries
+    ]
+    first = min(ino.u for ino in files)
+    assert all(ino.u >= first for ino in files) and first * F.BLOCK_SIZE > max(i.pos for i in files)
+    for ino in files:
+        img[ino.pos + 16 : ino.pos + 20] = first.to_bytes(4, "little")  # i_u, both layouts
+    del img[(first + 1) * F.BLOCK_SIZE :]
+    sb = list(F.SUPERBLOCK.unpack_from(img, F.SUPERBLOCK_OFFSET))
+    sb[9] = first + 1  # blocks
+    F.SUPERBLOCK.pack_into(img, F.SUPERBLOCK_OFFSET, *sb)
+    return bytes(img)
+
+
+def deep_image(depth: int, name_len: int = 255, version: int = 2) -> bytes:
+    """A valid image: `depth` nested directories with long names."""
+    from composefs.erofs.format import FormatVersion
+    from composefs.erofs.writer import mkfs
+
+    return mkfs(deep_chain(depth, name_len), FormatVersion(version))

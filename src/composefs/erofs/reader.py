@@ -47,6 +47,15 @@ What reading undoes (as C `lcfs_load_node_from_image` does, so that
   `trusted.overlay.opaque=x` and `user.overlay.opaque=x` that V1 puts next
   to whiteouts are kept: writing the tree again adds them anyway.
 
+Work and memory are bounded by the image size: the bytes reading
+materialises (file data, symlink targets, directory blocks, inline xattr
+areas) may total at most `WORK_FACTOR` times the image size plus
+`WORK_SLACK`. A valid image stores each of them once, so it stays far below;
+a hostile one whose inodes all point at the same data block (or overlap)
+would otherwise make a 10 MB image cost gigabytes. Readers that need no
+file data (`collect_objects`, `composefs-info ls`/`objects`, fsck, gc) pass
+``inline_data=False``: inline contents are then checked but not read.
+
 Leaf link counts that differ from the number of names in the tree (C keeps
 whatever NLINK a dumpfile gave) are kept in `Leaf.nlink`, so re-writing an
 image reproduces it byte for byte.
@@ -81,6 +90,8 @@ from .format import FormatVersion
 __all__ = [
     "MAX_DEPTH",
     "MAX_IMAGE_SIZE",
+    "WORK_FACTOR",
+    "WORK_SLACK",
     "ImageInfo",
     "collect_digests",
     "collect_objects",
@@ -91,6 +102,9 @@ __all__ = [
 
 # composefs-rs refuses images above 1 GiB: they are metadata only.
 MAX_IMAGE_SIZE = 1 << 30
+# The work bound (see the module docstring).
+WORK_FACTOR = 2
+WORK_SLACK = 1 << 20
 # The limits every writer shares (see composefs.limits).
 MAX_DEPTH = limits.MAX_DEPTH
 INLINE_CONTENT_MAX = limits.INLINE_CONTENT_MAX
@@ -290,11 +304,15 @@ class _Xattrs:
 
 
 class _Reader:
-    def __init__(self, data: bytes, keep_opaque_markers: bool = True) -> None:
+    def __init__(
+        self, data: bytes, keep_opaque_markers: bool = True, inline_data: bool = True
+    ) -> None:
         self.keep_opaque_markers = keep_opaque_markers
+        self.inline_data = inline_data
         self.info = image_info(data)
         self.data = data
         self.n = len(data)
+        self.budget = WORK_FACTOR * self.n + WORK_SLACK
         self.epoch1 = self.info.is_epoch1
         self.filter = bool(self.info.feature_compat & fmt.FEATURE_COMPAT_XATTR_FILTER)
         self.xattr_base = self.info.xattr_blkaddr * _BLK
@@ -372,9 +390,19 @@ class _Reader:
                 raise _err(f"inode {ino.nid}: data blocks {ino.u}+{count} outside the image")
         return ino.u, count
 
+    def charge(self, n: int) -> None:
+        """Count `n` materialised bytes against the work bound."""
+        self.budget -= n
+        if self.budget < 0:
+            raise _err(
+                f"image refers to more data than it holds (over {WORK_FACTOR}x its size: "
+                "inodes sharing or overlapping data)"
+            )
+
     def content(self, ino: _Inode) -> bytes:
         """A flat inode's data: whole blocks, then the inline tail."""
         start, count = self.blocks(ino)
+        self.charge(ino.size)
         if ino.datalayout == fmt.DATALAYOUT_FLAT_PLAIN:
             return self.data[start * _BLK : start * _BLK + ino.size]
         head = self.data[start * _BLK : (start + count) * _BLK] if count else b""
@@ -423,6 +451,7 @@ class _Reader:
         data = self.data
         start = ino.pos + ino.isize
         end = ino.inline_start
+        self.charge(end - start)
         name_filter, shared_count = fmt.XATTR_IBODY_HEADER.unpack_from(data, start)
         pos = start + fmt.XATTR_IBODY_HEADER_SIZE + 4 * shared_count
         if pos > end:
@@ -489,6 +518,7 @@ class _Reader:
         if ino.size == 0:
             raise _err(f"directory {ino.nid} is empty (no . and ..)")
         start, count = self.blocks(ino)
+        self.charge(ino.size)
         out: list[tuple[bytes, int, int]] = []
         remaining = ino.size
         for i in range(count):
@@ -570,8 +600,8 @@ def _metacopy_digest(nid: int, value: bytes) -> str | None:
 
 
 class _Builder:
-    def __init__(self, data: bytes, keep_opaque_markers: bool) -> None:
-        self.r = _Reader(data, keep_opaque_markers)
+    def __init__(self, data: bytes, keep_opaque_markers: bool, inline_data: bool = True) -> None:
+        self.r = _Reader(data, keep_opaque_markers, inline_data)
         # nid -> (leaf, on-disk nlink, dirent type); a hardlink is the same Leaf.
         self.leaves: dict[int, tuple[Leaf, int, int]] = {}
         self.whiteout_nids: set[int] = set()
@@ -683,7 +713,13 @@ class _Builder:
                     raise _err(
                         f"inline file {name!r} of {ino.size} bytes (max {INLINE_CONTENT_MAX})"
                     )
-                content = Regular(ino.size, data=r.content(ino) if ino.size else None)
+                if not ino.size:
+                    content = Regular(0)
+                elif r.inline_data:
+                    content = Regular(ino.size, data=r.content(ino))
+                else:
+                    r.blocks(ino)  # checked, not read
+                    content = Regular(ino.size, data=b"")
         elif t == fmt.S_IFLNK:
             if ino.datalayout == fmt.DATALAYOUT_CHUNK_BASED:
                 raise _err(f"symlink {name!r}: chunk-based layout")
@@ -736,6 +772,7 @@ class _Builder:
             # in a block (> 8 PiB).
             chunks = 0
         end = ino.inline_start + 4 * chunks
+        self.r.charge(4 * chunks)
         if end > self.r.n:
             raise _err(f"inode {nid}: chunk indexes extend beyond the image")
         if self.r.data[ino.inline_start : end] != _NULL_CHUNKS[: 4 * chunks]:
@@ -770,6 +807,7 @@ def read_image(
     *,
     toplevel: Collection[bytes] | None = None,
     keep_opaque_markers: bool = True,
+    inline_data: bool = True,
 ) -> Directory:
     """Read a composefs image into a tree; `errors.ImageError` if it is invalid.
 
@@ -777,11 +815,13 @@ def read_image(
     --filter`); the whole image is still validated. With
     `keep_opaque_markers=False` the `trusted.overlay.opaque` /
     `user.overlay.opaque` directory xattrs are dropped as composefs-rs does
-    (then also where a user had set them).
+    (then also where a user had set them). With `inline_data=False` inline
+    file contents are validated but not read: such files get ``data=b""``
+    (their `size` stays the real one).
     """
     if not isinstance(data, bytes):
         data = bytes(data)
-    b = _Builder(data, keep_opaque_markers)
+    b = _Builder(data, keep_opaque_markers, inline_data)
     try:
         with no_gc():  # a big tree of new objects, no cycles: see no_gc
             root = b.build()
@@ -804,7 +844,7 @@ def collect_objects(data: bytes) -> set[str]:
     This is what C `composefs-info objects` lists.
     """
     out: set[str] = set()
-    for leaf in _external_leaves(read_image(data)):
+    for leaf in _external_leaves(read_image(data, inline_data=False)):
         assert isinstance(leaf.content, Regular)
         path = leaf.content.backing_path()
         if path is not None:
@@ -816,7 +856,7 @@ def collect_digests(data: bytes) -> set[str]:
     """fs-verity digests (lowercase hex) of every external file that has one
     (the object ids a repository keeps alive)."""
     out: set[str] = set()
-    for leaf in _external_leaves(read_image(data)):
+    for leaf in _external_leaves(read_image(data, inline_data=False)):
         assert isinstance(leaf.content, Regular)
         if leaf.content.digest is not None:
             out.add(leaf.content.digest)
