@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import hostilelib as H
 import pytest
 
+import hostilelib as H
 from composefs.erofs import reader
 from composefs.errors import ImageError
 
