@@ -325,3 +325,51 @@ def deep_image(depth: int, name_len: int = 255, version: int = 2) -> bytes:
     from composefs.erofs.writer import mkfs
 
     return mkfs(deep_chain(depth, name_len), FormatVersion(version))
+
+
+def bad_images(rng: random.Random, digests: list[str]) -> Iterator[tuple[str, bytes]]:
+    """Images the reader refuses, each naming `digests` as external files
+    the way the writers do (metacopy + redirect): what the writers made
+    before the shared rules, truncations, garbage, bit flips."""
+    from composefs import limits
+    from composefs.erofs import writer
+    from composefs.erofs.format import FormatVersion
+
+    def tree() -> Directory:
+        root = deep_chain(5)
+        d = root.entries[b"d"]
+        assert isinstance(d, Directory)
+        for i, dg in enumerate(digests):
+            d.entries[b"x%d" % i] = Leaf(Stat(0o644), Regular(1000, digest=dg))
+        return root
+
+    old_depth, old_whiteout = writer.MAX_DEPTH, limits.WHITEOUT_XATTR
+    try:
+        writer.MAX_DEPTH = 10**6  # as written before the writers shared the limit
+        deep = tree()
+        deep.entries[b"deep"] = deep_chain(2100)
+        yield "deep-2100", mkfs_v(deep, 2)
+        yield "deep-2100-v0", mkfs_v(deep, 0)
+        limits.WHITEOUT_XATTR = b"-"
+        wt = tree()
+        wt.entries[b"w"] = Leaf(Stat(0o644, xattrs={b"trusted.overlay.whiteout": b""}), Regular(0))
+        yield "escaped-whiteout-v2", mkfs_v(wt, 2)
+    finally:
+        writer.MAX_DEPTH, limits.WHITEOUT_XATTR = old_depth, old_whiteout
+    good = mkfs_v(tree(), 0)
+    yield "truncated", good[: len(good) - 4096]
+    yield "zeroed-superblock", good[:1024] + bytes(128) + good[1152:]
+    yield "garbage", bytes(rng.getrandbits(8) for _ in range(8192))
+    for _ in range(10):
+        img = bytearray(good)
+        for _ in range(rng.randrange(1, 8)):
+            img[rng.randrange(1024, 4096)] ^= 1 << rng.randrange(8)  # header, inodes
+        yield "bit-flips", bytes(img)
+    del FormatVersion
+
+
+def mkfs_v(root: Directory, version: int) -> bytes:
+    from composefs.erofs.format import FormatVersion
+    from composefs.erofs.writer import mkfs
+
+    return mkfs(root, FormatVersion(version))

@@ -63,6 +63,7 @@ image reproduces it byte for byte.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ __all__ = [
     "image_info",
     "image_version",
     "read_image",
+    "scan_references",
 ]
 
 # composefs-rs refuses images above 1 GiB: they are metadata only.
@@ -878,4 +880,25 @@ def _external_leaves(root: Directory) -> list[Leaf]:
         ):
             seen.add(id(leaf))
             out.append(leaf)
+    return out
+
+
+_REDIRECT_PATH = re.compile(rb"/([0-9a-f]{2})/([0-9a-f]{126}|[0-9a-f]{62})(?![0-9a-f])")
+_METACOPY_HEADERS = ((b"\x00\x24\x00\x01", 32), (b"\x00\x44\x00\x02", 64))
+
+
+def scan_references(data: bytes) -> set[str]:
+    """Everything in the bytes of an image that looks like a reference to an
+    object: ``/xx/yyyy…`` backing paths (as object ids) and the digests of
+    overlay metacopy values. For images `read_image` refuses: a caller that
+    must not lose what such an image needs (gc) keeps all of these alive.
+    Linear in the image size; finds at least what a reader would."""
+    out = {m.group(1).decode() + m.group(2).decode() for m in _REDIRECT_PATH.finditer(data)}
+    for header, size in _METACOPY_HEADERS:
+        pos = data.find(header)
+        while pos >= 0:
+            digest = data[pos + 4 : pos + 4 + size]
+            if len(digest) == size:
+                out.add(digest.hex())
+            pos = data.find(header, pos + 1)
     return out

@@ -42,6 +42,11 @@ class GcResult:
     images_pruned: int = 0
     streams_pruned: int = 0
     removed_objects: list[str] = field(default_factory=list)
+    #: images/streams that could not be read: (path, reason). gc went on,
+    #: keeping whatever they might reference (see `Maintenance.gc`).
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    #: an unreadable stream made gc keep every object and link
+    kept_everything: bool = False
 
     def to_reply(self) -> dict[str, int]:
         """The varlink `GcResult` fields."""
@@ -222,12 +227,38 @@ class Maintenance:
                     if target is not None:
                         todo.append(target)
 
+    def _image_refs(self, name: str, result: GcResult) -> set[str]:
+        """Objects image `name` references. An image the reader refuses is
+        reported and scanned instead: every object id that appears in it as a
+        backing path or a metacopy digest is kept (never delete what it
+        might need); if it cannot even be read, everything is kept."""
+        path = f"images/{name}"
+        try:
+            data = self._read_entry(path)
+        except OSError as e:
+            result.unreadable.append((path, _msg(e)))
+            result.kept_everything = True
+            return set()
+        try:
+            return set(self.images.image_objects(data))
+        except ComposefsError as e:
+            from ..erofs.reader import scan_references
+
+            result.unreadable.append((path, str(e)))
+            return scan_references(data)
+
     def gc(
         self, roots: Iterable[str] = (), *, dry_run: bool = False, wait: bool = True
     ) -> GcResult:
         """Delete every object not reachable from a ref (``images/refs/**``,
         ``streams/refs/**``) or from `roots` (image ids / stream names), then
         the ``images/`` and ``streams/`` links and refs left dangling.
+
+        A bad image or stream never stops it: each is reported in
+        `GcResult.unreadable`. An image the reader refuses keeps alive every
+        object its bytes name (`erofs.reader.scan_references`); an unreadable
+        stream (or image file) keeps every object and link
+        (`GcResult.kept_everything`): gc is conservative, never unsafe.
 
         Takes the exclusive lock (waits for other users unless `wait` is
         False) — except `dry_run`, which only reports and keeps the shared
@@ -260,7 +291,7 @@ class Maintenance:
             if image_id is None or not self.objects.has_object(image_id):
                 continue  # dangling: pruned below
             live.add(image_id)
-            live.update(self.images.image_objects(self._read_entry(f"images/{name}")))
+            live.update(self._image_refs(name, result))
 
         streams = self._category_entries("streams")
         by_id = {oid: name for name, oid in streams.items() if oid is not None}
@@ -271,14 +302,27 @@ class Maintenance:
             if stream_id is None or not self.objects.has_object(stream_id):
                 continue
             live.add(stream_id)
-            self._walk_streams(name, by_id, walked, live)
+            try:
+                self._walk_streams(name, by_id, walked, live)
+            except (OSError, ComposefsError) as e:
+                # Its references are unknown (a stream is compressed, no
+                # scan can recover them): keep everything, report it.
+                result.unreadable.append((f"streams/{name}", _msg(e)))
+                result.kept_everything = True
 
         # An image kept alive only by a stream's named ref (OCI
         # `composefs.image`) keeps its files too, so it stays mountable
         # (composefs-rs keeps just the image object).
         for name, image_id in sorted(images.items()):
             if name not in root_images and image_id in live and self.objects.has_object(image_id):
-                live.update(self.images.image_objects(self._read_entry(f"images/{name}")))
+                live.update(self._image_refs(name, result))
+        if result.kept_everything:
+            # only links to missing objects (always safe) go
+            result.images_pruned = self._prune_links("images", dry_run)
+            result.streams_pruned = self._prune_links("streams", dry_run)
+            if not dry_run:
+                self._remove_stale_temporaries()
+            return result
 
         # Unlink the names of what is about to go first: a crash then leaves
         # unreferenced objects (harmless), never dangling links.
