@@ -548,6 +548,11 @@ class ContentReader:
         return len(data)
 
 
+# What may follow the end-of-archive marker: record padding (tar's
+# blocking factor, 10 KiB by default; 1 MiB covers `tar -b 2048`).
+TRAILER_MAX = 1 << 20
+
+
 def split_tar(
     src: Readable, sink: SplitSink, *, inline_max: int = INLINE_MAX, block: int = 1 << 20
 ) -> int:
@@ -556,6 +561,12 @@ def split_tar(
     Concatenating every `inline` piece and every external content in call
     order reproduces the input exactly. Memory use is bounded by `block`
     plus the largest header run (at most ~1 MiB of extension records).
+
+    Up to `TRAILER_MAX` bytes after the end-of-archive marker are kept (so
+    the layer is still reproduced byte for byte and matches its diff_id);
+    more is a `TarFormatError`, read no further: no legitimate tar carries
+    it, and a compressed layer of zeros after its end would otherwise be
+    stored in full.
     """
     buf = _Buffer(src, block)
     count = 0
@@ -572,9 +583,15 @@ def split_tar(
         sink.inline(buf.take(amount))
         if ev == END:
             # Record padding (or anything else) after the end marker.
-            if len(buf):
-                sink.inline(buf.take(len(buf)))
-            while data := src.read(block):
+            trailer = len(buf)
+            if trailer > TRAILER_MAX:
+                raise _trailer_error()
+            if trailer:
+                sink.inline(buf.take(trailer))
+            while data := src.read(min(block, TRAILER_MAX + 1 - trailer)):
+                trailer += len(data)
+                if trailer > TRAILER_MAX:
+                    raise _trailer_error()
                 sink.inline(data)
             return count
         if ev != ENTRY:
@@ -594,6 +611,12 @@ def split_tar(
             if not buf.fill(pad):
                 raise TarFormatError(f"tar: archive is truncated (in {_show(entry.path)})")
             sink.inline(buf.take(pad))
+
+
+def _trailer_error() -> TarFormatError:
+    return TarFormatError(
+        f"tar: more than {TRAILER_MAX} bytes after the end-of-archive marker (not stored)"
+    )
 
 
 # -- reading back ---------------------------------------------------------------------
