@@ -108,3 +108,40 @@ def test_long_inline_runs_do_not_use_tmpdir(tmp_path: Path) -> None:
         assert os.listdir(small) == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def _layer(files: dict[str, bytes]) -> bytes:
+    return H.tar_bytes([H.reg(name, data) for name, data in files.items()])
+
+
+def test_failed_layer_import_removes_its_objects(repo: Repository) -> None:
+    """Wrong diff_id: the objects the import stored go again; an object a
+    stored layer shares stays."""
+    from composefs import fsverity
+    from composefs.errors import DigestMismatch
+    from composefs.oci import pull
+
+    x, y = b"X" * 5000, b"Y" * (8 << 20)
+    good = _layer({"x": x})
+    pull.import_layer(repo, "sha256:" + hashlib.sha256(good).hexdigest(), io.BytesIO(good))
+    bomb = gzip.compress(_layer({"x": x, "y": y}))  # 8 MiB of Y in ~10 KB
+    with pytest.raises(DigestMismatch):
+        pull.import_layer(repo, "sha256:" + "0" * 64, io.BytesIO(bomb), compression="gzip")
+    assert repo.has_object(fsverity.digest_hex(x, repo.algorithm))
+    assert not repo.has_object(fsverity.digest_hex(y, repo.algorithm))
+    assert repo.fsck().ok
+
+
+def test_failed_import_leaves_objects_to_gc_when_repository_busy(tmp_path: Path) -> None:
+    from composefs import fsverity
+    from composefs.errors import DigestMismatch
+    from composefs.oci import pull
+
+    r, _ = Repository.init(tmp_path / "r", insecure=True)
+    other = Repository.open(tmp_path / "r")  # another user: shared lock held
+    y = b"Y" * 100000
+    with pytest.raises(DigestMismatch):
+        pull.import_layer(r, "sha256:" + "0" * 64, io.BytesIO(_layer({"y": y})))
+    assert r.has_object(fsverity.digest_hex(y, r.algorithm))
+    other.close()
+    assert r.gc().objects_removed == 1

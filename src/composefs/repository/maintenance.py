@@ -280,6 +280,56 @@ class Maintenance:
             if not dry_run:
                 fcntl.flock(self.objects.dirfd, fcntl.LOCK_SH)
 
+    def discard_unreferenced(self, candidates: Iterable[str]) -> int:
+        """Remove those of `candidates` (objects an operation that then
+        failed wrote, e.g. a layer whose diff_id did not match) that nothing
+        stored refers to; returns how many went.
+
+        Only when no other process uses the repository (the exclusive lock
+        is tried, not waited for): otherwise they stay, unreferenced, for
+        the next `gc`. Every image and stream present counts as a root here
+        (named or not), so this never takes what a later gc would keep or
+        what a stored but untagged layer needs."""
+        wanted = {c for c in candidates if _is_hex_id(c, self.objects.algorithm)}
+        if not wanted or self.objects.read_only_features:
+            return 0
+        try:
+            fcntl.flock(self.objects.dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0
+        try:
+            result = GcResult()
+            live: set[str] = set()
+            images = self._category_entries("images")
+            for name, image_id in sorted(images.items()):
+                if image_id is not None and self.objects.has_object(image_id):
+                    live.add(image_id)
+                    live.update(self._image_refs(name, result))
+            streams = self._category_entries("streams")
+            by_id = {oid: name for name, oid in streams.items() if oid is not None}
+            walked: set[str] = set()
+            for name, stream_id in sorted(streams.items()):
+                if stream_id is None or not self.objects.has_object(stream_id):
+                    continue
+                live.add(stream_id)
+                try:
+                    self._walk_streams(name, by_id, walked, live)
+                except (OSError, ComposefsError):
+                    return 0  # references unknown: keep everything
+            if result.kept_everything:
+                return 0
+            removed = 0
+            objects = self.objects.objects_fd()
+            for object_id in sorted(wanted - live):
+                try:
+                    os.unlink(self.objects.object_relpath(object_id), dir_fd=objects)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+            return removed
+        finally:
+            fcntl.flock(self.objects.dirfd, fcntl.LOCK_SH)
+
     def _gc(self, extra_roots: set[str], dry_run: bool) -> GcResult:
         result = GcResult()
         live: set[str] = set()
