@@ -437,7 +437,7 @@ def _strerror(e: OSError) -> str:
 
 def _source_error(shown: str, e: OSError) -> SourceError:
     # The C tool's wording: "error accessing PATH: <strerror>".
-    return SourceError(f"error accessing {shown}: {_strerror(e)}")
+    return SourceError(f"error accessing {limits.show(shown, 4096)}: {_strerror(e)}")
 
 
 # -- digest store (mkcomposefs --digest-store) --------------------------------

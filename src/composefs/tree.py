@@ -274,7 +274,7 @@ class Directory:
     def get_dir(self, path: bytes) -> Directory:
         node = self.lookup(path)
         if not isinstance(node, Directory):
-            raise TreeError(f"not a directory: {path.decode(errors='replace')}")
+            raise TreeError(f"not a directory: {path!r}")
         return node
 
     def insert(self, path: bytes, node: Directory | Leaf) -> None:
