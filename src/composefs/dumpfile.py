@@ -55,6 +55,10 @@ EXTERNAL_XATTR_MAX = 0xFFFF // 2
 _XATTR_HEADER_SIZE = 12
 _XATTR_META_SIZE = 4
 _LINE_XATTR_MAX = 0xFFFF
+# No valid line comes near this: a path of 2048 255-byte names, xattrs and
+# inline content, all fully escaped, stay under 3 MiB. Longer lines are
+# refused as they arrive, not accumulated.
+MAX_LINE = 8 << 20
 
 _VALID_TYPES = frozenset((S_IFREG, S_IFDIR, S_IFLNK, S_IFBLK, S_IFCHR, S_IFSOCK, S_IFIFO))
 _HEX_DIGEST = re.compile(rb"[0-9a-fA-F]{64}(?:[0-9a-fA-F]{64})?")
@@ -176,13 +180,18 @@ def _chunks(source: bytes | BinaryIO, strict: bool) -> Iterator[list[bytes]]:
     # The unfinished line, in pieces: joined only once its newline arrives,
     # so a long line costs linear time, not a copy per chunk.
     pending: list[bytes] = []
+    pending_len = 0
     while True:
         chunk = source.read(1 << 20)
         if not chunk:
             break
         if b"\n" not in chunk:
             pending.append(chunk)
+            pending_len += len(chunk)
+            if pending_len > MAX_LINE:
+                raise DumpfileError(f"line longer than {MAX_LINE} bytes", lineno + 1)
             continue
+        pending_len = 0
         if pending:
             pending.append(chunk)
             chunk = b"".join(pending)
@@ -191,6 +200,7 @@ def _chunks(source: bytes | BinaryIO, strict: bool) -> Iterator[list[bytes]]:
         rest = parts.pop()
         if rest:
             pending.append(rest)
+            pending_len = len(rest)
         lineno += len(parts)
         yield parts
     rest = b"".join(pending)
