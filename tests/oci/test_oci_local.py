@@ -20,6 +20,7 @@ import sys
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import ocitestlib as L
 import pytest
@@ -829,3 +830,55 @@ def test_failed_pull_removes_the_failed_layers_objects(tmp_path: Path) -> None:
     assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
     objects = [p for p in (repo / "objects").rglob("*") if p.is_file()]
     assert objects == [], objects
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ({"x": 10**5000}, "integer of"),
+        ({"x": float("inf")}, "not JSON"),
+    ],
+    ids=["5000-digits", "infinity"],
+)
+def test_hostile_config_json_is_one_line(tmp_path: Path, extra: dict[str, Any], words: str) -> None:
+    """Deeply nested or huge-number JSON in a layout's config: one line."""
+    import sys as _sys
+
+    _sys.set_int_max_str_digits(0)  # so the test can write the 5000-digit number
+    try:
+        layout = tmp_path / "layout"
+        L.write_oci_layout(
+            layout, [L.ImageSpec([L.tar_layer([L.file("f", b"x")])], config_extra=extra)]
+        )
+    finally:
+        _sys.set_int_max_str_digits(4300)
+    repo = tmp_path / "repo"
+    Repository.init(repo, insecure=True)[0].close()
+    cfsctl = str(Path(_sys.executable).parent / "cfsctl")
+    r = subprocess.run(
+        [cfsctl, "--repo", str(repo), "oci", "pull", f"oci:{layout}:latest", "img"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+    assert "not valid JSON" in r.stderr and words in r.stderr, r.stderr
+
+
+def test_deeply_nested_config_json_is_one_line(tmp_path: Path) -> None:
+    nested: Any = 1
+    for _ in range(500):
+        nested = {"a": nested}
+    layout = tmp_path / "layout"
+    L.write_oci_layout(
+        layout, [L.ImageSpec([L.tar_layer([L.file("f", b"x")])], config_extra={"n": nested})]
+    )
+    repo = tmp_path / "repo"
+    Repository.init(repo, insecure=True)[0].close()
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "cfsctl"), "--repo", str(repo), "oci", "pull",
+         f"oci:{layout}:latest", "img"],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+    assert "nested deeper than 64 levels" in r.stderr
