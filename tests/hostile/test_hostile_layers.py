@@ -145,3 +145,22 @@ def test_failed_import_leaves_objects_to_gc_when_repository_busy(tmp_path: Path)
     assert r.has_object(fsverity.digest_hex(y, r.algorithm))
     other.close()
     assert r.gc().objects_removed == 1
+
+
+def test_busy_discard_keeps_the_shared_lock(tmp_path: Path) -> None:
+    """flock(2) drops the shared lock when a non-blocking upgrade fails: the
+    repository must hold it again afterwards (a gc elsewhere must wait)."""
+    import fcntl
+
+    r, _ = Repository.init(tmp_path / "r", insecure=True)
+    other = Repository.open(tmp_path / "r")
+    oid = r.ensure_object(b"Z" * 1000)
+    assert r.discard_unreferenced([oid]) == 0  # busy: nothing removed
+    other.close()
+    fd = os.open(tmp_path / "r", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # r still holds LOCK_SH
+    finally:
+        os.close(fd)
+    r.close()

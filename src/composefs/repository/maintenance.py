@@ -273,6 +273,8 @@ class Maintenance:
             try:
                 fcntl.flock(self.objects.dirfd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
+                # the failed conversion dropped our shared lock: take it back
+                fcntl.flock(self.objects.dirfd, fcntl.LOCK_SH)
                 raise RepositoryError("repository is in use (try again later)") from None
         try:
             return self._gc(set(roots), dry_run)
@@ -296,6 +298,9 @@ class Maintenance:
         try:
             fcntl.flock(self.objects.dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            # A failed conversion has dropped our shared lock (flock(2)):
+            # take it back before going on.
+            fcntl.flock(self.objects.dirfd, fcntl.LOCK_SH)
             return 0
         try:
             result = GcResult()
