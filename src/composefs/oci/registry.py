@@ -578,9 +578,7 @@ class RegistryClient:
             )
         resp = self._request("GET", url, headers=headers, scope=None, auth=False)
         try:
-            body = _read_limited(
-                resp, MAX_JSON_SIZE, "token response", self.options
-            )
+            body = _read_limited(resp, MAX_JSON_SIZE, "token response", self.options)
         finally:
             resp.release_conn()
         return resp.status, body
@@ -1017,9 +1015,8 @@ def _read_limited(
             if deadline.expired():
                 resp.close()
                 raise deadline.error(resp, what, "read timeout") from None
-            raise RegistryError(
-                f"{_hostport(resp.url or '')}: {what}: download failed: {_describe(e)}"
-            ) from None
+            where = f"{_hostport(resp.url)}: " if resp.url else ""
+            raise RegistryError(f"{where}{what}: download failed: {_describe(e)}") from None
         if not chunk:
             return bytes(buf)
         buf += chunk
