@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import io
 import ipaddress
-import json
 import os
 import re
 import socket
@@ -46,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar, cast
 
+from .. import _json
 from ..errors import DigestMismatch, OciError, RegistryAuthError, RegistryError
 from . import auth as _auth
 from .image import (
@@ -252,6 +252,9 @@ class RegistryOptions:
     max_backoff: float = 8.0
     connect_timeout: float = 30.0
     read_timeout: float = 120.0
+    #: overall limit for one blob download (``--transfer-timeout``), resumes
+    #: included; manifests, tokens and error bodies get `read_timeout` in all
+    transfer_timeout: float = 3600.0
     max_workers: int = 4
     #: directories searched for ``HOST[:PORT]/*.crt`` like podman/docker do
     certs_d: tuple[str, ...] = ("/etc/containers/certs.d", "/etc/docker/certs.d")
@@ -415,8 +418,8 @@ def _origin(url: str) -> tuple[str, str, int]:
 def _registry_error_text(body: bytes) -> str:
     """The human part of a registry's JSON error body, if any."""
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        doc = _json.loads(body, "error body", RegistryError)
+    except RegistryError:
         return ""
     errs = doc.get("errors") if isinstance(doc, dict) else None
     if not isinstance(errs, list):
@@ -559,17 +562,23 @@ class RegistryClient:
         """Token requests for the Authenticator: same TLS rules, retries, no redirects with creds."""
         scheme, host, _ = _origin(url)
         sends_creds = any(k.lower() == "authorization" for k in headers)
+        # Credentials go to a token server over HTTPS, or in plain HTTP only
+        # to the registry's own host (or anywhere with --tls-verify=false).
+        own_host = (
+            _origin(self._base)[1] if self._base else split_host_port(self.api_host)[0].lower()
+        )
         if (
             sends_creds
             and scheme != "https"
-            and not (is_loopback(host) or not self.options.tls_verify)
+            and not (host == own_host.strip("[]") or not self.options.tls_verify)
         ):
             raise RegistryAuthError(
-                f"{self.registry}: refusing to send credentials to a plain-HTTP token server {host}"
+                f"{self.registry}: refusing to send credentials to a plain-HTTP token server "
+                f"{host} that is not the registry's host"
             )
         resp = self._request("GET", url, headers=headers, scope=None, auth=False)
         try:
-            body = _read_limited(resp, MAX_JSON_SIZE, f"{self.registry}: token response")
+            body = _read_limited(resp, MAX_JSON_SIZE, "token response", self.options)
         finally:
             resp.release_conn()
         return resp.status, body
@@ -634,7 +643,8 @@ class RegistryClient:
                     attempt += 1
                     target, hops = url, 0
                     continue
-                raise RegistryError(f"cannot reach {self.registry}: {_describe(e)}") from None
+                # the host that failed: the registry, its token server or a blob host
+                raise RegistryError(f"cannot reach {_hostport(target)}: {_describe(e)}") from None
 
             status = resp.status
             if status == 407:
@@ -689,6 +699,7 @@ class RegistryClient:
                 attempt += 1
                 target, hops = url, 0
                 continue
+            resp.url = target  # where it came from: errors name that host
             return resp
 
     # -- endpoints ---------------------------------------------------------------
@@ -764,7 +775,7 @@ class RegistryClient:
         try:
             if resp.status != 200:
                 raise _status_error(resp, what, "manifest")
-            body = _read_limited(resp, MAX_JSON_SIZE, f"{what}: manifest")
+            body = _read_limited(resp, MAX_JSON_SIZE, f"{what}: manifest", self.options)
             ctype = resp.headers.get("Content-Type")
             header_digest = resp.headers.get("Docker-Content-Digest")
         finally:
@@ -934,13 +945,78 @@ def _discard(resp: urllib3.BaseHTTPResponse) -> None:
         resp.close()
 
 
-def _read_limited(resp: urllib3.BaseHTTPResponse, limit: int, what: str) -> bytes:
+class _Deadline:
+    """An overall time limit for one transfer. Each read on the response's
+    socket waits at most what is left (and never longer than the read
+    timeout), so neither a trickle of bytes nor a stalled body (a
+    Content-Length larger than what is sent) keeps a transfer alive longer."""
+
+    __slots__ = ("end", "read_timeout", "seconds")
+
+    def __init__(self, seconds: float, read_timeout: float) -> None:
+        self.seconds = seconds
+        self.read_timeout = read_timeout
+        self.end = time.monotonic() + seconds
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.end
+
+    def arm(self, resp: urllib3.BaseHTTPResponse) -> bool:
+        """Bound the next read; False once the deadline has passed."""
+        left = self.end - time.monotonic()
+        if left <= 0:
+            return False
+        sock = _socket_of(resp)
+        if sock is not None:
+            sock.settimeout(min(self.read_timeout, max(left, 0.01)))
+        return True
+
+    def error(self, resp: urllib3.BaseHTTPResponse | None, what: str, knob: str) -> RegistryError:
+        url = resp.url if resp is not None else None
+        where = f"{_hostport(url)}: " if url else ""
+        return RegistryError(
+            f"{where}{what}: transfer not finished after {self.seconds:g} s ({knob})"
+        )
+
+
+def _socket_of(resp: urllib3.BaseHTTPResponse) -> socket.socket | None:
+    """The socket a response body is read from: the connection's, or (once
+    http.client detached it for a ``Connection: close`` answer) the one
+    under the response's own file object."""
+    sock = getattr(getattr(resp, "connection", None), "sock", None)
+    if sock is None:
+        raw = getattr(getattr(getattr(resp, "_fp", None), "fp", None), "raw", None)
+        sock = getattr(raw, "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _hostport(url: str) -> str:
+    p = urllib.parse.urlsplit(url)
+    host = p.hostname or "?"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{p.port}" if p.port else host
+
+
+def _read_limited(
+    resp: urllib3.BaseHTTPResponse, limit: int, what: str, options: RegistryOptions
+) -> bytes:
+    """A small document (manifest, token, error): at most `limit` bytes,
+    complete within the read timeout."""
+    deadline = _Deadline(options.read_timeout, options.read_timeout)
     buf = bytearray()
     while True:
+        if not deadline.arm(resp):
+            resp.close()
+            raise deadline.error(resp, what, "read timeout")
         try:
-            chunk = resp.read(min(_CHUNK, limit + 1 - len(buf)))
+            chunk = resp.read1(min(_CHUNK, limit + 1 - len(buf)))
         except _net_errors() as e:
-            raise RegistryError(f"{what}: download failed: {_describe(e)}") from None
+            if deadline.expired():
+                resp.close()
+                raise deadline.error(resp, what, "read timeout") from None
+            where = f"{_hostport(resp.url)}: " if resp.url else ""
+            raise RegistryError(f"{where}{what}: download failed: {_describe(e)}") from None
         if not chunk:
             return bytes(buf)
         buf += chunk
@@ -969,10 +1045,7 @@ def _status_error(resp: urllib3.BaseHTTPResponse, what: str, kind: str) -> Regis
 
 def _sniff_media_type(body: bytes, declared: str | None, what: str) -> str:
     """Media type from the JSON when the header is missing or generic."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RegistryError(f"{what}: malformed manifest JSON ({e})") from None
+    doc = _json.loads(body, f"{what}: manifest", RegistryError)
     if not isinstance(doc, dict):
         raise RegistryError(f"{what}: malformed manifest JSON (not an object)")
     mt = doc.get("mediaType")
@@ -1041,6 +1114,7 @@ class BlobStream(io.RawIOBase):
         # No declared size (rare: only for callers that do not know it): cap
         # at something sane so a hostile server cannot stream forever.
         self._limit = size if size is not None else MAX_JSON_SIZE
+        self._deadline = _Deadline(client.options.transfer_timeout, client.options.read_timeout)
 
     @property
     def position(self) -> int:
@@ -1099,9 +1173,15 @@ class BlobStream(io.RawIOBase):
         while True:
             resp = self._resp
             assert resp is not None
+            if not self._deadline.arm(resp):
+                self._fail(self._deadline.error(resp, self._what, "--transfer-timeout"))
             try:
-                return resp.read(n)
+                # read1: one socket read, so the deadline is checked between
+                # trickled bytes (read(n) would wait for all n of them)
+                return resp.read1(n)
             except net_errors as e:
+                if self._deadline.expired():
+                    self._fail(self._deadline.error(resp, self._what, "--transfer-timeout"))
                 self._reopen(f"{_describe(e)}")
 
     def _resume_after_short(self) -> bytes:
@@ -1118,6 +1198,8 @@ class BlobStream(io.RawIOBase):
             self._resp.close()
             self._resp = None
         client = self._client
+        if self._deadline.expired():
+            self._fail(self._deadline.error(None, self._what, "--transfer-timeout"))
         if self._attempt >= client.options.retries:
             self._fail(
                 RegistryError(
