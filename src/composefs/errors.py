@@ -89,3 +89,7 @@ class TarFormatError(OciError):
 
 class BootError(ComposefsError):
     """Boot resources, SELinux policy, UKIs or kernel arguments are unusable."""
+
+
+class HttpError(ComposefsError):
+    """An HTTP server (composefs fetch) refused a request or sent something unusable."""

@@ -8,7 +8,8 @@ Global options come before the command::
 
 Commands: init, transaction, cat, gc, import-image, mount, create-image,
 compute-id, compute-karg, create-dumpfile, image-objects, dump-files, fsck,
-and ``oci …`` when `composefs.cli.oci` is installed. Invoked as
+``oci …`` when `composefs.cli.oci` is installed, and ``fetch``/``publish``
+from `composefs.cli.http` (same hook). Invoked as
 ``mkcomposefs`` or ``composefs-info`` (argv[0]), or with those names as the
 command, the arguments go to those tools instead.
 
@@ -581,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     # The OCI group is optional; a broken module must fail loudly, not vanish.
     if importlib.util.find_spec(f"{__package__}.oci") is not None:
         importlib.import_module(f"{__package__}.oci").add_parser(sub)
+    # fetch/publish (composefs.cli.http): the same hook as the OCI group.
+    if importlib.util.find_spec(f"{__package__}.http") is not None:
+        importlib.import_module(f"{__package__}.http").add_parser(sub)
     return p
 
 

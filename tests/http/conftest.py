@@ -1,0 +1,97 @@
+"""Fixtures for tests/http: a source repository holding a pulled OCI image,
+its published tree, and Debian's nginx serving the tree, the tree with
+symlinks as files (``publish --link-files``) and the raw repository."""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "oci"))
+
+import nginxlib  # noqa: E402
+import ocitestlib as L  # noqa: E402
+
+from composefs.repository import Repository  # noqa: E402
+
+TAG = "demo/app:1.0"  # a '/' in the tag: stored as refs/oci/demo%2Fapp:1.0
+
+
+def det_bytes(seed: int, n: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def build_layout(path: Path, nfiles: int = 40) -> L.BuiltImage:
+    """A two-layer image: many small files, some big ones, a symlink, a
+    whiteout; layer 2 gzip-compressed."""
+    base = [L.directory("usr"), L.directory("usr/bin"), L.directory("etc")]
+    base += [L.file(f"usr/bin/tool{i}", det_bytes(i, 100 + 97 * i)) for i in range(nfiles)]
+    base += [L.file("etc/big", det_bytes(1000, 3 << 20)), L.file("etc/small", b"tiny")]
+    base += [L.symlink("usr/bin/link", "tool1"), L.file("etc/gone", det_bytes(7, 500))]
+    top = [L.directory("etc"), L.whiteout("etc/gone"), L.file("etc/new", det_bytes(8, 70000))]
+    spec = L.ImageSpec(
+        [L.tar_layer(base), L.tar_layer(top)], compression=["none", "gzip"], tag="latest"
+    )
+    return L.write_oci_layout(path, [spec])[0]
+
+
+@dataclass
+class Source:
+    repo: Path
+    layout: Path
+    image: L.BuiltImage
+    tag: str
+    image_id: str
+
+
+def make_repo(path: Path, algorithm: str = "sha512") -> Repository:
+    return Repository.init(path, algorithm=algorithm, insecure=True)[0]
+
+
+@pytest.fixture(scope="session")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Source:
+    from composefs.oci import storage
+
+    d = tmp_path_factory.mktemp("http-src")
+    image = build_layout(d / "layout")
+    with make_repo(d / "repo") as repo:
+        result = storage.pull(repo, f"oci:{d / 'layout'}:latest", TAG)
+    assert result.image_id is not None
+    return Source(d / "repo", d / "layout", image, TAG, result.image_id)
+
+
+@dataclass
+class Served:
+    published: str  # publish DEST (symlinks)
+    link_files: str  # publish --link-files DEST
+    raw_repo: str  # the source repository directory itself
+    published_dir: Path
+
+
+@pytest.fixture(scope="session")
+def served(source: Source, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    if nginxlib.NGINX is None:
+        pytest.skip("nginx not installed (make system-deps installs it)")
+    from composefs.http.publish import publish
+
+    d = tmp_path_factory.mktemp("http-served")
+    with Repository.open(source.repo) as repo:
+        publish(repo, str(d / "pub"))
+        publish(repo, str(d / "pub-files"), link_files=True)
+    ng = nginxlib.Nginx(d / "nginx")
+    urls = [ng.serve(d / "pub"), ng.serve(d / "pub-files", link_files=True), ng.serve(source.repo)]
+    with ng:
+        yield Served(*urls, published_dir=d / "pub")
+
+
+@pytest.fixture
+def dest_repo(tmp_path: Path) -> Iterator[Repository]:
+    with make_repo(tmp_path / "dest") as repo:
+        yield repo
