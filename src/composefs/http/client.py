@@ -122,7 +122,10 @@ class Body:
         if self.length is not None:
             want = min(want, self.length - self.position)
         try:
-            data = self._resp.read(want) if want > 0 else b""
+            # read1: whatever has arrived (read(n) would wait for all n
+            # bytes, so a server dripping a byte at a time would never be
+            # cut off by the deadline).
+            data = self._resp.read1(want) if want > 0 else b""
         except _net.net_errors() as e:
             raise _Transient(f"{self.url}: {_net.describe(e)}") from None
         self.position += len(data)
@@ -357,7 +360,7 @@ def _release(resp: urllib3.BaseHTTPResponse) -> None:
     unknown or large rest closes it (draining an endless body never ends)."""
     remaining = getattr(resp, "length_remaining", None)
     try:
-        if remaining is not None and 0 < remaining <= 65536:
+        if remaining is not None and remaining <= 65536:
             resp.drain_conn()
         elif remaining != 0 and not resp.closed:
             resp.close()
