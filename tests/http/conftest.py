@@ -4,7 +4,9 @@ symlinks as files (``publish --link-files``) and the raw repository."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ import ocitestlib as L  # noqa: E402
 from composefs.repository import Repository  # noqa: E402
 
 TAG = "demo/app:1.0"  # a '/' in the tag: stored as refs/oci/demo%2Fapp:1.0
+REF = "refs/oci/demo%2Fapp:1.0"
 
 
 def det_bytes(seed: int, n: int) -> bytes:
@@ -95,3 +98,25 @@ def served(source: Source, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 def dest_repo(tmp_path: Path) -> Iterator[Repository]:
     with make_repo(tmp_path / "dest") as repo:
         yield repo
+
+
+def assert_untouched(repo: Repository) -> None:
+    """A failed or interrupted fetch: nothing named, nothing broken."""
+    from composefs.oci import storage
+
+    assert repo.list_stream_refs("") == []
+    assert storage.list_images(repo) == []
+    streams = os.path.join(repo.path, "streams")
+    assert not os.path.exists(streams) or os.listdir(streams) in ([], ["refs"])
+    assert repo.fsck().ok
+
+
+def count_objects(repo: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(repo / "objects"))
+
+
+def cfsctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "composefs.cli.cfsctl", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip

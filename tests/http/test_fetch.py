@@ -8,9 +8,7 @@ import pytest
 from composefs.http.fetch import fetch
 from composefs.oci import storage
 from composefs.repository import Repository
-from conftest import TAG, Served, Source
-
-REF = "refs/oci/" + storage.encode_tag(TAG)
+from conftest import REF, TAG, Served, Source
 
 
 @pytest.mark.parametrize("site", ["published", "link_files", "raw_repo"])

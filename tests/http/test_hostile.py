@@ -3,7 +3,6 @@ error within bounded time, tags nothing, and leaves `fsck` clean."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -16,11 +15,9 @@ import pytest
 from composefs.errors import ComposefsError, HttpError
 from composefs.http.client import HttpOptions
 from composefs.http.fetch import fetch
-from composefs.oci import storage
 from composefs.repository import Repository
-from conftest import TAG, Served, Source, make_repo
+from conftest import REF, Served, Source, assert_untouched, make_repo
 
-REF = "refs/oci/" + storage.encode_tag(TAG)
 REF_PATH = "streams/" + REF
 
 
@@ -50,15 +47,6 @@ def objects(root: Path) -> list[str]:
         if p.is_file() and not p.is_symlink()
     ]
     return sorted(out, key=lambda p: -(root / p).stat().st_size)
-
-
-def assert_untouched(repo: Repository) -> None:
-    """Nothing named, nothing broken."""
-    assert repo.list_stream_refs("") == []
-    assert storage.list_images(repo) == []
-    streams = os.path.join(repo.path, "streams")
-    assert not os.path.exists(streams) or os.listdir(streams) in ([], ["refs"])
-    assert repo.fsck().ok
 
 
 def run_fails(repo: Repository, url: str, match: str, **kw: object) -> HttpError:
