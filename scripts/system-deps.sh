@@ -17,6 +17,8 @@ if [ "${1:-}" != demo ]; then
     want openssl openssl
     want debootstrap debootstrap  # bench: a Debian minbase image to pull
     want zstd zstd
+    want nginx nginx  # tests/http: serves published repositories
+    want wget wget  # bench: wget --mirror of a published tree
     want unshare util-linux
     want qemu-system-x86_64 qemu-system-x86
     dpkg -s busybox-static >/dev/null 2>&1 || need="$need busybox-static"
