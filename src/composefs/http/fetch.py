@@ -27,10 +27,10 @@ again after an interruption transfers only what is missing.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
@@ -121,31 +121,56 @@ class Fetcher:
 
     # -- parallel helper ---------------------------------------------------
 
-    def _parallel(self, items: Iterable[str], work: Callable[[str], T]) -> list[T]:
-        """`work` over `items` on up to max_workers threads; the first error
-        cancels the rest (and any Ctrl-C stops every transfer at its next chunk)."""
-        items = list(items)
-        if not items:
-            return []
-        workers = max(1, min(self.options.max_workers, len(items)))
+    def _parallel(self, items: Iterable[str], work: Callable[[str], object]) -> None:
+        """`work` on every item, from up to max_workers threads pulling from
+        one shared iterator (no task objects per item). The first error
+        stops the others (cancelling their transfers at the next chunk) and
+        is raised; so is Ctrl-C."""
+        todo = list(items)
+        if not todo:
+            return
+        workers = max(1, min(self.options.max_workers, len(todo)))
         if workers == 1:
-            return [work(i) for i in items]
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="cfs-fetch")
-        futures: list[Future[T]] = []
+            for item in todo:
+                work(item)
+            return
+        it = iter(todo)
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+        stop = threading.Event()
+
+        def worker() -> None:
+            while not stop.is_set():
+                with lock:
+                    item = next(it, None)
+                if item is None:
+                    return
+                try:
+                    work(item)
+                except BaseException as e:  # handed to the caller below
+                    with lock:
+                        errors.append(e)
+                    stop.set()
+                    self.client.cancel.set()
+                    return
+
+        threads = [
+            threading.Thread(target=worker, name=f"cfs-fetch-{n}", daemon=True)
+            for n in range(workers)
+        ]
+        for t in threads:
+            t.start()
         try:
-            futures = [pool.submit(work, i) for i in items]
-            wait(futures, return_when=FIRST_EXCEPTION)
-            for f in futures:
-                if f.done() and f.exception() is not None:
-                    raise cast(BaseException, f.exception())
-            return [f.result() for f in futures]
+            for t in threads:
+                t.join()
         except BaseException:
+            stop.set()
             self.client.cancel.set()
-            for f in futures:
-                f.cancel()
+            for t in threads:
+                t.join()
             raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        if errors:
+            raise errors[0]
 
     # -- single transfers --------------------------------------------------
 
@@ -172,6 +197,19 @@ class Fetcher:
         if self.progress is not None:
             self.progress("object", self.counters.fetched, self.counters.bytes)
         return True
+
+    def _fetch_missing(self, object_ids: Iterable[str]) -> None:
+        # Present objects cost one stat here, not a task on the pool.
+        repo = self.repo
+        self._parallel(sorted(o for o in object_ids if not repo.has_object(o)), self.ensure_object)
+
+    def _registered(self, relpath: str, object_id: str) -> bool:
+        """Whether repository symlink `relpath` already points at `object_id`."""
+        try:
+            target = os.readlink(relpath, dir_fd=self.repo.fileno())
+        except OSError:
+            return False
+        return target.endswith(f"objects/{object_id[:2]}/{object_id[2:]}")
 
     def resolve_root(self, name: str) -> tuple[str, str | None]:
         """Object id of ``streams/NAME`` on the server, and the content id
@@ -255,7 +293,7 @@ class Fetcher:
         images: set[str] = set()
         level = [root]
         while level:
-            self._parallel([s.object_id for s in level], self.ensure_object)
+            self._fetch_missing(s.object_id for s in level)
             nxt: list[_Stream] = []
             for s in level:
                 object_refs, named = self._read_stream(s)
@@ -293,12 +331,14 @@ class Fetcher:
         # Objects (image objects included), then the objects the images name.
         objects.difference_update(streams)
         fetched_before = self.counters.fetched
-        self._parallel(sorted(objects), self.ensure_object)
+        self._fetch_missing(objects)
         image_objects: set[str] = set()
         for image_id in sorted(images):
-            image_objects.update(_repo.image_objects(self.repo, image_id))
+            # An image registered here had all its objects when it was.
+            if not self._registered(f"images/{image_id}", image_id):
+                image_objects.update(_repo.image_objects(self.repo, image_id))
         image_objects -= objects
-        self._parallel(sorted(image_objects), self.ensure_object)
+        self._fetch_missing(image_objects)
         objects |= image_objects
         objects_fetched = self.counters.fetched - fetched_before
 
