@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -75,7 +76,23 @@ class Served:
     published: str  # publish DEST (symlinks)
     link_files: str  # publish --link-files DEST
     raw_repo: str  # the source repository directory itself
+    https: str  # the published tree over TLS (certificate for 127.0.0.1)
     published_dir: Path
+    ca_dir: Path  # holds the server's self-signed certificate as ca.crt
+
+
+def make_cert(d: Path) -> tuple[Path, Path]:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not installed (make system-deps installs it)")
+    d.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "2", "-keyout", str(d / "key.pem"), "-out", str(d / "ca.crt"),
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return d / "ca.crt", d / "key.pem"
 
 
 @pytest.fixture(scope="session")
@@ -88,10 +105,16 @@ def served(source: Source, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     with Repository.open(source.repo) as repo:
         publish(repo, str(d / "pub"))
         publish(repo, str(d / "pub-files"), link_files=True)
+    cert, key = make_cert(d / "tls")
     ng = nginxlib.Nginx(d / "nginx")
-    urls = [ng.serve(d / "pub"), ng.serve(d / "pub-files", link_files=True), ng.serve(source.repo)]
+    urls = [
+        ng.serve(d / "pub"),
+        ng.serve(d / "pub-files", link_files=True),
+        ng.serve(source.repo),
+        ng.serve(d / "pub", tls=(cert, key)),
+    ]
     with ng:
-        yield Served(*urls, published_dir=d / "pub")
+        yield Served(*urls, published_dir=d / "pub", ca_dir=d / "tls")
 
 
 @pytest.fixture

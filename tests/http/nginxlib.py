@@ -26,8 +26,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def site_config(root: str | Path, port: int, link_files: bool = False) -> str:
-    """A ``server {}`` block serving a published tree (or a repository)."""
+def site_config(
+    root: str | Path, port: int, link_files: bool = False, tls: tuple[Path, Path] | None = None
+) -> str:
+    """A ``server {}`` block serving a published tree (or a repository);
+    `tls` is (certificate, key) for HTTPS."""
     links = (
         # Symlinks written as files (publish --link-files) are announced as such.
         "    location /streams/ { types { } default_type text/x-symlink-target; }\n"
@@ -35,9 +38,11 @@ def site_config(root: str | Path, port: int, link_files: bool = False) -> str:
         if link_files
         else ""
     )
+    ssl = f"    ssl_certificate {tls[0]};\n    ssl_certificate_key {tls[1]};\n" if tls else ""
     return (
         "server {\n"
-        f"    listen 127.0.0.1:{port};\n"
+        f"    listen 127.0.0.1:{port}{' ssl' if tls else ''};\n"
+        f"{ssl}"
         f"    root {root};\n"
         "    types { } default_type application/octet-stream;\n"
         "    location / { }\n"
@@ -53,11 +58,13 @@ class Nginx:
     proc: subprocess.Popen[bytes] | None = None
     ports: list[int] = field(default_factory=list)
 
-    def serve(self, root: str | Path, *, link_files: bool = False) -> str:
+    def serve(
+        self, root: str | Path, *, link_files: bool = False, tls: tuple[Path, Path] | None = None
+    ) -> str:
         port = free_port()
         self.ports.append(port)
-        self.sites.append(site_config(Path(root).resolve(), port, link_files))
-        return f"http://127.0.0.1:{port}/"
+        self.sites.append(site_config(Path(root).resolve(), port, link_files, tls))
+        return f"{'https' if tls else 'http'}://127.0.0.1:{port}/"
 
     def start(self) -> Nginx:
         if NGINX is None:

@@ -3,6 +3,8 @@ published tree, a tree with symlinks as files, and a raw repository."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from composefs.http.fetch import fetch
@@ -24,3 +26,24 @@ def test_fetch_oci_image(site: str, served: Served, source: Source, dest_repo: R
     assert dest_repo.fsck().ok
     again = fetch(dest_repo, url, REF)
     assert again.objects_fetched == 0
+
+
+def test_https_verifies_certificates(served: Served, source: Source, tmp_path: Path) -> None:
+    """An unknown CA is refused (one line, nothing named); --cert-dir (the
+    registry client's CA option) or --tls-verify=false make it work."""
+    from composefs.errors import HttpError
+    from composefs.http.client import HttpOptions
+    from conftest import assert_untouched, cfsctl, make_repo
+
+    with make_repo(tmp_path / "a") as repo:
+        with pytest.raises(HttpError, match="certificate verify failed"):
+            fetch(repo, served.https, REF, HttpOptions(retries=0, certs_d=()))
+        assert_untouched(repo)
+        r = fetch(repo, served.https, REF, HttpOptions(cert_dir=str(served.ca_dir), certs_d=()))
+        assert r.content_digest == source.image.manifest_digest
+    make_repo(tmp_path / "b").close()
+    p = cfsctl("--repo", str(tmp_path / "b"), "fetch", "--tls-verify=false", served.https, REF)
+    assert p.returncode == 0, p.stderr
+    p = cfsctl("--repo", str(tmp_path / "b"), "fetch", "--cert-dir", str(tmp_path / "nope"),
+               served.https, REF)  # fmt: skip
+    assert p.returncode == 1 and "--cert-dir" in p.stderr
