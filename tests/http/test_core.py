@@ -102,3 +102,9 @@ def test_named_ref_rules() -> None:
     assert core.content_id_for(0, "sha256:1") is None
     assert core.content_id_digest(f"oci-layer-sha256:{H64}") == ("sha256", H64)
     assert core.content_id_digest("my-stream") is None
+
+
+def test_content_ids() -> None:
+    assert core.is_content_id("oci-config-sha256:1") and core.is_content_id("my-stream")
+    for bad in ("", "refs", ".hidden", "a/b", "a\0b"):
+        assert not core.is_content_id(bad)

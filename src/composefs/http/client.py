@@ -66,7 +66,7 @@ class HttpOptions:
     read_timeout: float = 60.0
     transfer_timeout: float = 900.0
     max_workers: int = 16
-    max_stream_size: int = 1 << 30
+    max_stream_size: int = 256 << 20
     max_object_size: int = 1 << 40
 
 

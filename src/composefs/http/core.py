@@ -83,6 +83,17 @@ def stream_path(name: str) -> str:
     return f"streams/{name}"
 
 
+def is_content_id(name: str) -> bool:
+    """A name ``streams/<name>`` may have locally (not ``refs``, no ``/``, no dot-file)."""
+    return (
+        bool(name)
+        and "/" not in name
+        and "\0" not in name
+        and name != "refs"
+        and (not name.startswith("."))
+    )
+
+
 def check_object_id(object_id: str, algorithm: str) -> str:
     if len(object_id) != _HEX_LEN[algorithm] or not _HEX_RE.fullmatch(object_id):
         raise HttpError(f"invalid {algorithm} object id {object_id!r}")

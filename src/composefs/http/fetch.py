@@ -174,7 +174,7 @@ class Fetcher:
 
     # -- single transfers --------------------------------------------------
 
-    def ensure_object(self, object_id: str) -> bool:
+    def ensure_object(self, object_id: str, limit: int | None = None) -> bool:
         """Fetch object `object_id` unless present; True if it was fetched."""
         if self.repo.has_object(object_id):
             return False
@@ -189,7 +189,7 @@ class Fetcher:
         n = self.client.get(
             path,
             store,
-            limit=self.options.max_object_size,
+            limit=self.options.max_object_size if limit is None else limit,
             expected_id=object_id,
             algorithm=self.algorithm,
         )
@@ -198,10 +198,11 @@ class Fetcher:
             self.progress("object", self.counters.fetched, self.counters.bytes)
         return True
 
-    def _fetch_missing(self, object_ids: Iterable[str]) -> None:
+    def _fetch_missing(self, object_ids: Iterable[str], limit: int | None = None) -> None:
         # Present objects cost one stat here, not a task on the pool.
         repo = self.repo
-        self._parallel(sorted(o for o in object_ids if not repo.has_object(o)), self.ensure_object)
+        missing = sorted(o for o in object_ids if not repo.has_object(o))
+        self._parallel(missing, lambda o: self.ensure_object(o, limit))
 
     def _registered(self, relpath: str, object_id: str) -> bool:
         """Whether repository symlink `relpath` already points at `object_id`."""
@@ -225,12 +226,12 @@ class Fetcher:
             if kind == "link":
                 target = core.resolve_link(path, value, self.algorithm)
                 if target.object_id is not None:
-                    if server_name is None and "/" not in name:
+                    if server_name is None and core.is_content_id(name):
                         server_name = name
                     self.ensure_object(target.object_id)
                     return target.object_id, server_name
                 assert target.stream is not None
-                if "/" not in target.stream:
+                if core.is_content_id(target.stream):
                     server_name = target.stream
                 path = core.stream_path(target.stream)
                 continue
@@ -277,7 +278,7 @@ class Fetcher:
         repo.ensure_writable()
         core.check_relpath(name, "stream name")
         local_ref = name[len("refs/") :] if name.startswith("refs/") else None
-        if local_ref is None and "/" in name:
+        if local_ref is None and not core.is_content_id(name):
             raise HttpError(f"invalid stream name {name!r}: a content id or refs/NAME")
         root_id, server_name = self.resolve_root(name)
         root = _Stream(root_id)
@@ -293,7 +294,8 @@ class Fetcher:
         images: set[str] = set()
         level = [root]
         while level:
-            self._fetch_missing(s.object_id for s in level)
+            # Splitstreams are read whole: the stream size limit applies.
+            self._fetch_missing((s.object_id for s in level), self.options.max_stream_size)
             nxt: list[_Stream] = []
             for s in level:
                 object_refs, named = self._read_stream(s)
