@@ -152,3 +152,14 @@ def test_nginx_site_config_is_what_the_readme_shows() -> None:
         if "listen" in line or "root" in line:
             continue
         assert line.strip() in readme, line
+
+
+def test_publish_an_image_alone(source: Source, tmp_path: Path) -> None:
+    with Repository.open(source.repo) as repo:
+        result = publish(repo, str(tmp_path / "img"), images=[source.image_id])
+        needed = set(repo.objects_for_image(source.image_id)) | {source.image_id}
+    assert result.images == [source.image_id] and result.streams == []
+    assert tree_objects(tmp_path / "img") == needed
+    link = tmp_path / "img" / "images" / source.image_id
+    assert link.is_symlink() and link.resolve().is_file()
+    assert not (tmp_path / "img" / "streams").exists()
