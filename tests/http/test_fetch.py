@@ -10,7 +10,7 @@ import pytest
 from composefs.http.fetch import fetch
 from composefs.oci import storage
 from composefs.repository import Repository
-from conftest import REF, TAG, Served, Source
+from conftest import REF, TAG, Served, Source, assert_untouched, cfsctl, make_repo
 
 
 @pytest.mark.parametrize("site", ["published", "link_files", "raw_repo"])
@@ -33,7 +33,6 @@ def test_https_verifies_certificates(served: Served, source: Source, tmp_path: P
     registry client's CA option) or --tls-verify=false make it work."""
     from composefs.errors import HttpError
     from composefs.http.client import HttpOptions
-    from conftest import assert_untouched, cfsctl, make_repo
 
     with make_repo(tmp_path / "a") as repo:
         with pytest.raises(HttpError, match="certificate verify failed"):

@@ -228,7 +228,7 @@ class Fetcher:
                 if target.object_id is not None:
                     if server_name is None and core.is_content_id(name):
                         server_name = name
-                    self.ensure_object(target.object_id)
+                    self.ensure_object(target.object_id, self.options.max_stream_size)
                     return target.object_id, server_name
                 assert target.stream is not None
                 if core.is_content_id(target.stream):
