@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from httptestlib import REF, TAG, Served, Source, assert_untouched, cfsctl, make_repo
 
 from composefs.http.fetch import fetch
 from composefs.oci import storage
 from composefs.repository import Repository
-from conftest import REF, TAG, Served, Source, assert_untouched, cfsctl, make_repo
 
 
 @pytest.mark.parametrize("site", ["published", "link_files", "raw_repo"])

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import hostile as H
 import pytest
+from httptestlib import REF, Served, Source, assert_untouched, make_repo
 
 from composefs.errors import ComposefsError, HttpError
 from composefs.http.client import HttpOptions
 from composefs.http.fetch import fetch
 from composefs.repository import Repository
-from conftest import REF, Served, Source, assert_untouched, make_repo
 
 REF_PATH = "streams/" + REF
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import nginxlib
 import pytest
+from httptestlib import REF, TAG, Served, Source, build_layout, cfsctl, det_bytes, make_repo
 
 from composefs.http.fetch import fetch
 from composefs.http.publish import publish
 from composefs.oci import storage
 from composefs.repository import Repository
-from conftest import REF, TAG, Served, Source, build_layout, cfsctl, det_bytes, make_repo
 
 
 def tree_objects(root: Path) -> set[str]:

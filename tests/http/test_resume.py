@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import hostile as H
+from httptestlib import REF, TAG, Served, Source, assert_untouched, cfsctl, count_objects, make_repo
 
 from composefs.oci import storage
 from composefs.repository import Repository
-from conftest import REF, TAG, Served, Source, assert_untouched, cfsctl, count_objects, make_repo
 
 
 def _interrupt_midway(
