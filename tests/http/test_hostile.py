@@ -11,11 +11,12 @@ from pathlib import Path
 
 import hostile as H
 import pytest
-from httptestlib import REF, Served, Source, assert_untouched, make_repo
+from httptestlib import REF, TAG, Served, Source, assert_untouched, build_layout, make_repo
 
 from composefs.errors import ComposefsError, HttpError
 from composefs.http.client import HttpOptions
 from composefs.http.fetch import fetch
+from composefs.oci import storage
 from composefs.repository import Repository
 
 REF_PATH = "streams/" + REF
@@ -184,3 +185,41 @@ def test_cli_one_line_error(server: H.State, tmp_path: Path) -> None:
     assert p.stderr.count("\n") == 1, p.stderr
     assert p.stderr.startswith("cfsctl: http://127.0.0.1:") and "404" in p.stderr
     assert p.stdout == ""
+
+
+def test_swapped_composefs_image_is_refused(source: Source, tmp_path: Path) -> None:
+    """A config stream whose ``composefs.image`` names another image: every
+    digest still holds (named refs are covered by none), so only rebuilding
+    the image from the layers catches it."""
+    from composefs.http.publish import publish
+    from composefs.splitstream import CONTENT_OCI_CONFIG, CONTENT_OCI_MANIFEST
+
+    build_layout(tmp_path / "other", nfiles=2)
+    with make_repo(tmp_path / "evil") as repo:
+        storage.pull(repo, f"oci:{source.layout}:latest", TAG)
+        other = storage.pull(repo, f"oci:{tmp_path / 'other'}:latest", "other").image_id
+        img = storage.open_image_ref(repo, TAG)
+        w = repo.create_stream(CONTENT_OCI_CONFIG)
+        w.write_external(img.config_raw)
+        for diff_id, verity in img.layer_refs.items():
+            w.add_named_stream_ref(diff_id, verity)
+        w.add_named_stream_ref("composefs.image", str(other))
+        config_verity = repo.write_stream(w, f"oci-config-{img.config_digest}")
+        w = repo.create_stream(CONTENT_OCI_MANIFEST)
+        w.write_external(img.manifest_raw)
+        w.add_named_stream_ref(f"config:{img.config_digest}", config_verity)
+        for diff_id, verity in img.layer_refs.items():
+            w.add_named_stream_ref(diff_id, verity)
+        repo.write_stream(w, f"oci-manifest-{img.manifest_digest}", "oci/evil")
+        publish(repo, str(tmp_path / "pub"), ["refs/oci/evil"])
+    srv = H.Server(H.State(tmp_path / "pub"))
+    try:
+        with make_repo(tmp_path / "victim") as victim:
+            with pytest.raises(HttpError, match="does not match its layers"):
+                fetch(victim, srv.url, "refs/oci/evil", fast())
+            assert_untouched(victim)
+            # the check is what stops it
+            fetch(victim, srv.url, "refs/oci/evil", fast(), verify_images=False)
+            assert storage.open_image_ref(victim, "evil").image_id(2) == other
+    finally:
+        srv.stop()

@@ -2,7 +2,7 @@
 
 Added to cfsctl by the extension hook (see `composefs.cli.cfsctl`)::
 
-    cfsctl fetch URL NAME [--jobs N] [--tls-verify=false] [--cert-dir DIR]
+    cfsctl fetch URL NAME [--jobs N] [--no-verify-images] [--tls-verify=false] [--cert-dir DIR]
                           [--creds USER:PASS] [--proxy URL] [--timeout S] [--retries N]
     cfsctl publish DEST [NAME...] [--image NAME]... [--link-files]
 """
@@ -93,7 +93,14 @@ def cmd_fetch(args: argparse.Namespace, opener: RepoOpener) -> None:
     repo = opener()
     progress = _Progress() if sys.stderr.isatty() else None
     try:
-        result = fetch(repo, args.url, args.name, options, progress=progress)
+        result = fetch(
+            repo,
+            args.url,
+            args.name,
+            options,
+            progress=progress,
+            verify_images=not args.no_verify_images,
+        )
     finally:
         if progress is not None:
             progress.done()
@@ -140,6 +147,11 @@ def add_parser(sub: Any) -> None:
     )
     sp.add_argument("-j", "--jobs", type=int, default=16, help="parallel requests (default 16)")
     sp.add_argument("--retries", type=int, default=4, help="retries per request (default 4)")
+    sp.add_argument(
+        "--no-verify-images",
+        action="store_true",
+        help="take OCI images' composefs images as served (default: rebuild and compare)",
+    )
     sp.add_argument(
         "--timeout",
         type=float,

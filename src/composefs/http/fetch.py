@@ -16,7 +16,10 @@ Ctrl-C, ``kill -9``) leaves only complete, verified objects and no name:
    hashed: it must match the key (the spec's named-ref rule) — streams that
    are already in the repository under that content name were checked when
    they were stored and are skipped;
-5. after one ``syncfs``, names appear: ``streams/<content id>`` of every
+5. an OCI config's composefs images (``composefs.image…`` refs, which no
+   digest covers) are rebuilt from its layers and must be identical
+   (``verify_images``; images already registered here are trusted);
+6. after one ``syncfs``, names appear: ``streams/<content id>`` of every
    OCI stream, ``images/<id>`` of every image, and last ``streams/NAME``
    (or ``streams/refs/…`` for a ``refs/…`` NAME).
 
@@ -34,6 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
+from .. import fsverity
 from ..errors import HttpError
 from . import _repo, core
 from .client import Body, HttpClient, HttpOptions
@@ -71,6 +75,7 @@ class _Stream:
     content_type: int = 0
     content_id: str | None = None
     digest: str | None = None
+    named: dict[str, str] = field(default_factory=dict)
 
 
 class _HashWriter:
@@ -108,8 +113,10 @@ class Fetcher:
         *,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        verify_images: bool = True,
     ) -> None:
         self.repo = repo
+        self.verify_images = verify_images
         self.algorithm = repo.algorithm
         self.options = options or HttpOptions()
         self.client = HttpClient(url, self.options, cancel=cancel)
@@ -272,6 +279,36 @@ class Fetcher:
                 f"but it is referenced as {s.expected[0]}:{s.expected[1]}"
             )
 
+    def _check_images(self, s: _Stream) -> None:
+        """An OCI config names its composefs images (``composefs.image…``);
+        nothing in the digests checked so far covers those refs, so each
+        image is rebuilt from the (verified) layers and must be identical.
+        Images already registered here were built or checked before. Boot
+        images (made by a boot transform) are taken as served."""
+        from ..erofs.format import FormatVersion
+        from ..erofs.writer import mkfs
+        from ..oci import storage
+        from ..splitstream import CONTENT_OCI_CONFIG
+
+        if s.content_type != CONTENT_OCI_CONFIG or s.expected is None:
+            return
+        wanted = {
+            version: s.named[key]
+            for version, key in storage.IMAGE_REF_KEYS.items()
+            if key in s.named and not self._registered(f"images/{s.named[key]}", s.named[key])
+        }
+        if not wanted:
+            return
+        digest = f"{s.expected[0]}:{s.expected[1]}"
+        tree = storage.config_tree(self.repo, digest, s.object_id)
+        for version, image_id in sorted(wanted.items()):
+            got = fsverity.digest_hex(mkfs(tree, FormatVersion(version)), self.algorithm)
+            if got != image_id:
+                raise HttpError(
+                    f"config {digest}: its composefs image {image_id} does not match "
+                    f"its layers (they make {got})"
+                )
+
     def run(self, name: str) -> FetchResult:
         t0 = time.monotonic()
         repo = self.repo
@@ -299,6 +336,7 @@ class Fetcher:
             nxt: list[_Stream] = []
             for s in level:
                 object_refs, named = self._read_stream(s)
+                s.named = named
                 objects.update(object_refs)
                 for key, ref_id in named.items():
                     objects.add(core.check_object_id(ref_id, self.algorithm))
@@ -372,6 +410,10 @@ class Fetcher:
         ):
             raise HttpError(f"{name}: content is {derived}, not {root.content_id}")
 
+        if self.verify_images:
+            for s in streams.values():
+                self._check_images(s)
+
         # Names last, after everything they reach is on disk.
         repo.sync()
         for s in streams.values():
@@ -406,11 +448,16 @@ def fetch(
     *,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    verify_images: bool = True,
 ) -> FetchResult:
     """Fetch stream `name` (a content id such as ``oci-config-sha256:…``, or
     ``refs/…`` such as ``refs/oci/latest``) and everything it references
-    from the composefs repository served at `url` into `repo`."""
-    fetcher = Fetcher(repo, url, options, progress=progress, cancel=cancel)
+    from the composefs repository served at `url` into `repo`. With
+    `verify_images`, OCI images' composefs images are rebuilt from their
+    layers and compared (their refs are covered by no digest)."""
+    fetcher = Fetcher(
+        repo, url, options, progress=progress, cancel=cancel, verify_images=verify_images
+    )
     try:
         return fetcher.run(name)
     finally:
