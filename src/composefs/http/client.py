@@ -65,7 +65,7 @@ class HttpOptions:
     connect_timeout: float = 30.0
     read_timeout: float = 60.0
     transfer_timeout: float = 900.0
-    max_workers: int = 16
+    max_workers: int = 32  # best of 4..32 on loopback nginx (bench_http)
     max_stream_size: int = 256 << 20
     max_object_size: int = 1 << 40
 
