@@ -8,8 +8,8 @@ Global options come before the command::
 
 Commands: init, transaction, cat, gc, import-image, mount, create-image,
 compute-id, compute-karg, create-dumpfile, image-objects, dump-files, fsck,
-``varlink`` (the varlink service, `composefs.cli.varlink`), and ``oci …``
-when `composefs.cli.oci` is installed. Invoked as
+``varlink`` (the varlink service, `composefs.cli.varlink`), ``fetch``/``publish``
+(`composefs.cli.http`), and ``oci …`` when `composefs.cli.oci` is installed. Invoked as
 ``mkcomposefs`` or ``composefs-info`` (argv[0]), or with those names as the
 command, the arguments go to those tools instead.
 
@@ -602,6 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     if importlib.util.find_spec(f"{__package__}.oci") is not None:
         importlib.import_module(f"{__package__}.oci").add_parser(sub)
     importlib.import_module(f"{__package__}.varlink").add_parser(sub)
+    # fetch/publish (composefs.cli.http): the same hook as the OCI group.
+    if importlib.util.find_spec(f"{__package__}.http") is not None:
+        importlib.import_module(f"{__package__}.http").add_parser(sub)
     return p
 
 

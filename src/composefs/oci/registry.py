@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import ipaddress
 import os
 import re
 import socket
@@ -42,10 +41,16 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar, cast
 
 from .. import _json
+from .._net import describe as _describe
+from .._net import is_cert_failure as _is_cert_failure
+from .._net import is_loopback, make_ssl_context, proxy_for
+from .._net import net_errors as _net_errors
+from .._net import origin as _origin
+from .._net import redact as _redact
+from .._net import ssl_error_cls as _ssl_error_cls
 from ..errors import DigestMismatch, OciError, RegistryAuthError, RegistryError
 from . import auth as _auth
 from .image import (
@@ -211,18 +216,6 @@ def parse_reference(text: str) -> Reference:
     return Reference(registry, text, tag, digest)
 
 
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 and localhost: where plain HTTP is acceptable."""
-    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(
-        ".localhost"
-    ):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 # ---------------------------------------------------------------- options
 
 
@@ -262,89 +255,6 @@ class RegistryOptions:
     env: Mapping[str, str] | None = field(default=None, repr=False)
 
 
-def _no_proxy_match(host: str, port: int, no_proxy: str) -> bool:
-    """curl-style ``no_proxy``: ``*``, host names matching themselves and
-    their subdomains (a leading ``.`` or ``*.`` is optional), ``host:port``,
-    and IP addresses or CIDR networks."""
-    host = host.lower().strip("[]")
-    try:
-        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
-    except ValueError:
-        ip = None
-    for raw in no_proxy.split(","):
-        entry = raw.strip().lower()
-        if not entry:
-            continue
-        if entry == "*":
-            return True
-        if ip is not None:
-            try:
-                if ip in ipaddress.ip_network(entry.strip("[]"), strict=False):
-                    return True
-                continue
-            except ValueError:
-                pass  # not an address: maybe host:port
-        name, _, eport = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
-        if eport and eport.isdigit():
-            if int(eport) != port:
-                continue
-            entry = name
-        entry = entry.removeprefix("*").removeprefix(".")
-        if host == entry or host.endswith("." + entry):
-            return True
-    return False
-
-
-def proxy_for(url: str, options: RegistryOptions) -> str | None:
-    """The proxy URL to use for `url`, or None for a direct connection."""
-    if options.proxy is not None:
-        return options.proxy or None
-    scheme, host, port = _origin(url)
-    if is_loopback(host):
-        return None
-    env = os.environ if options.env is None else options.env
-
-    def get(name: str) -> str:
-        return env.get(name) or env.get(name.upper()) or ""
-
-    proxy = get(f"{scheme}_proxy") or get("all_proxy")
-    if not proxy or _no_proxy_match(host, port, get("no_proxy")):
-        return None
-    return proxy if "://" in proxy else "http://" + proxy
-
-
-def _make_ssl_context(opts: RegistryOptions, hostport: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()  # honours SSL_CERT_FILE / SSL_CERT_DIR
-    if not opts.tls_verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-    dirs: list[Path] = []
-    if opts.cert_dir:
-        d = Path(opts.cert_dir)
-        if not d.is_dir():
-            raise RegistryError(f"certificate directory not found: {d}")
-        dirs.append(d)
-    for base in opts.certs_d:
-        d = Path(base) / hostport
-        if d.is_dir():
-            dirs.append(d)
-    try:
-        if opts.ca_file:
-            ctx.load_verify_locations(cafile=opts.ca_file)
-        for d in dirs:
-            for crt in sorted(d.glob("*.crt")):
-                ctx.load_verify_locations(cafile=str(crt))
-            for cert in sorted(d.glob("*.cert")):
-                key = cert.with_suffix(".key")
-                if not key.exists():
-                    raise RegistryError(f"client certificate {cert} has no matching {key.name}")
-                ctx.load_cert_chain(str(cert), str(key))
-    except (ssl.SSLError, OSError) as e:
-        raise RegistryError(f"cannot load TLS certificates: {e}") from None
-    return ctx
-
-
 # ---------------------------------------------------------------- HTTP client
 
 
@@ -354,65 +264,6 @@ class _CertError(RegistryError):
 
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
-
-
-def _net_errors() -> tuple[type[BaseException], ...]:
-    import http.client
-
-    import urllib3.exceptions as ue
-
-    return (
-        ue.ProtocolError,
-        ue.TimeoutError,
-        ue.NewConnectionError,
-        ue.ProxyError,
-        ue.DecodeError,
-        http.client.HTTPException,
-        ConnectionError,
-        socket.timeout,
-    )
-
-
-def _ssl_error_cls() -> type[BaseException]:
-    import urllib3.exceptions as ue
-
-    return ue.SSLError
-
-
-def _describe(e: BaseException) -> str:
-    """One line for a network exception (urllib3's are verbose and nested)."""
-    inner: BaseException = e
-    for attr in ("reason", "__context__"):
-        nxt = getattr(inner, attr, None)
-        if isinstance(nxt, BaseException):
-            inner = nxt
-    text = str(inner) or type(inner).__name__
-    if isinstance(e, _ssl_error_cls()) and e.args and isinstance(e.args[0], BaseException):
-        text = str(e.args[0])
-    # urllib3 prefixes "<HTTPConnection object at 0x..>: "
-    text = re.sub(r"<[^>]*object at 0x[0-9a-f]+>:\s*", "", text)
-    return " ".join(text.split())
-
-
-def _is_cert_failure(e: BaseException) -> bool:
-    for cand in (e, *(e.args or ())):
-        if isinstance(cand, ssl.SSLCertVerificationError):
-            return True
-    return "CERTIFICATE_VERIFY_FAILED" in str(e)
-
-
-def _redact(url: str) -> str:
-    """A URL without its password (for messages)."""
-    p = urllib.parse.urlsplit(url)
-    if p.password is None:
-        return url
-    return p._replace(netloc=p.netloc.replace(":" + p.password + "@", ":***@")).geturl()
-
-
-def _origin(url: str) -> tuple[str, str, int]:
-    p = urllib.parse.urlsplit(url)
-    port = p.port or (443 if p.scheme == "https" else 80)
-    return p.scheme, (p.hostname or "").lower(), port
 
 
 def _registry_error_text(body: bytes) -> str:
@@ -503,7 +354,7 @@ class RegistryClient:
     def _ensure_tls(self) -> None:
         with self._tls_lock:
             if not self._tls_ready:
-                self._ssl_context = _make_ssl_context(self.options, self.api_host)
+                self._ssl_context = make_ssl_context(self.options, self.api_host, RegistryError)
                 for pool in (self._pool, *self._proxied.values()):
                     pool.connection_pool_kw["ssl_context"] = self._ssl_context
                 self._tls_ready = True
