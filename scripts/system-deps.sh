@@ -19,6 +19,8 @@ if [ "${1:-}" != demo ]; then
     want openssl openssl
     want debootstrap debootstrap  # bench: a Debian minbase image to pull
     want zstd zstd
+    want nginx nginx  # tests/http: serves published repositories
+    want wget wget  # bench: wget --mirror of a published tree
     want unshare util-linux
     want systemd-socket-activate systemd  # varlink socket-activation tests
     want capsh libcap2-bin  # C's test-random-fuse.sh looks for FUSE with it

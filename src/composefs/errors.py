@@ -105,3 +105,7 @@ class VarlinkCallError(ComposefsError):
 
 class FuseError(MountError):
     """Serving or mounting an image through FUSE failed (or FUSE is unavailable)."""
+
+
+class HttpError(ComposefsError):
+    """An HTTP server (composefs fetch) refused a request or sent something unusable."""

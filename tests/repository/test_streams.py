@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from repotestlib import bare_store
 
+from composefs import fsverity
 from composefs.errors import NotFoundError, RepositoryError, SplitstreamError
 from composefs.repository import (
     Repository,
@@ -122,6 +123,8 @@ def test_queue_external_stream_failure_surfaces(repo: Repository) -> None:
     w.queue_external_stream(io.BytesIO(b"x" * 5000), 5000)
     with pytest.raises(RepositoryError, match="short read"):
         w.queue_external_stream(io.BytesIO(b"y" * 10), 5000)
+    # What a failed import discards: the objects stored so far, queued ones too.
+    assert w.object_refs == [fsverity.digest_hex(b"x" * 5000, repo.algorithm)]
     w.close()  # stops the background thread; nothing was named
     assert w._pool is None
     with pytest.raises(SplitstreamError):

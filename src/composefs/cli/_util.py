@@ -22,8 +22,21 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _one_line(message: str) -> str:
+    # Names from hostile input must neither split the line nor reach the
+    # terminal raw (ESC, BEL, ...): control characters are shown escaped.
+    if message.isprintable():
+        return message
+    return "".join(
+        ch if ch.isprintable() else ("\\n" if ch == "\n" else f"\\x{ord(ch):02x}")
+        if ord(ch) < 0x100
+        else f"\\u{ord(ch):04x}"
+        for ch in message
+    )
+
+
 def die(prog: str, message: str, code: int = 1) -> NoReturn:
-    sys.stderr.write(f"{prog}: {message}\n")
+    sys.stderr.write(f"{prog}: {_one_line(message)}\n")
     raise SystemExit(code)
 
 

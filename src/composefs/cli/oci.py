@@ -141,7 +141,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 # -- commands -----------------------------------------------------------------
 
 
-_REGISTRY_FLAGS = ("creds", "authfile", "tls_verify", "cert_dir", "proxy")
+_REGISTRY_FLAGS = ("creds", "authfile", "tls_verify", "cert_dir", "proxy", "transfer_timeout")
 
 
 def _registry_options(args: argparse.Namespace, image: str) -> Any:
@@ -183,12 +183,18 @@ def _registry_options(args: argparse.Namespace, image: str) -> Any:
         raise OciError(f"--cert-dir: no such directory: {args.cert_dir}")
     if args.proxy and not args.proxy.startswith(("http://", "https://")):
         raise OciError(f"--proxy: expected http://HOST:PORT, got {args.proxy!r}")
+    extra: dict[str, Any] = {}
+    if args.transfer_timeout is not None:
+        if not args.transfer_timeout > 0:
+            raise OciError("--transfer-timeout: expected a positive number of seconds")
+        extra["transfer_timeout"] = args.transfer_timeout
     return RegistryOptions(
         creds=creds,
         auth_file=args.authfile,
         tls_verify=tls_verify,
         cert_dir=args.cert_dir,
         proxy=args.proxy,
+        **extra,
     )
 
 
@@ -221,6 +227,12 @@ def _registry_args(sp: argparse.ArgumentParser) -> None:
         "--proxy",
         metavar="URL",
         help="HTTP proxy for every request (default: $https_proxy etc.; '' for none)",
+    )
+    g.add_argument(
+        "--transfer-timeout",
+        metavar="SECONDS",
+        type=float,
+        help="give up a blob download not finished after this long (default 3600)",
     )
 
 

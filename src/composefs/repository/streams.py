@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,7 +18,7 @@ from typing import IO, BinaryIO, TypeVar
 
 from .. import fsverity
 from ..errors import NotFoundError, RepositoryError
-from ..splitstream import SplitStreamReader, SplitStreamWriter, Writable
+from ..splitstream import _SPOOL_MEM_MAX, SplitStreamReader, SplitStreamWriter, Writable
 from ._fs import _check_relpath, _read_exactly
 from .objects import _SMALL_OBJECT, FdWriter, ObjectStore, TmpObject
 
@@ -42,7 +43,14 @@ class RepoStreamWriter(SplitStreamWriter):
     """
 
     def __init__(self, repo: ObjectStore, content_type: int) -> None:
-        super().__init__(repo.algorithm, content_type)
+        # Spools (long inline runs, the compressed stream) go to anonymous
+        # files inside the repository, never to $TMPDIR.
+        objects_dir = repo.objects_dir
+
+        def spool() -> IO[bytes]:
+            return tempfile.SpooledTemporaryFile(max_size=_SPOOL_MEM_MAX, dir=objects_dir)
+
+        super().__init__(repo.algorithm, content_type, spool=spool)
         self.repo = repo
         # Stream records waiting for an object ahead of them: (future object
         # id, None, size) for a reference, (None, data, size) for inline data.
@@ -126,8 +134,22 @@ class RepoStreamWriter(SplitStreamWriter):
 
     @property
     def object_refs(self) -> list[str]:
-        self._apply_queue(block=True, everything=True)
-        return super().object_refs
+        """Every object referenced so far, the queued ones included once
+        stored (this waits for them; a store that failed is left out, so a
+        failed import can still list what it stored, to discard it)."""
+        refs = super().object_refs
+        seen = set(refs)
+        for fut, _, _ in self._queue:
+            if fut is None:
+                continue
+            try:
+                object_id = fut.result()
+            except BaseException:
+                continue
+            if object_id not in seen:
+                seen.add(object_id)
+                refs.append(object_id)
+        return refs
 
     def close(self) -> None:
         for fut, _, _ in self._queue:
