@@ -33,6 +33,7 @@ from composefs.oci import storage
 from composefs.oci import tar as T
 from composefs.oci.layers import merge_layers
 from composefs.repository import FormatConfig, Repository
+from composefs.splitstream import CONTENT_OCI_CONFIG
 from composefs.tree import Directory
 
 # tests/conftest.py's marker (importing it by name would get tests/oci/conftest.py)
@@ -782,3 +783,51 @@ def test_layer_dumpfile_matches_composefs_rs(tmp_path: Path) -> None:
         "/file4096 4096 100700 1 0 0 0 0.0 ba/bc284ee4ffe7f449377fbf6692715b43aec7bc39c094a95878904d34bac97e - babc284ee4ffe7f449377fbf6692715b43aec7bc39c094a95878904d34bac97e\n"
         "/file4097 4097 100700 1 0 0 0 0.0 09/3756e4ea9683329106d4a16982682ed182c14bf076463a9e7f97305cbac743 - 093756e4ea9683329106d4a16982682ed182c14bf076463a9e7f97305cbac743\n"
     )
+
+
+def _tar_rs_file(name: str, size: int) -> bytes:
+    """One member as the Rust `tar` crate (0.4.38) writes it:
+    `Header::new_ustar` (mtime 0), uid/gid 0, mode 0o700, `append_data`."""
+    h = bytearray(512)
+
+    def octal(off: int, length: int, value: int) -> None:  # tar-rs `octal_into`
+        h[off : off + length - 1] = f"{value:o}".rjust(length - 1, "0").encode()
+
+    h[0 : len(name)] = name.encode()
+    octal(100, 8, 0o700)
+    octal(108, 8, 0)
+    octal(116, 8, 0)
+    octal(124, 12, size)
+    octal(136, 12, 0)
+    h[156] = ord("0")
+    h[257:265] = b"ustar\x0000"
+    octal(148, 8, sum(h) + 8 * ord(" "))  # the checksum field counts as spaces
+    return bytes(h) + bytes(size) + bytes(-size % 512)
+
+
+def test_config_stream_id_matches_composefs_rs(tmp_path: Path) -> None:
+    """composefs-rs 0.7.0's `test_config_verity_deterministic`
+    (crates/composefs-oci/src/lib.rs): three one-file layers and a config
+    naming them give a config stream with a pinned id. The layer streams have
+    no named refs, so this pins the encoding of an empty named-refs section."""
+    r, _ = Repository.init(tmp_path / "r", algorithm="sha256", insecure=True)
+    with r:
+        layers = []
+        for name, size in (("alpha", 1000), ("beta", 2000), ("gamma", 3000)):
+            tar = _tar_rs_file(name, size) + bytes(1024)
+            verity, _ = storage.import_layer(r, L.sha256(tar), io.BytesIO(tar))
+            layers.append((L.sha256(tar), verity))
+        config = json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": [d for d, _ in layers]},
+            },
+            separators=(",", ":"),
+        ).encode()
+        writer = r.create_stream(CONTENT_OCI_CONFIG)
+        for diff_id, verity in layers:
+            writer.add_named_stream_ref(diff_id, verity)
+        writer.write_external(config)
+        config_verity = r.write_stream(writer, storage.config_stream(L.sha256(config)))
+    assert config_verity == "4839518dea22749f8ff233e7f7baec65f23dd5336462f46ad6884769af84bf95"
