@@ -677,7 +677,8 @@ def _leaf_fields(leaf: Leaf, nlink: int) -> tuple[int, int, bytes | None, bytes 
     c = leaf.content
     if isinstance(c, Regular):
         if c.data is not None:
-            return c.size, 0, c.payload, c.data, c.digest
+            # an empty file has no content field ("-"), as C writes it
+            return c.size, 0, c.payload, c.data or None, c.digest
         payload = c.backing_path() if c.size else c.payload
         return c.size, 0, payload, None, c.digest
     if isinstance(c, Symlink):
