@@ -547,6 +547,7 @@ class _Parser:
                 raise DumpfileError(f"no target at {_show(target)} for hardlink", lineno)
             if isinstance(node, Directory):
                 raise DumpfileError(f"hardlink target {_show(target)} is a directory", lineno)
+            node.primary = tcanon  # C keeps the inode at the target's line
             return node
 
         for canon, (lineno, parent, name, target) in pending.items():
