@@ -261,6 +261,33 @@ def test_image_without_verity_refused(cfs: ComposefsFixture) -> None:
     assert not os.path.ismount(cfs.mnt)
 
 
+def test_digest_on_filesystem_without_verity(cfs: ComposefsFixture) -> None:
+    """A kernel with fs-verity, an image on a filesystem without it (tmpfs):
+    digest= is refused as C refuses it; `insecure` checks in userspace and
+    then does not require verity (the replaced object is served)."""
+    from composefs.errors import MountError
+    from composefs.mount import mount_composefs, unmount
+
+    shm = cfs.base / "shm"
+    shm.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(shm)], check=True)
+    try:
+        image = shm / "image.cfs"
+        _write(image, cfs.image_bytes)
+        with pytest.raises(MountError, match="has no fs-verity"):
+            mount_composefs(str(image), str(cfs.mnt), [str(cfs.objects)], digest=cfs.digest)
+        assert not os.path.ismount(cfs.mnt)
+        mount_composefs(
+            str(image), str(cfs.mnt), [str(cfs.objects)], digest=cfs.digest, insecure=True
+        )
+        try:
+            assert (cfs.mnt / "replaced").read_bytes() == cfs.REPLACED
+        finally:
+            unmount(str(cfs.mnt))
+    finally:
+        subprocess.run(["umount", str(shm)], check=True)
+
+
 # -- a secure repository (cfsctl) -----------------------------------------
 
 
