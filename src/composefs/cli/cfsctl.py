@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import ComposefsError, RepositoryError, UsageError
-from ._util import Parser, run
+from ._util import Parser, add_version, run
 
 if TYPE_CHECKING:
     from ..repository import Repository
@@ -412,9 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Manage a composefs repository: objects, images, splitstreams.",
     )
-    from .. import __version__
-
-    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    add_version(p)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--repo", metavar="PATH", help="operate on the repository at PATH")
     where.add_argument(

@@ -24,7 +24,7 @@ from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import ComposefsError, UsageError
-from ._util import Parser, run
+from ._util import Parser, add_version, run
 
 if TYPE_CHECKING:
     from ..erofs.format import FormatVersion
@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         usage="%(prog)s [OPTIONS] SOURCE [IMAGE|-]",
         description="Build a composefs image from a directory or a dumpfile.",
     )
+    add_version(p)
     p.add_argument("source", metavar="SOURCE", help="directory, or dumpfile with --from-file")
     p.add_argument("image", metavar="IMAGE", nargs="?", help="output image path, - for stdout")
     p.add_argument("--digest-store", metavar="PATH", help="store content files in this directory")

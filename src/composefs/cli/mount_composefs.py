@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from ._util import run
+from ._util import add_version, run
 
 PROG = "mount.composefs"
 
@@ -188,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=USAGE_EXTRA,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(p)
     p.add_argument("-t", dest="fstype", metavar="TYPE", help="filesystem type (composefs)")
     p.add_argument(
         "-o", dest="options", metavar="OPTIONS", action="append", default=[],
