@@ -32,7 +32,7 @@ pytest: venv system-deps
 test: lint pytest
 
 test-vm: venv system-deps
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) tests/vm/run.py tests/vm tests/test_repository.py tests/cli/test_cfsctl.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) tests/vm/run.py tests/vm tests/repository tests/cli/test_cfsctl.py
 
 bench: venv system-deps
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench

@@ -1,4 +1,5 @@
-"""Shared fixtures: where the known-answer vectors live, and root/tool checks."""
+"""Shared fixtures: where the known-answer vectors live, root/tool checks, and a
+fresh repository (`repo`; test modules may define their own)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+from composefs.repository import Repository
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = (ROOT.parent / "shared" / "vectors").resolve()
@@ -33,3 +36,11 @@ def need_tool(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} not installed (make system-deps installs it)")
     return path
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    """A new insecure repository under tmp_path."""
+    r, created = Repository.init(tmp_path / "repo", insecure=True)
+    assert created
+    return r

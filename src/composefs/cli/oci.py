@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import OciError
 
 if TYPE_CHECKING:
-    from ..oci.transports import ProgressEvent
+    from ..oci.image import ProgressEvent
     from ..repository import Repository
     from ..tree import Directory
 
@@ -64,9 +64,9 @@ def _boot_transform(repo: Repository, root: Directory) -> None:
 
 
 def _tree(args: argparse.Namespace, repo: Repository) -> Directory:
-    from ..oci import storage
+    from ..oci import stored
 
-    root = storage.resolve_tree(repo, args.reference, args.config_verity)
+    root = stored.resolve_tree(repo, args.reference, args.config_verity)
     if getattr(args, "bootable", False):
         _boot_transform(repo, root)
     return root
@@ -82,7 +82,7 @@ class _Progress:
         self.shown = False
 
     def __call__(self, ev: ProgressEvent) -> None:
-        from ..oci.storage import human_bytes
+        from ..oci.pull import human_bytes
 
         if ev.kind == "message":
             self._clear()
@@ -224,7 +224,8 @@ def _registry_args(sp: argparse.ArgumentParser) -> None:
 
 
 def cmd_pull(args: argparse.Namespace, opener: RepoOpener) -> None:
-    from ..oci import storage
+    from ..oci import pull as _pull
+    from ..oci import stored
 
     if args.local_fetch == "zerocopy":
         raise OciError("--local-fetch=zerocopy is not supported (objects are always copied)")
@@ -233,7 +234,7 @@ def cmd_pull(args: argparse.Namespace, opener: RepoOpener) -> None:
     boot = _boot_transform_fn(repo) if args.bootable else None
     tag = args.name if args.name is not None else args.image
     progress = _Progress() if sys.stderr.isatty() else None
-    result = storage.pull(
+    result = _pull.pull(
         repo,
         args.image,
         tag,
@@ -249,8 +250,8 @@ def cmd_pull(args: argparse.Namespace, opener: RepoOpener) -> None:
     print(f"tagged   {tag}")
     print(f"objects  {result.stats}")
     if boot is not None:
-        img = storage.open_image(repo, result.manifest_digest)
-        ids = storage.commit_boot_images(repo, img, boot)
+        img = stored.open_image(repo, result.manifest_digest)
+        ids = _pull.commit_boot_images(repo, img, boot)
         print(f"Boot image: {ids[repo.erofs_version]}")
 
 
@@ -272,9 +273,9 @@ def cmd_push(args: argparse.Namespace, opener: RepoOpener) -> None:
 
 
 def cmd_images(args: argparse.Namespace, opener: RepoOpener) -> None:
-    from ..oci import storage
+    from ..oci import stored
 
-    images = storage.list_images(opener())
+    images = stored.list_images(opener())
     if args.json:
         _json_out({"images": [i.to_json() for i in images]})
         return
@@ -291,52 +292,52 @@ def cmd_images(args: argparse.Namespace, opener: RepoOpener) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace, opener: RepoOpener) -> None:
-    from ..oci import storage
+    from ..oci import stored
 
     repo = opener()
-    img = storage.open_image_ref(repo, args.image)
+    img = stored.open_image_ref(repo, args.image)
     out = sys.stdout.buffer
     if args.manifest:
         out.write(img.manifest_raw + b"\n")
     elif args.config:
         out.write(img.config_raw + b"\n")
     else:
-        _json_out(storage.inspect_json(repo, img))
+        _json_out(stored.inspect_json(repo, img))
 
 
 def cmd_tag(args: argparse.Namespace, opener: RepoOpener) -> None:
-    from ..oci import storage
+    from ..oci import stored
 
     digest = args.manifest_digest.removeprefix("@")
-    storage.tag_image(opener(), digest, args.name)
+    stored.tag_image(opener(), digest, args.name)
     print(f"Tagged {digest} as {args.name}")
 
 
 def cmd_untag(args: argparse.Namespace, opener: RepoOpener) -> None:
-    from ..oci import storage
+    from ..oci import stored
 
-    storage.untag_image(opener(), args.name)
+    stored.untag_image(opener(), args.name)
     print(f"Removed tag {args.name}")
 
 
 def cmd_layer(args: argparse.Namespace, opener: RepoOpener) -> None:
-    from ..oci import storage
-    from ..oci.transports import parse_digest
+    from ..oci import stored
+    from ..oci.image import parse_digest
 
     parse_digest(args.layer)
     repo = opener()
     out = sys.stdout.buffer
     if args.json:
-        _json_out(storage.layer_info(repo, args.layer))
+        _json_out(stored.layer_info(repo, args.layer))
     elif args.dumpfile:
-        storage.layer_dumpfile(repo, args.layer, out)
+        stored.layer_dumpfile(repo, args.layer, out)
     else:
         if out.isatty():
             raise OciError(
                 "Refusing to write tar data to terminal. "
                 "Redirect to a file, pipe to tar, or use --json for metadata."
             )
-        storage.layer_tar(repo, args.layer, out)
+        stored.layer_tar(repo, args.layer, out)
     out.flush()
 
 
@@ -360,7 +361,7 @@ def cmd_compute_id(args: argparse.Namespace, opener: RepoOpener) -> None:
 
 
 def cmd_mount(args: argparse.Namespace, opener: RepoOpener) -> None:
-    from ..oci import storage
+    from ..oci import stored
 
     if (args.upperdir is None) != (args.workdir is None):
         raise OciError("--upperdir and --workdir must be given together")
@@ -370,7 +371,7 @@ def cmd_mount(args: argparse.Namespace, opener: RepoOpener) -> None:
     ref = args.image
     if not ref.startswith("@") and ref.startswith(("sha256:", "sha512:")):
         ref = "@" + ref  # composefs-rs: a bare digest here is a manifest digest
-    img = storage.open_image_ref(repo, ref)
+    img = stored.open_image_ref(repo, ref)
     version = repo.erofs_version
     image_id = img.boot_image_id(version) if args.bootable else img.image_id(version)
     if image_id is None:
@@ -392,10 +393,10 @@ def cmd_prepare_boot(args: argparse.Namespace, opener: RepoOpener) -> None:
     import os
 
     from .. import boot
-    from ..oci import storage
+    from ..oci import stored
 
     repo = opener()
-    root = storage.resolve_tree(repo, args.reference, args.config_verity)
+    root = stored.resolve_tree(repo, args.reference, args.config_verity)
     entries = boot.transform_for_boot(root, repo=repo)
     if not entries:
         raise OciError("No boot entries!")
@@ -423,9 +424,9 @@ def cmd_prepare_boot(args: argparse.Namespace, opener: RepoOpener) -> None:
 
 
 def cmd_fsck(args: argparse.Namespace, opener: RepoOpener) -> int:
-    from ..oci import storage
+    from ..oci.fsck import oci_fsck
 
-    result = storage.oci_fsck(opener(), args.image)
+    result = oci_fsck(opener(), args.image)
     if args.json:
         _json_out(result.to_json())
         return 0 if result.ok else 1  # non-zero on any problem, JSON or not
@@ -437,8 +438,8 @@ def cmd_fsck(args: argparse.Namespace, opener: RepoOpener) -> int:
 
 
 def cmd_import_layer(args: argparse.Namespace, opener: RepoOpener) -> None:
-    from ..oci import storage
-    from ..oci.transports import parse_digest
+    from ..oci import pull as _pull
+    from ..oci.image import parse_digest
 
     parse_digest(args.digest)
     repo = opener()
@@ -450,7 +451,7 @@ def cmd_import_layer(args: argparse.Namespace, opener: RepoOpener) -> None:
         compression = "gzip"
     elif head == b"\x28\xb5\x2f\xfd":
         compression = "zstd"
-    verity, _stats = storage.import_layer(
+    verity, _stats = _pull.import_layer(
         repo, args.digest, stdin, compression=compression, name=args.name
     )
     print(repo.to_id(verity))

@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from .._atomic import replacing
 from ..errors import DigestMismatch, OciError
 from ..splitstream import CONTENT_OCI_BLOB, CONTENT_OCI_LAYER, ObjectRef
-from . import storage
-from .transports import (
+from . import stored
+from .image import (
     DOCKER_MANIFEST,
     INDEX_MEDIA_TYPES,
     MANIFEST_MEDIA_TYPES,
@@ -56,8 +56,8 @@ from .transports import (
     layer_compression,
     load_json,
     parse_digest,
-    split_path_tag,
 )
+from .transports import split_path_tag
 
 if TYPE_CHECKING:
     from ..repository import Repository
@@ -92,7 +92,7 @@ class StoredImageSource(BaseSource):
 
     def __init__(self, repo: Repository, ref: str) -> None:
         self.repo = repo
-        self.image = img = storage.open_image_ref(repo, ref)
+        self.image = img = stored.open_image_ref(repo, ref)
         self._reference = f"composefs:{ref}"
         self._blobs: dict[str, _StoredBlob] = {
             img.config_digest: _StoredBlob(len(img.config_raw), data=img.config_raw)
@@ -127,7 +127,7 @@ class StoredImageSource(BaseSource):
             verity = img.layer_refs.get(diff_id)
             if verity is None:
                 raise OciError(f"{img.manifest_digest}: layer {diff_id} is not stored")
-            content_id = storage.layer_stream(diff_id)
+            content_id = stored.layer_stream(diff_id)
             size = self._layer_size(content_id, verity, CONTENT_OCI_LAYER)
             self._blobs[diff_id] = _StoredBlob(size, stream=content_id, verity=verity)
             unchanged = (
@@ -154,7 +154,7 @@ class StoredImageSource(BaseSource):
             verity = img.layer_refs.get(desc.digest)
             if verity is None:
                 raise OciError(f"{img.manifest_digest}: blob {desc.digest} is not stored")
-            content_id = storage.layer_stream(desc.digest)
+            content_id = stored.layer_stream(desc.digest)
             size = self._layer_size(content_id, verity, CONTENT_OCI_BLOB)
             self._blobs[desc.digest] = _StoredBlob(
                 size, stream=content_id, verity=verity, content_type=CONTENT_OCI_BLOB

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar, cast
 
 from ..errors import DigestMismatch, OciError, RegistryAuthError, RegistryError
 from . import auth as _auth
-from .transports import (
+from .image import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     DOCKER_SCHEMA1,
@@ -58,9 +58,13 @@ from .transports import (
     OCI_INDEX,
     OCI_MANIFEST,
     BaseSource,
+    ImageManifest,
     ImageSource,
     Platform,
+    detect_media_type,
     parse_digest,
+    parse_index,
+    select_platform,
 )
 
 if TYPE_CHECKING:
@@ -1297,8 +1301,6 @@ def push_image(
     already has are not sent; raw manifest bytes are kept, so digests do not
     change. Returns the digest the destination tag (or digest) now names.
     """
-    from .transports import ImageManifest, detect_media_type, parse_index, select_platform
-
     ref = dest if isinstance(dest, Reference) else parse_reference(dest)
     opts = options or RegistryOptions()
     if opts.creds is not None:

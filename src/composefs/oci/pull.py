@@ -1,0 +1,587 @@
+"""The pull pipeline: fetch, verify, import, commit.
+
+`pull` opens an image reference (`composefs.oci.transports`), resolves its
+manifest (`composefs.oci.image`), fetches the config and layers (in
+parallel, digest and size checked while streaming), splits each layer into
+a splitstream (`import_layer`), commits the EROFS images and writes the
+config and manifest streams, then the tag. Layout and ordering are
+described in `composefs.oci.stored`: a failure at any point leaves no tag
+and no stream naming something incomplete (only unreferenced objects,
+which ``gc`` removes).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
+
+from ..errors import DigestMismatch, NotFoundError, OciError
+from ..splitstream import (
+    CONTENT_OCI_BLOB,
+    CONTENT_OCI_CONFIG,
+    CONTENT_OCI_LAYER,
+    CONTENT_OCI_MANIFEST,
+)
+from ..tree import Directory
+from . import tar as _tar
+from .image import (
+    MAX_JSON_SIZE,
+    Descriptor,
+    ImageSource,
+    Platform,
+    ProgressCallback,
+    ProgressEvent,
+    digest_of,
+    is_tar_layer,
+    layer_compression,
+    parse_digest,
+    read_at_most,
+    resolve_manifest,
+)
+from .stored import (
+    ALL_IMAGE_REF_KEYS,
+    BOOT_IMAGE_REF_KEYS,
+    IMAGE_REF_KEYS,
+    OciImage,
+    build_tree,
+    config_diff_ids,
+    config_stream,
+    image_tree,
+    layer_stream,
+    manifest_stream,
+    read_json_stream,
+    tag_ref,
+    validate_tag,
+)
+from .transports import open_source
+
+if TYPE_CHECKING:
+    from ..repository import Repository
+
+_BLOCK = 1 << 20
+
+
+# -- statistics -----------------------------------------------------------------
+
+
+def human_bytes(n: int) -> str:
+    """indicatif's HumanBytes: binary units with two decimals."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    i = 0
+    while value >= 1024 and i < len(units) - 1:
+        value /= 1024
+        i += 1
+    return f"{value:.2f} {units[i]}"
+
+
+@dataclass
+class ImportStats:
+    """What an import stored (composefs-rs ``ImportStats``)."""
+
+    layers: int = 0
+    layers_already_present: int = 0
+    objects_copied: int = 0
+    objects_already_present: int = 0
+    bytes_copied: int = 0
+    bytes_inlined: int = 0
+
+    def merge(self, other: ImportStats) -> None:
+        self.layers += other.layers
+        self.layers_already_present += other.layers_already_present
+        self.objects_copied += other.objects_copied
+        self.objects_already_present += other.objects_already_present
+        self.bytes_copied += other.bytes_copied
+        self.bytes_inlined += other.bytes_inlined
+
+    def __str__(self) -> str:
+        return (
+            f"{self.objects_copied} new + {self.objects_already_present} already present objects; "
+            f"{human_bytes(self.bytes_copied)} stored, {human_bytes(self.bytes_inlined)} inlined"
+        )
+
+    def to_json(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+# -- reading helpers ------------------------------------------------------------------
+
+
+class _HashingReader(io.RawIOBase):
+    """Counts, hashes and size-checks what is read through it; `on_eof`
+    runs once when the source is exhausted (to verify before anything
+    downstream gets named)."""
+
+    def __init__(
+        self,
+        src: Any,
+        algorithm: str | None,
+        limit: int | None = None,
+        on_read: Callable[[int], None] | None = None,
+        what: str = "blob",
+        on_eof: Callable[[_HashingReader], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self._src = src
+        self._hash = hashlib.new(algorithm) if algorithm else None
+        self.count = 0
+        self._limit = limit
+        self._on_read = on_read
+        self._what = what
+        self._on_eof = on_eof
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int | None = -1, /) -> bytes:
+        data = self._src.read(n if n is not None and n >= 0 else _BLOCK)
+        if data:
+            self.count += len(data)
+            if self._limit is not None and self.count > self._limit:
+                raise DigestMismatch(f"{self._what} is larger than its declared size {self._limit}")
+            if self._hash is not None:
+                self._hash.update(data)
+            if self._on_read is not None:
+                self._on_read(len(data))
+        elif self._on_eof is not None:
+            check, self._on_eof = self._on_eof, None
+            check(self)
+        return bytes(data)
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def drain(self) -> None:
+        while self.read(_BLOCK):
+            pass
+
+    def hexdigest(self) -> str:
+        assert self._hash is not None
+        return self._hash.hexdigest()
+
+
+def _decompressor(raw: Any, compression: str) -> Any:
+    if compression == "gzip":
+        from isal import igzip_threaded
+
+        # A helper thread decompresses ahead while we split and hash.
+        opener: Any = igzip_threaded.open
+        return opener(raw, "rb", threads=1)
+    if compression == "zstd":
+        try:
+            from compression import zstd  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            from backports import zstd
+        return zstd.ZstdFile(raw, "rb")
+    if compression == "none":
+        return raw
+    raise OciError(f"unsupported layer compression {compression!r}")
+
+
+def _decompress_errors() -> tuple[type[BaseException], ...]:
+    import gzip
+    import zlib
+
+    errs: list[type[BaseException]] = [EOFError, zlib.error, gzip.BadGzipFile]
+    try:
+        from backports import zstd
+
+        errs.append(zstd.ZstdError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errs)
+
+
+class _LayerSink:
+    """Feeds `split_tar` output into a repository splitstream writer."""
+
+    def __init__(self, writer: Any, stats: ImportStats, repo: Repository) -> None:
+        self.writer = writer
+        self.stats = stats
+        self.repo = repo
+
+    def inline(self, data: bytes | bytearray | memoryview) -> None:
+        self.writer.write_inline(data)
+
+    def entry(self, entry: _tar.TarEntry) -> None:
+        pass
+
+    def external(self, entry: _tar.TarEntry, content: _tar.ContentReader) -> None:
+        self.writer.write_external_stream(content, entry.size)
+        self.stats.objects_copied += 1
+        self.stats.bytes_copied += entry.size
+
+
+def import_layer(
+    repo: Repository,
+    diff_id: str,
+    source: BinaryIO | IO[bytes] | _tar.Readable,
+    *,
+    compression: str = "none",
+    name: str | None = None,
+    verify: bool = True,
+) -> tuple[str, ImportStats]:
+    """Import one layer tar (compressed as given) as ``oci-layer-<diff_id>``.
+
+    Streams: the layer is never held in memory. The uncompressed content
+    must hash to `diff_id` (unless `verify` is off); nothing is named when
+    it does not. A layer already present is not read at all. Returns the
+    stream's object id and what was stored.
+    """
+    alg, _ = parse_digest(diff_id)
+    content_id = layer_stream(diff_id)
+    existing = repo.has_stream(content_id)
+    stats = ImportStats()
+    if existing is not None:
+        if name is not None:
+            repo.name_stream(content_id, name)
+        stats.layers_already_present = 1
+        return existing, stats
+    writer = repo.create_stream(CONTENT_OCI_LAYER)
+    try:
+        decompressed = _decompressor(source, compression)
+        try:
+            tar_in = _HashingReader(decompressed, alg if verify else None)
+            _tar.split_tar(tar_in, _LayerSink(writer, stats, repo))
+            tar_in.drain()
+            # Whatever follows the compressed data must be read too (the
+            # caller may verify the blob digest at its end).
+            while source.read(_BLOCK):
+                pass
+        except _decompress_errors() as e:
+            raise OciError(f"layer {diff_id}: corrupt {compression} data: {e}") from None
+        finally:
+            if decompressed is not source:
+                decompressed.close()
+        if verify:
+            actual = f"{alg}:{tar_in.hexdigest()}"
+            if actual != diff_id:
+                raise DigestMismatch(f"layer diff_id mismatch: expected {diff_id}, got {actual}")
+        stats.bytes_inlined = writer.inline_size
+        stats.layers = 1
+        verity = repo.write_stream(writer, content_id, name)
+    except BaseException:
+        writer.close()
+        raise
+    return verity, stats
+
+
+def _store_blob_stream(
+    repo: Repository, digest: str, source: BinaryIO | IO[bytes] | _tar.Readable
+) -> tuple[str, ImportStats]:
+    """An artifact blob: one object in an ``oci_blob`` stream."""
+    content_id = layer_stream(digest)
+    existing = repo.has_stream(content_id)
+    stats = ImportStats()
+    if existing is not None:
+        stats.layers_already_present = 1
+        return existing, stats
+    writer = repo.create_stream(CONTENT_OCI_BLOB)
+    try:
+        size_before = writer.external_size
+        writer.write_external_stream(cast(Any, source))
+        stats.objects_copied = 1
+        stats.bytes_copied = writer.external_size - size_before
+        stats.layers = 1
+        verity = repo.write_stream(writer, content_id)
+    except BaseException:
+        writer.close()
+        raise
+    return verity, stats
+
+
+def _write_json_stream(
+    repo: Repository, content_type: int, raw: bytes, content_id: str, named: dict[str, str]
+) -> str:
+    writer = repo.create_stream(content_type)
+    try:
+        for key, value in named.items():
+            writer.add_named_stream_ref(key, value)
+        writer.write_external(raw)
+        return repo.write_stream(writer, content_id)
+    except BaseException:
+        writer.close()
+        raise
+
+
+# -- pulling ----------------------------------------------------------------------
+
+
+@dataclass
+class PullResult:
+    manifest_digest: str
+    manifest_verity: str
+    config_digest: str
+    config_verity: str
+    image_ids: dict[int, str]
+    tag: str | None
+    stats: ImportStats
+
+    @property
+    def image_id(self) -> str | None:
+        """The image in the repository's default format (None for artifacts)."""
+        return next(iter(self.image_ids.values()), None)
+
+
+def _report(progress: ProgressCallback | None, event: ProgressEvent) -> None:
+    if progress is not None:
+        progress(event)
+
+
+def _run_parallel(jobs: Sequence[Callable[[], Any]], workers: int) -> list[Any]:
+    if workers <= 1 or len(jobs) <= 1:
+        return [job() for job in jobs]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oci-layer") as pool:
+        futures: list[Future[Any]] = [pool.submit(job) for job in jobs]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in done:
+            exc = f.exception()
+            if exc is not None:
+                for p in pending:
+                    p.cancel()
+                wait(pending)
+                raise exc
+        return [f.result() for f in futures]
+
+
+def _fetch_small(source: ImageSource, desc: Descriptor, what: str) -> bytes:
+    if desc.size > MAX_JSON_SIZE:
+        raise OciError(f"{what} {desc.digest} is too large ({desc.size} bytes)")
+    with source.open_blob(desc.digest, desc.size) as f:
+        data = read_at_most(f, MAX_JSON_SIZE + 1)
+    if len(data) != desc.size:
+        raise DigestMismatch(f"{what} {desc.digest}: expected {desc.size} bytes, got {len(data)}")
+    actual = digest_of(data, desc.digest)
+    if actual != desc.digest:
+        raise DigestMismatch(f"{what} digest mismatch: expected {desc.digest}, got {actual}")
+    return data
+
+
+def _fetch_layer(
+    repo: Repository,
+    source: ImageSource,
+    desc: Descriptor,
+    diff_id: str,
+    container: bool,
+    progress: ProgressCallback | None,
+) -> tuple[str, ImportStats]:
+    existing = repo.has_stream(layer_stream(diff_id))
+    if existing is not None:
+        _report(progress, ProgressEvent("skipped", diff_id))
+        return existing, ImportStats(layers_already_present=1)
+    _report(progress, ProgressEvent("started", diff_id, total=desc.size))
+    lock = threading.Lock()
+    fetched = [0]
+
+    def on_read(n: int) -> None:
+        with lock:
+            fetched[0] += n
+        _report(progress, ProgressEvent("progress", diff_id, total=desc.size, fetched=fetched[0]))
+
+    alg, _ = parse_digest(desc.digest)
+    with source.open_blob(desc.digest, desc.size) as raw:
+        # A source that checks the digest itself (the registry's BlobStream
+        # fails the read that would complete bad content) needs no second hash.
+        verified = bool(getattr(raw, "verifies_digest", False))
+        blob = _HashingReader(
+            raw, None if verified else alg, desc.size, on_read if progress else None,
+            "layer blob", on_eof=lambda r: _check_blob(r, desc, raw if verified else None),
+        )  # fmt: skip
+        if container:
+            compression = layer_compression(desc.media_type)
+            if compression is None:
+                raise OciError(f"unsupported layer media type {desc.media_type!r}")
+            verity, stats = import_layer(repo, diff_id, blob, compression=compression)
+        else:
+            verity, stats = _store_blob_stream(repo, desc.digest, blob)
+    _report(progress, ProgressEvent("done", diff_id, total=desc.size, fetched=blob.count))
+    return verity, stats
+
+
+def _check_blob(blob: _HashingReader, desc: Descriptor, verifier: Any = None) -> None:
+    """At the end of a layer blob: size, then digest (unless `verifier`, the
+    source stream, has checked it already)."""
+    if blob.count != desc.size:
+        raise DigestMismatch(
+            f"layer blob {desc.digest}: expected {desc.size} bytes, got {blob.count}"
+        )
+    if verifier is not None:
+        if not getattr(verifier, "verified", True):
+            raise DigestMismatch(f"layer blob {desc.digest}: source did not verify its digest")
+        return
+    alg, _ = parse_digest(desc.digest)
+    actual = f"{alg}:{blob.hexdigest()}"
+    if actual != desc.digest:
+        raise DigestMismatch(f"layer blob digest mismatch: expected {desc.digest}, got {actual}")
+
+
+def commit_image_refs(repo: Repository, root: Directory) -> dict[int, str]:
+    """Commit the tree in every repository format; {format: image id}."""
+    return repo.commit_images(root)
+
+
+def pull_from_source(
+    repo: Repository,
+    source: ImageSource,
+    tag: str | None = None,
+    *,
+    platform: Platform | None = None,
+    progress: ProgressCallback | None = None,
+) -> PullResult:
+    """Pull the image `source` names into `repo`; tag it `tag` (if given)."""
+    repo.ensure_writable()
+    if tag is not None:
+        validate_tag(tag)
+    resolved = resolve_manifest(source, platform)
+    manifest = resolved.manifest
+    container = manifest.is_container_image
+    config_raw = _fetch_small(source, manifest.config, "config")
+    if container:
+        _config, diff_ids = config_diff_ids(config_raw, len(manifest.layers))
+    else:
+        diff_ids = [d.digest for d in manifest.layers]
+
+    # Layers: biggest first so parallel fetches finish together.
+    order = sorted(range(len(manifest.layers)), key=lambda i: -manifest.layers[i].size)
+    workers = int(getattr(source, "max_workers", 1) or 1)
+    seen: set[str] = set()
+    jobs = []
+    for i in order:
+        if diff_ids[i] in seen:
+            continue
+        seen.add(diff_ids[i])
+        desc = manifest.layers[i]
+        if container and not is_tar_layer(desc.media_type):
+            raise OciError(f"unsupported layer media type {desc.media_type!r}")
+        jobs.append(
+            functools.partial(_fetch_layer, repo, source, desc, diff_ids[i], container, progress)
+        )
+    stats = ImportStats()
+    layer_refs: dict[str, str] = {}
+    for diff_id, (verity, layer_stats) in zip(
+        [j.args[3] for j in jobs], _run_parallel(jobs, workers), strict=True
+    ):
+        layer_refs[diff_id] = verity
+        stats.merge(layer_stats)
+
+    config_digest = manifest.config.digest
+    config_named = {d: layer_refs[d] for d in diff_ids}
+    image_ids: dict[int, str] = {}
+    if container:
+        kept = _kept_image_refs(repo, config_digest, layer_refs)
+        config_named.update(kept)
+        image_ids = _existing_images(repo, kept)
+        if not image_ids:
+            _report(progress, ProgressEvent("message", message="Building composefs image"))
+            root = build_tree(repo, diff_ids, layer_refs)
+            image_ids = commit_image_refs(repo, root)
+        for version, image_id in image_ids.items():
+            config_named[IMAGE_REF_KEYS[version]] = image_id
+    config_verity = _write_json_stream(
+        repo, CONTENT_OCI_CONFIG, config_raw, config_stream(config_digest), config_named
+    )
+    manifest_named = {f"config:{config_digest}": config_verity}
+    manifest_named.update({d: layer_refs[d] for d in diff_ids})
+    manifest_verity = _write_json_stream(
+        repo, CONTENT_OCI_MANIFEST, resolved.raw, manifest_stream(resolved.digest), manifest_named
+    )
+    if tag is not None:
+        repo.name_stream(manifest_stream(resolved.digest), tag_ref(tag))
+    return PullResult(
+        resolved.digest, manifest_verity, config_digest, config_verity, image_ids, tag, stats
+    )
+
+
+def commit_boot_images(
+    repo: Repository, img: OciImage, transform: Callable[[Directory], None]
+) -> dict[int, str]:
+    """composefs-rs ``generate_boot_image``: the image tree, `transform`ed
+    for boot, committed in every repository format and recorded in the
+    config stream as ``composefs.image.boot`` (V2) / ``.boot.v1`` (V0/V1).
+    The manifest stream is rewritten to point at the new config stream, so
+    every tag of the image sees the boot image (and GC keeps it)."""
+    root = image_tree(repo, img)
+    transform(root)
+    ids = repo.commit_images(root)
+    named = dict(img.layer_refs)
+    named.update(img.image_refs)
+    for version, image_id in ids.items():
+        named[BOOT_IMAGE_REF_KEYS[2 if version == 2 else 1]] = image_id
+    config_verity = _write_json_stream(
+        repo, CONTENT_OCI_CONFIG, img.config_raw, config_stream(img.config_digest), named
+    )
+    manifest_named = {f"config:{img.config_digest}": config_verity}
+    manifest_named.update({d: img.layer_refs[d] for d in img.diff_ids if d in img.layer_refs})
+    _write_json_stream(
+        repo,
+        CONTENT_OCI_MANIFEST,
+        img.manifest_raw,
+        manifest_stream(img.manifest_digest),
+        manifest_named,
+    )
+    return ids
+
+
+def _kept_image_refs(
+    repo: Repository, config_digest: str, layer_refs: dict[str, str]
+) -> dict[str, str]:
+    """Image refs (plain and boot, every format) recorded by an earlier pull
+    of the same config with the same layers, whose images still exist: a
+    re-pull (maybe with another --erofs-version) must not drop them."""
+    cid = config_stream(config_digest)
+    if repo.has_stream(cid) is None:
+        return {}
+    try:
+        _raw, named = read_json_stream(repo, cid, None, CONTENT_OCI_CONFIG)
+    except (OciError, NotFoundError):
+        return {}
+    if any(named.get(d) != v for d, v in layer_refs.items()):
+        return {}
+    return {k: v for k, v in named.items() if k in ALL_IMAGE_REF_KEYS and repo.has_object(v)}
+
+
+def _existing_images(repo: Repository, kept: dict[str, str]) -> dict[int, str]:
+    """The images for every repository format, if all were kept."""
+    out: dict[int, str] = {}
+    for version in repo.format_config().versions():
+        image_id = kept.get(IMAGE_REF_KEYS[version])
+        if image_id is None:
+            return {}
+        out[version] = image_id
+    # Make sure the images/ links exist (gc may have pruned them).
+    for image_id in out.values():
+        repo.symlink(f"images/{image_id}", f"objects/{repo.object_relpath(image_id)}")
+    return out
+
+
+def pull(
+    repo: Repository,
+    imgref: str,
+    tag: str | None = None,
+    *,
+    platform: Platform | str | None = None,
+    progress: ProgressCallback | None = None,
+    registry_options: Any = None,
+) -> PullResult:
+    """Pull `imgref` (``oci:DIR[:TAG]``, ``oci-archive:``, ``docker-archive:``,
+    ``containers-storage:``, ``docker://``) into `repo` and tag it `tag`.
+    `registry_options` (`registry.RegistryOptions`) is for ``docker://``."""
+    if isinstance(platform, str):
+        platform = Platform.parse(platform)
+    if tag is not None:
+        validate_tag(tag)
+    source = open_source(imgref, registry_options)
+    try:
+        return pull_from_source(repo, source, tag, platform=platform, progress=progress)
+    finally:
+        source.close()

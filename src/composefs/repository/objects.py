@@ -1,0 +1,599 @@
+"""The object store: ``objects/XX/<rest>``, content named by fs-verity digest.
+
+`ObjectStore` owns the repository directory fd (and the shared lock on it)
+and everything that writes or reads objects: the anonymous ``O_TMPFILE`` +
+``linkat`` write path (``.tmp-*`` fallback), fs-verity enabling and
+measuring, the reflink / ``copy_file_range`` / hashing copy paths, verified
+reads, and the atomic relative symlinks (``images/…``, ``streams/…``) that
+give objects names. Streams, images and maintenance are built on it.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Callable
+from typing import IO, BinaryIO
+
+from .. import fsverity
+from ..errors import NotFoundError, RepositoryError, VerityError, VerityNotSupported
+from ._fs import (
+    _NO_TMPFILE,
+    _check_relpath,
+    _is_hex_id,
+    _object_id_from_path,
+    _proc_self_fd,
+    _read_exactly,
+    _syncfs,
+    _tmpname,
+    _write_all,
+)
+
+_COPY_BLOCK = 1 << 20
+_SMALL_OBJECT = 1 << 20
+_FICLONE = 0x40049409
+_NO_REFLINK = frozenset({errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EPERM})
+
+
+class StoreMethod(enum.Enum):
+    """How `ensure_object_from_file` stored an object."""
+
+    REFLINKED = "reflinked"
+    COPIED = "copied"
+    ALREADY_PRESENT = "already-present"
+
+
+class FdWriter:
+    """A minimal binary writer over a raw fd that hashes what passes through."""
+
+    def __init__(self, fd: int, hasher: fsverity.FsVerityHasher | None) -> None:
+        self.fd = fd
+        self.hasher = hasher
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self.hasher is not None:
+            self.hasher.update(data)
+        _write_all(self.fd, data)
+        self.size += len(data)
+        return len(data)
+
+
+class TmpObject:
+    """An object being written: an anonymous O_TMPFILE, or (fallback) a
+    ``.tmp-*`` file in the repository root."""
+
+    def __init__(self, repo: ObjectStore) -> None:
+        self.repo = repo
+        self.name: str | None = None
+        objects = repo.objects_fd()
+        try:
+            self.fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644, dir_fd=objects)
+        except OSError as e:
+            if e.errno not in _NO_TMPFILE:
+                raise
+            for _ in range(16):
+                name = _tmpname(".tmp-")
+                try:
+                    self.fd = os.open(
+                        name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o644,
+                        dir_fd=repo.dirfd,
+                    )  # fmt: skip
+                except FileExistsError:
+                    continue
+                self.name = name
+                break
+            else:
+                raise RepositoryError("cannot create a temporary file in the repository") from e
+
+    def reopen_readonly(self) -> None:
+        """Swap the writable fd for a read-only one (fs-verity needs that)."""
+        ro = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        os.close(self.fd)
+        self.fd = ro
+
+    def link(self, relpath: str) -> bool:
+        """Give the file its name under ``objects/``; False if it existed."""
+        objects = self.repo.objects_fd()
+        try:
+            if self.name is None:
+                os.link(f"/proc/self/fd/{self.fd}", relpath, dst_dir_fd=objects)
+            else:
+                os.link(self.name, relpath, src_dir_fd=self.repo.dirfd, dst_dir_fd=objects)
+        except FileExistsError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.name is not None:
+            try:
+                os.unlink(self.name, dir_fd=self.repo.dirfd)
+            except FileNotFoundError:
+                pass
+            self.name = None
+
+    def __enter__(self) -> TmpObject:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ObjectStore:
+    """The objects of one open repository directory (see the module docstring).
+
+    `dirfd` is the repository directory (its shared ``flock`` is held by
+    whoever opened it); `close` releases it.
+    """
+
+    def __init__(
+        self, path: str, dirfd: int, algorithm: str, insecure: bool, read_only: list[str]
+    ) -> None:
+        self.abspath = os.path.abspath(path)
+        self.dirfd = dirfd
+        self.algorithm = algorithm
+        self.insecure = insecure
+        self.read_only_features = read_only
+        self._objects: int | None = None
+        self._verity_possible = True
+        self._no_reflink: set[tuple[int, int]] = set()
+        self._no_copy_range: set[tuple[int, int]] = set()
+        self._prefix_dirs: set[str] = set()
+        self._objects_dev: int | None = None
+        self._writable = False
+
+    def close(self) -> None:
+        """Close ``objects/`` and the repository directory (dropping its lock)."""
+        if self._objects is not None:
+            os.close(self._objects)
+            self._objects = None
+        if self.dirfd >= 0:
+            os.close(self.dirfd)  # closing drops the flock
+            self.dirfd = -1
+
+    def __del__(self) -> None:
+        # The store goes when the last holder does (the Repository, a stream
+        # writer, a part): the lock is released then, not at interpreter exit.
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def ensure_writable(self) -> None:
+        """Refuse early if nothing can be written (read-only mount,
+        permissions, unknown read-only-compatible features)."""
+        if self.read_only_features:
+            raise RepositoryError(
+                "repository is read-only for this tool (unknown read-only-compatible "
+                f"features: {', '.join(self.read_only_features)})"
+            )
+        st = os.statvfs(self.dirfd)
+        if st.f_flag & os.ST_RDONLY:
+            raise RepositoryError("repository is not writable: read-only file system")
+        if not os.access(".", os.W_OK, dir_fd=self.dirfd):
+            raise RepositoryError("repository is not writable: permission denied")
+
+    def ensure_writable_once(self) -> None:
+        """`ensure_writable` for the per-object paths: checked once per
+        instance (two syscalls per object add up over thousands of small
+        files); a later read-only remount still fails the write itself."""
+        if not self._writable:
+            self.ensure_writable()
+            self._writable = True
+
+    def sync(self) -> None:
+        """Flush everything written so far to disk (``syncfs``)."""
+        _syncfs(self.dirfd)
+
+    def objects_fd(self) -> int:
+        if self._objects is None:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+            try:
+                self._objects = os.open("objects", flags, dir_fd=self.dirfd)
+            except FileNotFoundError:
+                # Created on demand (as composefs-rs does); opening first
+                # keeps read-only repositories usable.
+                try:
+                    os.mkdir("objects", 0o755, dir_fd=self.dirfd)
+                except FileExistsError:
+                    pass
+                self._objects = os.open("objects", flags, dir_fd=self.dirfd)
+        return self._objects
+
+    @property
+    def objects_dir(self) -> str:
+        """Path of ``objects/`` (the overlayfs data-only layer)."""
+        return os.path.join(self.abspath, "objects")
+
+    def object_relpath(self, object_id: str) -> str:
+        """``XX/<rest>`` (relative to ``objects/``) of a hex id."""
+        if not _is_hex_id(object_id, self.algorithm):
+            raise RepositoryError(f"invalid {self.algorithm} object id {object_id!r}")
+        return f"{object_id[:2]}/{object_id[2:]}"
+
+    def has_object(self, object_id: str) -> bool:
+        try:
+            os.stat(self.object_relpath(object_id), dir_fd=self.objects_fd())
+        except FileNotFoundError:
+            return False
+        return True
+
+    def measure(self, fd: int) -> str | None:
+        """Kernel-measured digest, or None if the file has no (matching) verity."""
+        try:
+            alg, value = fsverity.measure_verity(fd)
+        except VerityError:
+            return None
+        return value.hex() if alg == self.algorithm else None
+
+    def finalize(self, tmp: TmpObject, userspace_id: str | None, size: int) -> tuple[str, bool]:
+        """Enable verity (when possible), determine the id, link it in.
+        Returns (id, newly created)."""
+        object_id = userspace_id
+        if not self.insecure or self._verity_possible:
+            tmp.reopen_readonly()
+            try:
+                fsverity.enable_verity(tmp.fd, self.algorithm)
+                measured = self.measure(tmp.fd)
+            except VerityNotSupported:
+                if not self.insecure:
+                    raise RepositoryError(
+                        "fs-verity is not supported here but the repository requires it"
+                    ) from None
+                self._verity_possible = False
+                measured = None
+            if measured is not None:
+                if object_id is not None and measured != object_id:
+                    raise RepositoryError(
+                        f"fs-verity digest mismatch: kernel measured {measured}, "
+                        f"expected {object_id}"
+                    )
+                object_id = measured
+            elif not self.insecure:
+                raise RepositoryError("fs-verity could not be enabled on a new object")
+        if object_id is None:
+            object_id = fsverity.digest_file(tmp.fd, self.algorithm).hex()
+        relpath = self.object_relpath(object_id)
+        objects = self.objects_fd()
+        # No stat first: linkat's EEXIST answers "already there" just as well.
+        prefix = object_id[:2]
+        if prefix not in self._prefix_dirs:
+            try:
+                os.mkdir(prefix, 0o755, dir_fd=objects)
+            except FileExistsError:
+                pass
+            self._prefix_dirs.add(prefix)
+        try:
+            return object_id, tmp.link(relpath)
+        except FileNotFoundError:
+            # The directory vanished (removed by hand): recreate it once.
+            self._prefix_dirs.discard(prefix)
+            try:
+                os.mkdir(prefix, 0o755, dir_fd=objects)
+            except FileExistsError:
+                pass
+            return object_id, tmp.link(relpath)
+
+    def ensure_object(self, data: bytes | bytearray | memoryview | BinaryIO | IO[bytes]) -> str:
+        """Store `data` (bytes, or a binary file object read to its end) as
+        an object, if not already there; return its id.
+
+        Like composefs-rs, this does not fsync; `sync()` (done by
+        `write_stream` and image commits before naming anything) does.
+        """
+        if not isinstance(data, bytes | bytearray | memoryview):
+            return self.store_from_stream(data, None)[0]
+        return self.store_bytes(data, check_writable=True)
+
+    def store_bytes(
+        self, data: bytes | bytearray | memoryview, *, check_writable: bool
+    ) -> str:
+        """`ensure_object` for in-memory data: hash first, so an object
+        that exists costs one stat and no new inode (creating inodes is the
+        expensive part of a write on some filesystems)."""
+        object_id = fsverity.digest_hex(data, self.algorithm)
+        relpath = self.object_relpath(object_id)
+        objects = self.objects_fd()
+        if self.insecure:
+            try:
+                os.stat(relpath, dir_fd=objects)
+                return object_id
+            except FileNotFoundError:
+                pass
+        else:
+            try:
+                fd = os.open(relpath, os.O_RDONLY | os.O_CLOEXEC, dir_fd=objects)
+            except FileNotFoundError:
+                pass
+            else:
+                try:
+                    if self.measure(fd) != object_id:
+                        raise RepositoryError(
+                            f"existing object {object_id} fails fs-verity verification"
+                        )
+                finally:
+                    os.close(fd)
+                return object_id
+        if check_writable:
+            self.ensure_writable()
+        else:
+            self.ensure_writable_once()
+        with TmpObject(self) as tmp:
+            _write_all(tmp.fd, data)
+            self.finalize(tmp, object_id, len(data))
+        return object_id
+
+    def store_from_stream(
+        self, source: BinaryIO | IO[bytes], size: int | None, *, check_writable: bool = True
+    ) -> tuple[str, int]:
+        if size is not None and size <= _SMALL_OBJECT:
+            # Most files in a layer are small: read them whole (bounded) and
+            # take the in-memory path — one hash call, one write, and no
+            # inode at all for content that is already stored.
+            data = _read_exactly(source, size)
+            return self.store_bytes(data, check_writable=check_writable), size
+        if check_writable:
+            self.ensure_writable()
+        else:
+            self.ensure_writable_once()
+        hasher = fsverity.FsVerityHasher(self.algorithm) if self.insecure else None
+        with TmpObject(self) as tmp:
+            out = FdWriter(tmp.fd, hasher)
+            remaining = size
+            while remaining is None or remaining > 0:
+                want = _COPY_BLOCK if remaining is None else min(_COPY_BLOCK, remaining)
+                block = source.read(want)
+                if not block:
+                    break
+                out.write(block)
+                if remaining is not None:
+                    remaining -= len(block)
+            if remaining:
+                raise RepositoryError(f"short read: {remaining} bytes missing")
+            object_id, _ = self.finalize(
+                tmp, hasher.hexdigest() if hasher is not None else None, out.size
+            )
+        return object_id, out.size
+
+    def ensure_object_from_stream(
+        self, source: BinaryIO | IO[bytes], size: int | None = None
+    ) -> str:
+        """Store `size` bytes (or all) read from `source` as an object;
+        hashes while copying, memory stays bounded."""
+        return self.store_from_stream(source, size)[0]
+
+    def store_file(
+        self,
+        path_or_fd: str | os.PathLike[str] | int,
+        expected_id: str | None = None,
+        *,
+        check_writable: bool = True,
+    ) -> tuple[str, StoreMethod, int]:
+        if check_writable:
+            self.ensure_writable()
+        else:
+            self.ensure_writable_once()
+        if isinstance(path_or_fd, int):
+            src, owned = path_or_fd, False
+        elif (fd := _proc_self_fd(path_or_fd)) is not None:
+            # Tree readers hand over ``/proc/self/fd/N`` of a descriptor they
+            # keep open during the call: use it rather than reopening it.
+            src, owned = fd, False
+        else:
+            src, owned = os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY), True
+        try:
+            before = os.fstat(src)
+            if not stat.S_ISREG(before.st_mode):
+                raise RepositoryError("only regular files can be stored as objects")
+            if self._objects_dev is None:
+                self._objects_dev = os.fstat(self.objects_fd()).st_dev
+            key = (before.st_dev, self._objects_dev)
+            with TmpObject(self) as tmp:
+                method = StoreMethod.COPIED
+                if key not in self._no_reflink:
+                    try:
+                        fcntl.ioctl(tmp.fd, _FICLONE, src)
+                        method = StoreMethod.REFLINKED
+                    except OSError as e:
+                        if e.errno not in _NO_REFLINK:
+                            raise
+                        self._no_reflink.add(key)
+                # Hash while copying unless the id is known (the kernel
+                # measures the copy anyway in a secure repository).
+                want_hash = self.insecure and expected_id is None
+                userspace_id = expected_id
+                if method is StoreMethod.COPIED:
+                    computed, size = self._copy_fd(src, tmp.fd, before.st_size, want_hash, key)
+                    userspace_id = computed or userspace_id
+                else:
+                    size = os.fstat(tmp.fd).st_size
+                after = os.fstat(src)
+                if size != before.st_size or (after.st_mtime_ns, after.st_ctime_ns) != (
+                    before.st_mtime_ns,
+                    before.st_ctime_ns,
+                ):
+                    raise RepositoryError("source file changed while it was being stored")
+                object_id, created = self.finalize(tmp, userspace_id, size)
+            return object_id, (method if created else StoreMethod.ALREADY_PRESENT), size
+        finally:
+            if owned:
+                os.close(src)
+
+    def _copy_fd(
+        self, src: int, dst: int, size: int, want_hash: bool, key: tuple[int, int]
+    ) -> tuple[str | None, int]:
+        """Copy `src` into `dst`: in-kernel unless we must hash on the way
+        (then one read pass feeds both). Returns the digest if hashed and
+        the number of bytes copied (positioned reads: `src`'s offset is
+        neither used nor moved)."""
+        offset = 0
+        if not want_hash and key not in self._no_copy_range:
+            try:
+                while offset < size:
+                    n = os.copy_file_range(src, dst, size - offset, offset)
+                    if not n:
+                        break
+                    offset += n
+                return None, offset
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                # Remembered per device pair (like FICLONE): across
+                # filesystems every file would fail the same way.
+                self._no_copy_range.add(key)
+                os.lseek(dst, 0, os.SEEK_SET)
+                os.ftruncate(dst, 0)
+                offset = 0
+        hasher = fsverity.FsVerityHasher(self.algorithm) if want_hash else None
+        # Sized to the file (+1 so EOF shows on the second read): zeroing a
+        # 1 MiB buffer per small file costs more than copying it.
+        view = memoryview(bytearray(min(_COPY_BLOCK, size + 1)))
+        while True:
+            n = os.preadv(src, [view], offset)
+            if not n:
+                break
+            if hasher is not None:
+                hasher.update(view[:n])
+            _write_all(dst, view[:n])
+            offset += n
+        return (hasher.hexdigest() if hasher is not None else None), offset
+
+    def ensure_object_from_file(
+        self, path_or_fd: str | os.PathLike[str] | int
+    ) -> tuple[str, StoreMethod]:
+        """Store a regular file's content: reflink (FICLONE) when the
+        filesystem can, else copy. Returns (id, how it was stored)."""
+        object_id, method, _ = self.store_file(path_or_fd)
+        return object_id, method
+
+    def store_file_with_digest(
+        self, path_or_fd: str | os.PathLike[str] | int, object_id: str
+    ) -> bool:
+        """Store a file whose fs-verity digest the caller already computed
+        (a tree reader's object sink). Nothing is read if the object exists;
+        otherwise the file is reflinked or copied in-kernel without hashing
+        it again — a secure repository still has the kernel measure the
+        copy, an insecure one trusts `object_id` (the copy fails if the
+        source changes while it is copied). Returns True if an object was
+        created."""
+        self.object_relpath(object_id)
+        if self.has_object(object_id):
+            return False
+        # Called per file (from reader threads): writability is checked once.
+        stored, method, _ = self.store_file(path_or_fd, object_id, check_writable=False)
+        if stored != object_id:
+            raise RepositoryError(
+                f"{path_or_fd} changed while it was read (digest {stored}, expected {object_id})"
+            )
+        return method is not StoreMethod.ALREADY_PRESENT
+
+    def object_sink(self) -> Callable[[str, int, str], None]:
+        """A `composefs.fs` object sink storing each external file's content."""
+        self.objects_fd()  # open it before worker threads race for it
+        self.ensure_writable()
+        self._writable = True
+
+        def sink(src_path: str, size: int, digest_hex: str) -> None:
+            self.store_file_with_digest(src_path, digest_hex)
+
+        return sink
+
+    def open_object(self, object_id: str) -> int:
+        """A read-only fd for an object; in a secure repository its
+        fs-verity digest is checked against the id."""
+        relpath = self.object_relpath(object_id)
+        try:
+            fd = os.open(relpath, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.objects_fd())
+        except FileNotFoundError:
+            raise NotFoundError(f"object {object_id} not found") from None
+        if not self.insecure:
+            try:
+                measured = self.measure(fd)
+                if measured != object_id:
+                    raise RepositoryError(
+                        f"object {object_id} fails fs-verity verification"
+                        + (f" (measured {measured})" if measured else " (no fs-verity)")
+                    )
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
+
+    def open_object_file(self, object_id: str) -> BinaryIO:
+        return os.fdopen(self.open_object(object_id), "rb")
+
+    def read_object(self, object_id: str) -> bytes:
+        with self.open_object_file(object_id) as f:
+            return f.read()
+
+    def symlink(self, name: str, target: str) -> None:
+        """Point repository path `name` at repository path `target` with a
+        relative symlink, creating parent directories; atomic replace."""
+        self.ensure_writable()
+        name_parts = _check_relpath(name, "link name")
+        target_parts = _check_relpath(target, "link target")
+        parent = name_parts[:-1]
+        i = 0
+        while i < len(parent) and i < len(target_parts) and parent[i] == target_parts[i]:
+            i += 1
+        for j in range(i, len(parent)):
+            try:
+                os.mkdir("/".join(parent[: j + 1]), 0o755, dir_fd=self.dirfd)
+            except FileExistsError:
+                pass
+        relative = "/".join([".."] * (len(parent) - i) + target_parts[i:])
+        fd = self.dirfd
+        try:
+            os.symlink(relative, name, dir_fd=fd)
+            return
+        except FileExistsError:
+            pass
+        try:
+            if os.readlink(name, dir_fd=fd) == relative:
+                return
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # not a symlink: replace it below
+                raise
+        for _ in range(16):
+            tmp = _tmpname(".symlink-")
+            try:
+                os.symlink(relative, tmp, dir_fd=fd)
+            except FileExistsError:
+                continue
+            try:
+                os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=fd)
+                except OSError:
+                    pass
+                raise
+            return
+        raise RepositoryError(f"cannot create a temporary symlink for {name}")
+
+    def readlink_id(self, relpath: str) -> str | None:
+        try:
+            target = os.readlink(relpath, dir_fd=self.dirfd)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                raise RepositoryError(f"{relpath} is not a symlink") from None
+            raise
+        return _object_id_from_path(target, self.algorithm)
+
+    def resolve_id(self, relpath: str) -> str | None:
+        """Follow a (chain of) symlink(s) to its object and return the id."""
+        try:
+            real = os.path.realpath(os.path.join(self.abspath, relpath), strict=True)
+        except OSError:
+            return None
+        return _object_id_from_path(real, self.algorithm)

@@ -1,0 +1,228 @@
+"""Splitstreams and their refs: ``streams/<content-id>`` and ``streams/refs/<name…>``.
+
+`StreamStore` stores splitstreams (written through `RepoStreamWriter`, whose
+external chunks become objects) in an `ObjectStore`, names them only after
+everything they refer to is synced, resolves names and refs, and opens
+them for reading.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from typing import IO, BinaryIO, TypeVar
+
+from .. import fsverity
+from ..errors import NotFoundError, RepositoryError
+from ..splitstream import SplitStreamReader, SplitStreamWriter, Writable
+from ._fs import _check_relpath
+from .objects import FdWriter, ObjectStore, TmpObject
+
+T = TypeVar("T")
+
+
+class RepoStreamWriter(SplitStreamWriter):
+    """A splitstream writer bound to a repository: `write_external*` store
+    the data as an object and reference it. Finish it with
+    `StreamStore.write_stream` (or `StreamStore.store_stream`)."""
+
+    def __init__(self, repo: ObjectStore, content_type: int) -> None:
+        super().__init__(repo.algorithm, content_type)
+        self.repo = repo
+
+    def write_external(self, data: bytes | bytearray | memoryview) -> str:
+        """Store `data` as an object and append a reference to it."""
+        object_id = self.repo.store_bytes(data, check_writable=False)
+        self.write_reference(object_id, len(data))
+        return object_id
+
+    def write_external_stream(self, source: BinaryIO | IO[bytes], size: int | None = None) -> str:
+        """Store `size` bytes (or everything) read from `source` as an object
+        and append a reference to it; bounded memory."""
+        object_id, n = self.repo.store_from_stream(source, size, check_writable=False)
+        self.write_reference(object_id, n)
+        return object_id
+
+    def write_external_file(self, path_or_fd: str | os.PathLike[str] | int) -> str:
+        """Store a file's content (reflinked when possible) and reference it."""
+        object_id, _method, size = self.repo.store_file(path_or_fd, check_writable=False)
+        self.write_reference(object_id, size)
+        return object_id
+
+
+class StreamStore:
+    """The splitstreams of a repository, stored in `objects`."""
+
+    def __init__(self, objects: ObjectStore) -> None:
+        self.objects = objects
+
+    def create_stream(self, content_type: int = 0) -> RepoStreamWriter:
+        """A new splitstream writer for this repository (see `write_stream`)."""
+        self.objects.ensure_writable()
+        return RepoStreamWriter(self.objects, content_type)
+
+    def store_stream(self, writer: SplitStreamWriter) -> str:
+        """Finish `writer` and store the splitstream as an object, without
+        naming it; returns its id (see `register_stream`)."""
+        if writer.algorithm != self.objects.algorithm:
+            raise RepositoryError("splitstream writer uses a different algorithm")
+        self.objects.ensure_writable()
+        hasher = fsverity.FsVerityHasher(self.objects.algorithm) if self.objects.insecure else None
+        with TmpObject(self.objects) as tmp:
+            out = FdWriter(tmp.fd, hasher)
+            writer.finish(out)
+            object_id, _ = self.objects.finalize(
+                tmp, hasher.hexdigest() if hasher is not None else None, out.size
+            )
+        return object_id
+
+    @staticmethod
+    def _check_content_id(content_id: str) -> None:
+        if (
+            not content_id
+            or "/" in content_id
+            or "\0" in content_id
+            or content_id in (".", "..", "refs")
+            or content_id.startswith(".")
+        ):
+            raise RepositoryError(f"invalid stream name {content_id!r}")
+
+    def register_stream(
+        self, object_id: str, content_id: str, reference: str | None = None
+    ) -> None:
+        """Make the stored splitstream `object_id` visible as
+        ``streams/<content_id>`` (after syncing everything it refers to),
+        optionally also as ``streams/refs/<reference>``."""
+        self._check_content_id(content_id)
+        if not self.objects.has_object(object_id):
+            raise NotFoundError(f"object {object_id} not found")
+        self.objects.sync()
+        self.objects.symlink(
+            f"streams/{content_id}", f"objects/{self.objects.object_relpath(object_id)}"
+        )
+        if reference is not None:
+            self.name_stream(content_id, reference)
+
+    def write_stream(
+        self, writer: SplitStreamWriter, content_id: str, reference: str | None = None
+    ) -> str:
+        """Finish `writer`, store it, sync, and link it as
+        ``streams/<content_id>`` (plus ``streams/refs/<reference>``).
+        After a crash either the stream name is absent or the stream and all
+        its objects are complete. Returns the stream's object id."""
+        self._check_content_id(content_id)
+        object_id = self.store_stream(writer)
+        self.register_stream(object_id, content_id, reference)
+        return object_id
+
+    def ensure_stream(
+        self,
+        content_id: str,
+        content_type: int,
+        callback: Callable[[RepoStreamWriter], T],
+        reference: str | None = None,
+    ) -> tuple[str, T | None]:
+        """Return the existing stream `content_id`, or build it with
+        `callback(writer)`; returns (id, callback result or None)."""
+        existing = self.has_stream(content_id)
+        extra: T | None = None
+        if existing is None:
+            writer = self.create_stream(content_type)
+            try:
+                extra = callback(writer)
+            except BaseException:
+                writer.close()
+                raise
+            existing = self.write_stream(writer, content_id, reference)
+        elif reference is not None:
+            self.name_stream(content_id, reference)
+        return existing, extra
+
+    def has_stream(self, content_id: str) -> str | None:
+        """The object id of ``streams/<content_id>``, or None."""
+        self._check_content_id(content_id)
+        return self.objects.readlink_id(f"streams/{content_id}")
+
+    def name_stream(self, content_id: str, name: str) -> None:
+        """Point ``streams/refs/<name>`` at ``streams/<content_id>`` (a GC root).
+        `name` may contain ``/`` to build a hierarchy."""
+        self._check_content_id(content_id)
+        _check_relpath(name, "ref name")
+        self.objects.symlink(f"streams/refs/{name}", f"streams/{content_id}")
+
+    def has_named_stream(self, name: str) -> bool:
+        _check_relpath(name, "ref name")
+        try:
+            return stat.S_ISLNK(os.lstat(f"streams/refs/{name}", dir_fd=self.objects.dirfd).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def remove_stream_ref(self, name: str) -> bool:
+        """Delete ``streams/refs/<name>``; False if it did not exist."""
+        self.objects.ensure_writable()
+        _check_relpath(name, "ref name")
+        try:
+            os.unlink(f"streams/refs/{name}", dir_fd=self.objects.dirfd)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def list_stream_refs(self, prefix: str = "") -> list[tuple[str, str]]:
+        """(name, symlink target) of the refs directly in ``streams/refs/<prefix>``."""
+        path = "streams/refs" + (f"/{prefix.strip('/')}" if prefix.strip("/") else "")
+        if prefix.strip("/"):
+            _check_relpath(prefix.strip("/"), "ref prefix")
+        try:
+            names = os.listdir(os.path.join(self.objects.abspath, path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out = []
+        for name in sorted(names):
+            try:
+                out.append((name, os.readlink(f"{path}/{name}", dir_fd=self.objects.dirfd)))
+            except OSError:
+                continue
+        return out
+
+    def stream_id(self, name: str) -> str | None:
+        """The object id behind stream `name` (content id or ``refs/…``)."""
+        _check_relpath(name, "stream name")
+        return self.objects.resolve_id(f"streams/{name}")
+
+    def open_stream(
+        self,
+        name: str,
+        verity: str | None = None,
+        expected_content_type: int | None = None,
+    ) -> SplitStreamReader:
+        """Open splitstream `name` (content id or ``refs/…``), or by object id
+        `verity` (verified in a secure repository). Close the reader after use."""
+        if verity is not None:
+            fd = self.objects.open_object(verity)
+        else:
+            _check_relpath(name, "stream name")
+            try:
+                fd = os.open(
+                    f"streams/{name}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.objects.dirfd
+                )
+            except (FileNotFoundError, NotADirectoryError):
+                raise NotFoundError(f"stream {name} not found") from None
+        f = os.fdopen(fd, "rb")
+        return SplitStreamReader(
+            f,
+            algorithm=self.objects.algorithm,
+            expected_content_type=expected_content_type,
+            owns_source=True,
+        )
+
+    def cat_stream(
+        self,
+        name: str,
+        out: Writable,
+        verity: str | None = None,
+        expected_content_type: int | None = None,
+    ) -> int:
+        """Write the reassembled content of stream `name` to `out`."""
+        with self.open_stream(name, verity, expected_content_type) as reader:
+            return reader.cat(out, self.objects.open_object_file)

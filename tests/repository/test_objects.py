@@ -1,0 +1,221 @@
+"""`repository.objects`: object writes (O_TMPFILE and fallback), copy paths, sinks, symlinks.
+
+See repotestlib for the shared helpers.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import io
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from repotestlib import (
+    RUST_META_V2,
+    bare_store,
+    objpath,
+    stray_files,
+)
+
+from composefs import fsverity
+from composefs.errors import NotFoundError, RepositoryError
+from composefs.repository import (
+    Repository,
+    StoreMethod,
+)
+from composefs.splitstream import CONTENT_OCI_LAYER
+from conftest import need_tool, needs_root
+
+
+def test_objects(repo: Repository, tmp_path: Path) -> None:
+    data = os.urandom(3 * 4096 + 17)
+    oid = repo.ensure_object(data)
+    assert oid == fsverity.digest_hex(data, "sha512")
+    path = Path(repo.path) / "objects" / oid[:2] / oid[2:]
+    assert path.read_bytes() == data
+    oracle = need_tool("fsverity")
+    out = subprocess.run(
+        [oracle, "digest", "--hash-alg=sha512", str(path)], capture_output=True, text=True
+    )
+    assert out.stdout.split()[0] == f"sha512:{oid}"
+    assert repo.ensure_object(data) == oid
+    assert repo.ensure_object_from_stream(io.BytesIO(data)) == oid
+    assert repo.ensure_object(io.BytesIO(data)) == oid
+    src = tmp_path / "src"
+    src.write_bytes(data)
+    assert repo.ensure_object_from_file(src) == (oid, StoreMethod.ALREADY_PRESENT)
+    other = tmp_path / "other"
+    other.write_bytes(data + b"!")
+    oid2, method = repo.ensure_object_from_file(other)
+    assert method in (StoreMethod.COPIED, StoreMethod.REFLINKED)
+    assert repo.read_object(oid2) == data + b"!"
+    assert repo.store_file_with_digest(str(src), oid) is False
+    empty = repo.ensure_object(b"")
+    assert empty == "00" * 64 or len(empty) == 128
+    with pytest.raises(NotFoundError):
+        repo.open_object("ab" * 64)
+    with pytest.raises(RepositoryError, match="invalid sha512 object id"):
+        repo.open_object("../../etc/passwd")
+    assert stray_files(repo) == []
+
+
+@needs_root
+def test_copy_across_filesystems_falls_back(repo: Repository, tmp_path: Path) -> None:
+    """A source on another filesystem (a tmpfs): FICLONE and copy_file_range
+    fail with EXDEV, the content is copied by read/write instead."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
+    try:
+        big = os.urandom(2 * 1024 * 1024 + 4097)  # more than one copy block
+        small = os.urandom(5000)
+        (mnt / "big").write_bytes(big)
+        (mnt / "small").write_bytes(small)
+        probe = tmp_path / "probe"
+        with open(mnt / "small", "rb") as src, open(probe, "wb") as dst:
+            try:
+                os.copy_file_range(src.fileno(), dst.fileno(), len(small))
+            except OSError as e:
+                assert e.errno == errno.EXDEV, e
+            else:
+                pytest.skip("this kernel copies across filesystems: no EXDEV to fall back from")
+        probe.unlink()
+        big_id = fsverity.digest_hex(big, "sha512")
+        assert repo.store_file_with_digest(str(mnt / "big"), big_id) is True
+        # The second file takes the remembered fallback directly.
+        small_id = fsverity.digest_hex(small, "sha512")
+        repo.object_sink()(str(mnt / "small"), len(small), small_id)
+        assert objpath(repo, big_id).read_bytes() == big
+        assert objpath(repo, small_id).read_bytes() == small
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    report = repo.fsck()
+    assert report.ok, str(report)
+    assert stray_files(repo) == []
+
+
+def test_object_sink_write_only_descriptor(repo: Repository, tmp_path: Path) -> None:
+    """A write-only ``/proc/self/fd/N`` cannot be read: the sink reopens it
+    by path, and the caller's descriptor keeps its offset."""
+    data = os.urandom(70_000)
+    fd = os.open(tmp_path / "wo", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.lseek(fd, 1234, os.SEEK_SET)
+        oid = fsverity.digest_hex(data, "sha512")
+        repo.object_sink()(f"/proc/self/fd/{fd}", len(data), oid)
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 1234
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY
+    finally:
+        os.close(fd)
+    assert repo.read_object(oid) == data
+    assert repo.fsck().ok
+    assert stray_files(repo) == []
+
+
+def test_concurrent_writers(repo: Repository) -> None:
+    """Two processes storing the same objects, images and refs at once."""
+    script = textwrap.dedent(
+        f"""
+        from composefs.erofs.writer import mkfs
+        from composefs.repository import Repository
+        from composefs.tree import Directory, Leaf, Regular, Stat
+        r = Repository.open({repo.path!r})
+        for i in range(150):
+            data = (b"shared object %d " % i) * 50
+            oid = r.ensure_object(data)
+            if i % 10 == 0:
+                root = Directory()
+                root.insert(b"/f", Leaf(Stat(0o644), Regular(len(data), digest=oid)))
+                r.write_image(mkfs(root), "same/ref")
+        w = r.create_stream(0)
+        w.write_external(b"z" * 5000)
+        r.write_stream(w, "shared-stream", "shared")
+        print("done")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
+        for _ in range(2)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0 and out.strip() == b"done"
+    result = repo.fsck()
+    assert result.ok, str(result)
+    assert result.objects_checked == 150 + 15 + 2
+    assert result.images_checked == 15
+    assert stray_files(repo) == []
+
+
+def test_symlink_layout(repo: Repository) -> None:
+    oid = repo.write_image(b"x" * 100, "some/deep/name")
+    root = Path(repo.path)
+    assert os.readlink(root / "images" / oid) == f"../objects/{oid[:2]}/{oid[2:]}"
+    assert os.readlink(root / "images/refs/some/deep/name") == f"../../../{oid}"
+    w = repo.create_stream(CONTENT_OCI_LAYER)
+    w.write_inline(b"abc")
+    sid = repo.write_stream(w, "oci-layer-sha256:1234", "tag/one")
+    assert os.readlink(root / "streams/oci-layer-sha256:1234") == f"../objects/{sid[:2]}/{sid[2:]}"
+    assert os.readlink(root / "streams/refs/tag/one") == "../../oci-layer-sha256:1234"
+    # Replacing a ref is atomic and leaves no temporaries.
+    oid2 = repo.write_image(b"y" * 100, "some/deep/name")
+    assert os.readlink(root / "images/refs/some/deep/name") == f"../../../{oid2}"
+    for bad in ("../escape", "/abs", "a//b", "a/./b", ""):
+        with pytest.raises(RepositoryError):
+            repo.write_image(b"z" * 100, bad)
+    with pytest.raises(RepositoryError):
+        repo.write_stream(repo.create_stream(), "has/slash")
+    assert stray_files(repo) == []
+
+
+def test_without_o_tmpfile(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Filesystems without O_TMPFILE: named temporaries in the repository
+    root, removed after use; leftovers of killed writers go with gc."""
+    real_open = os.open
+
+    def no_tmpfile(path: object, flags: int, *args: object, **kw: object) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(95, "Operation not supported")
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    other, created = Repository.init(Path(repo.path).parent / "other", insecure=True)
+    assert created and (Path(other.path) / "meta.json").read_bytes() == RUST_META_V2
+    assert stray_files(other) == []
+    other.close()
+    oid = repo.ensure_object(b"fallback" * 100)
+    assert repo.read_object(oid) == b"fallback" * 100
+    w = repo.create_stream(0)
+    w.write_external(b"more" * 100)
+    repo.write_stream(w, "s", "r")
+    assert stray_files(repo) == []
+    monkeypatch.undo()
+    (Path(repo.path) / ".tmp-leftover").write_bytes(b"half")
+    assert repo.fsck().ok
+    repo.gc()
+    assert stray_files(repo) == []
+
+
+def test_object_store_alone(tmp_path: Path) -> None:
+    """The store needs no facade: an fd on a directory is enough."""
+    store = bare_store(tmp_path / "store")
+    data = b"hello objects" * 1000
+    oid = store.ensure_object(data)
+    assert oid == fsverity.digest_hex(data, "sha256")
+    assert store.has_object(oid) and store.read_object(oid) == data
+    assert (tmp_path / "store" / "objects" / oid[:2] / oid[2:]).read_bytes() == data
+    assert store.ensure_object(io.BytesIO(data)) == oid
+    store.symlink("images/x", f"objects/{store.object_relpath(oid)}")
+    assert os.readlink(tmp_path / "store" / "images" / "x") == f"../objects/{oid[:2]}/{oid[2:]}"
+    assert store.readlink_id("images/x") == oid
+    with pytest.raises(RepositoryError, match="invalid"):
+        store.object_relpath("zz")
+    store.close()
+    assert store.dirfd == -1
