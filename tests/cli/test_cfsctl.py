@@ -393,6 +393,58 @@ def test_gc_and_fsck_commands(repo: Path, tmp_path: Path) -> None:
     assert cfsctl("--repo", repo, "fsck", "--metadata-only").returncode == 0
 
 
+@needs_root
+def test_image_ids_in_every_printed_form(repo: Path, tmp_path: Path, mountpoint: Path) -> None:
+    """create-image prints `sha512:<hex>`: that, the bare hex, refs/NAME and a
+    bare NAME that is a ref all name the image, for every command; a gc root
+    that names nothing is an error that deletes nothing."""
+    src = tmp_path / "src"
+    (src / "usr").mkdir(parents=True)
+    (src / "usr/big").write_bytes(b"B" * 5000)
+    printed = cfsctl("--repo", repo, "create-image", src).stdout.strip()
+    assert printed.startswith("sha512:")
+    hex_id = printed.removeprefix("sha512:")
+    big = fsverity.digest_hex(b"B" * 5000, "sha512")
+    objects = {f"sha512:{hex_id}", f"sha512:{big}"}
+
+    out = cfsctl("--repo", repo, "gc", "--root", printed).stdout
+    assert out == "Objects: 0 removed (0 bytes)\n"
+    assert (repo / "images" / hex_id).exists()
+    for form in (printed, hex_id):
+        assert set(cfsctl("--repo", repo, "image-objects", form).stdout.split()) >= {
+            f"sha512:{big}"
+        }
+        cfsctl("--repo", repo, "mount", form, mountpoint)
+        try:
+            assert (mountpoint / "usr/big").read_bytes() == b"B" * 5000
+        finally:
+            subprocess.run(["umount", str(mountpoint)], check=True)
+        assert cfsctl("--repo", repo, "dump-files", form, "/usr/big").stdout.startswith("/usr/big")
+
+    # a ref, named as refs/NAME and as a bare NAME (composefs-rs 0.8)
+    cfsctl("--repo", repo, "create-image", src, "named")
+    for form in ("refs/named", "named"):
+        assert cfsctl("--repo", repo, "image-objects", form).stdout.split()
+        assert cfsctl("--repo", repo, "gc", "-n", "--root", form).returncode == 0
+    # the wrong algorithm is refused, not taken for a name
+    err = one_line_error(cfsctl("--repo", repo, "image-objects", f"sha256:{'0' * 64}", check=False))
+    assert "sha512" in err
+
+    # a root naming nothing: an error, and nothing goes
+    os.unlink(repo / "images/refs/named")
+    for bad in ("nope", f"sha512:{'0' * 128}", "refs/nope"):
+        p = cfsctl("--repo", repo, "gc", "--root", bad, check=False)
+        assert "names no image or stream" in one_line_error(p)
+    assert (repo / "images" / hex_id).exists()
+    assert set(cfsctl("--repo", repo, "image-objects", hex_id).stdout.split()) >= objects - {
+        printed
+    }
+    # and with the image named, gc keeps it
+    cfsctl("--repo", repo, "gc", "--root", printed)
+    assert (repo / "images" / hex_id).exists()
+    assert (repo / "objects" / big[:2] / big[2:]).exists()
+
+
 def test_import_image_and_cat(repo: Path) -> None:
     data = bytes(range(256)) * 40
     out = cfsctl("--repo", repo, "import-image", "imported", input=data).stdout

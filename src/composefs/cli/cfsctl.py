@@ -407,6 +407,11 @@ def _dump_lines(root: Directory, name: str) -> bytes:
 # the parser
 
 
+_IMAGE_HELP = (
+    "image id as printed (sha512:HEX, or HEX; digest verified), refs/NAME, or a ref NAME"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
@@ -499,8 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("gc", cmd_gc, "remove objects no ref (or --root) keeps alive")
     sp.add_argument(
-        "-r", "--root", action="append", metavar="NAME", help="extra image/stream root (repeatable)"
-    )
+        "-r", "--root", action="append", metavar="NAME",
+        help="also keep this image or stream: an id as printed (sha512:HEX or HEX), refs/NAME"
+        " or a ref NAME, a stream name; one that names nothing is an error (repeatable)",
+    )  # fmt: skip
     sp.add_argument(
         "-n", "--dry-run", action="store_true", help="only report what would be removed"
     )
@@ -509,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("reference", help="ref name (images/refs/REFERENCE)")
 
     sp = add("mount", cmd_mount, "mount an image from the repository")
-    sp.add_argument("name", help="image id (digest verified) or refs/NAME")
+    sp.add_argument("name", help=_IMAGE_HELP)
     sp.add_argument("mountpoint")
     sp.add_argument("--upperdir", metavar="DIR", help="writable overlayfs upper directory")
     sp.add_argument("--workdir", metavar="DIR", help="overlayfs work directory (with --upperdir)")
@@ -553,14 +560,14 @@ def build_parser() -> argparse.ArgumentParser:
     tree_options(sp)
 
     sp = add("image-objects", cmd_image_objects, "list the objects an image refers to")
-    sp.add_argument("name", help="image id or refs/NAME")
+    sp.add_argument("name", help=_IMAGE_HELP)
 
     sp = add(
         "dump-files",
         cmd_dump_files,
         "print the dumpfile lines (or backing paths) of files in an image",
     )
-    sp.add_argument("image_name", metavar="IMAGE", help="image id or refs/NAME")
+    sp.add_argument("image_name", metavar="IMAGE", help=_IMAGE_HELP)
     sp.add_argument("files", nargs="*", metavar="FILES", help="paths inside the image")
     sp.add_argument(
         "--backing-path-only",
