@@ -462,6 +462,16 @@ def test_import_image_and_cat(repo: Path) -> None:
     )
     assert p.returncode == 0 and p.stdout == b"head:" + data
     assert "not found" in one_line_error(cfsctl("--repo", repo, "cat", "nope", check=False))
+    # the stream's id as the tools print it, bare, and a bare ref name
+    stream_id = os.readlink(repo / "streams/my-stream").rsplit("/", 2)
+    hex_id = stream_id[-2] + stream_id[-1]
+    for form in (f"sha512:{hex_id}", hex_id, "named", "my-stream"):
+        p = subprocess.run(
+            [sys.executable, "-m", "composefs.cli.cfsctl", "--repo", str(repo), "cat", form],
+            capture_output=True,
+            env=ENV,
+        )
+        assert p.returncode == 0 and p.stdout == b"head:" + data, (form, p.stderr)
 
 
 def test_transaction_holds_off_gc(repo: Path) -> None:

@@ -16,7 +16,7 @@ from typing import IO, BinaryIO, TypeVar
 from .. import fsverity
 from ..errors import NotFoundError, RepositoryError
 from ..splitstream import SplitStreamReader, SplitStreamWriter, Writable
-from ._fs import _check_relpath
+from ._fs import _check_relpath, _exists, _is_hex_id
 from .objects import FdWriter, ObjectStore, TmpObject
 
 T = TypeVar("T")
@@ -196,8 +196,20 @@ class StreamStore:
         verity: str | None = None,
         expected_content_type: int | None = None,
     ) -> SplitStreamReader:
-        """Open splitstream `name` (content id or ``refs/…``), or by object id
+        """Open splitstream `name` (content id, ``refs/…`` or a bare ref
+        name, or its object id as ``ALG:<hex>`` or hex), or by object id
         `verity` (verified in a secure repository). Close the reader after use."""
+        if verity is None:
+            alg = self.objects.algorithm
+            prefix, sep, rest = name.partition(":")
+            if sep and prefix == alg and _is_hex_id(rest, alg):
+                verity = rest
+            elif "/" not in name and "\0" not in name and name not in ("", ".", ".."):
+                if not _exists(self.objects.dirfd, f"streams/{name}"):
+                    if _is_hex_id(name, alg):
+                        verity = name
+                    elif _exists(self.objects.dirfd, f"streams/refs/{name}"):
+                        name = f"refs/{name}"
         if verity is not None:
             fd = self.objects.open_object(verity)
         else:
