@@ -245,6 +245,32 @@ def test_platform_selection(repo: Repository, tmp_path: Path) -> None:
         storage.pull(repo, ref, "none", platform="linux/s390x")
 
 
+def test_single_image_layout_for_another_platform(
+    repo: Repository, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """composefs-rs `oci_layout.rs::test_wrong_platform_rejected`: a layout
+    whose only image is for another platform is refused (one line naming
+    both platforms), tagged or not; `--platform` takes it explicitly."""
+    layer = L.tar_layer([L.directory("usr"), L.file("arch", b"s390x")])
+    L.write_oci_layout(tmp_path / "l", [L.ImageSpec([layer], tag="t", architecture="s390x")])
+    want = "linux/arm64" if os.uname().machine == "s390x" else "linux/amd64"
+    for ref in (f"oci:{tmp_path / 'l'}", f"oci:{tmp_path / 'l'}:t"):
+        with pytest.raises(OciError) as ei:
+            storage.pull(repo, ref, "foreign", platform=want)
+        assert str(ei.value) == f"no image for platform {want} (available: linux/s390x)"
+        assert "foreign" not in [t for t, _ in storage.list_tags(repo)]
+    rc, _, err = L.run_cfsctl(capsysbinary, repo.path, "oci", "pull", f"oci:{tmp_path / 'l'}", "x")
+    if os.uname().machine != "s390x":  # the host platform is wanted here
+        assert rc == 1 and "(available: linux/s390x)" in err and err.count("\n") == 1, err
+    result = storage.pull(repo, f"oci:{tmp_path / 'l'}", "foreign", platform="linux/s390x")
+    assert result.image_id == image_id_of(repo, [layer])
+    rc, _, err = L.run_cfsctl(
+        capsysbinary, repo.path, "oci", "pull", "--platform", "linux/s390x",
+        f"oci:{tmp_path / 'l'}", "y",
+    )  # fmt: skip
+    assert rc == 0, err
+
+
 def test_layout_tags(repo: Repository, tmp_path: Path) -> None:
     one = L.tar_layer([L.file("v", b"1")])
     two = L.tar_layer([L.file("v", b"2")])

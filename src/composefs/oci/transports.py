@@ -133,7 +133,7 @@ class _LayoutSource(BaseSource):
                 raise OciError(f"{self._reference}: no image tagged {self._tag!r}{hint}")
             entries = tagged
         if len(entries) == 1:
-            d = entries[0]
+            d = self.top_entry = entries[0]
             return self._read_blob_small(d.digest), d.media_type or None
         if not entries:
             raise OciError(f"{self._reference}: index.json lists no images")
