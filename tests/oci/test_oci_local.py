@@ -271,6 +271,43 @@ def test_single_image_layout_for_another_platform(
     assert rc == 0, err
 
 
+# composefs-rs 0.9 `oci_layout.rs::test_parse_oci_layout_ref`, every row
+PARSE_OCI_LAYOUT_REF = [
+    ("/path/to/oci", ("/path/to/oci", None)),
+    ("./local/oci", ("./local/oci", None)),
+    ("ocidir", ("ocidir", None)),
+    ("/path/to/oci:latest", ("/path/to/oci", "latest")),
+    ("/path/to/oci:v1.0.0", ("/path/to/oci", "v1.0.0")),
+    ("./local/oci:mytag", ("./local/oci", "mytag")),
+    ("ocidir:latest", ("ocidir", "latest")),
+    ("C:/path/to/oci", ("C:/path/to/oci", None)),
+    ("C:/path/to/oci:latest", ("C:/path/to/oci", "latest")),
+    ("/path/to/oci:tag:with:colons", ("/path/to/oci:tag:with", "colons")),
+    ("/path/to/oci:", ("/path/to/oci", "")),
+    ("ocidir:", ("ocidir", "")),
+    ("/path:middle/to/oci", ("/path:middle/to/oci", None)),
+    ("/path:middle/to/oci:tag", ("/path:middle/to/oci", "tag")),
+]
+
+
+@pytest.mark.parametrize(("ref", "expected"), PARSE_OCI_LAYOUT_REF)
+def test_parse_oci_layout_ref_matches_composefs_rs(
+    ref: str, expected: tuple[str, str | None]
+) -> None:
+    from composefs.oci.transports import split_path_tag
+
+    assert split_path_tag(ref) == expected
+
+
+def test_empty_tag_is_kept(repo: Repository, tmp_path: Path) -> None:
+    """`oci:DIR:` asks for the image tagged "" (and finds none), it does not
+    fall back to the layout's only image."""
+    L.write_oci_layout(tmp_path / "l", [L.ImageSpec([base_layer()], tag="latest")])
+    with pytest.raises(OciError, match=r"no image tagged '' \(tags: latest\)"):
+        storage.pull(repo, f"oci:{tmp_path / 'l'}:", "x")
+    assert storage.list_tags(repo) == []
+
+
 def test_layout_tags(repo: Repository, tmp_path: Path) -> None:
     one = L.tar_layer([L.file("v", b"1")])
     two = L.tar_layer([L.file("v", b"2")])

@@ -497,14 +497,15 @@ TRANSPORTS = ("oci:", "oci-archive:", "docker-archive:", "containers-storage:", 
 
 def split_path_tag(rest: str) -> tuple[str, str | None]:
     """``PATH[:TAG]`` the way composefs-rs splits it: the last ``:`` starts a
-    tag unless what follows contains ``/``. A path that exists as a whole
+    tag unless what follows contains ``/``; an empty tag stays an empty tag
+    (``DIR:`` names the image tagged ""). A path that exists as a whole
     wins, so names containing ``:`` still work."""
     if os.path.exists(rest):
         return rest, None
     path, sep, tag = rest.rpartition(":")
     if not sep or "/" in tag or not path:
         return rest, None
-    return path, tag or None
+    return path, tag
 
 
 def open_source(imgref: str, registry_options: Any = None) -> ImageSource:
