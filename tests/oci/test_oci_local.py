@@ -380,6 +380,32 @@ def assert_untouched(repo: Repository) -> None:
     assert storage.oci_fsck(repo).ok
 
 
+def test_failed_bootable_pull_tags_nothing(
+    repo: Repository, layout: tuple[Path, list[L.BuiltImage]], capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """`oci pull --bootable` of an image without boot entries fails and
+    leaves no tag (the library's pull(boot=...) likewise); a tag that
+    already named another image keeps naming it."""
+    pytest.importorskip("composefs.boot")
+    path, _ = layout
+    rc, _, err = L.run_cfsctl(capsysbinary, repo.path, "oci", "pull", "--bootable", f"oci:{path}", "b")
+    assert rc == 1 and err.count("\n") == 1, err
+    assert storage.list_tags(repo) == []
+
+    def no_boot(root: Directory) -> None:
+        raise OciError("No boot entries!")
+
+    with pytest.raises(OciError, match="No boot entries"):
+        storage.pull(repo, f"oci:{path}", "b", boot=no_boot)
+    assert storage.list_tags(repo) == []
+    other = tmp_layout = path.parent / "other"
+    L.write_oci_layout(tmp_layout, [L.ImageSpec([base_layer()])])
+    before = storage.pull(repo, f"oci:{other}", "b")
+    with pytest.raises(OciError, match="No boot entries"):
+        storage.pull(repo, f"oci:{path}", "b", boot=no_boot)
+    assert storage.resolve_tag(repo, "b")[0] == before.manifest_digest
+
+
 def test_corrupt_layer_blob(repo: Repository, layout: tuple[Path, list[L.BuiltImage]]) -> None:
     path, (built,) = layout
     blob = path / "blobs" / "sha256" / built.layer_digests[1].split(":")[1]

@@ -225,7 +225,6 @@ def _registry_args(sp: argparse.ArgumentParser) -> None:
 
 def cmd_pull(args: argparse.Namespace, opener: RepoOpener) -> None:
     from ..oci import pull as _pull
-    from ..oci import stored
 
     if args.local_fetch == "zerocopy":
         raise OciError("--local-fetch=zerocopy is not supported (objects are always copied)")
@@ -241,6 +240,7 @@ def cmd_pull(args: argparse.Namespace, opener: RepoOpener) -> None:
         platform=args.platform,
         progress=progress,
         registry_options=options,
+        boot=boot,
     )
     if progress is not None:
         progress._clear()
@@ -250,9 +250,7 @@ def cmd_pull(args: argparse.Namespace, opener: RepoOpener) -> None:
     print(f"tagged   {tag}")
     print(f"objects  {result.stats}")
     if boot is not None:
-        img = stored.open_image(repo, result.manifest_digest)
-        ids = _pull.commit_boot_images(repo, img, boot)
-        print(f"Boot image: {ids[repo.erofs_version]}")
+        print(f"Boot image: {result.boot_image_ids[repo.erofs_version]}")
 
 
 def cmd_push(args: argparse.Namespace, opener: RepoOpener) -> None:
@@ -401,26 +399,40 @@ def cmd_prepare_boot(args: argparse.Namespace, opener: RepoOpener) -> None:
     if not entries:
         raise OciError("No boot entries!")
     ids = repo.commit_images(root)
-    for image_id in ids.values():
-        repo.symlink(f"images/refs/boot/{image_id}", f"images/{image_id}")
-    # composefs-rs prefers the V1 image, then V2 (V0 as a last resort here).
-    image_id = next(ids[v] for v in (1, 2, 0) if v in ids)
-    fmt = repo.format_config()
-    version = 1 if fmt.default in (0, 1) and 2 not in fmt.extra else 2
-    karg = boot.ComposefsCmdline(version, image_id, repo.algorithm, repo.insecure)
-    boot.write_boot_simple(
-        boot.repo_file_opener(repo),
-        entries[0],
-        karg,
-        args.bootdir,
-        None,
-        args.entry_id,
-        list(args.cmdline or []),
-    )
-    base = os.path.dirname(os.path.abspath(args.repo)) if args.repo else "/sysroot"
-    state = os.path.join(base, "state", "deploy", image_id)
-    for sub in ("var", "etc/upper", "etc/work"):
-        os.makedirs(os.path.join(state, sub), 0o755, exist_ok=True)
+    created = []
+    try:
+        for image_id in ids.values():
+            ref = f"images/refs/boot/{image_id}"
+            if not os.path.lexists(os.path.join(repo.path, ref)):
+                repo.symlink(ref, f"images/{image_id}")
+                created.append(ref)
+        # composefs-rs prefers the V1 image, then V2 (V0 as a last resort here).
+        image_id = next(ids[v] for v in (1, 2, 0) if v in ids)
+        fmt = repo.format_config()
+        version = 1 if fmt.default in (0, 1) and 2 not in fmt.extra else 2
+        karg = boot.ComposefsCmdline(version, image_id, repo.algorithm, repo.insecure)
+        boot.write_boot_simple(
+            boot.repo_file_opener(repo),
+            entries[0],
+            karg,
+            args.bootdir,
+            None,
+            args.entry_id,
+            list(args.cmdline or []),
+        )
+        base = os.path.dirname(os.path.abspath(args.repo)) if args.repo else "/sysroot"
+        state = os.path.join(base, "state", "deploy", image_id)
+        for sub in ("var", "etc/upper", "etc/work"):
+            os.makedirs(os.path.join(state, sub), 0o755, exist_ok=True)
+    except BaseException:
+        # a failed prepare-boot roots nothing (the images it committed are
+        # left for gc)
+        for ref in created:
+            try:
+                os.unlink(os.path.join(repo.path, ref))
+            except FileNotFoundError:
+                pass
+        raise
 
 
 def cmd_fsck(args: argparse.Namespace, opener: RepoOpener) -> int:

@@ -18,7 +18,7 @@ import io
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
 from ..errors import DigestMismatch, NotFoundError, OciError
@@ -55,6 +55,7 @@ from .stored import (
     image_tree,
     layer_stream,
     manifest_stream,
+    open_image,
     read_json_stream,
     tag_ref,
     validate_tag,
@@ -326,6 +327,7 @@ class PullResult:
     image_ids: dict[int, str]
     tag: str | None
     stats: ImportStats
+    boot_image_ids: dict[int, str] = field(default_factory=dict)
 
     @property
     def image_id(self) -> str | None:
@@ -437,8 +439,13 @@ def pull_from_source(
     *,
     platform: Platform | None = None,
     progress: ProgressCallback | None = None,
+    boot: Callable[[Directory], None] | None = None,
 ) -> PullResult:
-    """Pull the image `source` names into `repo`; tag it `tag` (if given)."""
+    """Pull the image `source` names into `repo`; tag it `tag` (if given).
+
+    `boot` (the boot transformation) also commits the bootable image
+    (`commit_boot_images`); the tag is set only once everything succeeded,
+    so a failed pull leaves no tag (and an existing tag unchanged)."""
     repo.ensure_writable()
     if tag is not None:
         validate_tag(tag)
@@ -495,11 +502,20 @@ def pull_from_source(
     manifest_verity = _write_json_stream(
         repo, CONTENT_OCI_MANIFEST, resolved.raw, manifest_stream(resolved.digest), manifest_named
     )
+    boot_ids: dict[int, str] = {}
+    if boot is not None:
+        if not container:
+            raise OciError("--bootable: the image is an artifact, not a container image")
+        _report(progress, ProgressEvent("message", message="Building the boot image"))
+        boot_ids = commit_boot_images(repo, open_image(repo, resolved.digest), boot)
+        manifest_verity = repo.has_stream(manifest_stream(resolved.digest)) or manifest_verity
+        config_verity = repo.has_stream(config_stream(config_digest)) or config_verity
     if tag is not None:
         repo.name_stream(manifest_stream(resolved.digest), tag_ref(tag))
     return PullResult(
-        resolved.digest, manifest_verity, config_digest, config_verity, image_ids, tag, stats
-    )
+        resolved.digest, manifest_verity, config_digest, config_verity, image_ids, tag, stats,
+        boot_ids,
+    )  # fmt: skip
 
 
 def commit_boot_images(
@@ -572,16 +588,20 @@ def pull(
     platform: Platform | str | None = None,
     progress: ProgressCallback | None = None,
     registry_options: Any = None,
+    boot: Callable[[Directory], None] | None = None,
 ) -> PullResult:
     """Pull `imgref` (``oci:DIR[:TAG]``, ``oci-archive:``, ``docker-archive:``,
     ``containers-storage:``, ``docker://``) into `repo` and tag it `tag`.
-    `registry_options` (`registry.RegistryOptions`) is for ``docker://``."""
+    `registry_options` (`registry.RegistryOptions`) is for ``docker://``;
+    `boot` as in `pull_from_source`."""
     if isinstance(platform, str):
         platform = Platform.parse(platform)
     if tag is not None:
         validate_tag(tag)
     source = open_source(imgref, registry_options)
     try:
-        return pull_from_source(repo, source, tag, platform=platform, progress=progress)
+        return pull_from_source(
+            repo, source, tag, platform=platform, progress=progress, boot=boot
+        )
     finally:
         source.close()
