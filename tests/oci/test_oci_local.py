@@ -332,6 +332,37 @@ def test_repull_is_cheap_and_retags(
     assert [t for t, _ in storage.list_tags(repo)] == ["one", "two"]
 
 
+def test_pull_summary_counts_are_true(
+    repo: Repository, tmp_path: Path, layout: tuple[Path, list[L.BuiltImage]]
+) -> None:
+    """New objects vs objects already present, bytes stored vs file content
+    inlined, layers already present: counted from what the repository had."""
+    path, _ = layout
+    # the repository already holds BIG (as base_layer's /usr/bin/tool)
+    pre = storage.pull(repo, f"oci:{path}", "first")
+    assert (pre.stats.objects_copied, pre.stats.objects_already_present) == (2, 0)
+    assert pre.stats.bytes_copied == 2 * len(BIG)
+    small = b"#!/bin/sh\necho hi\n" + b"base\n" + b"gone soon" + b"old" + b"x" + b"j"
+    assert pre.stats.bytes_inlined == len(small) + len(b"new") + len(b"top\n")
+    # a new image: one layer already stored, one new layer holding BIG
+    # (present), BIG reversed (present), a new big file and a small one
+    fresh = BIG[:5000] + b"fresh"
+    third = L.tar_layer(
+        [L.file("a", BIG), L.file("b", BIG[::-1]), L.file("c", fresh), L.file("d", b"tiny")]
+    )
+    L.write_oci_layout(tmp_path / "l2", [L.ImageSpec([base_layer(), third])])
+    result = storage.pull(repo, f"oci:{tmp_path / 'l2'}", "second")
+    st = result.stats
+    assert (st.layers, st.layers_already_present) == (1, 1)
+    assert (st.objects_copied, st.objects_already_present) == (1, 2)
+    assert st.bytes_copied == len(fresh)
+    assert st.bytes_inlined == len(b"tiny")
+    assert str(st) == (
+        "1 new + 2 already present objects; 4.89 KiB stored, 4 B inlined; "
+        "1 new + 1 already present layers"
+    )
+
+
 def test_artifact(repo: Repository, tmp_path: Path) -> None:
     layout = tmp_path / "art"
     art = L.write_artifact_layout(layout)

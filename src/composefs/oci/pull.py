@@ -106,7 +106,8 @@ class ImportStats:
     def __str__(self) -> str:
         return (
             f"{self.objects_copied} new + {self.objects_already_present} already present objects; "
-            f"{human_bytes(self.bytes_copied)} stored, {human_bytes(self.bytes_inlined)} inlined"
+            f"{human_bytes(self.bytes_copied)} stored, {human_bytes(self.bytes_inlined)} inlined; "
+            f"{self.layers} new + {self.layers_already_present} already present layers"
         )
 
     def to_json(self) -> dict[str, int]:
@@ -215,12 +216,13 @@ class _LayerSink:
         self.writer.write_inline(data)
 
     def entry(self, entry: _tar.TarEntry) -> None:
-        pass
+        # file content kept in the stream (undone below when it goes external)
+        if entry.kind == _tar.REG:
+            self.stats.bytes_inlined += entry.size
 
     def external(self, entry: _tar.TarEntry, content: _tar.ContentReader) -> None:
+        self.stats.bytes_inlined -= entry.size
         self.writer.write_external_stream(content, entry.size)
-        self.stats.objects_copied += 1
-        self.stats.bytes_copied += entry.size
 
 
 def import_layer(
@@ -268,7 +270,10 @@ def import_layer(
             actual = f"{alg}:{tar_in.hexdigest()}"
             if actual != diff_id:
                 raise DigestMismatch(f"layer diff_id mismatch: expected {diff_id}, got {actual}")
-        stats.bytes_inlined = writer.inline_size
+        # only objects this import created count as copied (and their bytes)
+        stats.objects_copied = writer.objects_new
+        stats.objects_already_present = writer.objects_present
+        stats.bytes_copied = writer.bytes_new
         stats.layers = 1
         verity = repo.write_stream(writer, content_id, name)
     except BaseException:
@@ -289,10 +294,10 @@ def _store_blob_stream(
         return existing, stats
     writer = repo.create_stream(CONTENT_OCI_BLOB)
     try:
-        size_before = writer.external_size
         writer.write_external_stream(cast(Any, source))
-        stats.objects_copied = 1
-        stats.bytes_copied = writer.external_size - size_before
+        stats.objects_copied = writer.objects_new
+        stats.objects_already_present = writer.objects_present
+        stats.bytes_copied = writer.bytes_new
         stats.layers = 1
         verity = repo.write_stream(writer, content_id)
     except BaseException:

@@ -30,17 +30,33 @@ class RepoStreamWriter(SplitStreamWriter):
     def __init__(self, repo: ObjectStore, content_type: int) -> None:
         super().__init__(repo.algorithm, content_type)
         self.repo = repo
+        # What the external writes stored: new objects (and their bytes)
+        # and objects that were already present.
+        self.objects_new = 0
+        self.objects_present = 0
+        self.bytes_new = 0
+
+    def _count(self, new: bool, size: int) -> None:
+        if new:
+            self.objects_new += 1
+            self.bytes_new += size
+        else:
+            self.objects_present += 1
 
     def write_external(self, data: bytes | bytearray | memoryview) -> str:
         """Store `data` as an object and append a reference to it."""
-        object_id = self.repo.store_bytes(data, check_writable=False)
+        object_id, new = self.repo.store_bytes_counted(data, check_writable=False)
+        self._count(new, len(data))
         self.write_reference(object_id, len(data))
         return object_id
 
     def write_external_stream(self, source: BinaryIO | IO[bytes], size: int | None = None) -> str:
         """Store `size` bytes (or everything) read from `source` as an object
         and append a reference to it; bounded memory."""
-        object_id, n = self.repo.store_from_stream(source, size, check_writable=False)
+        object_id, n, new = self.repo.store_from_stream_counted(
+            source, size, check_writable=False
+        )
+        self._count(new, n)
         self.write_reference(object_id, n)
         return object_id
 
