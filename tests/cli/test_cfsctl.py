@@ -236,6 +236,31 @@ def test_init_rules(tmp_path: Path) -> None:
     )
 
 
+def test_init_without_repo_names_its_path_and_fails_cleanly(tmp_path: Path) -> None:
+    """`init` without --repo says where the repository is; an init that
+    fails (no fs-verity here, no --insecure) names the path and leaves no
+    directory behind (neither the repository nor the parents it made)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**ENV, "HOME": str(home)}
+    cmd = [sys.executable, "-m", "composefs.cli.cfsctl", "--user", "init"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    where = home / ".var/lib/composefs"
+    if p.returncode == 0:
+        pytest.skip("this filesystem has fs-verity: a secure init succeeds")
+    assert p.stderr.startswith("cfsctl: ") and p.stderr.count("\n") == 1, p.stderr
+    assert str(where) in p.stderr and "--insecure" in p.stderr
+    assert list(home.iterdir()) == []
+    # an existing parent is kept, only what init made goes
+    (home / ".var").mkdir()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 1 and [x.name for x in home.iterdir()] == [".var"]
+    assert list((home / ".var").iterdir()) == []
+    p = subprocess.run([*cmd, "--insecure"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[0] == f"Initialized composefs repository at {where}"
+
+
 def test_create_image_compute_id_and_mount(
     repo: Path, tree: Path, mountpoint: Path, tmp_path: Path
 ) -> None:

@@ -194,15 +194,28 @@ def cmd_init(args: argparse.Namespace, opener: RepoOpener) -> None:
     if version is None:
         version = args.erofs_version if args.erofs_version is not None else 2
     insecure = args.init_insecure or args.insecure
+    # parents are created as needed, and removed again if init fails
+    made: list[str] = []
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    repo, created = Repository.init(
-        path,
-        algorithm=algorithm,
-        insecure=insecure,
-        formats=FormatConfig(version),
-        reset_metadata=args.reset_metadata,
-    )
+    while not os.path.isdir(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        repo, created = Repository.init(
+            path,
+            algorithm=algorithm,
+            insecure=insecure,
+            formats=FormatConfig(version),
+            reset_metadata=args.reset_metadata,
+        )
+    except BaseException:
+        for d in made:  # deepest first
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+        raise
     repo.close()
     if created:
         print(f"Initialized composefs repository at {path}")
