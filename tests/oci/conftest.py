@@ -458,7 +458,9 @@ class Fault:
     actions: status (arg: HTTP code), drop (close after `arg` body bytes with
     the full Content-Length announced), short (no Content-Length, close
     after `arg` bytes), corrupt (flip the byte at `arg`), append (arg bytes
-    added), replace (arg: (body, content type)).
+    added), replace (arg: (body, content type)), stall (send `arg` body
+    bytes of the announced length, then wait until `release` is set, at most
+    60 s, and close).
     """
 
     where: str
@@ -467,6 +469,7 @@ class Fault:
     arg: Any = None
     count: int | None = 1  # None: forever
     hits: int = 0
+    release: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -681,8 +684,28 @@ class _Handler(BaseHTTPRequestHandler):
                 out_headers.pop("Docker-Content-Digest", None)
             elif fault.action in ("drop", "short"):
                 return self._cut(status, body, out_headers, int(fault.arg), fault.action == "drop")
+            elif fault.action == "stall":
+                return self._stall(status, body, out_headers, int(fault.arg), fault.release)
         self._send(status, body, out_headers, method)
         return None
+
+    def _stall(
+        self, status: int, body: bytes, headers: dict[str, str], n: int, release: threading.Event
+    ) -> None:
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body[:n])
+        self.wfile.flush()
+        release.wait(60)
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _cut(
         self, status: int, body: bytes, headers: dict[str, str], n: int, with_length: bool

@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -809,12 +810,24 @@ def test_progress_line(capsys: pytest.CaptureFixture[str]) -> None:
     p = _Progress()
     p(ProgressEvent("started", "sha256:abcdef0123456789abcdef", total=2048))
     p(ProgressEvent("progress", "sha256:abcdef0123456789abcdef", total=2048, fetched=1024))
+    # the update came inside the redraw interval: it is drawn when that ends,
+    # so the last frame on screen shows the latest counts
+    time.sleep(3 * p.INTERVAL)
+    err = capsys.readouterr().err
+    assert err.endswith("\r\x1b[Kfetching 1 layer(s): 1.00 KiB / 2.00 KiB"), repr(err)
+    p(ProgressEvent("started", "sha256:1111111111111111111111", total=1024))
     p(ProgressEvent("done", "sha256:abcdef0123456789abcdef", total=2048, fetched=2048))
     p(ProgressEvent("skipped", "sha256:0000000000000000000000"))
     err = capsys.readouterr().err
-    assert "fetching 1 layer(s): 0 B / 2.00 KiB" in err
     assert "sha256:abcdef012345: 2.00 KiB done\n" in err
     assert "sha256:000000000000: already present\n" in err
+    # the layer still coming keeps its line, with the right counts
+    assert err.endswith("\r\x1b[Kfetching 1 layer(s): 2.00 KiB / 3.00 KiB"), repr(err)
+    p.close()
+    assert capsys.readouterr().err == "\r\x1b[K"
+    p(ProgressEvent("progress", "sha256:1111111111111111111111", total=1024, fetched=1))
+    time.sleep(3 * p.INTERVAL)
+    assert capsys.readouterr().err == ""  # nothing after close
 
 
 def test_archives_written_by_skopeo(repo: Repository, tmp_path: Path) -> None:
