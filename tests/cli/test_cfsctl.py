@@ -647,7 +647,13 @@ def test_bootable_and_compute_karg(repo: Path, tmp_path: Path) -> None:
     digest = image.removeprefix("sha512:")
     assert cfsctl("--repo", repo, "compute-id", "--bootable", src).stdout.strip() == digest
     assert cfsctl("--repo", repo, "compute-id", src).stdout.strip() != digest
-    assert cfsctl("--repo", repo, "compute-karg", src).stdout == f"composefs={digest}\n"
+    # the repository is insecure (no fs-verity here): its karg says so with "?"
+    assert cfsctl("--repo", repo, "compute-karg", src).stdout == f"composefs=?{digest}\n"
+    assert cfsctl("--no-repo", "compute-karg", src).stdout == f"composefs={digest}\n"
+    assert cfsctl("--no-repo", "--insecure", "compute-karg", src).stdout == (
+        f"composefs=?{digest}\n"
+    )
+    assert "--insecure" in cfsctl("--help").stdout
     v1 = cfsctl("--repo", repo, "--erofs-version", "1", "compute-id", "--bootable", src)
     out = cfsctl("--repo", repo, "--insecure", "--erofs-version", "1", "compute-karg", src).stdout
     assert out == f"composefs.digest=?v1-sha512-12:{v1.stdout.strip()}\n"

@@ -294,7 +294,16 @@ def cmd_compute_karg(args: argparse.Namespace, opener: RepoOpener) -> None:
     root = _read_tree(args, algorithm, None, True)
     version = args.erofs_version if args.erofs_version is not None else 2
     digest = digest_hex(_image_bytes(root, version), algorithm)
-    print(make_cmdline_composefs(digest, args.insecure, version, algorithm))
+    insecure = args.insecure
+    if not insecure and not args.no_repo:
+        # the karg is for this repository: an insecure one gets "?"
+        from ..repository import peek_insecure
+
+        try:
+            insecure = bool(peek_insecure(repo_path(args)))
+        except ComposefsError:
+            pass
+    print(make_cmdline_composefs(digest, insecure, version, algorithm))
 
 
 def cmd_create_dumpfile(args: argparse.Namespace, opener: RepoOpener) -> None:
@@ -455,7 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="EROFS format for images made by this command "
         "(0: C default, 1: C --min-version=1, 2: composefs-rs native)",
     )
-    p.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not check fs-verity on the repository's objects and images (a repository "
+        "without fs-verity is detected from meta.json); compute-karg: mark the karg '?'",
+    )
     p.add_argument(
         "--require-verity",
         action="store_true",
