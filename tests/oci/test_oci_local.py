@@ -696,6 +696,11 @@ def test_cli_fsck_detects_corruption(
     rc, out, _ = cfs("oci", "fsck", "--json", "nosuchtag")
     report = json.loads(out)
     assert (report["images_checked"], report["images_corrupted"]) == (1, 1)
+    # --help states the exit status that was just seen
+    rc, out, _ = cfs("oci", "fsck", "--help")
+    text = " ".join(out.decode().split())
+    assert rc == 0 and "exit 0" not in text
+    assert "exit status 1 on any problem, with or without --json" in text
 
 
 def test_gc_keeps_tagged_and_drops_untagged(

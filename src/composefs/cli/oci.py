@@ -635,9 +635,14 @@ def add_parser(subparsers: Any) -> None:
         "--cmdline", action="append", metavar="ARG", help="extra kernel argument (repeatable)"
     )
 
-    sp = add("fsck", cmd_fsck, "check the repository and its OCI images")
+    sp = add(
+        "fsck",
+        cmd_fsck,
+        "check the repository and its OCI images; exit status 1 on any problem, "
+        "with or without --json (composefs-rs exits 0 with --json)",
+    )
     sp.add_argument("image", nargs="?", metavar="IMAGE", help="check only this tag")
-    sp.add_argument("--json", action="store_true", help="print JSON (exit 0)")
+    sp.add_argument("--json", action="store_true", help="print the report as JSON")
 
     sp = add(
         "import-layer", cmd_import_layer, "import a layer tar from stdin (checked against DIGEST)"
