@@ -22,6 +22,7 @@ if [ "${1:-}" != demo ]; then
     want debootstrap debootstrap  # bench: a Debian minbase image to pull
     want zstd zstd
     want unshare util-linux
+    want systemd-socket-activate systemd  # varlink socket-activation tests
     want qemu-system-x86_64 qemu-system-x86
     dpkg -s busybox-static >/dev/null 2>&1 || need="$need busybox-static"
 fi

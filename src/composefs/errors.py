@@ -89,3 +89,15 @@ class TarFormatError(OciError):
 
 class BootError(ComposefsError):
     """Boot resources, SELinux policy, UKIs or kernel arguments are unusable."""
+
+
+class VarlinkCallError(ComposefsError):
+    """A varlink method call failed: `error` is the qualified varlink error
+    name (``org.composefs.Repository.InvalidHandle``), `parameters` its
+    reply parameters."""
+
+    def __init__(self, error: str, parameters: dict[str, object] | None = None) -> None:
+        self.error = error
+        self.parameters = dict(parameters or {})
+        detail = ", ".join(f"{k}={v!r}" for k, v in self.parameters.items())
+        super().__init__(f"{error}({detail})" if detail else error)

@@ -8,7 +8,8 @@ Global options come before the command::
 
 Commands: init, transaction, cat, gc, import-image, mount, create-image,
 compute-id, compute-karg, create-dumpfile, image-objects, dump-files, fsck,
-and ``oci …`` when `composefs.cli.oci` is installed. Invoked as
+``varlink`` (the varlink service, `composefs.cli.varlink`), and ``oci …``
+when `composefs.cli.oci` is installed. Invoked as
 ``mkcomposefs`` or ``composefs-info`` (argv[0]), or with those names as the
 command, the arguments go to those tools instead.
 
@@ -613,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The OCI group is optional; a broken module must fail loudly, not vanish.
     if importlib.util.find_spec(f"{__package__}.oci") is not None:
         importlib.import_module(f"{__package__}.oci").add_parser(sub)
+    importlib.import_module(f"{__package__}.varlink").add_parser(sub)
     return p
 
 
