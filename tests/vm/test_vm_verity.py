@@ -470,6 +470,28 @@ def test_wrong_image_digest_refused(repo: RepoFixture) -> None:
     assert not os.path.ismount(repo.mnt)
 
 
+def test_tampered_image_refused_by_ref_too(repo: RepoFixture) -> None:
+    """In a secure repository a ref (refs/NAME, or a bare NAME) is no way
+    around the image's digest check."""
+    from composefs.errors import RepositoryError
+    from composefs.repository import Repository
+
+    with Repository.open(repo.path) as r:
+        r.symlink("images/refs/named", f"images/{repo.image_id}")
+    original = repo.image_object.read_bytes()
+    _replace(repo.image_object, original, verity=False)
+    for name in ("refs/named", "named"):
+        with pytest.raises(RepositoryError, match="fs-verity"):
+            repo.mount(name)
+        assert not os.path.ismount(repo.mnt)
+    _replace(repo.image_object, original)
+    repo.mount("named")
+    try:
+        assert os.path.ismount(repo.mnt)
+    finally:
+        subprocess.run(["umount", str(repo.mnt)], check=True)
+
+
 def test_tampered_image_refused(repo: RepoFixture) -> None:
     from composefs.errors import RepositoryError
 

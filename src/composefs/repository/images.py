@@ -116,8 +116,10 @@ class ImageStore:
     def open_image(self, name: str) -> tuple[int, bool]:
         """Open image `name` (any form of `image_entry`): an image id (its
         digest is verified — by the kernel in a secure repository, in
-        userspace otherwise) or a ref (not verified). Returns (fd, verity):
-        whether overlayfs should require fs-verity on the image's files."""
+        userspace otherwise) or a ref (verified by the kernel against the id
+        it leads to in a secure repository; not verified in an insecure one,
+        as composefs-rs). Returns (fd, verity): whether overlayfs should
+        require fs-verity on the image's files."""
         name = self.image_entry(name)
         _check_relpath(name, "image name")
         try:
@@ -126,6 +128,15 @@ class ImageStore:
             raise NotFoundError(f"image not found: {name}") from None
         try:
             if "/" in name:
+                if not self.objects.insecure:
+                    # a ref is no way around the digest check (composefs-rs
+                    # skips it): the kernel must vouch for what it leads to
+                    expected = self.objects.resolve_id(f"images/{name}")
+                    measured = self.objects.measure(fd)
+                    if measured is None:
+                        raise RepositoryError(f"image {name} has no fs-verity")
+                    if measured != expected:
+                        raise RepositoryError(f"image {name}: fs-verity content mismatch")
                 return fd, not self.objects.insecure
             if not _is_hex_id(name, self.objects.algorithm):
                 raise RepositoryError(
