@@ -15,7 +15,9 @@ README = (ROOT / "README.md").read_text()
 
 
 def _python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README, re.S)
+    """The python blocks of the README's "## Library" section."""
+    section = README.split("\n## Library\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
 
 
 def test_library_snippet_runs_in_a_fresh_directory(tmp_path: Path) -> None:
