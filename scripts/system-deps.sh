@@ -11,6 +11,8 @@ want() { # want COMMAND PACKAGE
     command -v "$1" >/dev/null 2>&1 || need="$need $2"
 }
 want fsck.erofs erofs-utils
+# FUSE mounts by unprivileged users (composefs-fuse, cfsctl mount --fuse)
+want fusermount3 fuse3
 if [ "${1:-}" != demo ]; then
     want fsverity fsverity
     want mkfs.ext4 e2fsprogs
@@ -21,8 +23,11 @@ if [ "${1:-}" != demo ]; then
     want openssl openssl
     want debootstrap debootstrap  # bench: a Debian minbase image to pull
     want zstd zstd
+    want nginx nginx  # tests/http: serves published repositories
+    want wget wget  # bench: wget --mirror of a published tree
     want unshare util-linux
     want systemd-socket-activate systemd  # varlink socket-activation tests
+    want capsh libcap2-bin  # C's test-random-fuse.sh looks for FUSE with it
     want qemu-system-x86_64 qemu-system-x86
     dpkg -s busybox-static >/dev/null 2>&1 || need="$need busybox-static"
 fi

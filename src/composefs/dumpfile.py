@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
+from . import limits
 from .errors import DumpfileError
 from .tree import (
     S_IFBLK,
@@ -54,6 +55,10 @@ EXTERNAL_XATTR_MAX = 0xFFFF // 2
 _XATTR_HEADER_SIZE = 12
 _XATTR_META_SIZE = 4
 _LINE_XATTR_MAX = 0xFFFF
+# No valid line comes near this: a path of 2048 255-byte names, xattrs and
+# inline content, all fully escaped, stay under 3 MiB. Longer lines are
+# refused as they arrive, not accumulated.
+MAX_LINE = 8 << 20
 
 _VALID_TYPES = frozenset((S_IFREG, S_IFDIR, S_IFLNK, S_IFBLK, S_IFCHR, S_IFSOCK, S_IFIFO))
 _HEX_DIGEST = re.compile(rb"[0-9a-fA-F]{64}(?:[0-9a-fA-F]{64})?")
@@ -172,15 +177,33 @@ def _chunks(source: bytes | BinaryIO, strict: bool) -> Iterator[list[bytes]]:
             yield [last]
         return
     lineno = 0
-    rest = b""
+    # The unfinished line, in pieces: joined only once its newline arrives,
+    # so a long line costs linear time, not a copy per chunk.
+    pending: list[bytes] = []
+    pending_len = 0
     while True:
         chunk = source.read(1 << 20)
         if not chunk:
             break
-        parts = (rest + chunk).split(b"\n")
+        if b"\n" not in chunk:
+            pending.append(chunk)
+            pending_len += len(chunk)
+            if pending_len > MAX_LINE:
+                raise DumpfileError(f"line longer than {MAX_LINE} bytes", lineno + 1)
+            continue
+        pending_len = 0
+        if pending:
+            pending.append(chunk)
+            chunk = b"".join(pending)
+            pending.clear()
+        parts = chunk.split(b"\n")
         rest = parts.pop()
+        if rest:
+            pending.append(rest)
+            pending_len = len(rest)
         lineno += len(parts)
         yield parts
+    rest = b"".join(pending)
     if rest:
         if strict:
             raise DumpfileError("missing trailing newline", lineno + 1)
@@ -203,7 +226,10 @@ def _split_path(path: bytes) -> tuple[bytes, bytes]:
 
 
 class _Parser:
-    __slots__ = ("_lineno", "_meta", "_xattrs", "dirs", "hardlinks", "root", "sha256_only", "strict")
+    __slots__ = (
+        "_lineno", "_meta", "_xattrs", "deep", "dirs", "hardlinks", "root", "sha256_only",
+        "strict",
+    )
 
     def __init__(self, strict: bool, sha256_only: bool = False) -> None:
         self.strict = strict
@@ -211,6 +237,8 @@ class _Parser:
         self.root: Directory | None = None
         # canonical path -> directory, so a parent is found in one lookup
         self.dirs: dict[bytes, Directory] = {}
+        # directories at the depth limit (limits.MAX_DEPTH): no children allowed
+        self.deep: set[bytes] = set()
         # canonical path -> (line number, parent, name, target path)
         self.hardlinks: dict[bytes, tuple[int, Directory, bytes, bytes]] = {}
         self._lineno = 0
@@ -304,7 +332,7 @@ class _Parser:
                         if len(xattr_cache) >= _CACHE_MAX:
                             xattr_cache.clear()
                         xattr_cache[xattr_f] = xa
-                    if xa is None:
+                    if xa is None or (meta[0] == S_IFREG and limits.WHITEOUT_XATTR in xa):
                         raise ValueError
                     xattrs = xa.copy()
                 else:
@@ -324,7 +352,7 @@ class _Parser:
                     d.size = size
                     parent.entries[name] = d
                     # ppath is "" or "/" for the root (C collapses "//")
-                    dirs[ppath + b"/" + name if len(ppath) > 1 else b"/" + name] = d
+                    self._add_dir(ppath + b"/" + name if len(ppath) > 1 else b"/" + name, d)
                 elif ftype == S_IFLNK:
                     if not payload or len(payload) >= PATH_MAX or (strict and size != len(payload)):
                         raise ValueError
@@ -411,6 +439,8 @@ class _Parser:
                 ppath, name = _split_path(path)
             parent = self.dirs.get(ppath)
             if parent is None:
+                if ppath in self.deep:
+                    raise ValueError(f"{_show(path)}: {limits.depth_error()}")
                 node = self.root.lookup(ppath)
                 if node is None:
                     raise ValueError(f"parent directory missing for {_show(path)}")
@@ -479,6 +509,8 @@ class _Parser:
             if len(xattr_f) > _LINE_XATTR_MAX:
                 raise ValueError("too many xattrs")
             xattrs = _parse_xattrs(xattr_f)
+            if ftype == S_IFREG and limits.WHITEOUT_XATTR in xattrs:
+                raise ValueError(limits.xattr_problem(limits.WHITEOUT_XATTR, b"", True))
         stat = Stat(mode & 0o7777, uid, gid, mtime, mtime_nsec, xattrs)
 
         if ftype == S_IFDIR:
@@ -489,7 +521,7 @@ class _Parser:
                 self.dirs[b"/"] = d
             else:
                 parent.entries[name] = d
-                self.dirs[b"/" + name if ppath == b"/" else ppath + b"/" + name] = d
+                self._add_dir(b"/" + name if ppath == b"/" else ppath + b"/" + name, d)
             return
 
         leaf_content: LeafContent
@@ -529,6 +561,13 @@ class _Parser:
         assert parent is not None
         parent.entries[name] = Leaf(stat, leaf_content, nlink)
 
+    def _add_dir(self, cpath: bytes, d: Directory) -> None:
+        # A directory whose children would be too deep for the reader.
+        if cpath.count(b"/") >= limits.MAX_DEPTH:
+            self.deep.add(cpath)
+        else:
+            self.dirs[cpath] = d
+
     def resolve_hardlinks(self) -> None:
         """Point every hardlink at its final target (C allows forward
         references and links to links; cycles and self-links are errors)."""
@@ -537,30 +576,38 @@ class _Parser:
         pending = self.hardlinks
         done: dict[bytes, Leaf] = {}
 
-        def resolve(path: bytes, lineno: int, target: bytes, chain: set[bytes]) -> Leaf:
-            tcanon = _canon(target)
-            if tcanon in chain:
-                raise DumpfileError(f"self-referential hardlink {_show(target)}", lineno)
-            if tcanon in done:
-                return done[tcanon]
-            rec = pending.get(tcanon)
-            if rec is not None:
-                chain.add(tcanon)
-                leaf = resolve(tcanon, rec[0], rec[3], chain)
-                done[tcanon] = leaf
-                return leaf
-            node = root.lookup(tcanon)
-            if node is None:
-                raise DumpfileError(f"no target at {_show(target)} for hardlink", lineno)
-            if isinstance(node, Directory):
-                raise DumpfileError(f"hardlink target {_show(target)} is a directory", lineno)
-            node.primary = tcanon  # C keeps the inode at the target's line
-            return node
+        def resolve(canon: bytes, lineno: int, target: bytes) -> Leaf:
+            # Iterative: a chain of links to links may be thousands long.
+            chain = [canon]
+            seen = {canon}
+            while True:
+                tcanon = _canon(target)
+                if tcanon in seen:
+                    raise DumpfileError(f"self-referential hardlink {_show(target)}", lineno)
+                leaf = done.get(tcanon)
+                if leaf is not None:
+                    break
+                rec = pending.get(tcanon)
+                if rec is None:
+                    node = root.lookup(tcanon)
+                    if node is None:
+                        raise DumpfileError(f"no target at {_show(target)} for hardlink", lineno)
+                    if isinstance(node, Directory):
+                        raise DumpfileError(
+                            f"hardlink target {_show(target)} is a directory", lineno
+                        )
+                    node.primary = tcanon  # C keeps the inode at the target's line
+                    leaf = node
+                    break
+                chain.append(tcanon)
+                seen.add(tcanon)
+                lineno, target = rec[0], rec[3]
+            for link in chain:
+                done[link] = leaf
+            return leaf
 
         for canon, (lineno, parent, name, target) in pending.items():
-            leaf = resolve(canon, lineno, target, {canon})
-            done[canon] = leaf
-            parent.entries[name] = leaf
+            parent.entries[name] = resolve(canon, lineno, target)
 
 
 # (file type, permission bits, nlink, uid, gid, rdev, mtime, mtime_nsec)
@@ -649,8 +696,7 @@ def _parse_xattrs(field: bytes) -> dict[bytes, bytes]:
 
 
 def _show(b: bytes) -> str:
-    s = b.decode(errors="backslashreplace")
-    return s if len(s) <= 80 else s[:77] + "..."
+    return limits.show(b, 80)
 
 
 def parse(

@@ -101,3 +101,11 @@ class VarlinkCallError(ComposefsError):
         self.parameters = dict(parameters or {})
         detail = ", ".join(f"{k}={v!r}" for k, v in self.parameters.items())
         super().__init__(f"{error}({detail})" if detail else error)
+
+
+class FuseError(MountError):
+    """Serving or mounting an image through FUSE failed (or FUSE is unavailable)."""
+
+
+class HttpError(ComposefsError):
+    """An HTTP server (composefs fetch) refused a request or sent something unusable."""

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import fsverity
+from . import fsverity, limits
 from .errors import ComposefsError, SourceError, TreeError, VerityError
 from .tree import Device, Directory, Fifo, Leaf, Regular, Socket, Stat, Symlink
 
@@ -222,6 +222,9 @@ class _Scanner:
                     continue
                 name = names.pop()
                 shown = f"{shown_dir}/{os.fsdecode(name)}"
+                if len(stack) > limits.MAX_DEPTH:
+                    # what the image reader accepts (composefs.limits)
+                    raise SourceError(f"{limits.show(shown)}: {limits.depth_error()}")
                 try:
                     lst = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                 except FileNotFoundError:
@@ -434,7 +437,7 @@ def _strerror(e: OSError) -> str:
 
 def _source_error(shown: str, e: OSError) -> SourceError:
     # The C tool's wording: "error accessing PATH: <strerror>".
-    return SourceError(f"error accessing {shown}: {_strerror(e)}")
+    return SourceError(f"error accessing {limits.show(shown, 4096)}: {_strerror(e)}")
 
 
 # -- digest store (mkcomposefs --digest-store) --------------------------------

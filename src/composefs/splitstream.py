@@ -24,8 +24,10 @@ Readers also accept the legacy header layout written by bootc <= 1.15
 Inline data is buffered until the next external reference (or the end) and
 written as a single chunk: composefs-rs's tar reader requires that a tar header
 never straddles two inline chunks, so we keep the same chunking. Large inline
-runs spill to a temporary spool rather than memory; the compressed stream goes
-to a spool too, so no layer is ever held in memory whole.
+runs spill to a temporary spool rather than memory, zstd-compressed (a run of
+300k small tar entries is hundreds of MB raw); the compressed stream goes to a
+spool too, so no layer is ever held in memory whole. The repository passes
+spools that live in its own directory, never in ``$TMPDIR``.
 
 Digests are lowercase hex strings throughout the public API.
 """
@@ -167,6 +169,7 @@ class SplitStreamWriter:
         self._stream: IO[bytes] = spool()
         self._pending = bytearray()
         self._pending_spill: IO[bytes] | None = None
+        self._spill_compressor: zstd.ZstdCompressor | None = None
         self._pending_len = 0
         self._object_refs = _UniqueList()
         self._stream_refs = _UniqueList()
@@ -213,12 +216,15 @@ class SplitStreamWriter:
         self.inline_size += n
         self._pending_len += n
         if self._pending_spill is not None:
-            self._pending_spill.write(data)
+            assert self._spill_compressor is not None
+            self._pending_spill.write(self._spill_compressor.compress(data))
             return
         self._pending += data
         if len(self._pending) > _INLINE_MEM_MAX:
             self._pending_spill = self._spool()
-            self._pending_spill.write(self._pending)
+            # fast level: this is only a holding area
+            self._spill_compressor = zstd.ZstdCompressor(level=1)
+            self._pending_spill.write(self._spill_compressor.compress(self._pending))
             self._pending = bytearray()
 
     def write_reference(self, object_id: str, size: int) -> None:
@@ -239,9 +245,13 @@ class SplitStreamWriter:
         out.write(comp.compress(_I64.pack(-n)))
         if self._pending_spill is not None:
             spill = self._pending_spill
+            assert self._spill_compressor is not None
+            spill.write(self._spill_compressor.flush())
+            self._spill_compressor = None
             spill.seek(0)
-            while block := spill.read(_COPY_BLOCK):
-                out.write(comp.compress(block))
+            with zstd.ZstdFile(spill, "rb") as raw:
+                while block := raw.read(_COPY_BLOCK):
+                    out.write(comp.compress(block))
             spill.close()
             self._pending_spill = None
         else:

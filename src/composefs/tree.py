@@ -279,7 +279,7 @@ class Directory:
     def get_dir(self, path: bytes) -> Directory:
         node = self.lookup(path)
         if not isinstance(node, Directory):
-            raise TreeError(f"not a directory: {path.decode(errors='replace')}")
+            raise TreeError(f"not a directory: {path!r}")
         return node
 
     def insert(self, path: bytes, node: Directory | Leaf) -> None:
@@ -305,8 +305,11 @@ def walk(root: Directory, prefix: bytes = b"/") -> Iterator[tuple[bytes, Directo
     order). Iterative, so trees deeper than Python's recursion limit work.
     """
     yield prefix, root
-    stack: list[tuple[bytes, Iterator[tuple[bytes, Directory | Leaf]]]] = [
-        (prefix.rstrip(b"/"), iter(root.sorted_entries()))
+    # One path buffer, cut back to the parent's length at each step: the
+    # stack holds lengths, not every ancestor's path (quadratic in depth).
+    path = bytearray(prefix.rstrip(b"/"))
+    stack: list[tuple[int, Iterator[tuple[bytes, Directory | Leaf]]]] = [
+        (len(path), iter(root.sorted_entries()))
     ]
     while stack:
         base, it = stack[-1]
@@ -315,10 +318,12 @@ def walk(root: Directory, prefix: bytes = b"/") -> Iterator[tuple[bytes, Directo
             stack.pop()
             continue
         name, child = nxt
-        cpath = base + b"/" + name
-        yield cpath, child
+        del path[base:]
+        path += b"/"
+        path += name
+        yield bytes(path), child
         if isinstance(child, Directory):
-            stack.append((cpath, iter(child.sorted_entries())))
+            stack.append((len(path), iter(child.sorted_entries())))
 
 
 def iter_leaves(root: Directory) -> Iterator[Leaf]:

@@ -471,10 +471,18 @@ def test_image_ids_in_every_printed_form(repo: Path, tmp_path: Path, mountpoint:
 
 
 def test_import_image_and_cat(repo: Path) -> None:
-    data = bytes(range(256)) * 40
-    out = cfsctl("--repo", repo, "import-image", "imported", input=data).stdout
-    assert out == f"sha512:{fsverity.digest_hex(data, 'sha512')}\n"
+    from composefs.erofs.writer import mkfs
+    from composefs.tree import Directory
+
+    image = mkfs(Directory())
+    out = cfsctl("--repo", repo, "import-image", "imported", input=image).stdout
+    assert out == f"sha512:{fsverity.digest_hex(image, 'sha512')}\n"
     assert (repo / "images/refs/imported").is_symlink()
+    for bad in (b"", b"garbage" * 1000):
+        r = cfsctl("--repo", repo, "import-image", "bad", input=bad, check=False)
+        assert "invalid composefs image" in one_line_error(r)
+    assert not (repo / "images/refs/bad").exists()
+    data = bytes(range(256)) * 40
     with Repository.open(repo) as r:
         w = r.create_stream(0)
         w.write_inline(b"head:")

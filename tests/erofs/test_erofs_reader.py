@@ -218,7 +218,10 @@ def test_toplevel_filter() -> None:
     assert back.entries[b"a"].nlink == 2  # type: ignore[union-attr]
 
 
-def test_deep_tree_limit() -> None:
+def test_deep_tree_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Paths of at most MAX_DEPTH components (composefs.limits, shared with
+    the writers); a deeper image is built with the writer's check lifted."""
+
     def chain(depth: int) -> Directory:
         root = Directory()
         d = root
@@ -228,9 +231,12 @@ def test_deep_tree_limit() -> None:
             d = nxt
         return root
 
-    read_image(mkfs(chain(reader.MAX_DEPTH - 1), V2))
+    read_image(mkfs(chain(reader.MAX_DEPTH), V2))
+    from composefs.erofs import writer
+
+    monkeypatch.setattr(writer, "MAX_DEPTH", reader.MAX_DEPTH + 10)
     with pytest.raises(ImageError, match="deeper"):
-        read_image(mkfs(chain(reader.MAX_DEPTH), V2))
+        read_image(mkfs(chain(reader.MAX_DEPTH + 1), V2))
 
 
 def test_shared_xattrs_do_not_multiply_memory() -> None:
@@ -458,10 +464,14 @@ def test_epoch1_rejects_native_whiteouts_outside_root() -> None:
     assert back.get_dir(b"/d").entries[b"c"].is_whiteout()  # type: ignore[union-attr]
 
 
-def test_v2_rejects_escaped_whiteouts() -> None:
+def test_v2_rejects_escaped_whiteouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from composefs import limits
+
     root = Directory()
     root.entries[b"w"] = Leaf(Stat(0o644, xattrs={b"trusted.overlay.whiteout": b""}), Regular(0))
-    # the writer escapes the user xattr to trusted.overlay.overlay.whiteout
+    # The writers refuse this xattr on a regular file (composefs.limits);
+    # lifted, the writer escapes it to trusted.overlay.overlay.whiteout.
+    monkeypatch.setattr(limits, "WHITEOUT_XATTR", b"-")
     image = mkfs(root, V2)
     with pytest.raises(ImageError, match="escaped whiteout"):
         read_image(image)

@@ -458,9 +458,11 @@ class Fault:
     actions: status (arg: HTTP code), drop (close after `arg` body bytes with
     the full Content-Length announced), short (no Content-Length, close
     after `arg` bytes), corrupt (flip the byte at `arg`), append (arg bytes
-    added), replace (arg: (body, content type)), stall (send `arg` body
-    bytes of the announced length, then wait until `release` is set, at most
-    60 s, and close).
+    added), replace (arg: (body, content type)), trickle (full
+    Content-Length, one byte every `arg` seconds), stall (full
+    Content-Length, `arg` bytes, then silence on an open connection), hold
+    (like stall, until the test sets `release`, at most 60 s). The token
+    endpoint takes status, replace, trickle and stall too.
     """
 
     where: str
@@ -499,6 +501,7 @@ class FrontState:
             self.token_requests: list[Logged] = []
             self.honor_range = True
             self.reject_tokens = False  # 401 even for tokens we issued
+            self.realm: str | None = None  # the bearer realm to announce instead of ours
 
     @property
     def host(self) -> str:
@@ -587,8 +590,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         with st.lock:
             st.log.append(Logged(where, method, self.path, dict(self.headers.items())))
-        if where == "front" and path == "/token":
-            return self._token(st, query)
+        if path == "/token":
+            return self._token(st, query, where)
         if where == "front":
             if not path.startswith("/v2/"):
                 return self._error(404, "NOT_FOUND")
@@ -599,7 +602,8 @@ class _Handler(BaseHTTPRequestHandler):
                 valid = authz.startswith("Bearer ") and authz[7:] in st.tokens
                 if st.reject_tokens or not valid:
                     actions = "pull" if method in ("GET", "HEAD") else "pull,push"
-                    challenge = f'Bearer realm="http://{st.host}/token",service="cfs-test"' + (
+                    realm = st.realm or f"http://{st.host}/token"
+                    challenge = f'Bearer realm="{realm}",service="cfs-test"' + (
                         f',scope="repository:{repo}:{actions}"' if repo else ""
                     )
                     return self._error(401, "UNAUTHORIZED", {"WWW-Authenticate": challenge})
@@ -622,21 +626,57 @@ class _Handler(BaseHTTPRequestHandler):
         self._proxy(st, method, backend_path, fault)
         return None
 
-    def _token(self, st: FrontState, query: str) -> None:
+    def _token(self, st: FrontState, query: str, where: str = "front") -> None:
         with st.lock:
-            st.token_requests.append(Logged("front", "GET", self.path, dict(self.headers.items())))
+            st.token_requests.append(Logged(where, "GET", self.path, dict(self.headers.items())))
         if st.require_creds is not None:
             want = "Basic " + base64.b64encode(":".join(st.require_creds).encode()).decode()
             if self.headers.get("Authorization") != want:
                 return self._error(401, "UNAUTHORIZED")
-        fault = st.take_fault("front", "/token")
+        fault = st.take_fault(where, "/token")
         if fault is not None and fault.action == "status":
             return self._error(int(fault.arg), "INJECTED")
         tok = secrets.token_hex(12)
         with st.lock:
             st.tokens.add(tok)
         body = json.dumps({"token": tok, "expires_in": 300}).encode()
+        if fault is not None and fault.action == "replace":
+            body = fault.arg
+        if fault is not None and fault.action in ("trickle", "stall"):
+            return self._slow(200, body, {"Content-Type": "application/json"}, fault)
         return self._send(200, body, {"Content-Type": "application/json"})
+
+    def _slow(self, status: int, body: bytes, headers: dict[str, str], fault: Fault) -> None:
+        """trickle / stall: the whole Content-Length announced, the body not
+        (or only very slowly) sent; gives up after 60 s or when the client leaves."""
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        end = time.monotonic() + 60
+        try:
+            if fault.action == "stall":
+                self.wfile.write(body[: int(fault.arg or 0)])
+                self.wfile.flush()
+                while time.monotonic() < end:
+                    time.sleep(0.1)
+                    try:
+                        if self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                            return  # the client closed
+                    except BlockingIOError:
+                        continue  # still connected, still silent
+            else:
+                for i in range(len(body)):
+                    if time.monotonic() >= end:
+                        return
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(float(fault.arg))
+        except OSError:
+            return
 
     def _proxy(self, st: FrontState, method: str, path: str, fault: Fault | None) -> None:
         headers = {
@@ -684,12 +724,14 @@ class _Handler(BaseHTTPRequestHandler):
                 out_headers.pop("Docker-Content-Digest", None)
             elif fault.action in ("drop", "short"):
                 return self._cut(status, body, out_headers, int(fault.arg), fault.action == "drop")
-            elif fault.action == "stall":
-                return self._stall(status, body, out_headers, int(fault.arg), fault.release)
+            elif fault.action in ("trickle", "stall"):
+                return self._slow(status, body, out_headers, fault)
+            elif fault.action == "hold":
+                return self._hold(status, body, out_headers, int(fault.arg), fault.release)
         self._send(status, body, out_headers, method)
         return None
 
-    def _stall(
+    def _hold(
         self, status: int, body: bytes, headers: dict[str, str], n: int, release: threading.Event
     ) -> None:
         self.send_response(status)

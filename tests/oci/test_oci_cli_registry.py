@@ -294,7 +294,7 @@ def test_ctrl_c_clears_the_progress_line(
     img = oci_images["plain"]
     with reg.open_source(front.ref(img.name)) as src:
         layer = max(tr.resolve_manifest(src).manifest.layers, key=lambda d: d.size)
-    stall = front.fault("front", layer.digest.split(":")[1], "stall", 100, count=None)
+    stall = front.fault("front", layer.digest.split(":")[1], "hold", 100, count=None)
     env = {**os.environ, "HOME": str(tmp_path / "home")}
     pid, fd = pty.fork()
     if pid == 0:  # the child: cfsctl with the pty as its terminal

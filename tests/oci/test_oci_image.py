@@ -111,7 +111,7 @@ def test_index_entry_digest_is_checked() -> None:
 
 
 def test_manifest_parse_errors() -> None:
-    with pytest.raises(OciError, match="invalid JSON"):
+    with pytest.raises(OciError, match="not valid JSON"):
         ImageManifest.parse(b"{")
     with pytest.raises(OciError, match="schemaVersion must be 2"):
         ImageManifest.parse(b'{"schemaVersion": 3}')

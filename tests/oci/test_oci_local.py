@@ -21,6 +21,7 @@ import tarfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import ocitestlib as L
 import pytest
@@ -969,3 +970,102 @@ def test_config_stream_id_matches_composefs_rs(tmp_path: Path) -> None:
         writer.write_external(config)
         config_verity = r.write_stream(writer, storage.config_stream(L.sha256(config)))
     assert config_verity == "4839518dea22749f8ff233e7f7baec65f23dd5336462f46ad6884769af84bf95"
+
+
+def test_failed_pull_removes_the_failed_layers_objects(tmp_path: Path) -> None:
+    """An OCI layout whose config names a wrong diff_id: cfsctl oci pull
+    fails with one line and leaves no object behind."""
+    import hashlib
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from composefs.repository import Repository
+
+    layout = tmp_path / "layout"
+    big = os.urandom(200000)
+    L.write_oci_layout(layout, [L.ImageSpec([L.tar_layer([L.file("big", big)])])])
+    # corrupt the diff_id in the config (manifest and index follow)
+
+    index = json.loads((layout / "index.json").read_text())
+    mdig = index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads((layout / "blobs/sha256" / mdig).read_bytes())
+    cdig = manifest["config"]["digest"].split(":")[1]
+    config = json.loads((layout / "blobs/sha256" / cdig).read_bytes())
+    config["rootfs"]["diff_ids"] = ["sha256:" + "0" * 64]
+    raw = json.dumps(config).encode()
+    newc = hashlib.sha256(raw).hexdigest()
+    (layout / "blobs/sha256" / newc).write_bytes(raw)
+    manifest["config"]["digest"] = "sha256:" + newc
+    manifest["config"]["size"] = len(raw)
+    mraw = json.dumps(manifest).encode()
+    newm = hashlib.sha256(mraw).hexdigest()
+    (layout / "blobs/sha256" / newm).write_bytes(mraw)
+    index["manifests"][0]["digest"] = "sha256:" + newm
+    index["manifests"][0]["size"] = len(mraw)
+    (layout / "index.json").write_text(json.dumps(index))
+
+    repo = tmp_path / "repo"
+    Repository.init(repo, insecure=True)[0].close()
+    cfsctl = str(Path(sys.executable).parent / "cfsctl")
+    r = subprocess.run(
+        [cfsctl, "--repo", str(repo), "oci", "pull", f"oci:{layout}:latest", "img"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+    objects = [p for p in (repo / "objects").rglob("*") if p.is_file()]
+    assert objects == [], objects
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ({"x": 10**5000}, "integer of"),
+        ({"x": float("inf")}, "not JSON"),
+    ],
+    ids=["5000-digits", "infinity"],
+)
+def test_hostile_config_json_is_one_line(tmp_path: Path, extra: dict[str, Any], words: str) -> None:
+    """Deeply nested or huge-number JSON in a layout's config: one line."""
+    import sys as _sys
+
+    _sys.set_int_max_str_digits(0)  # so the test can write the 5000-digit number
+    try:
+        layout = tmp_path / "layout"
+        L.write_oci_layout(
+            layout, [L.ImageSpec([L.tar_layer([L.file("f", b"x")])], config_extra=extra)]
+        )
+    finally:
+        _sys.set_int_max_str_digits(4300)
+    repo = tmp_path / "repo"
+    Repository.init(repo, insecure=True)[0].close()
+    cfsctl = str(Path(_sys.executable).parent / "cfsctl")
+    r = subprocess.run(
+        [cfsctl, "--repo", str(repo), "oci", "pull", f"oci:{layout}:latest", "img"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+    assert "not valid JSON" in r.stderr and words in r.stderr, r.stderr
+
+
+def test_deeply_nested_config_json_is_one_line(tmp_path: Path) -> None:
+    nested: Any = 1
+    for _ in range(500):
+        nested = {"a": nested}
+    layout = tmp_path / "layout"
+    L.write_oci_layout(
+        layout, [L.ImageSpec([L.tar_layer([L.file("f", b"x")])], config_extra={"n": nested})]
+    )
+    repo = tmp_path / "repo"
+    Repository.init(repo, insecure=True)[0].close()
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "cfsctl"), "--repo", str(repo), "oci", "pull",
+         f"oci:{layout}:latest", "img"],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+    assert "nested deeper than 64 levels" in r.stderr

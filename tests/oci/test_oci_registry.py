@@ -679,7 +679,7 @@ def test_hostile_blob_finish(front: Any, oci_images: Any, fast_options: Any) -> 
             "unsupported manifest media type",
         ),
         (b'{"schemaVersion": 2, "layers": [', "application/vnd.oci.image.manifest.v1+json", "JSON"),
-        (b"\xff\xfe not json", "application/json", "malformed manifest JSON"),
+        (b"\xff\xfe not json", "application/json", "manifest: not valid JSON"),
         (
             b'{"schemaVersion": 1, "name": "x", "fsLayers": []}',
             "application/vnd.docker.distribution.manifest.v1+prettyjws",
@@ -1306,3 +1306,132 @@ def test_push_within_registry_mounts(front: Any, oci_images: Any, fast_options: 
     with reg.open_source(dest, fast_options) as src:
         _, files = pull_files(src)
     assert files == img.files
+
+
+# ---------------------------------------------------------------- deadlines, token realms
+
+
+def _big_layer(src: reg.RegistrySource) -> tr.Descriptor:
+    return max(tr.resolve_manifest(src).manifest.layers, key=lambda d: d.size)
+
+
+@pytest.mark.parametrize("action", ["trickle", "stall"])
+def test_blob_transfer_deadline(
+    front: Any, oci_images: Any, fast_options: Any, action: str
+) -> None:
+    """1 B per 0.05 s, or a Content-Length never delivered: the transfer
+    ends at --transfer-timeout (here 1 s), not at the 30 s read timeout nor
+    never, and the error names the host."""
+    import time
+
+    front.require_token = False
+    o = opts(fast_options, transfer_timeout=1.0, read_timeout=30.0)
+    with reg.open_source(front.ref(oci_images["plain"].name), o) as src:
+        layer = _big_layer(src)
+        arg = 0.05 if action == "trickle" else 10
+        front.fault("front", layer.digest.split(":")[1], action, arg, count=None)
+        start = time.monotonic()
+        with src.open_blob_stream(layer.digest, layer.size) as blob:
+            with pytest.raises(RegistryError) as ei:
+                drain(blob, 65536)
+        assert time.monotonic() - start < 8
+    msg = one_line(ei.value)
+    assert front.host in msg and "not finished after 1 s" in msg and "--transfer-timeout" in msg
+
+
+def test_manifest_stall_bounded_by_read_timeout(
+    front: Any, oci_images: Any, fast_options: Any
+) -> None:
+    front.require_token = False
+    front.fault("front", "/manifests/", "stall", 5, count=None)
+    o = opts(fast_options, read_timeout=1.0, retries=0)
+    with reg.open_source(front.ref(oci_images["plain"].name), o) as src:
+        with pytest.raises(RegistryError) as ei:
+            src.get_manifest()
+    assert front.host in one_line(ei.value)
+
+
+def _foreign_realm(front: Any) -> str:
+    return f"http://127.0.0.2:{front.blob_port}/token"
+
+
+def test_stalled_token_realm_is_named(front: Any, oci_images: Any, fast_options: Any) -> None:
+    """The token server on another host stalls: the error names it, not the registry."""
+    front.realm = _foreign_realm(front)
+    front.fault("blobs", "/token", "stall", 3, count=None)
+    o = opts(fast_options, read_timeout=1.0, retries=0)
+    with reg.open_source(front.ref(oci_images["plain"].name), o) as src:
+        with pytest.raises(RegistryError) as ei:
+            src.get_manifest()
+    assert f"127.0.0.2:{front.blob_port}" in one_line(ei.value)
+
+
+def test_no_credentials_to_a_plain_http_realm_on_another_host(
+    front: Any, oci_images: Any, fast_options: Any
+) -> None:
+    front.realm = _foreign_realm(front)
+    o = opts(fast_options, creds="tokuser:secret")
+    with reg.open_source(front.ref(oci_images["plain"].name), o) as src:
+        with pytest.raises(RegistryAuthError) as ei:
+            src.get_manifest()
+    msg = one_line(ei.value)
+    assert "127.0.0.2" in msg and "refusing to send credentials" in msg
+    assert not front.token_requests  # nothing was sent anywhere
+    # anonymous token requests may go there (nothing secret in them)
+    with reg.open_source(front.ref(oci_images["plain"].name), fast_options) as src:
+        src.get_manifest()
+    assert [r.where for r in front.token_requests] == ["blobs"]
+
+
+@pytest.mark.parametrize("creds", [None, "tokuser:secret"], ids=["anonymous", "creds"])
+def test_user_at_host_realm_refused(
+    front: Any, oci_images: Any, fast_options: Any, creds: str | None
+) -> None:
+    front.realm = f"http://{front.host}@127.0.0.2:{front.blob_port}/token"
+    with reg.open_source(front.ref(oci_images["plain"].name), opts(fast_options, creds=creds)) as src:
+        with pytest.raises(RegistryAuthError) as ei:
+            src.get_manifest()
+    assert "carries a user name" in one_line(ei.value)
+    assert not front.token_requests
+
+
+def test_hostile_token_answers(front: Any, oci_images: Any, fast_options: Any) -> None:
+    """Token JSON nested 100k deep, 5000-digit numbers, expires_in 1e309:
+    one line naming the token server, or a working token."""
+    import random
+
+    import hostilelib as H
+
+    outcomes = set()
+    for cls, body in H.hostile_json(
+        random.Random(8), lambda v: '{"token": "x", "expires_in": ' + v + '}'
+    ):
+        front.reset()
+        front.fault("front", "/token", "replace", body)
+        with reg.open_source(front.ref(oci_images["plain"].name), fast_options) as src:
+            try:
+                src.get_manifest()
+                outcomes.add("ok")
+            except RegistryError as e:
+                msg = one_line(e)
+                assert f"token server {front.host}" in msg or "access denied" in msg, (cls, msg)
+                outcomes.add("refused")
+    assert outcomes == {"ok", "refused"}
+
+
+def test_hostile_manifest_json(front: Any, oci_images: Any, fast_options: Any) -> None:
+    import random
+
+    import hostilelib as H
+
+    front.require_token = False
+    for _cls, body in H.hostile_json(random.Random(5)):
+        front.reset()
+        front.require_token = False
+        front.fault(
+            "front", "/manifests/", "replace", (body, "application/vnd.oci.image.manifest.v1+json")
+        )
+        with reg.open_source(front.ref(oci_images["plain"].name), fast_options) as src:
+            with pytest.raises(OciError) as ei:
+                tr.resolve_manifest(src)
+        one_line(ei.value)

@@ -48,10 +48,19 @@ def test_images(repo: Repository) -> None:
         repo.open_image(oid)
     os.close(repo.open_image("refs/mine")[0])
 
-    img = io.BytesIO(b"raw image bytes" * 10)
-    iid = repo.import_image(img, "imported")
-    assert repo.read_image("refs/imported") == b"raw image bytes" * 10
-    assert iid == fsverity.digest_hex(b"raw image bytes" * 10, "sha512")
+    from composefs.erofs.writer import mkfs
+    from composefs.errors import ImageError
+
+    image = mkfs(root)
+    iid = repo.import_image(io.BytesIO(image), "imported")
+    assert repo.read_image("refs/imported") == image
+    assert iid == fsverity.digest_hex(image, "sha512")
+    # what the reader refuses is not stored (nor linked)
+    before = sorted(p.name for p in (Path(repo.path) / "images").iterdir())
+    for bad in (b"", b"raw image bytes" * 10, image[:-1], image[:4096] + bytes(len(image) - 4096)):
+        with pytest.raises(ImageError, match=r"^import-image: invalid composefs image"):
+            repo.import_image(io.BytesIO(bad), "bad")
+    assert sorted(p.name for p in (Path(repo.path) / "images").iterdir()) == before
 
 
 def test_commit_all_formats(tmp_path: Path) -> None:

@@ -78,10 +78,12 @@ class SlowRegistry:
                     state.set_sent(ref, state.hold_after)
                     state.release.wait(60)
                     for off in range(state.hold_after, len(data), 1 << 16):
+                        # Pause before each chunk, not after the last: the
+                        # blob counts as finished as soon as its last byte is out.
+                        time.sleep(state.chunk_delay)
                         self.wfile.write(data[off : off + (1 << 16)])
                         self.wfile.flush()
                         state.set_sent(ref, min(off + (1 << 16), len(data)))
-                        time.sleep(state.chunk_delay)
                     with state.lock:
                         state.finished.add(ref)
                 except (BrokenPipeError, ConnectionResetError):

@@ -44,8 +44,21 @@ def add_version(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", action=_Version)
 
 
+def _one_line(message: str) -> str:
+    # Names from hostile input must neither split the line nor reach the
+    # terminal raw (ESC, BEL, ...): control characters are shown escaped.
+    if message.isprintable():
+        return message
+    return "".join(
+        ch if ch.isprintable() else ("\\n" if ch == "\n" else f"\\x{ord(ch):02x}")
+        if ord(ch) < 0x100
+        else f"\\u{ord(ch):04x}"
+        for ch in message
+    )
+
+
 def die(prog: str, message: str, code: int = 1) -> NoReturn:
-    sys.stderr.write(f"{prog}: {message}\n")
+    sys.stderr.write(f"{prog}: {_one_line(message)}\n")
     raise SystemExit(code)
 
 
@@ -71,3 +84,16 @@ def run(prog: str, func: Callable[[Sequence[str]], int | None], argv: Sequence[s
         die(prog, f"{e.strerror or e}{where}")
     except KeyboardInterrupt:
         die(prog, "interrupted", 130)
+
+
+def fuse_options(sp: argparse.ArgumentParser) -> None:
+    """`mount`'s FUSE choice (composefs-rs 0.8)."""
+    sp.add_argument(
+        "--fuse",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="mount with FUSE: auto (when the kernel mount is not allowed), yes, no",
+    )
+    sp.add_argument(
+        "--foreground", action="store_true", help="FUSE: serve in the foreground until unmounted"
+    )

@@ -8,8 +8,8 @@ Global options come before the command::
 
 Commands: init, transaction, cat, gc, import-image, mount, create-image,
 compute-id, compute-karg, create-dumpfile, image-objects, dump-files, fsck,
-``varlink`` (the varlink service, `composefs.cli.varlink`), and ``oci …``
-when `composefs.cli.oci` is installed. Invoked as
+``varlink`` (the varlink service, `composefs.cli.varlink`), ``fetch``/``publish``
+(`composefs.cli.http`), and ``oci …`` when `composefs.cli.oci` is installed. Invoked as
 ``mkcomposefs`` or ``composefs-info`` (argv[0]), or with those names as the
 command, the arguments go to those tools instead.
 
@@ -53,7 +53,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import ComposefsError, RepositoryError, UsageError
-from ._util import Parser, add_version, run
+from ._util import Parser, add_version, fuse_options, run
 
 if TYPE_CHECKING:
     from ..repository import Repository
@@ -240,6 +240,17 @@ def cmd_cat(args: argparse.Namespace, opener: RepoOpener) -> None:
 
 def cmd_gc(args: argparse.Namespace, opener: RepoOpener) -> None:
     result = opener().gc(args.root or (), dry_run=args.dry_run)
+    from ..limits import show
+
+    for path, reason in result.unreadable:
+        sys.stderr.write(f"cfsctl: warning: {show(path)}: {show(reason, 300)}\n")
+    if result.unreadable:
+        kept = (
+            "every object and link kept"
+            if result.kept_everything
+            else "every object they name kept"
+        )
+        sys.stderr.write(f"cfsctl: warning: {len(result.unreadable)} unreadable; {kept}\n")
     if args.dry_run:
         print("Dry run (no files deleted):")
     print(f"Objects: {result.objects_removed} removed ({result.objects_bytes} bytes)")
@@ -258,6 +269,13 @@ def cmd_mount(args: argparse.Namespace, opener: RepoOpener) -> None:
         raise UsageError("--upperdir and --workdir must be given together")
     if args.read_write and args.upperdir is None:
         raise UsageError("--read-write requires --upperdir and --workdir")
+    from ..fuse.server import mount_from_repository, want_fuse
+
+    if want_fuse(args.fuse):
+        if args.upperdir is not None:
+            raise UsageError("a FUSE mount is read-only: no --upperdir/--workdir")
+        mount_from_repository(opener(), args.name, args.mountpoint, foreground=args.foreground)
+        return
     opener().mount(
         args.name,
         args.mountpoint,
@@ -540,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-n", "--dry-run", action="store_true", help="only report what would be removed"
     )
 
-    sp = add("import-image", cmd_import_image, "store an EROFS image read from stdin (unchecked!)")
+    sp = add("import-image", cmd_import_image, "store an EROFS image read from stdin (checked first)")
     sp.add_argument("reference", help="ref name (images/refs/REFERENCE)")
 
     sp = add("mount", cmd_mount, "mount an image from the repository")
@@ -549,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--upperdir", metavar="DIR", help="writable overlayfs upper directory")
     sp.add_argument("--workdir", metavar="DIR", help="overlayfs work directory (with --upperdir)")
     sp.add_argument("--read-write", action="store_true", help="mount read-write (needs --upperdir)")
+    fuse_options(sp)
 
     def tree_options(sp: argparse.ArgumentParser, bootable: bool = True) -> None:
         sp.add_argument("path", help="root of the directory tree")
@@ -615,6 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
     if importlib.util.find_spec(f"{__package__}.oci") is not None:
         importlib.import_module(f"{__package__}.oci").add_parser(sub)
     importlib.import_module(f"{__package__}.varlink").add_parser(sub)
+    # fetch/publish (composefs.cli.http): the same hook as the OCI group.
+    if importlib.util.find_spec(f"{__package__}.http") is not None:
+        importlib.import_module(f"{__package__}.http").add_parser(sub)
     return p
 
 

@@ -68,8 +68,15 @@ _STANDARD = _table(False)
 _KEEP_SPACE = _table(True)
 
 
+_PLAIN_STANDARD = bytes(range(0x21, 0x7F)).replace(b"\\", b"")
+_PLAIN_KEEP_SPACE = _PLAIN_STANDARD + b" "
+
+
 def escape(value: bytes, *, keep_space: bool = False) -> bytes:
     """C composefs-info escaping (ESCAPE_STANDARD, or NOESCAPE_SPACE)."""
+    plain = _PLAIN_KEEP_SPACE if keep_space else _PLAIN_STANDARD
+    if not value.translate(None, plain):
+        return value  # nothing to escape (the usual case), no per-byte work
     table = _KEEP_SPACE if keep_space else _STANDARD
     return b"".join([table[c] for c in value])
 
@@ -87,36 +94,57 @@ def load_image(path: str) -> bytes:
         size = os.fstat(f.fileno()).st_size
         if size > MAX_IMAGE_SIZE:
             raise ComposefsError(f"Failed to load '{path}': image larger than 1 GiB")
-        return f.read(MAX_IMAGE_SIZE + 1)
+        # the size it has (reading MAX+1 would reserve a whole GiB up front)
+        return f.read(size + 1)
 
 
 def read_tree(
-    path: str, toplevel: Sequence[bytes] | None = None, *, data: bytes | None = None
+    path: str,
+    toplevel: Sequence[bytes] | None = None,
+    *,
+    data: bytes | None = None,
+    inline_data: bool = True,
 ) -> Directory:
-    """The tree of the image at `path` (its bytes `data` if already loaded)."""
+    """The tree of the image at `path` (its bytes `data` if already loaded);
+    without `inline_data` inline file contents are not read."""
     from ..erofs.reader import read_image
     from ..errors import ImageError
 
     if data is None:
         data = load_image(path)
     try:
-        return read_image(data, toplevel=toplevel)
+        return read_image(data, toplevel=toplevel, inline_data=inline_data)
     except ImageError as e:
         raise ImageError(f"Failed to load '{path}': {e}") from None
 
 
 # -- commands -------------------------------------------------------------
 def _ls(root: Directory, out: BinaryIO) -> None:
-    from ..tree import Directory, Regular, Symlink, walk
+    """C's listing. The escaped path is built incrementally in one buffer
+    (each name escaped once, the parent's path never copied per level), and
+    output is flushed by size: memory stays O(deepest path), time O(output)."""
+    from ..tree import Directory, Regular, Symlink
 
     seen: set[int] = set()
     buf: list[bytes] = []
-    it = walk(root)
-    next(it)  # C prints the root's children, not the root
-    for path, node in it:
-        line = escape(path, keep_space=True)
+    buffered = 0
+    path = bytearray()
+    # (length of the parent's escaped path, remaining sorted entries)
+    stack = [(0, iter(root.sorted_entries()))]
+    while stack:
+        base, it = stack[-1]
+        nxt = next(it, None)
+        if nxt is None:
+            stack.pop()
+            continue
+        name, node = nxt
+        del path[base:]
+        path += b"/"
+        path += escape(name, keep_space=True)
+        line = bytes(path)
         if isinstance(node, Directory):
             line += b"/\t"
+            stack.append((len(path), iter(node.sorted_entries())))
         elif id(node) not in seen:
             # C loads later names of a hardlinked inode as bare links with
             # no type, and prints just their path.
@@ -129,9 +157,11 @@ def _ls(root: Directory, out: BinaryIO) -> None:
                 if payload:
                     line += b"\t@ " + escape(payload)
         buf.append(line + b"\n")
-        if len(buf) >= 4096:
+        buffered += len(line)
+        if buffered >= 1 << 20 or len(buf) >= 4096:
             out.write(b"".join(buf))
             buf.clear()
+            buffered = 0
     out.write(b"".join(buf))
 
 
@@ -197,11 +227,11 @@ def _main(argv: Sequence[str]) -> int:
         found: set[bytes] = set()
         basedir = args.basedir if args.command == "missing-objects" else None
         for path in args.paths:
-            _objects(read_tree(path, filters), found, basedir)
+            _objects(read_tree(path, filters, inline_data=False), found, basedir)
         out.write(b"".join(p + b"\n" for p in sorted(found)))
         return 0
     for path in args.paths:
-        root = read_tree(path, filters)
+        root = read_tree(path, filters, inline_data=args.command != "ls")
         if args.command == "ls":
             _ls(root, out)
         else:

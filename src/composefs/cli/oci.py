@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import OciError
+from ._util import fuse_options
 
 if TYPE_CHECKING:
     from ..oci.image import ProgressEvent
@@ -196,7 +197,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 # -- commands -----------------------------------------------------------------
 
 
-_REGISTRY_FLAGS = ("creds", "authfile", "tls_verify", "cert_dir", "proxy")
+_REGISTRY_FLAGS = ("creds", "authfile", "tls_verify", "cert_dir", "proxy", "transfer_timeout")
 
 
 def _registry_options(args: argparse.Namespace, image: str) -> Any:
@@ -238,12 +239,18 @@ def _registry_options(args: argparse.Namespace, image: str) -> Any:
         raise OciError(f"--cert-dir: no such directory: {args.cert_dir}")
     if args.proxy and not args.proxy.startswith(("http://", "https://")):
         raise OciError(f"--proxy: expected http://HOST:PORT, got {args.proxy!r}")
+    extra: dict[str, Any] = {}
+    if args.transfer_timeout is not None:
+        if not args.transfer_timeout > 0:
+            raise OciError("--transfer-timeout: expected a positive number of seconds")
+        extra["transfer_timeout"] = args.transfer_timeout
     return RegistryOptions(
         creds=creds,
         auth_file=args.authfile,
         tls_verify=tls_verify,
         cert_dir=args.cert_dir,
         proxy=args.proxy,
+        **extra,
     )
 
 
@@ -276,6 +283,12 @@ def _registry_args(sp: argparse.ArgumentParser) -> None:
         "--proxy",
         metavar="URL",
         help="HTTP proxy for every request (default: $https_proxy etc.; '' for none)",
+    )
+    g.add_argument(
+        "--transfer-timeout",
+        metavar="SECONDS",
+        type=float,
+        help="give up a blob download not finished after this long (default 3600)",
     )
 
 
@@ -435,6 +448,13 @@ def cmd_mount(args: argparse.Namespace, opener: RepoOpener) -> None:
         if args.bootable:
             raise OciError("No boot EROFS image linked — try pulling with --bootable")
         raise OciError("No composefs EROFS image linked — try re-pulling the image")
+    from ..fuse.server import mount_from_repository, want_fuse
+
+    if want_fuse(args.fuse):
+        if args.upperdir is not None:
+            raise OciError("a FUSE mount is read-only: no --upperdir/--workdir")
+        mount_from_repository(repo, image_id, args.mountpoint, foreground=args.foreground)
+        return
     repo.mount(
         image_id,
         args.mountpoint,
@@ -622,6 +642,7 @@ def add_parser(subparsers: Any) -> None:
     sp.add_argument("--upperdir", metavar="DIR", help="writable overlayfs upper directory")
     sp.add_argument("--workdir", metavar="DIR", help="overlayfs work directory")
     sp.add_argument("--read-write", action="store_true", help="mount read-write")
+    fuse_options(sp)
 
     sp = add(
         "prepare-boot",

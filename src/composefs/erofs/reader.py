@@ -22,7 +22,8 @@ What is checked (composefs-rs `reader.rs` `restrict_to_composefs` and
 * directories: well-formed dirent blocks, names sorted and unique, no `/` or
   NUL, `.` and `..` pointing where they must, dirent file types matching the
   inodes, link counts of 2 + subdirectories, no directory reached twice (no
-  cycles, no directory hardlinks), at most 2048 levels deep;
+  cycles, no directory hardlinks), paths of at most 2048 components
+  (`limits.MAX_DEPTH`, the rule the writers share);
 * xattrs: entries exactly filling a non-empty area, known prefixes, no duplicates,
   shared entries inside the image, the bloom filter admitting every name,
   well-formed overlay metacopy and redirect values on external files only;
@@ -46,6 +47,15 @@ What reading undoes (as C `lcfs_load_node_from_image` does, so that
   `trusted.overlay.opaque=x` and `user.overlay.opaque=x` that V1 puts next
   to whiteouts are kept: writing the tree again adds them anyway.
 
+Work and memory are bounded by the image size: the bytes reading
+materialises (file data, symlink targets, directory blocks, inline xattr
+areas) may total at most `WORK_FACTOR` times the image size plus
+`WORK_SLACK`. A valid image stores each of them once, so it stays far below;
+a hostile one whose inodes all point at the same data block (or overlap)
+would otherwise make a 10 MB image cost gigabytes. Readers that need no
+file data (`collect_objects`, `composefs-info ls`/`objects`, fsck, gc) pass
+``inline_data=False``: inline contents are then checked but not read.
+
 Leaf link counts that differ from the number of names in the tree (C keeps
 whatever NLINK a dumpfile gave) are kept in `Leaf.nlink`, so re-writing an
 image reproduces it byte for byte.
@@ -53,12 +63,14 @@ image reproduces it byte for byte.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Collection
 from dataclasses import dataclass
 
 import xxhash
 
+from .. import limits
 from ..errors import ImageError
 from ..tree import (
     Device,
@@ -79,23 +91,29 @@ from .format import FormatVersion
 __all__ = [
     "MAX_DEPTH",
     "MAX_IMAGE_SIZE",
+    "WORK_FACTOR",
+    "WORK_SLACK",
     "ImageInfo",
+    "ImageView",
+    "RawInode",
     "collect_digests",
     "collect_objects",
     "image_info",
     "image_version",
     "read_image",
+    "scan_references",
 ]
 
 # composefs-rs refuses images above 1 GiB: they are metadata only.
 MAX_IMAGE_SIZE = 1 << 30
-# PATH_MAX / 2: every level costs at least one name byte and a '/'.
-MAX_DEPTH = 4096 // 2
-# C LCFS_INLINE_CONTENT_MAX: the largest file C stores in the image itself.
-INLINE_CONTENT_MAX = 5000
-# A symlink target must fit in PATH_MAX including its terminating NUL.
-SYMLINK_MAX = 4095
-NAME_MAX = 255
+# The work bound (see the module docstring).
+WORK_FACTOR = 2
+WORK_SLACK = 1 << 20
+# The limits every writer shares (see composefs.limits).
+MAX_DEPTH = limits.MAX_DEPTH
+INLINE_CONTENT_MAX = limits.INLINE_CONTENT_MAX
+SYMLINK_MAX = limits.SYMLINK_MAX
+NAME_MAX = limits.NAME_MAX
 
 _BLK = fmt.BLOCK_SIZE
 _U16 = struct.Struct("<H")
@@ -290,11 +308,15 @@ class _Xattrs:
 
 
 class _Reader:
-    def __init__(self, data: bytes, keep_opaque_markers: bool = True) -> None:
+    def __init__(
+        self, data: bytes, keep_opaque_markers: bool = True, inline_data: bool = True
+    ) -> None:
         self.keep_opaque_markers = keep_opaque_markers
+        self.inline_data = inline_data
         self.info = image_info(data)
         self.data = data
         self.n = len(data)
+        self.budget = WORK_FACTOR * self.n + WORK_SLACK
         self.epoch1 = self.info.is_epoch1
         self.filter = bool(self.info.feature_compat & fmt.FEATURE_COMPAT_XATTR_FILTER)
         self.xattr_base = self.info.xattr_blkaddr * _BLK
@@ -372,9 +394,19 @@ class _Reader:
                 raise _err(f"inode {ino.nid}: data blocks {ino.u}+{count} outside the image")
         return ino.u, count
 
+    def charge(self, n: int) -> None:
+        """Count `n` materialised bytes against the work bound."""
+        self.budget -= n
+        if self.budget < 0:
+            raise _err(
+                f"image refers to more data than it holds (over {WORK_FACTOR}x its size: "
+                "inodes sharing or overlapping data)"
+            )
+
     def content(self, ino: _Inode) -> bytes:
         """A flat inode's data: whole blocks, then the inline tail."""
         start, count = self.blocks(ino)
+        self.charge(ino.size)
         if ino.datalayout == fmt.DATALAYOUT_FLAT_PLAIN:
             return self.data[start * _BLK : start * _BLK + ino.size]
         head = self.data[start * _BLK : (start + count) * _BLK] if count else b""
@@ -423,6 +455,7 @@ class _Reader:
         data = self.data
         start = ino.pos + ino.isize
         end = ino.inline_start
+        self.charge(end - start)
         name_filter, shared_count = fmt.XATTR_IBODY_HEADER.unpack_from(data, start)
         pos = start + fmt.XATTR_IBODY_HEADER_SIZE + 4 * shared_count
         if pos > end:
@@ -489,6 +522,7 @@ class _Reader:
         if ino.size == 0:
             raise _err(f"directory {ino.nid} is empty (no . and ..)")
         start, count = self.blocks(ino)
+        self.charge(ino.size)
         out: list[tuple[bytes, int, int]] = []
         remaining = ino.size
         for i in range(count):
@@ -570,8 +604,8 @@ def _metacopy_digest(nid: int, value: bytes) -> str | None:
 
 
 class _Builder:
-    def __init__(self, data: bytes, keep_opaque_markers: bool) -> None:
-        self.r = _Reader(data, keep_opaque_markers)
+    def __init__(self, data: bytes, keep_opaque_markers: bool, inline_data: bool = True) -> None:
+        self.r = _Reader(data, keep_opaque_markers, inline_data)
         # nid -> (leaf, on-disk nlink, dirent type); a hardlink is the same Leaf.
         self.leaves: dict[int, tuple[Leaf, int, int]] = {}
         self.whiteout_nids: set[int] = set()
@@ -588,8 +622,6 @@ class _Builder:
         stack: list[tuple[Directory, _Inode, int, int]] = [(root, root_ino, root_nid, 0)]
         while stack:
             d, ino, parent_nid, depth = stack.pop()
-            if depth >= MAX_DEPTH:
-                raise _err(f"directories nested deeper than {MAX_DEPTH}")
             stack.extend(self._fill(d, ino, parent_nid, depth, ino.nid == root_nid))
         return root
 
@@ -617,6 +649,8 @@ class _Builder:
                 else:
                     dotdot = True
                 continue
+            if depth >= MAX_DEPTH:
+                raise _err(f"paths nested deeper than {MAX_DEPTH} components")
             is_slot = is_root and name in _HEX2
             hex_slots += is_slot
             cached = self.leaves.get(child_nid)
@@ -683,7 +717,13 @@ class _Builder:
                     raise _err(
                         f"inline file {name!r} of {ino.size} bytes (max {INLINE_CONTENT_MAX})"
                     )
-                content = Regular(ino.size, data=r.content(ino) if ino.size else None)
+                if not ino.size:
+                    content = Regular(0)
+                elif r.inline_data:
+                    content = Regular(ino.size, data=r.content(ino))
+                else:
+                    r.blocks(ino)  # checked, not read
+                    content = Regular(ino.size, data=b"")
         elif t == fmt.S_IFLNK:
             if ino.datalayout == fmt.DATALAYOUT_CHUNK_BASED:
                 raise _err(f"symlink {name!r}: chunk-based layout")
@@ -736,6 +776,7 @@ class _Builder:
             # in a block (> 8 PiB).
             chunks = 0
         end = ino.inline_start + 4 * chunks
+        self.r.charge(4 * chunks)
         if end > self.r.n:
             raise _err(f"inode {nid}: chunk indexes extend beyond the image")
         if self.r.data[ino.inline_start : end] != _NULL_CHUNKS[: 4 * chunks]:
@@ -770,6 +811,7 @@ def read_image(
     *,
     toplevel: Collection[bytes] | None = None,
     keep_opaque_markers: bool = True,
+    inline_data: bool = True,
 ) -> Directory:
     """Read a composefs image into a tree; `errors.ImageError` if it is invalid.
 
@@ -777,11 +819,13 @@ def read_image(
     --filter`); the whole image is still validated. With
     `keep_opaque_markers=False` the `trusted.overlay.opaque` /
     `user.overlay.opaque` directory xattrs are dropped as composefs-rs does
-    (then also where a user had set them).
+    (then also where a user had set them). With `inline_data=False` inline
+    file contents are validated but not read: such files get ``data=b""``
+    (their `size` stays the real one).
     """
     if not isinstance(data, bytes):
         data = bytes(data)
-    b = _Builder(data, keep_opaque_markers)
+    b = _Builder(data, keep_opaque_markers, inline_data)
     try:
         with no_gc():  # a big tree of new objects, no cycles: see no_gc
             root = b.build()
@@ -804,7 +848,7 @@ def collect_objects(data: bytes) -> set[str]:
     This is what C `composefs-info objects` lists.
     """
     out: set[str] = set()
-    for leaf in _external_leaves(read_image(data)):
+    for leaf in _external_leaves(read_image(data, inline_data=False)):
         assert isinstance(leaf.content, Regular)
         path = leaf.content.backing_path()
         if path is not None:
@@ -816,7 +860,7 @@ def collect_digests(data: bytes) -> set[str]:
     """fs-verity digests (lowercase hex) of every external file that has one
     (the object ids a repository keeps alive)."""
     out: set[str] = set()
-    for leaf in _external_leaves(read_image(data)):
+    for leaf in _external_leaves(read_image(data, inline_data=False)):
         assert isinstance(leaf.content, Regular)
         if leaf.content.digest is not None:
             out.add(leaf.content.digest)
@@ -838,4 +882,32 @@ def _external_leaves(root: Directory) -> list[Leaf]:
         ):
             seen.add(id(leaf))
             out.append(leaf)
+    return out
+
+
+# Per-inode access for servers that answer one request at a time (the FUSE
+# filesystem): validate the whole image once with `read_image`, then read
+# inodes, raw xattrs, dirents and inline data lazily, bounds-checked as above.
+ImageView = _Reader
+RawInode = _Inode
+
+
+_REDIRECT_PATH = re.compile(rb"/([0-9a-f]{2})/([0-9a-f]{126}|[0-9a-f]{62})(?![0-9a-f])")
+_METACOPY_HEADERS = ((b"\x00\x24\x00\x01", 32), (b"\x00\x44\x00\x02", 64))
+
+
+def scan_references(data: bytes) -> set[str]:
+    """Everything in the bytes of an image that looks like a reference to an
+    object: ``/xx/yyyy…`` backing paths (as object ids) and the digests of
+    overlay metacopy values. For images `read_image` refuses: a caller that
+    must not lose what such an image needs (gc) keeps all of these alive.
+    Linear in the image size; finds at least what a reader would."""
+    out = {m.group(1).decode() + m.group(2).decode() for m in _REDIRECT_PATH.finditer(data)}
+    for header, size in _METACOPY_HEADERS:
+        pos = data.find(header)
+        while pos >= 0:
+            digest = data[pos + 4 : pos + 4 + size]
+            if len(digest) == size:
+                out.add(digest.hex())
+            pos = data.find(header, pos + 1)
     return out

@@ -26,6 +26,7 @@ from typing import Any
 
 import xxhash
 
+from .. import limits
 from ..errors import TreeError
 from ..tree import Device, Directory, Fifo, Leaf, Regular, Socket, Stat, Symlink
 from . import format as F
@@ -35,8 +36,9 @@ __all__ = ["FormatVersion", "mkfs"]
 
 BLOCK = F.BLOCK_SIZE
 HALF_BLOCK = BLOCK // 2
-PATH_MAX = 4096
-NAME_MAX = 255
+PATH_MAX = limits.PATH_MAX
+NAME_MAX = limits.NAME_MAX
+MAX_DEPTH = limits.MAX_DEPTH  # what the reader accepts back
 MAX_NONINLINE_CHUNKS = 1024  # C: LCFS_MAX_NONINLINE_CHUNKS
 MAX_SHARED_PER_INODE = 0x80  # C: EROFS_XATTR_LONG_PREFIX caps shared refs per inode
 
@@ -97,8 +99,9 @@ class _XattrCodec:
         r = self._split.get(key)
         if r is None:
             index, suffix = _split_key(key, self.prefixes)
-            if not key:
-                raise TreeError("empty xattr name")
+            if not key or 0 in key:
+                # the reader (and the kernel) see names as C strings
+                raise TreeError(limits.xattr_problem(key, b"", False) or "")
             if len(suffix) > 255:
                 raise TreeError(f"xattr name too long: {key[:64]!r}")
             bit = 1 << (_xxh32(suffix, F.XATTR_FILTER_SEED + index) & (F.XATTR_FILTER_BITS - 1))
@@ -401,6 +404,10 @@ def _leaf_inode(leaf: Leaf, name: bytes, names: int, epoch1: bool) -> _Inode:
         raise TreeError(f"unknown content for {name!r}: {c!r}")
     own = st.xattrs
     if own:
+        if ct is Regular and limits.WHITEOUT_XATTR in own:
+            # it would be escaped into the escaped-whiteout marker
+            problem = limits.xattr_problem(limits.WHITEOUT_XATTR, b"", True)
+            raise TreeError(f"{limits.show(name)}: {problem}")
         if not epoch1:
             own = dict(sorted(own.items()))
         for k, v in own.items():
@@ -447,10 +454,12 @@ def _collect_epoch1_pass(
     inodes = [r]
     append = inodes.append
     pending: list[tuple[_Inode, list[tuple[bytes, Any]]]] = []
-    queue: deque[tuple[Directory, _Inode, _Inode]] = deque([(root, r, r)])
+    queue: deque[tuple[Directory, _Inode, _Inode, int]] = deque([(root, r, r, 0)])
     popleft = queue.popleft
     while queue:
-        d, me, parent = popleft()
+        d, me, parent, depth = popleft()
+        if depth >= MAX_DEPTH and d.entries:
+            raise TreeError(limits.depth_error())
         did = id(d)
         raw: list[tuple[bytes, Any]] = [(b".", me), (b"..", parent)]
         subdirs = 0
@@ -468,7 +477,7 @@ def _collect_epoch1_pass(
                 subdirs += 1
                 ci = _dir_inode(child, True)
                 append(ci)
-                queue.append((child, ci, me))
+                queue.append((child, ci, me, depth + 1))
                 raw.append((name, ci))
                 continue
             lid = id(child)
@@ -1026,6 +1035,8 @@ def _collect_epoch2(root: Directory) -> list[_Inode]:
                 append(ci)
                 ents.append((name, ci))
                 at[0] = i
+                if len(stack) >= MAX_DEPTH and child.entries:
+                    raise TreeError(limits.depth_error())
                 stack.append((ci, sorted(child.entries.items()), [0], [(b".", ci), (b"..", me)]))
                 break
             lid = id(child)

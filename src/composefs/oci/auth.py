@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import time
 import urllib.parse
@@ -26,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import _json
 from ..errors import RegistryAuthError, RegistryError
 
 #: Docker Hub is spelled many ways in auth files.
@@ -148,10 +148,7 @@ def load_credentials(
             continue
         except OSError as e:
             raise RegistryAuthError(f"cannot read auth file {path}: {e.strerror}") from None
-        try:
-            doc = json.loads(text) if text.strip() else {}
-        except json.JSONDecodeError as e:
-            raise RegistryAuthError(f"auth file {path} is not valid JSON: {e}") from None
+        doc = _json.loads(text, f"auth file {path}", RegistryAuthError) if text.strip() else {}
         auths = doc.get("auths") if isinstance(doc, dict) else None
         if not isinstance(auths, dict):
             continue
@@ -354,8 +351,14 @@ class Authenticator:
         if not realm:
             raise RegistryAuthError(f"{self.registry}: bearer challenge without a realm")
         parsed = urllib.parse.urlsplit(realm)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise RegistryAuthError(f"{self.registry}: bad token realm {realm!r}")
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise RegistryAuthError(f"{self.registry}: bad token realm {realm[:200]!r}")
+        if "@" in parsed.netloc:
+            # user@host: a host name disguised (or credentials smuggled) in the realm
+            raise RegistryAuthError(
+                f"{self.registry}: token realm {parsed.hostname} carries a user name; refused"
+            )
+        server = f"token server {parsed.netloc}"
         query: list[tuple[str, str]] = []
         if ch.params.get("service"):
             query.append(("service", ch.params["service"]))
@@ -374,25 +377,29 @@ class Authenticator:
         status, body = self._fetch(url, headers)
         if status in (401, 403):
             raise RegistryAuthError(
-                f"{self.registry}: token server refused the request ({_denied(self.credentials)})"
+                f"{self.registry}: {server} refused the request ({_denied(self.credentials)})"
             )
         if status != 200:
-            raise RegistryError(f"{self.registry}: token server answered HTTP {status}")
-        try:
-            doc = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RegistryError(f"{self.registry}: token server sent malformed JSON: {e}") from None
+            raise RegistryError(f"{self.registry}: {server} answered HTTP {status}")
+        doc = _json.loads(body, f"{self.registry}: {server} answer", RegistryError)
         if not isinstance(doc, dict):
-            raise RegistryError(f"{self.registry}: token server sent malformed JSON")
+            raise RegistryError(f"{self.registry}: {server} sent malformed JSON")
         tok = doc.get("token") or doc.get("access_token")
         if not isinstance(tok, str) or not tok:
-            raise RegistryError(f"{self.registry}: token server sent no token")
+            raise RegistryError(f"{self.registry}: {server} sent no token")
         expires_in = doc.get("expires_in")
         # Spec default is 60 s; renew a little early so long pulls do not race expiry.
+        # Capped at a day: a token server cannot make us keep a token forever
+        # (nor overflow the clock arithmetic with a huge number).
         lifetime = (
-            float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else 60.0
+            min(float(expires_in), _MAX_TOKEN_LIFETIME)
+            if isinstance(expires_in, (int, float)) and expires_in > 0
+            else 60.0
         )
         return _Token("Bearer " + tok, self._clock() + max(lifetime - 10.0, lifetime / 2))
+
+
+_MAX_TOKEN_LIFETIME = 86400.0
 
 
 def _denied(creds: Credentials | None) -> str:

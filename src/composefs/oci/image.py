@@ -12,13 +12,13 @@ this module, and it depends on nothing of theirs.
 from __future__ import annotations
 
 import hashlib
-import json
 import platform as _platform
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
+from .. import _json
 from ..errors import DigestMismatch, OciError
 
 # -- media types ---------------------------------------------------------
@@ -226,10 +226,8 @@ class Descriptor:
 
 
 def load_json(raw: bytes, what: str) -> Any:
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise OciError(f"{what}: invalid JSON: {e}") from None
+    """Untrusted JSON (manifests, indexes, configs) with bounded structure."""
+    return _json.loads(raw, what, OciError)
 
 
 def detect_media_type(raw: bytes, declared: str | None) -> str:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from .. import limits
 from ..errors import OciError
 from ..tree import (
     S_IFBLK,
@@ -55,15 +56,14 @@ from .tar import BLK, CHR, DIR, FIFO, HARDLINK, INLINE_MAX, REG, SYMLINK, TarEnt
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
-NAME_MAX = 255
-SYMLINK_MAX = 4095
+NAME_MAX = limits.NAME_MAX
+SYMLINK_MAX = limits.SYMLINK_MAX
 
 DigestFn = Callable[[bytes], str]
 
 
 def _show(path: bytes) -> str:
-    text = path.decode("utf-8", "backslashreplace")
-    return text if len(text) <= 200 else text[:200] + "..."
+    return limits.show(path)
 
 
 def split_name(path: bytes) -> list[bytes]:

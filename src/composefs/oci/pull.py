@@ -21,7 +21,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
-from ..errors import DigestMismatch, NotFoundError, OciError
+from ..errors import ComposefsError, DigestMismatch, NotFoundError, OciError
 from ..splitstream import (
     CONTENT_OCI_BLOB,
     CONTENT_OCI_CONFIG,
@@ -233,6 +233,7 @@ def import_layer(
     compression: str = "none",
     name: str | None = None,
     verify: bool = True,
+    discard: bool = True,
 ) -> tuple[str, ImportStats]:
     """Import one layer tar (compressed as given) as ``oci-layer-<diff_id>``.
 
@@ -240,6 +241,11 @@ def import_layer(
     must hash to `diff_id` (unless `verify` is off); nothing is named when
     it does not. A layer already present is not read at all. Returns the
     stream's object id and what was stored.
+
+    On failure the objects it stored that nothing else needs are removed
+    (`Repository.discard_unreferenced`); with `discard` False (imports
+    running in parallel) they ride on the exception as
+    ``cfs_failed_objects`` for the caller to discard once all are done.
     """
     alg, _ = parse_digest(diff_id)
     content_id = layer_stream(diff_id)
@@ -276,10 +282,33 @@ def import_layer(
         stats.bytes_copied = writer.bytes_new
         stats.layers = 1
         verity = repo.write_stream(writer, content_id, name)
-    except BaseException:
+    except BaseException as e:
+        candidates = writer.object_refs
         writer.close()
+        if discard:
+            _discard(repo, candidates)
+        else:
+            _failed_objects(e).extend(candidates)
         raise
     return verity, stats
+
+
+def _failed_objects(e: BaseException) -> list[str]:
+    found: list[str] | None = getattr(e, "cfs_failed_objects", None)
+    if found is None:
+        found = []
+        e.cfs_failed_objects = found  # type: ignore[attr-defined]
+    return found
+
+
+def _discard(repo: Repository, candidates: list[str]) -> None:
+    """Remove the objects a failed layer import stored that nothing else
+    needs (a gzip bomb must not leave gigabytes behind); when another
+    process uses the repository they stay for `gc`."""
+    try:
+        repo.discard_unreferenced(candidates)
+    except (OSError, ComposefsError):
+        pass  # cleanup is best effort: the import's own error matters
 
 
 def _store_blob_stream(
@@ -408,7 +437,9 @@ def _fetch_layer(
             compression = layer_compression(desc.media_type)
             if compression is None:
                 raise OciError(f"unsupported layer media type {desc.media_type!r}")
-            verity, stats = import_layer(repo, diff_id, blob, compression=compression)
+            verity, stats = import_layer(
+                repo, diff_id, blob, compression=compression, discard=False
+            )
         else:
             verity, stats = _store_blob_stream(repo, desc.digest, blob)
     _report(progress, ProgressEvent("done", diff_id, total=desc.size, fetched=blob.count))
@@ -480,9 +511,14 @@ def pull_from_source(
         )
     stats = ImportStats()
     layer_refs: dict[str, str] = {}
-    for diff_id, (verity, layer_stats) in zip(
-        [j.args[3] for j in jobs], _run_parallel(jobs, workers), strict=True
-    ):
+    try:
+        results = _run_parallel(jobs, workers)
+    except BaseException as e:
+        # Every job has finished now: what the failed layer stored and
+        # nothing else needs can go (layers that completed stay for a retry).
+        _discard(repo, _failed_objects(e))
+        raise
+    for diff_id, (verity, layer_stats) in zip([j.args[3] for j in jobs], results, strict=True):
         layer_refs[diff_id] = verity
         stats.merge(layer_stats)
 

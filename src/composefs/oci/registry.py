@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import ipaddress
-import json
 import os
 import re
 import socket
@@ -43,9 +41,16 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar, cast
 
+from .. import _json
+from .._net import describe as _describe
+from .._net import is_cert_failure as _is_cert_failure
+from .._net import is_loopback, make_ssl_context, proxy_for
+from .._net import net_errors as _net_errors
+from .._net import origin as _origin
+from .._net import redact as _redact
+from .._net import ssl_error_cls as _ssl_error_cls
 from ..errors import DigestMismatch, OciError, RegistryAuthError, RegistryError
 from . import auth as _auth
 from .image import (
@@ -211,18 +216,6 @@ def parse_reference(text: str) -> Reference:
     return Reference(registry, text, tag, digest)
 
 
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 and localhost: where plain HTTP is acceptable."""
-    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(
-        ".localhost"
-    ):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 # ---------------------------------------------------------------- options
 
 
@@ -252,94 +245,14 @@ class RegistryOptions:
     max_backoff: float = 8.0
     connect_timeout: float = 30.0
     read_timeout: float = 120.0
+    #: overall limit for one blob download (``--transfer-timeout``), resumes
+    #: included; manifests, tokens and error bodies get `read_timeout` in all
+    transfer_timeout: float = 3600.0
     max_workers: int = 4
     #: directories searched for ``HOST[:PORT]/*.crt`` like podman/docker do
     certs_d: tuple[str, ...] = ("/etc/containers/certs.d", "/etc/docker/certs.d")
     proxy: str | None = None
     env: Mapping[str, str] | None = field(default=None, repr=False)
-
-
-def _no_proxy_match(host: str, port: int, no_proxy: str) -> bool:
-    """curl-style ``no_proxy``: ``*``, host names matching themselves and
-    their subdomains (a leading ``.`` or ``*.`` is optional), ``host:port``,
-    and IP addresses or CIDR networks."""
-    host = host.lower().strip("[]")
-    try:
-        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
-    except ValueError:
-        ip = None
-    for raw in no_proxy.split(","):
-        entry = raw.strip().lower()
-        if not entry:
-            continue
-        if entry == "*":
-            return True
-        if ip is not None:
-            try:
-                if ip in ipaddress.ip_network(entry.strip("[]"), strict=False):
-                    return True
-                continue
-            except ValueError:
-                pass  # not an address: maybe host:port
-        name, _, eport = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
-        if eport and eport.isdigit():
-            if int(eport) != port:
-                continue
-            entry = name
-        entry = entry.removeprefix("*").removeprefix(".")
-        if host == entry or host.endswith("." + entry):
-            return True
-    return False
-
-
-def proxy_for(url: str, options: RegistryOptions) -> str | None:
-    """The proxy URL to use for `url`, or None for a direct connection."""
-    if options.proxy is not None:
-        return options.proxy or None
-    scheme, host, port = _origin(url)
-    if is_loopback(host):
-        return None
-    env = os.environ if options.env is None else options.env
-
-    def get(name: str) -> str:
-        return env.get(name) or env.get(name.upper()) or ""
-
-    proxy = get(f"{scheme}_proxy") or get("all_proxy")
-    if not proxy or _no_proxy_match(host, port, get("no_proxy")):
-        return None
-    return proxy if "://" in proxy else "http://" + proxy
-
-
-def _make_ssl_context(opts: RegistryOptions, hostport: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()  # honours SSL_CERT_FILE / SSL_CERT_DIR
-    if not opts.tls_verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-    dirs: list[Path] = []
-    if opts.cert_dir:
-        d = Path(opts.cert_dir)
-        if not d.is_dir():
-            raise RegistryError(f"certificate directory not found: {d}")
-        dirs.append(d)
-    for base in opts.certs_d:
-        d = Path(base) / hostport
-        if d.is_dir():
-            dirs.append(d)
-    try:
-        if opts.ca_file:
-            ctx.load_verify_locations(cafile=opts.ca_file)
-        for d in dirs:
-            for crt in sorted(d.glob("*.crt")):
-                ctx.load_verify_locations(cafile=str(crt))
-            for cert in sorted(d.glob("*.cert")):
-                key = cert.with_suffix(".key")
-                if not key.exists():
-                    raise RegistryError(f"client certificate {cert} has no matching {key.name}")
-                ctx.load_cert_chain(str(cert), str(key))
-    except (ssl.SSLError, OSError) as e:
-        raise RegistryError(f"cannot load TLS certificates: {e}") from None
-    return ctx
 
 
 # ---------------------------------------------------------------- HTTP client
@@ -353,70 +266,11 @@ _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 
 
-def _net_errors() -> tuple[type[BaseException], ...]:
-    import http.client
-
-    import urllib3.exceptions as ue
-
-    return (
-        ue.ProtocolError,
-        ue.TimeoutError,
-        ue.NewConnectionError,
-        ue.ProxyError,
-        ue.DecodeError,
-        http.client.HTTPException,
-        ConnectionError,
-        socket.timeout,
-    )
-
-
-def _ssl_error_cls() -> type[BaseException]:
-    import urllib3.exceptions as ue
-
-    return ue.SSLError
-
-
-def _describe(e: BaseException) -> str:
-    """One line for a network exception (urllib3's are verbose and nested)."""
-    inner: BaseException = e
-    for attr in ("reason", "__context__"):
-        nxt = getattr(inner, attr, None)
-        if isinstance(nxt, BaseException):
-            inner = nxt
-    text = str(inner) or type(inner).__name__
-    if isinstance(e, _ssl_error_cls()) and e.args and isinstance(e.args[0], BaseException):
-        text = str(e.args[0])
-    # urllib3 prefixes "<HTTPConnection object at 0x..>: "
-    text = re.sub(r"<[^>]*object at 0x[0-9a-f]+>:\s*", "", text)
-    return " ".join(text.split())
-
-
-def _is_cert_failure(e: BaseException) -> bool:
-    for cand in (e, *(e.args or ())):
-        if isinstance(cand, ssl.SSLCertVerificationError):
-            return True
-    return "CERTIFICATE_VERIFY_FAILED" in str(e)
-
-
-def _redact(url: str) -> str:
-    """A URL without its password (for messages)."""
-    p = urllib.parse.urlsplit(url)
-    if p.password is None:
-        return url
-    return p._replace(netloc=p.netloc.replace(":" + p.password + "@", ":***@")).geturl()
-
-
-def _origin(url: str) -> tuple[str, str, int]:
-    p = urllib.parse.urlsplit(url)
-    port = p.port or (443 if p.scheme == "https" else 80)
-    return p.scheme, (p.hostname or "").lower(), port
-
-
 def _registry_error_text(body: bytes) -> str:
     """The human part of a registry's JSON error body, if any."""
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        doc = _json.loads(body, "error body", RegistryError)
+    except RegistryError:
         return ""
     errs = doc.get("errors") if isinstance(doc, dict) else None
     if not isinstance(errs, list):
@@ -500,7 +354,7 @@ class RegistryClient:
     def _ensure_tls(self) -> None:
         with self._tls_lock:
             if not self._tls_ready:
-                self._ssl_context = _make_ssl_context(self.options, self.api_host)
+                self._ssl_context = make_ssl_context(self.options, self.api_host, RegistryError)
                 for pool in (self._pool, *self._proxied.values()):
                     pool.connection_pool_kw["ssl_context"] = self._ssl_context
                 self._tls_ready = True
@@ -559,17 +413,23 @@ class RegistryClient:
         """Token requests for the Authenticator: same TLS rules, retries, no redirects with creds."""
         scheme, host, _ = _origin(url)
         sends_creds = any(k.lower() == "authorization" for k in headers)
+        # Credentials go to a token server over HTTPS, or in plain HTTP only
+        # to the registry's own host (or anywhere with --tls-verify=false).
+        own_host = (
+            _origin(self._base)[1] if self._base else split_host_port(self.api_host)[0].lower()
+        )
         if (
             sends_creds
             and scheme != "https"
-            and not (is_loopback(host) or not self.options.tls_verify)
+            and not (host == own_host.strip("[]") or not self.options.tls_verify)
         ):
             raise RegistryAuthError(
-                f"{self.registry}: refusing to send credentials to a plain-HTTP token server {host}"
+                f"{self.registry}: refusing to send credentials to a plain-HTTP token server "
+                f"{host} that is not the registry's host"
             )
         resp = self._request("GET", url, headers=headers, scope=None, auth=False)
         try:
-            body = _read_limited(resp, MAX_JSON_SIZE, f"{self.registry}: token response")
+            body = _read_limited(resp, MAX_JSON_SIZE, "token response", self.options)
         finally:
             resp.release_conn()
         return resp.status, body
@@ -634,7 +494,8 @@ class RegistryClient:
                     attempt += 1
                     target, hops = url, 0
                     continue
-                raise RegistryError(f"cannot reach {self.registry}: {_describe(e)}") from None
+                # the host that failed: the registry, its token server or a blob host
+                raise RegistryError(f"cannot reach {_hostport(target)}: {_describe(e)}") from None
 
             status = resp.status
             if status == 407:
@@ -689,6 +550,7 @@ class RegistryClient:
                 attempt += 1
                 target, hops = url, 0
                 continue
+            resp.url = target  # where it came from: errors name that host
             return resp
 
     # -- endpoints ---------------------------------------------------------------
@@ -764,7 +626,7 @@ class RegistryClient:
         try:
             if resp.status != 200:
                 raise _status_error(resp, what, "manifest")
-            body = _read_limited(resp, MAX_JSON_SIZE, f"{what}: manifest")
+            body = _read_limited(resp, MAX_JSON_SIZE, f"{what}: manifest", self.options)
             ctype = resp.headers.get("Content-Type")
             header_digest = resp.headers.get("Docker-Content-Digest")
         finally:
@@ -934,13 +796,78 @@ def _discard(resp: urllib3.BaseHTTPResponse) -> None:
         resp.close()
 
 
-def _read_limited(resp: urllib3.BaseHTTPResponse, limit: int, what: str) -> bytes:
+class _Deadline:
+    """An overall time limit for one transfer. Each read on the response's
+    socket waits at most what is left (and never longer than the read
+    timeout), so neither a trickle of bytes nor a stalled body (a
+    Content-Length larger than what is sent) keeps a transfer alive longer."""
+
+    __slots__ = ("end", "read_timeout", "seconds")
+
+    def __init__(self, seconds: float, read_timeout: float) -> None:
+        self.seconds = seconds
+        self.read_timeout = read_timeout
+        self.end = time.monotonic() + seconds
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.end
+
+    def arm(self, resp: urllib3.BaseHTTPResponse) -> bool:
+        """Bound the next read; False once the deadline has passed."""
+        left = self.end - time.monotonic()
+        if left <= 0:
+            return False
+        sock = _socket_of(resp)
+        if sock is not None:
+            sock.settimeout(min(self.read_timeout, max(left, 0.01)))
+        return True
+
+    def error(self, resp: urllib3.BaseHTTPResponse | None, what: str, knob: str) -> RegistryError:
+        url = resp.url if resp is not None else None
+        where = f"{_hostport(url)}: " if url else ""
+        return RegistryError(
+            f"{where}{what}: transfer not finished after {self.seconds:g} s ({knob})"
+        )
+
+
+def _socket_of(resp: urllib3.BaseHTTPResponse) -> socket.socket | None:
+    """The socket a response body is read from: the connection's, or (once
+    http.client detached it for a ``Connection: close`` answer) the one
+    under the response's own file object."""
+    sock = getattr(getattr(resp, "connection", None), "sock", None)
+    if sock is None:
+        raw = getattr(getattr(getattr(resp, "_fp", None), "fp", None), "raw", None)
+        sock = getattr(raw, "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _hostport(url: str) -> str:
+    p = urllib.parse.urlsplit(url)
+    host = p.hostname or "?"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{p.port}" if p.port else host
+
+
+def _read_limited(
+    resp: urllib3.BaseHTTPResponse, limit: int, what: str, options: RegistryOptions
+) -> bytes:
+    """A small document (manifest, token, error): at most `limit` bytes,
+    complete within the read timeout."""
+    deadline = _Deadline(options.read_timeout, options.read_timeout)
     buf = bytearray()
     while True:
+        if not deadline.arm(resp):
+            resp.close()
+            raise deadline.error(resp, what, "read timeout")
         try:
-            chunk = resp.read(min(_CHUNK, limit + 1 - len(buf)))
+            chunk = resp.read1(min(_CHUNK, limit + 1 - len(buf)))
         except _net_errors() as e:
-            raise RegistryError(f"{what}: download failed: {_describe(e)}") from None
+            if deadline.expired():
+                resp.close()
+                raise deadline.error(resp, what, "read timeout") from None
+            where = f"{_hostport(resp.url)}: " if resp.url else ""
+            raise RegistryError(f"{where}{what}: download failed: {_describe(e)}") from None
         if not chunk:
             return bytes(buf)
         buf += chunk
@@ -969,10 +896,7 @@ def _status_error(resp: urllib3.BaseHTTPResponse, what: str, kind: str) -> Regis
 
 def _sniff_media_type(body: bytes, declared: str | None, what: str) -> str:
     """Media type from the JSON when the header is missing or generic."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RegistryError(f"{what}: malformed manifest JSON ({e})") from None
+    doc = _json.loads(body, f"{what}: manifest", RegistryError)
     if not isinstance(doc, dict):
         raise RegistryError(f"{what}: malformed manifest JSON (not an object)")
     mt = doc.get("mediaType")
@@ -1041,6 +965,7 @@ class BlobStream(io.RawIOBase):
         # No declared size (rare: only for callers that do not know it): cap
         # at something sane so a hostile server cannot stream forever.
         self._limit = size if size is not None else MAX_JSON_SIZE
+        self._deadline = _Deadline(client.options.transfer_timeout, client.options.read_timeout)
 
     @property
     def position(self) -> int:
@@ -1099,9 +1024,15 @@ class BlobStream(io.RawIOBase):
         while True:
             resp = self._resp
             assert resp is not None
+            if not self._deadline.arm(resp):
+                self._fail(self._deadline.error(resp, self._what, "--transfer-timeout"))
             try:
-                return resp.read(n)
+                # read1: one socket read, so the deadline is checked between
+                # trickled bytes (read(n) would wait for all n of them)
+                return resp.read1(n)
             except net_errors as e:
+                if self._deadline.expired():
+                    self._fail(self._deadline.error(resp, self._what, "--transfer-timeout"))
                 self._reopen(f"{_describe(e)}")
 
     def _resume_after_short(self) -> bytes:
@@ -1118,6 +1049,8 @@ class BlobStream(io.RawIOBase):
             self._resp.close()
             self._resp = None
         client = self._client
+        if self._deadline.expired():
+            self._fail(self._deadline.error(None, self._what, "--transfer-timeout"))
         if self._attempt >= client.options.retries:
             self._fail(
                 RegistryError(

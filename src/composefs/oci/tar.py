@@ -43,6 +43,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .. import limits
 from ..errors import TarFormatError
 
 BLOCK = 512
@@ -122,8 +123,7 @@ _FILE_TYPES = {
 
 
 def _show(name: bytes) -> str:
-    text = name.decode("utf-8", "backslashreplace")
-    return text if len(text) <= 200 else text[:200] + "..."
+    return limits.show(name)
 
 
 # -- numbers ----------------------------------------------------------------
@@ -233,7 +233,12 @@ def parse_pax(data: bytes) -> list[tuple[bytes, bytes]]:
 
 def _pax_uint(value: bytes, key: str) -> int:
     if not value.isdigit():
-        raise TarFormatError(f"tar: invalid PAX {key} {value[:30]!r}")
+        raise TarFormatError(f"tar: invalid PAX {key} {_show(value[:30])}")
+    if len(value) > 20:
+        value = value.lstrip(b"0") or b"0"
+        if len(value) > 20:
+            # beyond 2**64 (and int() refuses more than 4300 digits anyway)
+            raise TarFormatError(f"tar: PAX {key} out of range")
     v = int(value)
     if v > 0xFFFF_FFFF_FFFF_FFFF:
         raise TarFormatError(f"tar: PAX {key} out of range")
@@ -353,6 +358,10 @@ def _cstr(b: bytes) -> bytes:
     return b if nul < 0 else b[:nul]
 
 
+def _components(path: bytes) -> int:
+    return sum(1 for p in path.split(b"/") if p and p != b".")
+
+
 def _make_entry(
     hdr: tuple[bytes, ...],
     is_ustar: bool,
@@ -427,6 +436,13 @@ def _make_entry(
         raise TarFormatError(f"tar: {kind} entry {_show(path)} has a nonzero size")
     if kind in (SYMLINK, HARDLINK) and not link:
         raise TarFormatError(f"tar: {kind} {_show(path)} has an empty target")
+    # The rules the image reader applies (composefs.limits), checked at import.
+    if path.count(b"/") >= limits.MAX_DEPTH and _components(path) > limits.MAX_DEPTH:
+        raise TarFormatError(f"tar: {_show(path)}: {limits.depth_error()}")
+    for name, value in xattrs.items():
+        problem = limits.xattr_problem(name, value, kind == REG)
+        if problem is not None:
+            raise TarFormatError(f"tar: {_show(path)}: {problem}")
     # Positional: measurably cheaper than keywords, once per entry.
     return TarEntry(
         path, kind, mode & 0o7777, uid, gid, mtime, mtime_nsec, size,
@@ -532,6 +548,11 @@ class ContentReader:
         return len(data)
 
 
+# What may follow the end-of-archive marker: record padding (tar's
+# blocking factor, 10 KiB by default; 1 MiB covers `tar -b 2048`).
+TRAILER_MAX = 1 << 20
+
+
 def split_tar(
     src: Readable, sink: SplitSink, *, inline_max: int = INLINE_MAX, block: int = 1 << 20
 ) -> int:
@@ -540,6 +561,12 @@ def split_tar(
     Concatenating every `inline` piece and every external content in call
     order reproduces the input exactly. Memory use is bounded by `block`
     plus the largest header run (at most ~1 MiB of extension records).
+
+    Up to `TRAILER_MAX` bytes after the end-of-archive marker are kept (so
+    the layer is still reproduced byte for byte and matches its diff_id);
+    more is a `TarFormatError`, read no further: no legitimate tar carries
+    it, and a compressed layer of zeros after its end would otherwise be
+    stored in full.
     """
     buf = _Buffer(src, block)
     count = 0
@@ -556,9 +583,15 @@ def split_tar(
         sink.inline(buf.take(amount))
         if ev == END:
             # Record padding (or anything else) after the end marker.
-            if len(buf):
-                sink.inline(buf.take(len(buf)))
-            while data := src.read(block):
+            trailer = len(buf)
+            if trailer > TRAILER_MAX:
+                raise _trailer_error()
+            if trailer:
+                sink.inline(buf.take(trailer))
+            while data := src.read(min(block, TRAILER_MAX + 1 - trailer)):
+                trailer += len(data)
+                if trailer > TRAILER_MAX:
+                    raise _trailer_error()
                 sink.inline(data)
             return count
         if ev != ENTRY:
@@ -578,6 +611,12 @@ def split_tar(
             if not buf.fill(pad):
                 raise TarFormatError(f"tar: archive is truncated (in {_show(entry.path)})")
             sink.inline(buf.take(pad))
+
+
+def _trailer_error() -> TarFormatError:
+    return TarFormatError(
+        f"tar: more than {TRAILER_MAX} bytes after the end-of-archive marker (not stored)"
+    )
 
 
 # -- reading back ---------------------------------------------------------------------

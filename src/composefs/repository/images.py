@@ -49,11 +49,33 @@ class ImageStore:
             self.objects.symlink(f"images/refs/{name}", f"images/{object_id}")
 
     def import_image(self, source: BinaryIO | IO[bytes], name: str | None = None) -> str:
-        """Store an image read from `source` (streamed); returns its id."""
+        """Store an image read from `source`; returns its id.
+
+        The image is checked with the image reader first (as every reader of
+        the repository will read it: fsck, gc, mount): anything it refuses
+        (empty input, garbage, a corrupt or hostile image, one over 1 GiB) is
+        an `ImageError` and nothing is stored."""
+        from ..erofs.reader import MAX_IMAGE_SIZE, read_image
+        from ..errors import ImageError
+
         self.objects.ensure_writable()
         if name is not None:
             _check_relpath(name, "image name")
-        object_id = self.objects.ensure_object_from_stream(source)
+        # An image is metadata only and read whole by every reader anyway.
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := source.read(1 << 20):
+            size += len(chunk)
+            if size > MAX_IMAGE_SIZE:
+                raise ImageError(f"import-image: input larger than {MAX_IMAGE_SIZE} bytes")
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        del chunks
+        try:
+            read_image(data)
+        except ImageError as e:
+            raise ImageError(f"import-image: {e}") from None
+        object_id = self.objects.ensure_object(data)
         self._link_image(object_id, name)
         return object_id
 

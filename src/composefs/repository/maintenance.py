@@ -42,6 +42,11 @@ class GcResult:
     images_pruned: int = 0
     streams_pruned: int = 0
     removed_objects: list[str] = field(default_factory=list)
+    #: images/streams that could not be read: (path, reason). gc went on,
+    #: keeping whatever they might reference (see `Maintenance.gc`).
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    #: an unreadable stream made gc keep every object and link
+    kept_everything: bool = False
 
     def to_reply(self) -> dict[str, int]:
         """The varlink `GcResult` fields."""
@@ -238,6 +243,26 @@ class Maintenance:
                     if target is not None:
                         todo.append(target)
 
+    def _image_refs(self, name: str, result: GcResult) -> set[str]:
+        """Objects image `name` references. An image the reader refuses is
+        reported and scanned instead: every object id that appears in it as a
+        backing path or a metacopy digest is kept (never delete what it
+        might need); if it cannot even be read, everything is kept."""
+        path = f"images/{name}"
+        try:
+            data = self._read_entry(path)
+        except OSError as e:
+            result.unreadable.append((path, _msg(e)))
+            result.kept_everything = True
+            return set()
+        try:
+            return set(self.images.image_objects(data))
+        except ComposefsError as e:
+            from ..erofs.reader import scan_references
+
+            result.unreadable.append((path, str(e)))
+            return scan_references(data)
+
     def gc(
         self, roots: Iterable[str] = (), *, dry_run: bool = False, wait: bool = True
     ) -> GcResult:
@@ -249,6 +274,12 @@ class Maintenance:
         ``ALG:<hex>`` or hex, ``refs/NAME``, a bare ref NAME, a stream's
         name or object id); a root that names no image or stream is an
         error, raised before anything is deleted.
+
+        A bad image or stream never stops it: each is reported in
+        `GcResult.unreadable`. An image the reader refuses keeps alive every
+        object its bytes name (`erofs.reader.scan_references`); an unreadable
+        stream (or image file) keeps every object and link
+        (`GcResult.kept_everything`): gc is conservative, never unsafe.
 
         Takes the exclusive lock (waits for other users unless `wait` is
         False) — except `dry_run`, which only reports and keeps the shared
@@ -263,6 +294,8 @@ class Maintenance:
             try:
                 fcntl.flock(self.objects.dirfd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
+                # the failed conversion dropped our shared lock: take it back
+                fcntl.flock(self.objects.dirfd, fcntl.LOCK_SH)
                 raise RepositoryError("repository is in use (try again later)") from None
         try:
             return self._gc(set(roots), dry_run)
@@ -298,6 +331,59 @@ class Maintenance:
                 raise RepositoryError(f"gc root {root!r} names no image or stream")
         return image_roots, stream_roots
 
+    def discard_unreferenced(self, candidates: Iterable[str]) -> int:
+        """Remove those of `candidates` (objects an operation that then
+        failed wrote, e.g. a layer whose diff_id did not match) that nothing
+        stored refers to; returns how many went.
+
+        Only when no other process uses the repository (the exclusive lock
+        is tried, not waited for): otherwise they stay, unreferenced, for
+        the next `gc`. Every image and stream present counts as a root here
+        (named or not), so this never takes what a later gc would keep or
+        what a stored but untagged layer needs."""
+        wanted = {c for c in candidates if _is_hex_id(c, self.objects.algorithm)}
+        if not wanted or self.objects.read_only_features:
+            return 0
+        try:
+            fcntl.flock(self.objects.dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # A failed conversion has dropped our shared lock (flock(2)):
+            # take it back before going on.
+            fcntl.flock(self.objects.dirfd, fcntl.LOCK_SH)
+            return 0
+        try:
+            result = GcResult()
+            live: set[str] = set()
+            images = self._category_entries("images")
+            for name, image_id in sorted(images.items()):
+                if image_id is not None and self.objects.has_object(image_id):
+                    live.add(image_id)
+                    live.update(self._image_refs(name, result))
+            streams = self._category_entries("streams")
+            by_id = {oid: name for name, oid in streams.items() if oid is not None}
+            walked: set[str] = set()
+            for name, stream_id in sorted(streams.items()):
+                if stream_id is None or not self.objects.has_object(stream_id):
+                    continue
+                live.add(stream_id)
+                try:
+                    self._walk_streams(name, by_id, walked, live)
+                except (OSError, ComposefsError):
+                    return 0  # references unknown: keep everything
+            if result.kept_everything:
+                return 0
+            removed = 0
+            objects = self.objects.objects_fd()
+            for object_id in sorted(wanted - live):
+                try:
+                    os.unlink(self.objects.object_relpath(object_id), dir_fd=objects)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+            return removed
+        finally:
+            fcntl.flock(self.objects.dirfd, fcntl.LOCK_SH)
+
     def _gc(self, extra_roots: set[str], dry_run: bool) -> GcResult:
         result = GcResult()
         live: set[str] = set()
@@ -311,7 +397,7 @@ class Maintenance:
             if image_id is None or not self.objects.has_object(image_id):
                 continue  # dangling: pruned below
             live.add(image_id)
-            live.update(self.images.image_objects(self._read_entry(f"images/{name}")))
+            live.update(self._image_refs(name, result))
 
         by_id = {oid: name for name, oid in streams.items() if oid is not None}
         root_streams = (self._ref_targets("streams") | extra_streams) & streams.keys()
@@ -321,14 +407,27 @@ class Maintenance:
             if stream_id is None or not self.objects.has_object(stream_id):
                 continue
             live.add(stream_id)
-            self._walk_streams(name, by_id, walked, live)
+            try:
+                self._walk_streams(name, by_id, walked, live)
+            except (OSError, ComposefsError) as e:
+                # Its references are unknown (a stream is compressed, no
+                # scan can recover them): keep everything, report it.
+                result.unreadable.append((f"streams/{name}", _msg(e)))
+                result.kept_everything = True
 
         # An image kept alive only by a stream's named ref (OCI
         # `composefs.image`) keeps its files too, so it stays mountable
         # (composefs-rs keeps just the image object).
         for name, image_id in sorted(images.items()):
             if name not in root_images and image_id in live and self.objects.has_object(image_id):
-                live.update(self.images.image_objects(self._read_entry(f"images/{name}")))
+                live.update(self._image_refs(name, result))
+        if result.kept_everything:
+            # only links to missing objects (always safe) go
+            result.images_pruned = self._prune_links("images", dry_run)
+            result.streams_pruned = self._prune_links("streams", dry_run)
+            if not dry_run:
+                self._remove_stale_temporaries()
+            return result
 
         # Unlink the names of what is about to go first: a crash then leaves
         # unreferenced objects (harmless), never dangling links.

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import fsverity
+from .. import _json, fsverity
 from ..errors import (
     ComposefsError,
     RepositoryError,
@@ -192,10 +192,7 @@ class RepoMetadata:
 
     @classmethod
     def from_json(cls, data: bytes) -> RepoMetadata:
-        try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RepositoryError(f"failed to parse {REPO_METADATA_FILENAME}: {e}") from None
+        doc = _json.loads(data, f"failed to parse {REPO_METADATA_FILENAME}", RepositoryError)
         try:
             if not isinstance(doc, dict):
                 raise TypeError("not a JSON object")

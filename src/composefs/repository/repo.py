@@ -320,4 +320,5 @@ class Repository:
 
     # Maintenance
     gc = _via(_maintenance, Maintenance.gc)
+    discard_unreferenced = _via(_maintenance, Maintenance.discard_unreferenced)
     fsck = _via(_maintenance, Maintenance.fsck)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from collections.abc import Callable
 from typing import IO, BinaryIO, TypeVar
 
 from .. import fsverity
 from ..errors import NotFoundError, RepositoryError
-from ..splitstream import SplitStreamReader, SplitStreamWriter, Writable
+from ..splitstream import _SPOOL_MEM_MAX, SplitStreamReader, SplitStreamWriter, Writable
 from ._fs import _check_relpath, _exists, _is_hex_id
 from .objects import FdWriter, ObjectStore, TmpObject
 
@@ -28,7 +29,14 @@ class RepoStreamWriter(SplitStreamWriter):
     `StreamStore.write_stream` (or `StreamStore.store_stream`)."""
 
     def __init__(self, repo: ObjectStore, content_type: int) -> None:
-        super().__init__(repo.algorithm, content_type)
+        # Spools (long inline runs, the compressed stream) go to anonymous
+        # files inside the repository, never to $TMPDIR.
+        objects_dir = repo.objects_dir
+
+        def spool() -> IO[bytes]:
+            return tempfile.SpooledTemporaryFile(max_size=_SPOOL_MEM_MAX, dir=objects_dir)
+
+        super().__init__(repo.algorithm, content_type, spool=spool)
         self.repo = repo
         # What the external writes stored: new objects (and their bytes)
         # and objects that were already present.

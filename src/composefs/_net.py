@@ -1,0 +1,188 @@
+"""Network plumbing shared by the HTTP clients (OCI registries, composefs
+HTTP fetch): TLS contexts with the podman/docker CA conventions, proxy
+selection (``https_proxy``/``no_proxy``), loopback detection and one-line
+descriptions of urllib3's nested exceptions."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import ssl
+import urllib.parse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+from .errors import ComposefsError
+
+
+class NetOptions(Protocol):
+    """What `proxy_for` and `make_ssl_context` read from a client's options."""
+
+    tls_verify: bool
+    cert_dir: str | None
+    ca_file: str | None
+    certs_d: tuple[str, ...]
+    proxy: str | None
+    env: Mapping[str, str] | None
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost: where plain HTTP is acceptable."""
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(
+        ".localhost"
+    ):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def no_proxy_match(host: str, port: int, no_proxy: str) -> bool:
+    """curl-style ``no_proxy``: ``*``, host names matching themselves and
+    their subdomains (a leading ``.`` or ``*.`` is optional), ``host:port``,
+    and IP addresses or CIDR networks."""
+    host = host.lower().strip("[]")
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    for raw in no_proxy.split(","):
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        if ip is not None:
+            try:
+                if ip in ipaddress.ip_network(entry.strip("[]"), strict=False):
+                    return True
+                continue
+            except ValueError:
+                pass  # not an address: maybe host:port
+        name, _, eport = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if eport and eport.isdigit():
+            if int(eport) != port:
+                continue
+            entry = name
+        entry = entry.removeprefix("*").removeprefix(".")
+        if host == entry or host.endswith("." + entry):
+            return True
+    return False
+
+
+def proxy_for(url: str, options: NetOptions) -> str | None:
+    """The proxy URL to use for `url`, or None for a direct connection."""
+    if options.proxy is not None:
+        return options.proxy or None
+    scheme, host, port = origin(url)
+    if is_loopback(host):
+        return None
+    env = os.environ if options.env is None else options.env
+
+    def get(name: str) -> str:
+        return env.get(name) or env.get(name.upper()) or ""
+
+    proxy = get(f"{scheme}_proxy") or get("all_proxy")
+    if not proxy or no_proxy_match(host, port, get("no_proxy")):
+        return None
+    return proxy if "://" in proxy else "http://" + proxy
+
+
+def make_ssl_context(
+    opts: NetOptions, hostport: str, error: type[ComposefsError] = ComposefsError
+) -> ssl.SSLContext:
+    """The TLS context for `hostport`: system CAs (``SSL_CERT_FILE``/``SSL_CERT_DIR``),
+    `opts.ca_file`, `opts.cert_dir` and ``<certs_d>/HOST:PORT`` CAs and client
+    certificates, or no verification at all without `opts.tls_verify`."""
+    ctx = ssl.create_default_context()  # honours SSL_CERT_FILE / SSL_CERT_DIR
+    if not opts.tls_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    dirs: list[Path] = []
+    if opts.cert_dir:
+        d = Path(opts.cert_dir)
+        if not d.is_dir():
+            raise error(f"certificate directory not found: {d}")
+        dirs.append(d)
+    for base in opts.certs_d:
+        d = Path(base) / hostport
+        if d.is_dir():
+            dirs.append(d)
+    try:
+        if opts.ca_file:
+            ctx.load_verify_locations(cafile=opts.ca_file)
+        for d in dirs:
+            for crt in sorted(d.glob("*.crt")):
+                ctx.load_verify_locations(cafile=str(crt))
+            for cert in sorted(d.glob("*.cert")):
+                key = cert.with_suffix(".key")
+                if not key.exists():
+                    raise error(f"client certificate {cert} has no matching {key.name}")
+                ctx.load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError) as e:
+        raise error(f"cannot load TLS certificates: {e}") from None
+    return ctx
+
+
+def net_errors() -> tuple[type[BaseException], ...]:
+    import http.client
+
+    import urllib3.exceptions as ue
+
+    return (
+        ue.ProtocolError,
+        ue.TimeoutError,
+        ue.NewConnectionError,
+        ue.ProxyError,
+        ue.DecodeError,
+        http.client.HTTPException,
+        ConnectionError,
+        socket.timeout,
+    )
+
+
+def ssl_error_cls() -> type[BaseException]:
+    import urllib3.exceptions as ue
+
+    return ue.SSLError
+
+
+def describe(e: BaseException) -> str:
+    """One line for a network exception (urllib3's are verbose and nested)."""
+    inner: BaseException = e
+    for attr in ("reason", "__context__"):
+        nxt = getattr(inner, attr, None)
+        if isinstance(nxt, BaseException):
+            inner = nxt
+    text = str(inner) or type(inner).__name__
+    if isinstance(e, ssl_error_cls()) and e.args and isinstance(e.args[0], BaseException):
+        text = str(e.args[0])
+    # urllib3 prefixes "<HTTPConnection object at 0x..>: "
+    text = re.sub(r"<[^>]*object at 0x[0-9a-f]+>:\s*", "", text)
+    return " ".join(text.split())
+
+
+def is_cert_failure(e: BaseException) -> bool:
+    for cand in (e, *(e.args or ())):
+        if isinstance(cand, ssl.SSLCertVerificationError):
+            return True
+    return "CERTIFICATE_VERIFY_FAILED" in str(e)
+
+
+def redact(url: str) -> str:
+    """A URL without its password (for messages)."""
+    p = urllib.parse.urlsplit(url)
+    if p.password is None:
+        return url
+    return p._replace(netloc=p.netloc.replace(":" + p.password + "@", ":***@")).geturl()
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    p = urllib.parse.urlsplit(url)
+    port = p.port or (443 if p.scheme == "https" else 80)
+    return p.scheme, (p.hostname or "").lower(), port

@@ -1,0 +1,73 @@
+"""Interrupted fetches (``kill -9``, Ctrl-C) leave only complete objects and
+no name; the same command again fetches only what is missing."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from httptestlib import REF, TAG, Served, Source, assert_untouched, cfsctl, count_objects, make_repo
+
+import hostile as H
+from composefs.oci import storage
+from composefs.repository import Repository
+
+
+def _interrupt_midway(
+    served: Served, tmp_path: Path, sig: int
+) -> tuple[H.State, H.Server, Path, int, int]:
+    state = H.State(served.published_dir, delay=0.1)
+    srv = H.Server(state)
+    repo = tmp_path / "r"
+    make_repo(repo).close()
+    p = subprocess.Popen(
+        [sys.executable, "-m", "composefs.cli.cfsctl", "--repo", str(repo),
+         "fetch", "--jobs", "2", srv.url, REF],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while count_objects(repo) < 12:
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=30)
+    return state, srv, repo, p.returncode, err
+
+
+def _resume(state: H.State, srv: H.Server, repo: Path, source: Source) -> None:
+    with Repository.open(repo) as r:
+        assert_untouched(r)
+    have = count_objects(repo)
+    state.delay = 0
+    with state.lock:
+        state.requests.clear()
+    try:
+        p = cfsctl("--repo", str(repo), "fetch", srv.url, REF)
+    finally:
+        srv.stop()
+    assert p.returncode == 0, p.stderr
+    # Only what was missing was asked for.
+    assert state.count("objects/") == count_objects(repo) - have
+    assert f"{state.count('objects/')} objects" in p.stderr
+    with Repository.open(repo) as r:
+        assert [(i.name, i.manifest_digest) for i in storage.list_images(r)] == [
+            (TAG, source.image.manifest_digest)
+        ]
+        assert r.fsck().ok
+
+
+def test_kill_9_then_resume(served: Served, source: Source, tmp_path: Path) -> None:
+    state, srv, repo, rc, _ = _interrupt_midway(served, tmp_path, signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    _resume(state, srv, repo, source)
+
+
+def test_ctrl_c_then_resume(served: Served, source: Source, tmp_path: Path) -> None:
+    state, srv, repo, rc, err = _interrupt_midway(served, tmp_path, signal.SIGINT)
+    assert rc == 130
+    assert err == "cfsctl: interrupted\n"
+    _resume(state, srv, repo, source)
