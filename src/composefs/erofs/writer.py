@@ -182,8 +182,9 @@ def _bad_name(name: bytes) -> TreeError:
 
 def _scan(root: Directory) -> tuple[dict[int, int], dict[int, tuple[int, bytes]]]:
     """Name count of every leaf (by id) and, for leaves with several names,
-    the (directory id, name) of the first one in depth-first sorted order.
-    Rejects hardlinked directories, cycles and invalid names."""
+    the (directory id, name) where C places the inode: the leaf's `primary`
+    path when it still names the leaf, else the first name in depth-first
+    sorted order. Rejects hardlinked directories, cycles and invalid names."""
     counts: dict[int, int] = {}
     get = counts.get
     seen_dirs = {id(root)}
@@ -210,16 +211,25 @@ def _scan(root: Directory) -> tuple[dict[int, int], dict[int, tuple[int, bytes]]
     first: dict[int, tuple[int, bytes]] = {}
     if multi:
         # only hardlinks need the (slower) depth-first sorted walk
-        dstack = [root]
+        at_primary: set[int] = set()
+        dstack: list[tuple[Directory, bytes]] = [(root, b"")]
         while dstack:
-            d = dstack.pop()
+            d, dpath = dstack.pop()
             did = id(d)
             subdirs = []
             for name, child in sorted(d.entries.items()):
                 if isinstance(child, Directory):
-                    subdirs.append(child)
-                elif counts[id(child)] > 1 and id(child) not in first:
-                    first[id(child)] = (did, name)
+                    subdirs.append((child, dpath + b"/" + name))
+                    continue
+                lid = id(child)
+                if counts[lid] < 2 or lid in at_primary:
+                    continue
+                primary = child.primary
+                if primary is not None and primary == dpath + b"/" + name:
+                    first[lid] = (did, name)
+                    at_primary.add(lid)
+                elif lid not in first:
+                    first[lid] = (did, name)
             dstack.extend(reversed(subdirs))
     return counts, first
 

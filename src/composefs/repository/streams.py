@@ -17,7 +17,7 @@ from typing import IO, BinaryIO, TypeVar
 from .. import fsverity
 from ..errors import NotFoundError, RepositoryError
 from ..splitstream import _SPOOL_MEM_MAX, SplitStreamReader, SplitStreamWriter, Writable
-from ._fs import _check_relpath
+from ._fs import _check_relpath, _exists, _is_hex_id
 from .objects import FdWriter, ObjectStore, TmpObject
 
 T = TypeVar("T")
@@ -38,17 +38,33 @@ class RepoStreamWriter(SplitStreamWriter):
 
         super().__init__(repo.algorithm, content_type, spool=spool)
         self.repo = repo
+        # What the external writes stored: new objects (and their bytes)
+        # and objects that were already present.
+        self.objects_new = 0
+        self.objects_present = 0
+        self.bytes_new = 0
+
+    def _count(self, new: bool, size: int) -> None:
+        if new:
+            self.objects_new += 1
+            self.bytes_new += size
+        else:
+            self.objects_present += 1
 
     def write_external(self, data: bytes | bytearray | memoryview) -> str:
         """Store `data` as an object and append a reference to it."""
-        object_id = self.repo.store_bytes(data, check_writable=False)
+        object_id, new = self.repo.store_bytes_counted(data, check_writable=False)
+        self._count(new, len(data))
         self.write_reference(object_id, len(data))
         return object_id
 
     def write_external_stream(self, source: BinaryIO | IO[bytes], size: int | None = None) -> str:
         """Store `size` bytes (or everything) read from `source` as an object
         and append a reference to it; bounded memory."""
-        object_id, n = self.repo.store_from_stream(source, size, check_writable=False)
+        object_id, n, new = self.repo.store_from_stream_counted(
+            source, size, check_writable=False
+        )
+        self._count(new, n)
         self.write_reference(object_id, n)
         return object_id
 
@@ -204,8 +220,20 @@ class StreamStore:
         verity: str | None = None,
         expected_content_type: int | None = None,
     ) -> SplitStreamReader:
-        """Open splitstream `name` (content id or ``refs/…``), or by object id
+        """Open splitstream `name` (content id, ``refs/…`` or a bare ref
+        name, or its object id as ``ALG:<hex>`` or hex), or by object id
         `verity` (verified in a secure repository). Close the reader after use."""
+        if verity is None:
+            alg = self.objects.algorithm
+            prefix, sep, rest = name.partition(":")
+            if sep and prefix == alg and _is_hex_id(rest, alg):
+                verity = rest
+            elif "/" not in name and "\0" not in name and name not in ("", ".", ".."):
+                if not _exists(self.objects.dirfd, f"streams/{name}"):
+                    if _is_hex_id(name, alg):
+                        verity = name
+                    elif _exists(self.objects.dirfd, f"streams/refs/{name}"):
+                        name = f"refs/{name}"
         if verity is not None:
             fd = self.objects.open_object(verity)
         else:
