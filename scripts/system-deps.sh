@@ -1,8 +1,12 @@
 #!/bin/sh
 # Install the Debian packages composefs's tests and demo need, only when missing.
 # Usage: system-deps.sh [demo]   (demo: just what `make demo` needs)
+# SYSTEM_DEPS_EXTRA="PKG ...": more packages to install with them.
+# Another apt or dpkg at work (unattended-upgrades, a second shell) is waited
+# for, up to SYSTEM_DEPS_LOCK_TIMEOUT seconds (default 300), not failed on.
 set -eu
-need=""
+need="${SYSTEM_DEPS_EXTRA:-}"
+lock_timeout="${SYSTEM_DEPS_LOCK_TIMEOUT:-300}"
 want() { # want COMMAND PACKAGE
     command -v "$1" >/dev/null 2>&1 || need="$need $2"
 }
@@ -38,6 +42,34 @@ if [ "$(id -u)" != 0 ]; then
 fi
 echo "system-deps: installing$need" >&2
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq >/dev/null
+
+# apt-get waits for the dpkg locks itself when told to (DPkg::Lock::Timeout),
+# but `update` fails at once on the lists lock: retry it while that is busy.
+apt_update() {
+    waited=0
+    while :; do
+        if out=$(apt-get -o DPkg::Lock::Timeout="$lock_timeout" update -qq 2>&1); then
+            return 0
+        fi
+        case "$out" in
+        *"Could not get lock"* | *"Unable to lock"* | *"Unable to acquire"*)
+            if [ "$waited" -ge "$lock_timeout" ]; then
+                echo "$out" >&2
+                echo "system-deps: another apt is still running after ${lock_timeout}s" >&2
+                return 1
+            fi
+            [ "$waited" = 0 ] &&
+                echo "system-deps: waiting for another apt or dpkg to finish (up to ${lock_timeout}s)" >&2
+            sleep 2
+            waited=$((waited + 2))
+            ;;
+        *)
+            echo "$out" >&2
+            return 1
+            ;;
+        esac
+    done
+}
+apt_update
 # shellcheck disable=SC2086
-apt-get install -y -qq --no-install-recommends $need >/dev/null
+apt-get -o DPkg::Lock::Timeout="$lock_timeout" install -y -qq --no-install-recommends $need >/dev/null

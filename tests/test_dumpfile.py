@@ -215,3 +215,17 @@ def test_digest_without_payload_means_no_redirect() -> None:
     back = reader.read_image(img)
     assert dumpfile.dumps(back) == text
     assert writer.mkfs(back, FormatVersion.V0) == img
+
+
+def test_empty_inline_file_is_written_with_the_none_sentinel() -> None:
+    """A library-built empty inline file (`data=b""`) is written as C writes
+    an empty file, `-`, never as an empty field (which no parser accepts)."""
+    root = Directory()
+    root.entries[b"empty"] = Leaf(root.stat.copy(), Regular(0, data=b""))
+    root.entries[b"none"] = Leaf(root.stat.copy(), Regular(0))
+    for style in ("c", "rust"):
+        out = dumpfile.dumps(root, style=style)
+        lines = out.splitlines()
+        assert lines[1] == b"/empty 0 100755 1 0 0 0 0.0 - - -", style
+        assert lines[2] == b"/none 0 100755 1 0 0 0 0.0 - - -", style
+        assert dumpfile.dumps(dumpfile.parse(out), style=style) == out

@@ -396,7 +396,7 @@ def test_cli_basedirs_and_digest(
 ) -> None:
     img, objs_a, objs_b = small_image
     good = image_digest(img)
-    opts = f"basedir={objs_a}:{objs_b},digest={good}"
+    opts = f"basedir={objs_a}:{objs_b},digest={good},insecure"  # no kernel fs-verity here
     assert mount_main(["-t", "composefs", "-o", opts, str(img), str(mnt)]) == 0
     try:
         _check_small(mnt)
@@ -415,7 +415,7 @@ def test_cli_basedirs_and_digest(
 
     wrong = ("0" if good[0] != "0" else "1") + good[1:]
     with pytest.raises(SystemExit) as ei:
-        mount_main(["-o", f"basedir={objs_a}:{objs_b},digest={wrong}", str(img), str(mnt)])
+        mount_main(["-o", f"basedir={objs_a},digest={wrong},insecure", str(img), str(mnt)])
     assert ei.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("mount.composefs: ") and "wrong fs-verity digest" in err
@@ -511,7 +511,7 @@ def test_mount_helper_via_mount8(
             subprocess.run(["umount", str(mnt)], check=True)
         # Errors from the helper reach the user through mount(8).
         res = subprocess.run(
-            ["mount", "-t", "composefs", str(img), str(mnt), "-o", f"basedir={objs_a},digest={'0' * 64}"],
+            ["mount", "-t", "composefs", str(img), str(mnt), "-o", f"basedir={objs_a},digest={'0' * 64},insecure"],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         assert res.returncode != 0
@@ -569,7 +569,9 @@ def test_api_errors(small_image: tuple[Path, Path, Path], tmp_path: Path, mnt: P
     # An open fd works as the image, and is left open for the caller.
     fd = os.open(img, os.O_RDONLY)
     try:
-        cfsmount.mount_composefs(fd, str(mnt), [str(objs_a)], digest=image_digest(img))
+        cfsmount.mount_composefs(
+            fd, str(mnt), [str(objs_a)], digest=image_digest(img), insecure=True
+        )
         assert (mnt / "big").read_bytes() == BIG
         cfsmount.unmount(str(mnt))
         os.fstat(fd)
@@ -727,20 +729,33 @@ def test_verity_options(small_image: tuple[Path, Path, Path], mnt: Path) -> None
     finally:
         cfsmount.unmount(str(mnt))
 
-    # digest= implies verity only where the kernel measured the image.
-    assert mount_main(["-o", f"{base},digest={image_digest(img)}", str(img), str(mnt)]) == 0
+    # digest= means a kernel-measured image and verity=require (C). Where
+    # the kernel cannot measure it, C refuses ("Image has no fs-verity"):
+    # a userspace check and a mount without verity happen only on request
+    # (tryverity, or the insecure option).
+    fd = os.open(img, os.O_RDONLY)
     try:
-        fd = os.open(img, os.O_RDONLY)
-        try:
-            fsverity.measure_verity(fd)
-            kernel_verity = True
-        except Exception:
-            kernel_verity = False
-        finally:
-            os.close(fd)
-        assert ("verity=require" in options()) == kernel_verity
+        fsverity.measure_verity(fd)
+        kernel_verity = True
+    except Exception:
+        kernel_verity = False
     finally:
-        cfsmount.unmount(str(mnt))
+        os.close(fd)
+    digest = f"digest={image_digest(img)}"
+    if not kernel_verity:
+        with pytest.raises(SystemExit) as ei:
+            mount_main(["-o", f"{base},{digest}", str(img), str(mnt)])
+        assert ei.value.code == 1
+        assert mounts_under(mnt) == []
+        with pytest.raises(MountError, match=r"has no fs-verity.*insecure"):
+            cfsmount.mount_composefs(str(img), str(mnt), [str(objs_a)], digest=image_digest(img))
+        assert mounts_under(mnt) == []
+    for less in ("insecure", "tryverity"):
+        assert mount_main(["-o", f"{base},{digest},{less}", str(img), str(mnt)]) == 0
+        try:
+            assert ("verity=require" in options()) == kernel_verity
+        finally:
+            cfsmount.unmount(str(mnt))
 
 
 @needs_root

@@ -95,6 +95,12 @@ def test_inline_only_and_empty() -> None:
     assert r.object_refs == [] and r.named_refs == {}
 
     empty = SplitStreamWriter("sha256").getvalue()
+    # composefs-rs finishes an encoder nothing was written to: a single-segment
+    # frame; both the named refs and the stream section are exactly that
+    f = struct.unpack_from("<10Q", empty, 32)
+    assert empty[f[6] : f[7]] == bytes.fromhex("28b52ffd2000010000")
+    assert empty[f[4] : f[5]] == bytes.fromhex("28b52ffd2000010000")
+    assert data[f[6] : f[7]] == bytes.fromhex("28b52ffd2000010000")
     r = SplitStreamReader(empty)
     assert r.total_size == 0
     assert list(r.chunks()) == []

@@ -6,4 +6,15 @@ Layers (dependencies point one way):
   cli/ is a thin argparse layer over all of it.
 """
 
-__version__ = "0.1.0"
+
+def __getattr__(name: str) -> str:
+    # `__version__` comes from the installed package's metadata (pyproject's
+    # version, the one source of truth), read only when asked for.
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("composefs")
+        except PackageNotFoundError:
+            return "0+unknown"  # run from a source tree that was never installed
+    raise AttributeError(f"module 'composefs' has no attribute {name!r}")

@@ -226,10 +226,14 @@ def _split_path(path: bytes) -> tuple[bytes, bytes]:
 
 
 class _Parser:
-    __slots__ = ("_lineno", "_meta", "_xattrs", "deep", "dirs", "hardlinks", "root", "strict")
+    __slots__ = (
+        "_lineno", "_meta", "_xattrs", "deep", "dirs", "hardlinks", "root", "sha256_only",
+        "strict",
+    )
 
-    def __init__(self, strict: bool) -> None:
+    def __init__(self, strict: bool, sha256_only: bool = False) -> None:
         self.strict = strict
+        self.sha256_only = sha256_only
         self.root: Directory | None = None
         # canonical path -> directory, so a parent is found in one lookup
         self.dirs: dict[bytes, Directory] = {}
@@ -314,7 +318,7 @@ class _Parser:
                 digest: str | None = None
                 if digest_f != b"-" and digest_f:
                     n = len(digest_f)
-                    if n != 64 and n != 128:
+                    if n != 64 and (n != 128 or self.sha256_only):
                         raise ValueError  # the careful path names the problem
                     try:
                         digest = unhexlify(digest_f).hex()  # strict: hex digits only
@@ -328,7 +332,7 @@ class _Parser:
                         if len(xattr_cache) >= _CACHE_MAX:
                             xattr_cache.clear()
                         xattr_cache[xattr_f] = xa
-                    if xa is None or (meta[0] == S_IFREG and limits.WHITEOUT_XATTR in xa):
+                    if xa is None:
                         raise ValueError
                     xattrs = xa.copy()
                 else:
@@ -489,6 +493,12 @@ class _Parser:
             raw = unescape(digest_f)
             if _HEX_DIGEST.fullmatch(raw) is None:
                 raise ValueError(f"invalid fs-verity digest {_show(raw)}")
+            if self.sha256_only and len(raw) != 64:
+                # C 1.0.8 would keep the first 32 bytes: a digest no file has
+                raise ValueError(
+                    f"fs-verity digest of {len(raw)} hex digits: this format holds"
+                    " sha256 digests (64 hex digits) only"
+                )
             digest = raw.decode().lower()
 
         if ftype not in (S_IFCHR, S_IFBLK) and rdev != 0 and self.strict:
@@ -498,9 +508,9 @@ class _Parser:
         if xattr_f:  # a single trailing space means no xattrs
             if len(xattr_f) > _LINE_XATTR_MAX:
                 raise ValueError("too many xattrs")
+            # (trusted.overlay.whiteout on a regular file is the writer's to
+            # judge: C's formats take an empty one as a whiteout, V2 none)
             xattrs = _parse_xattrs(xattr_f)
-            if ftype == S_IFREG and limits.WHITEOUT_XATTR in xattrs:
-                raise ValueError(limits.xattr_problem(limits.WHITEOUT_XATTR, b"", True))
         stat = Stat(mode & 0o7777, uid, gid, mtime, mtime_nsec, xattrs)
 
         if ftype == S_IFDIR:
@@ -586,6 +596,7 @@ class _Parser:
                         raise DumpfileError(
                             f"hardlink target {_show(target)} is a directory", lineno
                         )
+                    node.primary = tcanon  # C keeps the inode at the target's line
                     leaf = node
                     break
                 chain.append(tcanon)
@@ -688,14 +699,18 @@ def _show(b: bytes) -> str:
     return limits.show(b, 80)
 
 
-def parse(source: bytes | BinaryIO, *, strict: bool = True) -> Directory:
+def parse(
+    source: bytes | BinaryIO, *, strict: bool = True, sha256_only: bool = False
+) -> Directory:
     """Parse a dumpfile into a tree.
 
     `strict` follows C's `CFS_PARSE_STRICT`: a missing final newline, rdev
     on a non-device, a symlink SIZE that differs from its target length,
-    and content on a symlink are errors. Raises DumpfileError naming the line.
+    and content on a symlink are errors. `sha256_only` refuses sha512
+    digests (128 hex digits), which C's formats cannot hold. Raises
+    DumpfileError naming the line.
     """
-    p = _Parser(strict)
+    p = _Parser(strict, sha256_only)
     with no_gc():
         lineno = 0
         for lines in _chunks(source, strict):
@@ -720,7 +735,8 @@ def _leaf_fields(leaf: Leaf, nlink: int) -> tuple[int, int, bytes | None, bytes 
     c = leaf.content
     if isinstance(c, Regular):
         if c.data is not None:
-            return c.size, 0, c.payload, c.data, c.digest
+            # an empty file has no content field ("-"), as C writes it
+            return c.size, 0, c.payload, c.data or None, c.digest
         payload = c.backing_path() if c.size else c.payload
         return c.size, 0, payload, None, c.digest
     if isinstance(c, Symlink):

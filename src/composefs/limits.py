@@ -15,10 +15,12 @@ The rules (C composefs 1.0.8 / the kernel where they set one):
 * an xattr name is non-empty, at most `XATTR_NAME_MAX` bytes, without NUL
   (the kernel and C see names as C strings); a value is at most
   `XATTR_VALUE_MAX` bytes;
-* a regular file must not carry ``trusted.overlay.whiteout``: composefs
-  escapes user ``trusted.overlay.*`` xattrs to ``trusted.overlay.overlay.*``,
-  and this one would become the escaped-whiteout marker, turning the file
-  into a whiteout when read back (and V2 forbids the marker outright);
+* a regular file carries ``trusted.overlay.whiteout`` only in C's formats
+  (V0/V1) and only when empty: composefs escapes user ``trusted.overlay.*``
+  xattrs to ``trusted.overlay.overlay.*``, and this one becomes the
+  escaped-whiteout marker, so such a file is written (as C writes it) and
+  read back as a whiteout; V2 forbids the marker outright, and a whiteout
+  has no data. Importers that cannot know the format (OCI layers) refuse it;
 * inline file content is at most `INLINE_CONTENT_MAX` (5000) bytes.
 
 Written but not read back (C drops them on reading as well): the overlayfs

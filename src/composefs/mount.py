@@ -746,15 +746,17 @@ def parse_digest(digest: str) -> tuple[str, bytes]:
     return algorithm, raw
 
 
-def verify_image_digest(image_fd: int, digest: str, name: str | None = None) -> bool:
+def verify_image_digest(
+    image_fd: int, digest: str, name: str | None = None, *, insecure: bool = False
+) -> bool:
     """Check that the image's fs-verity digest is `digest` (hex).
 
-    With kernel fs-verity the image must have verity enabled and the
-    kernel's measurement must match (C `digest=`). Where the kernel or the
-    image's filesystem has no fs-verity at all, the digest is computed in
-    userspace instead ("insecure" mode, as composefs-rs repositories do).
+    The image must have fs-verity and the kernel's measurement must match
+    (C `digest=`). Only with `insecure`, where the kernel or the image's
+    filesystem has no fs-verity at all, is the digest computed in userspace
+    instead (as composefs-rs's insecure repositories do).
     Returns True if the kernel measured it, False for the userspace check.
-    Raises MountError on mismatch.
+    Raises MountError on mismatch or when the kernel cannot measure it.
     """
     from . import fsverity
 
@@ -764,6 +766,11 @@ def verify_image_digest(image_fd: int, digest: str, name: str | None = None) -> 
         alg, found = fsverity.measure_verity(image_fd)
         kernel = True
     except VerityNotSupported:
+        if not insecure:
+            raise MountError(
+                f"image {label} has no fs-verity (this kernel or filesystem cannot measure"
+                " it); the insecure option checks the digest in userspace instead"
+            ) from None
         found = fsverity.digest_file(image_fd, algorithm)
         alg, kernel = algorithm, False
     except VerityNotEnabled:
@@ -864,6 +871,7 @@ def _prepare(
     readonly: bool,
     idmap: str | int | None,
     attributes: Iterable[str],
+    insecure: bool = False,
 ) -> _Prepared:
     attrs = tuple(attributes)
     for a in attrs:
@@ -892,10 +900,13 @@ def _prepare(
 
     require_verity = verity
     if digest is not None:
-        # digest= implies verity (C) -- but only where the kernel could
-        # measure the image: without kernel fs-verity it cannot verify the
-        # objects either, and verity=require would fail every file read.
-        kernel_measured = verify_image_digest(fd, digest, label)
+        # digest= implies verity (C). Without kernel fs-verity that is
+        # refused unless the user asked for less (insecure, or tryverity):
+        # then the digest is checked in userspace and verity=require, which
+        # would fail every file read, is not set.
+        kernel_measured = verify_image_digest(
+            fd, digest, label, insecure=insecure or try_verity
+        )
         require_verity = verity or kernel_measured
 
     idmap_fd: int | None = None
@@ -946,6 +957,7 @@ def composefs_fsmount(
     readonly: bool = True,
     idmap: str | int | None = None,
     attributes: Iterable[str] = (),
+    insecure: bool = False,
 ) -> int:
     """Build a composefs mount as a detached mount fd (new mount API only).
 
@@ -956,7 +968,7 @@ def composefs_fsmount(
     with ExitStack() as stack:
         p = _prepare(
             stack, image, basedirs, digest, verity, try_verity, upperdir, workdir,
-            readonly, idmap, attributes,
+            readonly, idmap, attributes, insecure,
         )  # fmt: skip
         support = kernel_support()
         if support.overlay_mode == "legacy":
@@ -977,15 +989,19 @@ def mount_composefs(
     readonly: bool = True,
     idmap: str | int | None = None,
     attributes: Iterable[str] = (),
+    insecure: bool = False,
 ) -> None:
     """Mount the composefs `image` (path or open fd) at `target`.
 
     `basedirs` are the object directories (data-only lower layers, searched
-    in order). `digest` (hex) is the expected fs-verity digest of the image
-    and implies `verity` when the kernel can measure it (see
-    `verify_image_digest`). `verity` makes overlayfs require fs-verity
-    digests on every backing file; `try_verity` does so only where
-    overlayfs knows the option and the objects' filesystem has fs-verity. `upperdir`/`workdir` (both or neither) add a
+    in order). `digest` (hex) is the expected fs-verity digest of the image,
+    measured by the kernel, and implies `verity` (as C). Where the kernel
+    cannot measure it the mount is refused, unless `insecure` or
+    `try_verity` asks for less: then the digest is checked in userspace and
+    verity is not required (see `verify_image_digest`). `verity` makes
+    overlayfs require fs-verity digests on every backing file; `try_verity`
+    does so only where overlayfs knows the option and the objects'
+    filesystem has fs-verity. `upperdir`/`workdir` (both or neither) add a
     writable layer; `readonly=False` makes the mount writable. `idmap` is a
     user namespace (path like ``/proc/PID/ns/user``, or an fd) whose ID
     mapping is applied to the image. `attributes` are generic mount flags
@@ -996,7 +1012,7 @@ def mount_composefs(
         # Input errors first, then what the kernel can (or lets us) do.
         p = _prepare(
             stack, image, basedirs, digest, verity, try_verity, upperdir, workdir,
-            readonly, idmap, attributes,
+            readonly, idmap, attributes, insecure,
         )  # fmt: skip
         support = kernel_support()
         if support.overlay_mode != "legacy":

@@ -276,6 +276,12 @@ class SplitStreamWriter:
         records = b"".join(
             f"{idx}:{name}\0".encode() for name, idx in sorted(self._named_refs.items())
         )
+        if not records:
+            # composefs-rs finishes an encoder nothing was written to: a
+            # single-segment frame (28b52ffd2000010000). compress(b"") would
+            # open a streaming frame with a window descriptor instead and so
+            # change every layer stream's id.
+            return comp.flush()
         return comp.compress(records) + comp.flush()
 
     # -- output ----------------------------------------------------------

@@ -205,13 +205,18 @@ def content_type(content: LeafContent) -> int:
 class Leaf:
     """A non-directory inode. Share one object between names for a hardlink."""
 
-    __slots__ = ("content", "nlink", "stat")
+    __slots__ = ("content", "nlink", "primary", "stat")
 
     def __init__(self, stat: Stat, content: LeafContent, nlink: int | None = None) -> None:
         self.stat = stat
         self.content = content
         # Explicit link count (C dumpfile semantics); None means "count the names".
         self.nlink = nlink
+        # For a hardlinked leaf: the absolute path of the name that is the
+        # inode's own (a dumpfile's non-`@` line). C places the inode there;
+        # None (or a path that no longer names this leaf) means the first
+        # name in depth-first sorted order, as C reads an image back.
+        self.primary: bytes | None = None
 
     @property
     def file_type(self) -> int:

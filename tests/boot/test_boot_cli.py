@@ -321,6 +321,15 @@ def test_prepare_boot_uki(tmp_path: Path, cfs: Run, sysroot: tuple[Path, Reposit
     assert rc == 1 and "wrong composefs digest" in err and err.count("\n") == 1
     assert not (bad_boot / "EFI/Linux/test.efi").exists()
     assert not any(p.is_file() for p in bad_boot.rglob("*"))
+    # a failed prepare-boot roots nothing: in a fresh repository no boot ref
+    # is left behind
+    fresh = tmp_path / "fresh" / "composefs"
+    fresh.parent.mkdir()
+    Repository.init(fresh, algorithm="sha256", insecure=True)[0].close()
+    pull(cfs, fresh, bad, "b")
+    rc, _, err = cfs("--repo", str(fresh), "oci", "prepare-boot", "b", "--bootdir", str(bad_boot))
+    assert rc == 1 and "wrong composefs digest" in err
+    assert list((fresh / "images/refs/boot").iterdir()) == []
 
 
 def test_prepare_boot_without_entries(

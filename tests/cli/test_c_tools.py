@@ -143,6 +143,22 @@ def test_parse_errors_name_the_line(tmp_path: Path) -> None:
     assert "line 2" in one_line_error(r, "mkcomposefs")
 
 
+def test_sha512_digest_is_refused_for_c_formats(tmp_path: Path) -> None:
+    """C 1.0.8 ignores digest_to_raw's error and keeps the first 32 bytes of
+    a 128-hex-digit digest: a sha256 metacopy that no file can match. We
+    refuse it for the C formats; V2 (composefs-rs) stores sha512 digests."""
+    digest = b"ab" * 64
+    dump = b"/ 4096 40755 2 0 0 0 0.0 - - -\n/f 10 100644 1 0 0 0 0.0 - - " + digest + b"\n"
+    for flags in ([], ["--max-version=1"], ["--erofs-version=1"]):
+        out = tmp_path / "o"
+        r = run(MKCOMPOSEFS, *flags, "--from-file", "-", str(out), stdin=dump, check=False)
+        err = one_line_error(r, "mkcomposefs")
+        assert "line 2" in err and "sha256" in err, err
+        assert not out.exists()
+    run(MKCOMPOSEFS, "--erofs-version=2", "--from-file", "-", str(tmp_path / "v2"), stdin=dump)
+    assert digest.decode() in run(INFO, "dump", str(tmp_path / "v2")).stdout.decode()
+
+
 # -- digests -----------------------------------------------------------------
 
 RS_DIGESTS = [

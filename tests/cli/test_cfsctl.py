@@ -236,6 +236,31 @@ def test_init_rules(tmp_path: Path) -> None:
     )
 
 
+def test_init_without_repo_names_its_path_and_fails_cleanly(tmp_path: Path) -> None:
+    """`init` without --repo says where the repository is; an init that
+    fails (no fs-verity here, no --insecure) names the path and leaves no
+    directory behind (neither the repository nor the parents it made)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**ENV, "HOME": str(home)}
+    cmd = [sys.executable, "-m", "composefs.cli.cfsctl", "--user", "init"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    where = home / ".var/lib/composefs"
+    if p.returncode == 0:
+        pytest.skip("this filesystem has fs-verity: a secure init succeeds")
+    assert p.stderr.startswith("cfsctl: ") and p.stderr.count("\n") == 1, p.stderr
+    assert str(where) in p.stderr and "--insecure" in p.stderr
+    assert list(home.iterdir()) == []
+    # an existing parent is kept, only what init made goes
+    (home / ".var").mkdir()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 1 and [x.name for x in home.iterdir()] == [".var"]
+    assert list((home / ".var").iterdir()) == []
+    p = subprocess.run([*cmd, "--insecure"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[0] == f"Initialized composefs repository at {where}"
+
+
 def test_create_image_compute_id_and_mount(
     repo: Path, tree: Path, mountpoint: Path, tmp_path: Path
 ) -> None:
@@ -393,6 +418,58 @@ def test_gc_and_fsck_commands(repo: Path, tmp_path: Path) -> None:
     assert cfsctl("--repo", repo, "fsck", "--metadata-only").returncode == 0
 
 
+@needs_root
+def test_image_ids_in_every_printed_form(repo: Path, tmp_path: Path, mountpoint: Path) -> None:
+    """create-image prints `sha512:<hex>`: that, the bare hex, refs/NAME and a
+    bare NAME that is a ref all name the image, for every command; a gc root
+    that names nothing is an error that deletes nothing."""
+    src = tmp_path / "src"
+    (src / "usr").mkdir(parents=True)
+    (src / "usr/big").write_bytes(b"B" * 5000)
+    printed = cfsctl("--repo", repo, "create-image", src).stdout.strip()
+    assert printed.startswith("sha512:")
+    hex_id = printed.removeprefix("sha512:")
+    big = fsverity.digest_hex(b"B" * 5000, "sha512")
+    objects = {f"sha512:{hex_id}", f"sha512:{big}"}
+
+    out = cfsctl("--repo", repo, "gc", "--root", printed).stdout
+    assert out == "Objects: 0 removed (0 bytes)\n"
+    assert (repo / "images" / hex_id).exists()
+    for form in (printed, hex_id):
+        assert set(cfsctl("--repo", repo, "image-objects", form).stdout.split()) >= {
+            f"sha512:{big}"
+        }
+        cfsctl("--repo", repo, "mount", form, mountpoint)
+        try:
+            assert (mountpoint / "usr/big").read_bytes() == b"B" * 5000
+        finally:
+            subprocess.run(["umount", str(mountpoint)], check=True)
+        assert cfsctl("--repo", repo, "dump-files", form, "/usr/big").stdout.startswith("/usr/big")
+
+    # a ref, named as refs/NAME and as a bare NAME (composefs-rs 0.8)
+    cfsctl("--repo", repo, "create-image", src, "named")
+    for form in ("refs/named", "named"):
+        assert cfsctl("--repo", repo, "image-objects", form).stdout.split()
+        assert cfsctl("--repo", repo, "gc", "-n", "--root", form).returncode == 0
+    # the wrong algorithm is refused, not taken for a name
+    err = one_line_error(cfsctl("--repo", repo, "image-objects", f"sha256:{'0' * 64}", check=False))
+    assert "sha512" in err
+
+    # a root naming nothing: an error, and nothing goes
+    os.unlink(repo / "images/refs/named")
+    for bad in ("nope", f"sha512:{'0' * 128}", "refs/nope"):
+        p = cfsctl("--repo", repo, "gc", "--root", bad, check=False)
+        assert "names no image or stream" in one_line_error(p)
+    assert (repo / "images" / hex_id).exists()
+    assert set(cfsctl("--repo", repo, "image-objects", hex_id).stdout.split()) >= objects - {
+        printed
+    }
+    # and with the image named, gc keeps it
+    cfsctl("--repo", repo, "gc", "--root", printed)
+    assert (repo / "images" / hex_id).exists()
+    assert (repo / "objects" / big[:2] / big[2:]).exists()
+
+
 def test_import_image_and_cat(repo: Path) -> None:
     from composefs.erofs.writer import mkfs
     from composefs.tree import Directory
@@ -418,6 +495,16 @@ def test_import_image_and_cat(repo: Path) -> None:
     )
     assert p.returncode == 0 and p.stdout == b"head:" + data
     assert "not found" in one_line_error(cfsctl("--repo", repo, "cat", "nope", check=False))
+    # the stream's id as the tools print it, bare, and a bare ref name
+    stream_id = os.readlink(repo / "streams/my-stream").rsplit("/", 2)
+    hex_id = stream_id[-2] + stream_id[-1]
+    for form in (f"sha512:{hex_id}", hex_id, "named", "my-stream"):
+        p = subprocess.run(
+            [sys.executable, "-m", "composefs.cli.cfsctl", "--repo", str(repo), "cat", form],
+            capture_output=True,
+            env=ENV,
+        )
+        assert p.returncode == 0 and p.stdout == b"head:" + data, (form, p.stderr)
 
 
 def test_transaction_holds_off_gc(repo: Path) -> None:
@@ -568,7 +655,13 @@ def test_bootable_and_compute_karg(repo: Path, tmp_path: Path) -> None:
     digest = image.removeprefix("sha512:")
     assert cfsctl("--repo", repo, "compute-id", "--bootable", src).stdout.strip() == digest
     assert cfsctl("--repo", repo, "compute-id", src).stdout.strip() != digest
-    assert cfsctl("--repo", repo, "compute-karg", src).stdout == f"composefs={digest}\n"
+    # the repository is insecure (no fs-verity here): its karg says so with "?"
+    assert cfsctl("--repo", repo, "compute-karg", src).stdout == f"composefs=?{digest}\n"
+    assert cfsctl("--no-repo", "compute-karg", src).stdout == f"composefs={digest}\n"
+    assert cfsctl("--no-repo", "--insecure", "compute-karg", src).stdout == (
+        f"composefs=?{digest}\n"
+    )
+    assert "--insecure" in cfsctl("--help").stdout
     v1 = cfsctl("--repo", repo, "--erofs-version", "1", "compute-id", "--bootable", src)
     out = cfsctl("--repo", repo, "--insecure", "--erofs-version", "1", "compute-karg", src).stdout
     assert out == f"composefs.digest=?v1-sha512-12:{v1.stdout.strip()}\n"

@@ -525,3 +525,68 @@ def test_redirect_from_payload_or_digest() -> None:
     assert b"overlay.redirect/x/y" in bare and b"overlay.metacopy" in bare
     for img in (derived, custom, none, bare):
         fsck(img)
+
+
+_HARDLINK_CASES: dict[str, list[bytes]] = {
+    "link_sorts_first": [
+        b"/ 4096 40755 2 0 0 0 0.0 - - -",
+        b"/a 0 @100644 1 0 0 0 0.0 /b - -",
+        b"/b 5 100644 2 0 0 0 0.0 - hello -",
+    ],
+    "link_in_earlier_dir": [
+        b"/ 4096 40755 4 0 0 0 0.0 - - -",
+        b"/a 4096 40755 2 0 0 0 0.0 - - -",
+        b"/a/l 0 @100600 1 0 0 0 0.0 /b/t - -",
+        b"/b 4096 40755 2 0 0 0 0.0 - - -",
+        b"/b/t 100 100600 3 0 0 0 0.0 ab/" + b"cd" * 31 + b" - " + b"cd" * 32,
+        b"/c 4096 40755 2 0 0 0 0.0 - - -",
+        b"/c/l 0 @100600 1 0 0 0 0.0 /b/t - -",
+    ],
+    "root_link_to_deep_target": [
+        b"/ 4096 40755 3 0 0 0 0.0 - - -",
+        b"/a 0 @120777 1 0 0 0 0.0 /z/y/t - -",
+        b"/z 4096 40755 3 0 0 0 0.0 - - -",
+        b"/z/y 4096 40755 2 0 0 0 0.0 - - -",
+        b"/z/y/t 3 120777 2 0 0 0 0.0 abc - -",
+    ],
+    "chained_links": [
+        b"/ 4096 40755 2 0 0 0 0.0 - - -",
+        b"/a 0 @100644 1 0 0 0 0.0 /c - -",
+        b"/b 1 100644 1 0 0 0 0.0 - x -",
+        b"/c 0 @100644 1 0 0 0 0.0 /e - -",
+        b"/d 0 20644 1 0 0 5 0.0 - - -",
+        b"/e 2 100644 3 0 0 0 0.0 - yz -",
+        b"/f 0 @100644 1 0 0 0 0.0 /a - -",
+    ],
+    "target_sorts_first": [
+        b"/ 4096 40755 2 0 0 0 0.0 - - -",
+        b"/a 5 100644 2 0 0 0 0.0 - hello -",
+        b"/b 0 @100644 1 0 0 0 0.0 /a - -",
+    ],
+}
+
+# sha256 of C mkcomposefs 1.0.8's image of each case (CFS_PARSE_STRICT=1,
+# --min-version=V --max-version=V), from a build of the v1.0.8 sources
+_HARDLINK_C_SHA256 = {
+    ("chained_links", 0): "6a1497f692b84da2da5ff753381aae266ec54bbc24f33bdd0bd440e4c4c5dca6",
+    ("chained_links", 1): "c40bf4ffc8e4e37fc6a8823e05a31c1e6195740ec807c6b3242b0d8ef07e7cc5",
+    ("link_in_earlier_dir", 0): "a09b86aff2bd1fa7d0bb7447dde37f571e4bdee8af5a5c8abb2d85a654100612",
+    ("link_in_earlier_dir", 1): "e2c430beb061978112b8e8e78f398b5a5547f3fcf44bf3c5c2eba378ae18dd47",
+    ("link_sorts_first", 0): "b169c3b563a8bc09db042bc6274a691a2f38e9fc1f00eba151160da6f91b8b17",
+    ("link_sorts_first", 1): "c99962b45b6d2300eca1a41900c3cc896ddadb513521de3491cf6fb591fa421c",
+    ("root_link_to_deep_target", 0): "f20380a89f616d606138acbe6db5aba4e67700a2bab6245b5be4b83aa2c85435",
+    ("root_link_to_deep_target", 1): "9ca45a72372185ded3d1ebb0feec4ae93ef45c7d40f98595f1b636c165419833",
+    ("target_sorts_first", 0): "9ac09c569a246d6edd3592eac017102eef3bc9a903473a845e66582e5fbfea11",
+    ("target_sorts_first", 1): "ff7e5eb90e295cedd7adb3eb67239100b2c7ab63667bb8c02d93b569623fe726",
+}
+
+
+@pytest.mark.parametrize("key", sorted(_HARDLINK_C_SHA256))
+def test_hardlink_inode_placement_matches_c(key: tuple[str, int]) -> None:
+    """C numbers inodes breadth-first and skips every `@` line: the shared
+    inode sits where the hardlink *target* line is, whichever name sorts or
+    walks first (lcfs_compute_tree)."""
+    name, v = key
+    root = dumpfile.parse(b"\n".join(_HARDLINK_CASES[name]) + b"\n")
+    image = mkfs(root, FormatVersion(v), max_version=FormatVersion(v))
+    assert hashlib.sha256(image).hexdigest() == _HARDLINK_C_SHA256[key]

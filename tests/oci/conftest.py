@@ -460,8 +460,9 @@ class Fault:
     after `arg` bytes), corrupt (flip the byte at `arg`), append (arg bytes
     added), replace (arg: (body, content type)), trickle (full
     Content-Length, one byte every `arg` seconds), stall (full
-    Content-Length, `arg` bytes, then silence on an open connection).
-    The token endpoint takes status, replace, trickle and stall too.
+    Content-Length, `arg` bytes, then silence on an open connection), hold
+    (like stall, until the test sets `release`, at most 60 s). The token
+    endpoint takes status, replace, trickle and stall too.
     """
 
     where: str
@@ -470,6 +471,7 @@ class Fault:
     arg: Any = None
     count: int | None = 1  # None: forever
     hits: int = 0
+    release: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -724,8 +726,28 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._cut(status, body, out_headers, int(fault.arg), fault.action == "drop")
             elif fault.action in ("trickle", "stall"):
                 return self._slow(status, body, out_headers, fault)
+            elif fault.action == "hold":
+                return self._hold(status, body, out_headers, int(fault.arg), fault.release)
         self._send(status, body, out_headers, method)
         return None
+
+    def _hold(
+        self, status: int, body: bytes, headers: dict[str, str], n: int, release: threading.Event
+    ) -> None:
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body[:n])
+        self.wfile.flush()
+        release.wait(60)
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _cut(
         self, status: int, body: bytes, headers: dict[str, str], n: int, with_length: bool

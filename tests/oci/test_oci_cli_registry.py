@@ -269,3 +269,71 @@ def test_registry_blob_corruption_caught(
     with pytest.raises(DigestMismatch):
         storage.pull(repo, "docker://" + front.ref(img.name), "bad", registry_options=fast_options)
     assert storage.list_tags(repo) == []
+
+
+# ---------------------------------------------------------------- the terminal
+
+
+def test_ctrl_c_clears_the_progress_line(
+    repo: Repository, front: Any, oci_images: Any, tmp_path: Path
+) -> None:
+    """On a real terminal (pty), with a layer that stalls half-way: Ctrl-C
+    (SIGINT) during the progress display clears the line, then the one-line
+    error follows; the frame shown before it had the right counts."""
+    import os
+    import pty
+    import re
+    import select
+    import signal
+    import sys
+    import time
+
+    from composefs.oci import registry as reg
+
+    front.require_token = False
+    img = oci_images["plain"]
+    with reg.open_source(front.ref(img.name)) as src:
+        layer = max(tr.resolve_manifest(src).manifest.layers, key=lambda d: d.size)
+    stall = front.fault("front", layer.digest.split(":")[1], "hold", 100, count=None)
+    env = {**os.environ, "HOME": str(tmp_path / "home")}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: cfsctl with the pty as its terminal
+        os.execve(
+            sys.executable,
+            [sys.executable, "-m", "composefs.cli.cfsctl", "--repo", repo.path,
+             "oci", "pull", "docker://" + front.ref(img.name), "t"],
+            env,
+        )  # fmt: skip
+    out = b""
+
+    def read_until(pattern: bytes, timeout: float) -> None:
+        nonlocal out
+        end = time.monotonic() + timeout
+        while re.search(pattern, out) is None and time.monotonic() < end:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    out += os.read(fd, 65536)
+                except OSError:
+                    return
+
+    try:
+        # the other layer is done: its line, then the progress line again for
+        # the layer still coming, with the bytes that came
+        frame = rb"done\r\n\r\x1b\[Kfetching 1 layer\(s\): (\S+ \S+) / (\S+ \S+)$"
+        read_until(frame, 60)
+        m = re.search(frame, out)
+        assert m is not None, out
+        assert m.group(1) != m.group(2) and m.group(1) != b"0 B", out
+        os.kill(pid, signal.SIGINT)
+        stall.release.set()
+        read_until(b"interrupted", 60)
+    finally:
+        stall.release.set()
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 130, out
+    tail = out[out.rindex(b"fetching 1 layer(s)") :]
+    # the line is cleared before the error is printed, and nothing else
+    assert re.fullmatch(rb"fetching 1 layer\(s\): [^\r\n]*\r\x1b\[Kcfsctl: interrupted\r\n", tail), tail
+    assert storage.list_tags(repo) == []

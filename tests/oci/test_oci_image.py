@@ -94,6 +94,15 @@ def test_resolve_through_an_index() -> None:
         resolve_manifest(src, Platform.parse("linux/s390x"))
 
 
+def test_single_entry_index_for_another_platform_is_refused() -> None:
+    """A registry's index with one entry, for another platform: refused,
+    naming what was found and what was wanted; an explicit platform takes it."""
+    src = MemorySource(_index("linux/s390x"), {_digest(MANIFEST): MANIFEST})
+    with pytest.raises(OciError, match=r"no image for platform linux/amd64 \(available: linux/s390x\)"):
+        resolve_manifest(src, Platform.parse("linux/amd64"))
+    assert resolve_manifest(src, Platform.parse("linux/s390x")).digest == _digest(MANIFEST)
+
+
 def test_index_entry_digest_is_checked() -> None:
     wrong = "sha256:" + "0" * 64
     src = MemorySource(_index("linux/amd64", digest=wrong), {wrong: MANIFEST})

@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from composefs.oci import storage
 from composefs.oci import tar as T
 from composefs.oci.layers import merge_layers
 from composefs.repository import FormatConfig, Repository
+from composefs.splitstream import CONTENT_OCI_CONFIG
 from composefs.tree import Directory
 
 # tests/conftest.py's marker (importing it by name would get tests/oci/conftest.py)
@@ -245,6 +247,69 @@ def test_platform_selection(repo: Repository, tmp_path: Path) -> None:
         storage.pull(repo, ref, "none", platform="linux/s390x")
 
 
+def test_single_image_layout_for_another_platform(
+    repo: Repository, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """composefs-rs `oci_layout.rs::test_wrong_platform_rejected`: a layout
+    whose only image is for another platform is refused (one line naming
+    both platforms), tagged or not; `--platform` takes it explicitly."""
+    layer = L.tar_layer([L.directory("usr"), L.file("arch", b"s390x")])
+    L.write_oci_layout(tmp_path / "l", [L.ImageSpec([layer], tag="t", architecture="s390x")])
+    want = "linux/arm64" if os.uname().machine == "s390x" else "linux/amd64"
+    for ref in (f"oci:{tmp_path / 'l'}", f"oci:{tmp_path / 'l'}:t"):
+        with pytest.raises(OciError) as ei:
+            storage.pull(repo, ref, "foreign", platform=want)
+        assert str(ei.value) == f"no image for platform {want} (available: linux/s390x)"
+        assert "foreign" not in [t for t, _ in storage.list_tags(repo)]
+    rc, _, err = L.run_cfsctl(capsysbinary, repo.path, "oci", "pull", f"oci:{tmp_path / 'l'}", "x")
+    if os.uname().machine != "s390x":  # the host platform is wanted here
+        assert rc == 1 and "(available: linux/s390x)" in err and err.count("\n") == 1, err
+    result = storage.pull(repo, f"oci:{tmp_path / 'l'}", "foreign", platform="linux/s390x")
+    assert result.image_id == image_id_of(repo, [layer])
+    rc, _, err = L.run_cfsctl(
+        capsysbinary, repo.path, "oci", "pull", "--platform", "linux/s390x",
+        f"oci:{tmp_path / 'l'}", "y",
+    )  # fmt: skip
+    assert rc == 0, err
+
+
+# composefs-rs 0.9 `oci_layout.rs::test_parse_oci_layout_ref`, every row
+PARSE_OCI_LAYOUT_REF = [
+    ("/path/to/oci", ("/path/to/oci", None)),
+    ("./local/oci", ("./local/oci", None)),
+    ("ocidir", ("ocidir", None)),
+    ("/path/to/oci:latest", ("/path/to/oci", "latest")),
+    ("/path/to/oci:v1.0.0", ("/path/to/oci", "v1.0.0")),
+    ("./local/oci:mytag", ("./local/oci", "mytag")),
+    ("ocidir:latest", ("ocidir", "latest")),
+    ("C:/path/to/oci", ("C:/path/to/oci", None)),
+    ("C:/path/to/oci:latest", ("C:/path/to/oci", "latest")),
+    ("/path/to/oci:tag:with:colons", ("/path/to/oci:tag:with", "colons")),
+    ("/path/to/oci:", ("/path/to/oci", "")),
+    ("ocidir:", ("ocidir", "")),
+    ("/path:middle/to/oci", ("/path:middle/to/oci", None)),
+    ("/path:middle/to/oci:tag", ("/path:middle/to/oci", "tag")),
+]
+
+
+@pytest.mark.parametrize(("ref", "expected"), PARSE_OCI_LAYOUT_REF)
+def test_parse_oci_layout_ref_matches_composefs_rs(
+    ref: str, expected: tuple[str, str | None]
+) -> None:
+    from composefs.oci.transports import split_path_tag
+
+    assert split_path_tag(ref) == expected
+
+
+def test_empty_tag_is_kept(repo: Repository, tmp_path: Path) -> None:
+    """`oci:DIR:` asks for the image tagged "" (and finds none), it does not
+    fall back to the layout's only image."""
+    L.write_oci_layout(tmp_path / "l", [L.ImageSpec([base_layer()], tag="latest")])
+    with pytest.raises(OciError, match=r"no image tagged '' \(tags: latest\)"):
+        storage.pull(repo, f"oci:{tmp_path / 'l'}:", "x")
+    assert storage.list_tags(repo) == []
+
+
 def test_layout_tags(repo: Repository, tmp_path: Path) -> None:
     one = L.tar_layer([L.file("v", b"1")])
     two = L.tar_layer([L.file("v", b"2")])
@@ -267,6 +332,37 @@ def test_repull_is_cheap_and_retags(
     assert second.image_ids == first.image_ids
     assert second.manifest_verity == first.manifest_verity
     assert [t for t, _ in storage.list_tags(repo)] == ["one", "two"]
+
+
+def test_pull_summary_counts_are_true(
+    repo: Repository, tmp_path: Path, layout: tuple[Path, list[L.BuiltImage]]
+) -> None:
+    """New objects vs objects already present, bytes stored vs file content
+    inlined, layers already present: counted from what the repository had."""
+    path, _ = layout
+    # the repository already holds BIG (as base_layer's /usr/bin/tool)
+    pre = storage.pull(repo, f"oci:{path}", "first")
+    assert (pre.stats.objects_copied, pre.stats.objects_already_present) == (2, 0)
+    assert pre.stats.bytes_copied == 2 * len(BIG)
+    small = b"#!/bin/sh\necho hi\n" + b"base\n" + b"gone soon" + b"old" + b"x" + b"j"
+    assert pre.stats.bytes_inlined == len(small) + len(b"new") + len(b"top\n")
+    # a new image: one layer already stored, one new layer holding BIG
+    # (present), BIG reversed (present), a new big file and a small one
+    fresh = BIG[:5000] + b"fresh"
+    third = L.tar_layer(
+        [L.file("a", BIG), L.file("b", BIG[::-1]), L.file("c", fresh), L.file("d", b"tiny")]
+    )
+    L.write_oci_layout(tmp_path / "l2", [L.ImageSpec([base_layer(), third])])
+    result = storage.pull(repo, f"oci:{tmp_path / 'l2'}", "second")
+    st = result.stats
+    assert (st.layers, st.layers_already_present) == (1, 1)
+    assert (st.objects_copied, st.objects_already_present) == (1, 2)
+    assert st.bytes_copied == len(fresh)
+    assert st.bytes_inlined == len(b"tiny")
+    assert str(st) == (
+        "1 new + 2 already present objects; 4.89 KiB stored, 4 B inlined; "
+        "1 new + 1 already present layers"
+    )
 
 
 def test_artifact(repo: Repository, tmp_path: Path) -> None:
@@ -315,6 +411,32 @@ def assert_untouched(repo: Repository) -> None:
     names = os.listdir(streams) if os.path.isdir(streams) else []
     assert not [n for n in names if n.startswith(("oci-manifest-", "oci-config-"))]
     assert storage.oci_fsck(repo).ok
+
+
+def test_failed_bootable_pull_tags_nothing(
+    repo: Repository, layout: tuple[Path, list[L.BuiltImage]], capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """`oci pull --bootable` of an image without boot entries fails and
+    leaves no tag (the library's pull(boot=...) likewise); a tag that
+    already named another image keeps naming it."""
+    pytest.importorskip("composefs.boot")
+    path, _ = layout
+    rc, _, err = L.run_cfsctl(capsysbinary, repo.path, "oci", "pull", "--bootable", f"oci:{path}", "b")
+    assert rc == 1 and err.count("\n") == 1, err
+    assert storage.list_tags(repo) == []
+
+    def no_boot(root: Directory) -> None:
+        raise OciError("No boot entries!")
+
+    with pytest.raises(OciError, match="No boot entries"):
+        storage.pull(repo, f"oci:{path}", "b", boot=no_boot)
+    assert storage.list_tags(repo) == []
+    other = tmp_layout = path.parent / "other"
+    L.write_oci_layout(tmp_layout, [L.ImageSpec([base_layer()])])
+    before = storage.pull(repo, f"oci:{other}", "b")
+    with pytest.raises(OciError, match="No boot entries"):
+        storage.pull(repo, f"oci:{path}", "b", boot=no_boot)
+    assert storage.resolve_tag(repo, "b")[0] == before.manifest_digest
 
 
 def test_corrupt_layer_blob(repo: Repository, layout: tuple[Path, list[L.BuiltImage]]) -> None:
@@ -575,6 +697,11 @@ def test_cli_fsck_detects_corruption(
     rc, out, _ = cfs("oci", "fsck", "--json", "nosuchtag")
     report = json.loads(out)
     assert (report["images_checked"], report["images_corrupted"]) == (1, 1)
+    # --help states the exit status that was just seen
+    rc, out, _ = cfs("oci", "fsck", "--help")
+    text = " ".join(out.decode().split())
+    assert rc == 0 and "exit 0" not in text
+    assert "exit status 1 on any problem, with or without --json" in text
 
 
 def test_gc_keeps_tagged_and_drops_untagged(
@@ -689,12 +816,24 @@ def test_progress_line(capsys: pytest.CaptureFixture[str]) -> None:
     p = _Progress()
     p(ProgressEvent("started", "sha256:abcdef0123456789abcdef", total=2048))
     p(ProgressEvent("progress", "sha256:abcdef0123456789abcdef", total=2048, fetched=1024))
+    # the update came inside the redraw interval: it is drawn when that ends,
+    # so the last frame on screen shows the latest counts
+    time.sleep(3 * p.INTERVAL)
+    err = capsys.readouterr().err
+    assert err.endswith("\r\x1b[Kfetching 1 layer(s): 1.00 KiB / 2.00 KiB"), repr(err)
+    p(ProgressEvent("started", "sha256:1111111111111111111111", total=1024))
     p(ProgressEvent("done", "sha256:abcdef0123456789abcdef", total=2048, fetched=2048))
     p(ProgressEvent("skipped", "sha256:0000000000000000000000"))
     err = capsys.readouterr().err
-    assert "fetching 1 layer(s): 0 B / 2.00 KiB" in err
     assert "sha256:abcdef012345: 2.00 KiB done\n" in err
     assert "sha256:000000000000: already present\n" in err
+    # the layer still coming keeps its line, with the right counts
+    assert err.endswith("\r\x1b[Kfetching 1 layer(s): 2.00 KiB / 3.00 KiB"), repr(err)
+    p.close()
+    assert capsys.readouterr().err == "\r\x1b[K"
+    p(ProgressEvent("progress", "sha256:1111111111111111111111", total=1024, fetched=1))
+    time.sleep(3 * p.INTERVAL)
+    assert capsys.readouterr().err == ""  # nothing after close
 
 
 def test_archives_written_by_skopeo(repo: Repository, tmp_path: Path) -> None:
@@ -783,6 +922,54 @@ def test_layer_dumpfile_matches_composefs_rs(tmp_path: Path) -> None:
         "/file4096 4096 100700 1 0 0 0 0.0 ba/bc284ee4ffe7f449377fbf6692715b43aec7bc39c094a95878904d34bac97e - babc284ee4ffe7f449377fbf6692715b43aec7bc39c094a95878904d34bac97e\n"
         "/file4097 4097 100700 1 0 0 0 0.0 09/3756e4ea9683329106d4a16982682ed182c14bf076463a9e7f97305cbac743 - 093756e4ea9683329106d4a16982682ed182c14bf076463a9e7f97305cbac743\n"
     )
+
+
+def _tar_rs_file(name: str, size: int) -> bytes:
+    """One member as the Rust `tar` crate (0.4.38) writes it:
+    `Header::new_ustar` (mtime 0), uid/gid 0, mode 0o700, `append_data`."""
+    h = bytearray(512)
+
+    def octal(off: int, length: int, value: int) -> None:  # tar-rs `octal_into`
+        h[off : off + length - 1] = f"{value:o}".rjust(length - 1, "0").encode()
+
+    h[0 : len(name)] = name.encode()
+    octal(100, 8, 0o700)
+    octal(108, 8, 0)
+    octal(116, 8, 0)
+    octal(124, 12, size)
+    octal(136, 12, 0)
+    h[156] = ord("0")
+    h[257:265] = b"ustar\x0000"
+    octal(148, 8, sum(h) + 8 * ord(" "))  # the checksum field counts as spaces
+    return bytes(h) + bytes(size) + bytes(-size % 512)
+
+
+def test_config_stream_id_matches_composefs_rs(tmp_path: Path) -> None:
+    """composefs-rs 0.7.0's `test_config_verity_deterministic`
+    (crates/composefs-oci/src/lib.rs): three one-file layers and a config
+    naming them give a config stream with a pinned id. The layer streams have
+    no named refs, so this pins the encoding of an empty named-refs section."""
+    r, _ = Repository.init(tmp_path / "r", algorithm="sha256", insecure=True)
+    with r:
+        layers = []
+        for name, size in (("alpha", 1000), ("beta", 2000), ("gamma", 3000)):
+            tar = _tar_rs_file(name, size) + bytes(1024)
+            verity, _ = storage.import_layer(r, L.sha256(tar), io.BytesIO(tar))
+            layers.append((L.sha256(tar), verity))
+        config = json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": [d for d, _ in layers]},
+            },
+            separators=(",", ":"),
+        ).encode()
+        writer = r.create_stream(CONTENT_OCI_CONFIG)
+        for diff_id, verity in layers:
+            writer.add_named_stream_ref(diff_id, verity)
+        writer.write_external(config)
+        config_verity = r.write_stream(writer, storage.config_stream(L.sha256(config)))
+    assert config_verity == "4839518dea22749f8ff233e7f7baec65f23dd5336462f46ad6884769af84bf95"
 
 
 def test_failed_pull_removes_the_failed_layers_objects(tmp_path: Path) -> None:

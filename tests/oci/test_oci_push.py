@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -224,6 +226,44 @@ def test_push_to_oci_layout(
     again = pull_fresh(tmp_path, "r2", f"oci:{out_dir}:v1")
     assert again.manifest_digest == built.manifest_digest
     assert again.image_ids == first.image_ids
+
+
+def test_pushed_layout_is_readable_by_others(
+    capsysbinary: Any, repo: Repository, tmp_path: Path, uncompressed: tuple[Path, L.BuiltImage]
+) -> None:
+    """Every file of a pushed layout is 0644 (index.json, oci-layout and
+    all blobs, as skopeo writes them), also after a second push updates it;
+    a user other than the writer can read it (skopeo as nobody)."""
+    path, _ = uncompressed
+    storage.pull(repo, f"oci:{path}:t", "orig")
+    out_dir = tmp_path / "exported"
+    old = os.umask(0o022)
+    try:
+        for tag in ("v1", "v2"):
+            rc, _, err = cfs(capsysbinary, repo, "oci", "push", "orig", f"oci:{out_dir}:{tag}")
+            assert rc == 0, err
+            files = [p for p in out_dir.rglob("*") if p.is_file()]
+            assert {p.name for p in files} >= {"index.json", "oci-layout"}
+            assert {
+                str(p.relative_to(out_dir)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files
+            } == {str(p.relative_to(out_dir)): "0o644" for p in files}
+    finally:
+        os.umask(old)
+    if os.geteuid() == 0 and shutil.which("setpriv") and shutil.which("skopeo"):
+        # pytest's tmp_path is private to root: a world-traversable place
+        public = Path(tempfile.mkdtemp(prefix="composefs-push-"))
+        try:
+            os.chmod(public, 0o755)
+            rc, _, err = cfs(capsysbinary, repo, "oci", "push", "orig", f"oci:{public}/l:v1")
+            assert rc == 0, err
+            p = subprocess.run(
+                ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                 "skopeo", "inspect", f"oci:{public}/l:v1"],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            assert p.returncode == 0, p.stderr
+        finally:
+            shutil.rmtree(public)
 
 
 def test_push_compressed_to_oci_layout_and_back(

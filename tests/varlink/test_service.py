@@ -329,6 +329,27 @@ def test_pull_from_registry(raw: RawClient, repo: Path, oci_images: dict[str, An
     assert raw.call(f"{OCI}.Check", {"handle": h, "image": "reg"})["ok"] is True
 
 
+def test_failed_bootable_pull_tags_nothing(raw: RawClient, repo: Path, layout: Layout) -> None:
+    """The image has no boot entries: Pull --bootable fails and the name is
+    not tagged (the boot image is committed before the tag)."""
+    pytest.importorskip("composefs.boot")
+    h = open_handle(raw, repo)
+    params = {"handle": h, "image": layout.ref("two"), "name": "b",
+              "local_fetch": "auto", "bootable": True}  # fmt: skip
+    with pytest.raises(CallError):
+        raw.call_more(f"{OCI}.Pull", params)
+    assert raw.call(f"{OCI}.ListImages", {"handle": h}) == {"images": []}
+
+
+def test_gc_root_naming_nothing_is_an_error(raw: RawClient, pulled: Path) -> None:
+    h = open_handle(raw, pulled)
+    raw.call(f"{OCI}.Untag", {"handle": h, "name": "one"})
+    before = sorted(p for p in (pulled / "objects").rglob("*") if p.is_file())
+    with pytest.raises(CallError):
+        raw.call(f"{REPO}.Gc", {"handle": h, "dry_run": False, "roots": ["no-such-image"]})
+    assert sorted(p for p in (pulled / "objects").rglob("*") if p.is_file()) == before
+
+
 def test_pull_errors(raw: RawClient, repo: Path, tmp_path: Path) -> None:
     h = open_handle(raw, repo)
     params = {"handle": h, "image": f"oci:{tmp_path}/missing:x", "name": "bad",

@@ -2,7 +2,8 @@
 # /init of the composefs test VM (packed into the initramfs by tests/vm/run.py).
 #
 # Loads the kernel modules, mounts the host's / read-only over 9p at /host,
-# gives it fresh /proc /sys /dev /tmp /run, mounts the writable results share
+# gives it fresh /proc /sys /dev /tmp /run (keeping the cfs.keep= paths below
+# them visible: a checkout under /tmp), mounts the writable results share
 # at the same path as on the host and the verity-capable ext4 disk (made on
 # the host with `mke2fs -O verity -b 4096`) at /run/verity, then runs the
 # host-written guest script chrooted into the host's /.  Every line meant for
@@ -42,8 +43,24 @@ mount -t devtmpfs dev /host/dev || die "mount /host/dev"
 mkdir -p /host/dev/shm /host/dev/pts
 mount -t tmpfs shm /host/dev/shm
 mount -t devpts devpts /host/dev/pts 2>/dev/null
+# Host paths under /tmp or /run that the guest needs (the checkout, its
+# venv: cfs.keep=P1:P2) would vanish under the fresh tmpfs: hold them on
+# bind mounts first and put them back at the same paths after.
+KEEP=$(cmdarg keep)
+i=0
+for p in $(echo "$KEEP" | tr ':' ' '); do
+    mkdir -p "/keep/$i"
+    mount -o bind "/host$p" "/keep/$i" 2>/tmp/m.err || die "bind $p: $(cat /tmp/m.err)"
+    i=$((i + 1))
+done
 mount -t tmpfs tmp /host/tmp || die "mount /host/tmp"
 mount -t tmpfs run /host/run || die "mount /host/run"
+i=0
+for p in $(echo "$KEEP" | tr ':' ' '); do
+    mkdir -p "/host$p" && mount -o bind "/keep/$i" "/host$p" 2>/tmp/m.err ||
+        die "put $p back over the guest's tmpfs: $(cat /tmp/m.err)"
+    i=$((i + 1))
+done
 
 # The results share: the host created $OUT, but it may lie under /tmp or /run,
 # which are fresh tmpfs mounts here, so create the mount point if needed.

@@ -457,6 +457,30 @@ def precompile(python: str) -> None:
     run([python, "-m", "compileall", "-q", "-j", "0", str(REPO / "src"), str(HERE)])
 
 
+# The guest mounts fresh tmpfs over these (init.sh): host paths below them
+# are hidden there unless init.sh bind-mounts them back (cfs.keep=).
+GUEST_TMPFS = ("/tmp", "/run")
+
+
+def keep_paths(python: str | None = None) -> list[str]:
+    """The host paths the guest needs that lie under `GUEST_TMPFS`: the
+    checkout and the Python (its venv and its installation), outermost
+    only, so `make test-vm` works from a checkout anywhere, /tmp too."""
+    python = python or sys.executable
+    candidates = [REPO.resolve(), Path(python).absolute().parent.parent,
+                  Path(python).resolve().parent.parent]
+    under = [p for p in candidates
+             if any(p == Path(t) or Path(t) in p.parents for t in GUEST_TMPFS)]
+    out: list[Path] = []
+    for p in sorted(set(under), key=lambda q: len(q.parts)):
+        if any(q == p or q in p.parents for q in out):
+            continue
+        if re.search(r"[\s:]", str(p)):
+            raise HarnessError(f"cannot share {p} with the VM: the path has a space or ':'")
+        out.append(p)
+    return [str(p) for p in out]
+
+
 def guest_script(share: Path, pytest_args: Sequence[str], python: str | None = None) -> str:
     python = python or sys.executable
     args = list(pytest_args)
@@ -475,18 +499,21 @@ def guest_script(share: Path, pytest_args: Sequence[str], python: str | None = N
     cmd = [python, "-m", "pytest", "-p", "no:cacheprovider", "-m", "vm", "-v",
            "--color=no", "--durations=5", "--timeout=180", f"--junitxml={share / 'junit.xml'}", *args]
     lines = ["# written by tests/vm/run.py; runs chrooted into the host's / in the VM",
-             f"cd {shlex.quote(str(REPO))} || exit 98",
+             f"cd {shlex.quote(str(REPO))} || {{ echo 'COMPOSEFS-VM: SETUP-FAIL the checkout "
+             f"{shlex.quote(str(REPO))} is not visible in the guest'; exit 98; }}",
              *(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
              shlex.join(cmd)]
     return "\n".join(lines) + "\n"
 
 
 def boot(qemu: str, kernel: Kernel, initramfs: Path, disk: Path, share: Path,
-         timeout: float, log: Path) -> int:
+         timeout: float, log: Path, keep: Sequence[str] = ()) -> int:
     """Boot the VM, echo its console, return the exit status the guest reported."""
     mem = os.environ.get("COMPOSEFS_VM_MEM", "1536")
     cmdline = (f"console=ttyS0 panic=-1 quiet loglevel=4 8250.nr_uarts=1 "
                f"cfs.out={share} cfs.script={share / 'guest.sh'}")
+    if keep:
+        cmdline += f" cfs.keep={':'.join(keep)}"
     cmd = [qemu, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", mem,
            "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio",
            "-monitor", "none",
@@ -598,7 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         (share / "guest.sh").write_text(guest_script(share, pytest_args, python))
         timeout = float(os.environ.get("COMPOSEFS_VM_TIMEOUT", "480"))
         say(f"booting {kernel.release} under QEMU/TCG (prepared in {time.monotonic() - t0:.1f}s)")
-        rc = boot(qemu, kernel, initramfs, disk, share, timeout, rundir / "console.log")
+        rc = boot(qemu, kernel, initramfs, disk, share, timeout, rundir / "console.log",
+                  keep_paths(python))
         passed, failed, skipped = report(share / "junit.xml")
     except HarnessError as e:
         say(f"FAIL: {e}")

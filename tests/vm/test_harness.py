@@ -69,3 +69,23 @@ def test_guest_script(tmp_path: Path, args: list[str], expect_default: bool) -> 
     assert last[-len(args) - 1:-1] == args if expect_default else last[-len(args):] == args
     assert (last[-1] == "tests/vm") == expect_default
     assert "export COMPOSEFS_VERITY_SCRATCH=/run/verity" in script
+
+
+def test_keep_paths_for_a_checkout_under_tmp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest mounts fresh tmpfs on /tmp and /run: a checkout or venv
+    there is named on the kernel command line (cfs.keep=) to stay visible."""
+    monkeypatch.setattr(runner, "REPO", Path("/tmp/co/composefs"))
+    assert runner.keep_paths("/tmp/co/composefs/.venv/bin/python") == ["/tmp/co/composefs"]
+    assert runner.keep_paths("/run/venvs/x/bin/python") == [
+        "/run/venvs/x", "/tmp/co/composefs"
+    ] or runner.keep_paths("/run/venvs/x/bin/python") == ["/tmp/co/composefs", "/run/venvs/x"]
+    monkeypatch.setattr(runner, "REPO", Path("/work/composefs"))
+    assert runner.keep_paths("/usr/bin/python3") == []
+    monkeypatch.setattr(runner, "REPO", Path("/tmp/has space"))
+    with pytest.raises(runner.HarnessError, match="space"):
+        runner.keep_paths("/usr/bin/python3")
+
+
+def test_guest_script_explains_a_missing_checkout(tmp_path: Path) -> None:
+    script = runner.guest_script(tmp_path, [])
+    assert "is not visible in the guest" in script

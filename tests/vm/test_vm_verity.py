@@ -261,6 +261,33 @@ def test_image_without_verity_refused(cfs: ComposefsFixture) -> None:
     assert not os.path.ismount(cfs.mnt)
 
 
+def test_digest_on_filesystem_without_verity(cfs: ComposefsFixture) -> None:
+    """A kernel with fs-verity, an image on a filesystem without it (tmpfs):
+    digest= is refused as C refuses it; `insecure` checks in userspace and
+    then does not require verity (the replaced object is served)."""
+    from composefs.errors import MountError
+    from composefs.mount import mount_composefs, unmount
+
+    shm = cfs.base / "shm"
+    shm.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(shm)], check=True)
+    try:
+        image = shm / "image.cfs"
+        _write(image, cfs.image_bytes)
+        with pytest.raises(MountError, match="has no fs-verity"):
+            mount_composefs(str(image), str(cfs.mnt), [str(cfs.objects)], digest=cfs.digest)
+        assert not os.path.ismount(cfs.mnt)
+        mount_composefs(
+            str(image), str(cfs.mnt), [str(cfs.objects)], digest=cfs.digest, insecure=True
+        )
+        try:
+            assert (cfs.mnt / "replaced").read_bytes() == cfs.REPLACED
+        finally:
+            unmount(str(cfs.mnt))
+    finally:
+        subprocess.run(["umount", str(shm)], check=True)
+
+
 # -- a secure repository (cfsctl) -----------------------------------------
 
 
@@ -441,6 +468,28 @@ def test_wrong_image_digest_refused(repo: RepoFixture) -> None:
     with pytest.raises(NotFoundError):
         repo.mount(fsverity.digest_hex(b"not in the repository", "sha512"))
     assert not os.path.ismount(repo.mnt)
+
+
+def test_tampered_image_refused_by_ref_too(repo: RepoFixture) -> None:
+    """In a secure repository a ref (refs/NAME, or a bare NAME) is no way
+    around the image's digest check."""
+    from composefs.errors import RepositoryError
+    from composefs.repository import Repository
+
+    with Repository.open(repo.path) as r:
+        r.symlink("images/refs/named", f"images/{repo.image_id}")
+    original = repo.image_object.read_bytes()
+    _replace(repo.image_object, original, verity=False)
+    for name in ("refs/named", "named"):
+        with pytest.raises(RepositoryError, match="fs-verity"):
+            repo.mount(name)
+        assert not os.path.ismount(repo.mnt)
+    _replace(repo.image_object, original)
+    repo.mount("named")
+    try:
+        assert os.path.ismount(repo.mnt)
+    finally:
+        subprocess.run(["umount", str(repo.mnt)], check=True)
 
 
 def test_tampered_image_refused(repo: RepoFixture) -> None:

@@ -22,6 +22,28 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class _Version(argparse.Action):
+    """`--version`: `PROG VERSION`, the version read from the package
+    metadata only when asked for (it costs an import)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(
+            option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS,
+            help="print the version and exit",
+        )  # fmt: skip
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from .. import __version__
+
+        sys.stdout.write(f"{parser.prog} {__version__}\n")
+        parser.exit()
+
+
+def add_version(p: argparse.ArgumentParser) -> None:
+    """Give a tool's parser `--version`."""
+    p.add_argument("--version", action=_Version)
+
+
 def _one_line(message: str) -> str:
     # Names from hostile input must neither split the line nor reach the
     # terminal raw (ESC, BEL, ...): control characters are shown escaped.

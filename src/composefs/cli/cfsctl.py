@@ -53,7 +53,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import ComposefsError, RepositoryError, UsageError
-from ._util import Parser, fuse_options, run
+from ._util import Parser, add_version, fuse_options, run
 
 if TYPE_CHECKING:
     from ..repository import Repository
@@ -195,15 +195,28 @@ def cmd_init(args: argparse.Namespace, opener: RepoOpener) -> None:
     if version is None:
         version = args.erofs_version if args.erofs_version is not None else 2
     insecure = args.init_insecure or args.insecure
+    # parents are created as needed, and removed again if init fails
+    made: list[str] = []
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    repo, created = Repository.init(
-        path,
-        algorithm=algorithm,
-        insecure=insecure,
-        formats=FormatConfig(version),
-        reset_metadata=args.reset_metadata,
-    )
+    while not os.path.isdir(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        repo, created = Repository.init(
+            path,
+            algorithm=algorithm,
+            insecure=insecure,
+            formats=FormatConfig(version),
+            reset_metadata=args.reset_metadata,
+        )
+    except BaseException:
+        for d in made:  # deepest first
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+        raise
     repo.close()
     if created:
         print(f"Initialized composefs repository at {path}")
@@ -300,7 +313,16 @@ def cmd_compute_karg(args: argparse.Namespace, opener: RepoOpener) -> None:
     root = _read_tree(args, algorithm, None, True)
     version = args.erofs_version if args.erofs_version is not None else 2
     digest = digest_hex(_image_bytes(root, version), algorithm)
-    print(make_cmdline_composefs(digest, args.insecure, version, algorithm))
+    insecure = args.insecure
+    if not insecure and not args.no_repo:
+        # the karg is for this repository: an insecure one gets "?"
+        from ..repository import peek_insecure
+
+        try:
+            insecure = bool(peek_insecure(repo_path(args)))
+        except ComposefsError:
+            pass
+    print(make_cmdline_composefs(digest, insecure, version, algorithm))
 
 
 def cmd_create_dumpfile(args: argparse.Namespace, opener: RepoOpener) -> None:
@@ -426,14 +448,17 @@ def _dump_lines(root: Directory, name: str) -> bytes:
 # the parser
 
 
+_IMAGE_HELP = (
+    "image id as printed (sha512:HEX, or HEX; digest verified), refs/NAME, or a ref NAME"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
         description="Manage a composefs repository: objects, images, splitstreams.",
     )
-    from .. import __version__
-
-    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    add_version(p)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--repo", metavar="PATH", help="operate on the repository at PATH")
     where.add_argument(
@@ -458,7 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="EROFS format for images made by this command "
         "(0: C default, 1: C --min-version=1, 2: composefs-rs native)",
     )
-    p.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not check fs-verity on the repository's objects and images (a repository "
+        "without fs-verity is detected from meta.json); compute-karg: mark the karg '?'",
+    )
     p.add_argument(
         "--require-verity",
         action="store_true",
@@ -520,8 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("gc", cmd_gc, "remove objects no ref (or --root) keeps alive")
     sp.add_argument(
-        "-r", "--root", action="append", metavar="NAME", help="extra image/stream root (repeatable)"
-    )
+        "-r", "--root", action="append", metavar="NAME",
+        help="also keep this image or stream: an id as printed (sha512:HEX or HEX), refs/NAME"
+        " or a ref NAME, a stream name; one that names nothing is an error (repeatable)",
+    )  # fmt: skip
     sp.add_argument(
         "-n", "--dry-run", action="store_true", help="only report what would be removed"
     )
@@ -530,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("reference", help="ref name (images/refs/REFERENCE)")
 
     sp = add("mount", cmd_mount, "mount an image from the repository")
-    sp.add_argument("name", help="image id (digest verified) or refs/NAME")
+    sp.add_argument("name", help=_IMAGE_HELP)
     sp.add_argument("mountpoint")
     sp.add_argument("--upperdir", metavar="DIR", help="writable overlayfs upper directory")
     sp.add_argument("--workdir", metavar="DIR", help="overlayfs work directory (with --upperdir)")
@@ -575,14 +607,14 @@ def build_parser() -> argparse.ArgumentParser:
     tree_options(sp)
 
     sp = add("image-objects", cmd_image_objects, "list the objects an image refers to")
-    sp.add_argument("name", help="image id or refs/NAME")
+    sp.add_argument("name", help=_IMAGE_HELP)
 
     sp = add(
         "dump-files",
         cmd_dump_files,
         "print the dumpfile lines (or backing paths) of files in an image",
     )
-    sp.add_argument("image_name", metavar="IMAGE", help="image id or refs/NAME")
+    sp.add_argument("image_name", metavar="IMAGE", help=_IMAGE_HELP)
     sp.add_argument("files", nargs="*", metavar="FILES", help="paths inside the image")
     sp.add_argument(
         "--backing-path-only",

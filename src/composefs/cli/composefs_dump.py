@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..errors import UsageError
-from ._util import Parser, run
+from ._util import Parser, add_version, run
 
 PROG = "composefs-dump"
 
@@ -25,6 +25,7 @@ def _main(argv: Sequence[str]) -> int:
         usage="%(prog)s SRC DEST",
         description="Read a composefs image and write it again.",
     )
+    add_version(p)
     p.add_argument("src", metavar="SRC", nargs="?", help="source image")
     p.add_argument("dest", metavar="DEST", nargs="?", help="destination image")
     args = p.parse_args(argv)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import ComposefsError, UsageError
-from ._util import Parser, run
+from ._util import Parser, add_version, run
 
 if TYPE_CHECKING:
     from ..tree import Directory
@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         "[ls|objects|dump|missing-objects|measure-file] IMAGES...",
         description="Show the contents of composefs images.",
     )
+    add_version(p)
     p.add_argument("command", metavar="COMMAND", nargs="?", help=", ".join(COMMANDS))
     p.add_argument("paths", metavar="IMAGES", nargs="*", help="images (files for measure-file)")
     p.add_argument("--basedir", metavar="PATH", help="object directory (missing-objects)")

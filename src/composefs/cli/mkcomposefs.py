@@ -24,7 +24,7 @@ from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import ComposefsError, UsageError
-from ._util import Parser, run
+from ._util import Parser, add_version, run
 
 if TYPE_CHECKING:
     from ..erofs.format import FormatVersion
@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         usage="%(prog)s [OPTIONS] SOURCE [IMAGE|-]",
         description="Build a composefs image from a directory or a dumpfile.",
     )
+    add_version(p)
     p.add_argument("source", metavar="SOURCE", help="directory, or dumpfile with --from-file")
     p.add_argument("image", metavar="IMAGE", nargs="?", help="output image path, - for stdout")
     p.add_argument("--digest-store", metavar="PATH", help="store content files in this directory")
@@ -147,11 +148,16 @@ def atomic_output(path: str) -> Iterator[BinaryIO]:
         raise
 
 
-def _read_tree(args: argparse.Namespace, threads: int | None) -> Directory:
+def _read_tree(args: argparse.Namespace, threads: int | None, v2: bool) -> Directory:
     if args.from_file:
-        from ..dumpfile import parse
+        from ..dumpfile import parse as _parse
 
         strict = "CFS_PARSE_STRICT" in os.environ
+
+        def parse(src: BinaryIO, *, strict: bool) -> Directory:
+            # C truncates a sha512 digest to a sha256 one no file has; refuse
+            # it where only C's formats are written (V2 holds sha512)
+            return _parse(src, strict=strict, sha256_only=not v2)
         if args.digest_store is not None:
             sys.stderr.write(f"{PROG}: warning: --digest-store is ignored with --from-file\n")
         if args.source == "-":
@@ -210,7 +216,7 @@ def _main(argv: Sequence[str]) -> int:
             out = sys.stdout.buffer
         elif not args.print_digest_only:
             out = stack.enter_context(atomic_output(str(args.image)))
-        root = _read_tree(args, threads)
+        root = _read_tree(args, threads, int(version) == 2)
 
         from ..erofs.writer import mkfs
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from ._util import run
+from ._util import add_version, run
 
 PROG = "mount.composefs"
 
@@ -30,11 +30,14 @@ or, as a mount helper:
 
 Supported options (comma-separated; escape a comma in a value as \\,):
   basedir=PATH[:PATH]    Specify location of basedir(s)
-  digest=DIGEST          Specify required image digest (implies verity where
-                         the kernel can measure fs-verity)
+  digest=DIGEST          Specify required image digest (implies verity; refused
+                         where the kernel cannot measure the image's fs-verity)
+  insecure               With digest=: if the kernel cannot measure fs-verity,
+                         check the digest in userspace and mount without verity
   idmap=PATH             Specify path to a user namespace whose ID mapping should be used
   verity                 Require all files to have specified and valid fs-verity digests
-  tryverity              If supported by kernel, require fs-verity
+  tryverity              If supported by kernel, require fs-verity (with digest=:
+                         like insecure where the kernel has no fs-verity)
   ro                     Read only
   rw                     Read/write
   upperdir=PATH          Overlayfs upperdir
@@ -96,6 +99,7 @@ class MountRequest:
     digest: str | None = None
     verity: bool = False
     try_verity: bool = False
+    insecure: bool = False
     upperdir: str | None = None
     workdir: str | None = None
     idmap: str | None = None
@@ -123,6 +127,8 @@ def parse_mount_options(options: str, *, sloppy: bool = False) -> MountRequest:
             req.verity = True
         elif key == "tryverity":
             req.try_verity = True
+        elif key == "insecure" and value is None:
+            req.insecure = True
         elif key == "upperdir":
             req.upperdir = value
         elif key == "workdir":
@@ -182,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=USAGE_EXTRA,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(p)
     p.add_argument("-t", dest="fstype", metavar="TYPE", help="filesystem type (composefs)")
     p.add_argument(
         "-o", dest="options", metavar="OPTIONS", action="append", default=[],
@@ -229,6 +236,7 @@ def _main(argv: Sequence[str]) -> int:
         readonly=req.readonly,
         idmap=req.idmap,
         attributes=req.attributes,
+        insecure=req.insecure,
     )
     if args.verbose:
         print(f"{PROG}: {args.image} mounted on {args.target}")

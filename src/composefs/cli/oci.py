@@ -74,49 +74,105 @@ def _tree(args: argparse.Namespace, repo: Repository) -> Directory:
 
 
 class _Progress:
-    """One status line on stderr (only used when stderr is a terminal)."""
+    """One status line on stderr (only used when stderr is a terminal).
+
+    Events come from the layer fetch threads: a lock keeps lines whole. The
+    line is redrawn at most every `INTERVAL` seconds; an update that falls
+    inside that window is drawn when it ends (a timer), so the last frame
+    on screen always shows the latest counts. `close()` (also on errors and
+    Ctrl-C) clears the line before anything else is printed.
+    """
+
+    INTERVAL = 0.1
 
     def __init__(self) -> None:
+        import threading
+
         self.totals: dict[str, int] = {}
         self.done: dict[str, int] = {}
+        self.finished: set[str] = set()
         self.last = 0.0
         self.shown = False
+        self.pending = False
+        self.closed = False
+        self._lock = threading.RLock()
+        self._timer: Any = None
 
     def __call__(self, ev: ProgressEvent) -> None:
         from ..oci.pull import human_bytes
 
-        if ev.kind == "message":
-            self._clear()
-            sys.stderr.write(ev.message + "\n")
-            return
-        if ev.kind == "skipped":
-            self._clear()
-            sys.stderr.write(f"{ev.id[:19]}: already present\n")
-            return
-        if ev.kind == "started":
-            self.totals[ev.id] = ev.total or 0
-            self.done[ev.id] = 0
-        elif ev.kind in ("progress", "done"):
-            self.done[ev.id] = ev.fetched
-        now = time.monotonic()
-        if ev.kind == "done":
-            self._clear()
-            sys.stderr.write(f"{ev.id[:19]}: {human_bytes(ev.fetched)} done\n")
-        elif now - self.last >= 0.1:
-            self.last = now
-            got = sum(self.done.values())
-            total = sum(self.totals.values())
-            active = sum(1 for k in self.done if self.done[k] < self.totals.get(k, 0))
-            sys.stderr.write(
-                f"\r\x1b[Kfetching {active} layer(s): {human_bytes(got)} / {human_bytes(total)}"
-            )
-            self.shown = True
+        with self._lock:
+            if self.closed:
+                return
+            if ev.kind in ("message", "skipped", "done"):
+                self._clear()
+                if ev.kind == "message":
+                    sys.stderr.write(ev.message + "\n")
+                elif ev.kind == "skipped":
+                    sys.stderr.write(f"{ev.id[:19]}: already present\n")
+                else:
+                    self.done[ev.id] = ev.fetched
+                    self.finished.add(ev.id)
+                    sys.stderr.write(f"{ev.id[:19]}: {human_bytes(ev.fetched)} done\n")
+                if self._active():
+                    self._draw()  # the other layers are still coming
+                sys.stderr.flush()
+                return
+            if ev.kind == "started":
+                self.totals[ev.id] = ev.total or 0
+                self.done[ev.id] = 0
+            elif ev.kind == "progress":
+                self.done[ev.id] = ev.fetched
+            wait = self.last + self.INTERVAL - time.monotonic()
+            if wait <= 0:
+                self._draw()
+            else:
+                self.pending = True
+                if self._timer is None:
+                    import threading
+
+                    self._timer = threading.Timer(wait, self._flush)
+                    self._timer.daemon = True
+                    self._timer.start()
+
+    def _active(self) -> int:
+        return sum(1 for k in self.done if k not in self.finished)
+
+    def _draw(self) -> None:
+        from ..oci.pull import human_bytes
+
+        self.last = time.monotonic()
+        self.pending = False
+        got = sum(self.done.values())
+        total = sum(self.totals.values())
+        sys.stderr.write(
+            f"\r\x1b[Kfetching {self._active()} layer(s): "
+            f"{human_bytes(got)} / {human_bytes(total)}"
+        )
         sys.stderr.flush()
+        self.shown = True
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self.pending and not self.closed:
+                self._draw()
 
     def _clear(self) -> None:
-        if self.shown:
-            sys.stderr.write("\r\x1b[K")
-            self.shown = False
+        with self._lock:
+            if self.shown:
+                sys.stderr.write("\r\x1b[K")
+                sys.stderr.flush()
+                self.shown = False
+
+    def close(self) -> None:
+        """Stop drawing and clear the line (idempotent)."""
+        with self._lock:
+            self.closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._clear()
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -238,7 +294,6 @@ def _registry_args(sp: argparse.ArgumentParser) -> None:
 
 def cmd_pull(args: argparse.Namespace, opener: RepoOpener) -> None:
     from ..oci import pull as _pull
-    from ..oci import stored
 
     if args.local_fetch == "zerocopy":
         raise OciError("--local-fetch=zerocopy is not supported (objects are always copied)")
@@ -247,25 +302,27 @@ def cmd_pull(args: argparse.Namespace, opener: RepoOpener) -> None:
     boot = _boot_transform_fn(repo) if args.bootable else None
     tag = args.name if args.name is not None else args.image
     progress = _Progress() if sys.stderr.isatty() else None
-    result = _pull.pull(
-        repo,
-        args.image,
-        tag,
-        platform=args.platform,
-        progress=progress,
-        registry_options=options,
-    )
-    if progress is not None:
-        progress._clear()
+    try:
+        result = _pull.pull(
+            repo,
+            args.image,
+            tag,
+            platform=args.platform,
+            progress=progress,
+            registry_options=options,
+            boot=boot,
+        )
+    finally:
+        # also on errors and Ctrl-C: the message must not land on the line
+        if progress is not None:
+            progress.close()
     print(f"manifest {result.manifest_digest}")
     print(f"config   {result.config_digest}")
     print(f"verity   {result.manifest_verity}")
     print(f"tagged   {tag}")
     print(f"objects  {result.stats}")
     if boot is not None:
-        img = stored.open_image(repo, result.manifest_digest)
-        ids = _pull.commit_boot_images(repo, img, boot)
-        print(f"Boot image: {ids[repo.erofs_version]}")
+        print(f"Boot image: {result.boot_image_ids[repo.erofs_version]}")
 
 
 def cmd_push(args: argparse.Namespace, opener: RepoOpener) -> None:
@@ -421,26 +478,40 @@ def cmd_prepare_boot(args: argparse.Namespace, opener: RepoOpener) -> None:
     if not entries:
         raise OciError("No boot entries!")
     ids = repo.commit_images(root)
-    for image_id in ids.values():
-        repo.symlink(f"images/refs/boot/{image_id}", f"images/{image_id}")
-    # composefs-rs prefers the V1 image, then V2 (V0 as a last resort here).
-    image_id = next(ids[v] for v in (1, 2, 0) if v in ids)
-    fmt = repo.format_config()
-    version = 1 if fmt.default in (0, 1) and 2 not in fmt.extra else 2
-    karg = boot.ComposefsCmdline(version, image_id, repo.algorithm, repo.insecure)
-    boot.write_boot_simple(
-        boot.repo_file_opener(repo),
-        entries[0],
-        karg,
-        args.bootdir,
-        None,
-        args.entry_id,
-        list(args.cmdline or []),
-    )
-    base = os.path.dirname(os.path.abspath(args.repo)) if args.repo else "/sysroot"
-    state = os.path.join(base, "state", "deploy", image_id)
-    for sub in ("var", "etc/upper", "etc/work"):
-        os.makedirs(os.path.join(state, sub), 0o755, exist_ok=True)
+    created = []
+    try:
+        for image_id in ids.values():
+            ref = f"images/refs/boot/{image_id}"
+            if not os.path.lexists(os.path.join(repo.path, ref)):
+                repo.symlink(ref, f"images/{image_id}")
+                created.append(ref)
+        # composefs-rs prefers the V1 image, then V2 (V0 as a last resort here).
+        image_id = next(ids[v] for v in (1, 2, 0) if v in ids)
+        fmt = repo.format_config()
+        version = 1 if fmt.default in (0, 1) and 2 not in fmt.extra else 2
+        karg = boot.ComposefsCmdline(version, image_id, repo.algorithm, repo.insecure)
+        boot.write_boot_simple(
+            boot.repo_file_opener(repo),
+            entries[0],
+            karg,
+            args.bootdir,
+            None,
+            args.entry_id,
+            list(args.cmdline or []),
+        )
+        base = os.path.dirname(os.path.abspath(args.repo)) if args.repo else "/sysroot"
+        state = os.path.join(base, "state", "deploy", image_id)
+        for sub in ("var", "etc/upper", "etc/work"):
+            os.makedirs(os.path.join(state, sub), 0o755, exist_ok=True)
+    except BaseException:
+        # a failed prepare-boot roots nothing (the images it committed are
+        # left for gc)
+        for ref in created:
+            try:
+                os.unlink(os.path.join(repo.path, ref))
+            except FileNotFoundError:
+                pass
+        raise
 
 
 def cmd_fsck(args: argparse.Namespace, opener: RepoOpener) -> int:
@@ -585,9 +656,14 @@ def add_parser(subparsers: Any) -> None:
         "--cmdline", action="append", metavar="ARG", help="extra kernel argument (repeatable)"
     )
 
-    sp = add("fsck", cmd_fsck, "check the repository and its OCI images")
+    sp = add(
+        "fsck",
+        cmd_fsck,
+        "check the repository and its OCI images; exit status 1 on any problem, "
+        "with or without --json (composefs-rs exits 0 with --json)",
+    )
     sp.add_argument("image", nargs="?", metavar="IMAGE", help="check only this tag")
-    sp.add_argument("--json", action="store_true", help="print JSON (exit 0)")
+    sp.add_argument("--json", action="store_true", help="print the report as JSON")
 
     sp = add(
         "import-layer", cmd_import_layer, "import a layer tar from stdin (checked against DIGEST)"

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BootError, ComposefsError, NotFoundError
-from ._util import run
+from ._util import add_version, run
 
 PROG = "composefs-setup-root"
 MOUNT_TYPES = ("none", "bind", "overlay", "transient")
@@ -308,6 +308,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="Mount the composefs image named on the kernel command line."
     )
+    add_version(p)
     p.add_argument("cmd", nargs="*", help="ignored (composefs-rs testing hook)")
     p.add_argument("--sysroot", default="/sysroot", help="sysroot directory in the initramfs")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="config file (TOML)")

@@ -285,7 +285,8 @@ class _ReassembledBlob(io.RawIOBase):
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    with replacing(path) as f:
+    # 0644 like the blobs (and skopeo): a layout is for others to read
+    with replacing(path, mode=0o644) as f:
         f.write(data)
 
 

@@ -343,6 +343,10 @@ class ResolvedImage:
 def resolve_manifest(source: ImageSource, platform: Platform | None = None) -> ResolvedImage:
     """Fetch the manifest `source` names, walking indexes by platform."""
     raw, declared = source.get_manifest(None)
+    top = getattr(source, "top_entry", None)
+    if isinstance(top, Descriptor) and top.platform is not None:
+        # a single image for another platform is refused too (composefs-rs)
+        select_platform([top], platform)
     expected: str | None = None
     for _ in range(4):  # nested indexes are legal but never deep
         if len(raw) > MAX_JSON_SIZE:
@@ -404,6 +408,11 @@ class ImageSource(Protocol):
 
 class BaseSource:
     """Convenience base class: context manager on top of ``close()``."""
+
+    # The index entry the source itself picked the top-level manifest by
+    # (an OCI layout's only image), so its platform is checked as an
+    # index's would be. None when there was no such choice.
+    top_entry: Descriptor | None = None
 
     def close(self) -> None:
         pass

@@ -18,7 +18,7 @@ import io
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
 from ..errors import ComposefsError, DigestMismatch, NotFoundError, OciError
@@ -55,6 +55,7 @@ from .stored import (
     image_tree,
     layer_stream,
     manifest_stream,
+    open_image,
     read_json_stream,
     tag_ref,
     validate_tag,
@@ -105,7 +106,8 @@ class ImportStats:
     def __str__(self) -> str:
         return (
             f"{self.objects_copied} new + {self.objects_already_present} already present objects; "
-            f"{human_bytes(self.bytes_copied)} stored, {human_bytes(self.bytes_inlined)} inlined"
+            f"{human_bytes(self.bytes_copied)} stored, {human_bytes(self.bytes_inlined)} inlined; "
+            f"{self.layers} new + {self.layers_already_present} already present layers"
         )
 
     def to_json(self) -> dict[str, int]:
@@ -214,12 +216,13 @@ class _LayerSink:
         self.writer.write_inline(data)
 
     def entry(self, entry: _tar.TarEntry) -> None:
-        pass
+        # file content kept in the stream (undone below when it goes external)
+        if entry.kind == _tar.REG:
+            self.stats.bytes_inlined += entry.size
 
     def external(self, entry: _tar.TarEntry, content: _tar.ContentReader) -> None:
+        self.stats.bytes_inlined -= entry.size
         self.writer.queue_external_stream(content, entry.size)
-        self.stats.objects_copied += 1
-        self.stats.bytes_copied += entry.size
 
 
 def import_layer(
@@ -273,7 +276,10 @@ def import_layer(
             actual = f"{alg}:{tar_in.hexdigest()}"
             if actual != diff_id:
                 raise DigestMismatch(f"layer diff_id mismatch: expected {diff_id}, got {actual}")
-        stats.bytes_inlined = writer.inline_size
+        # only objects this import created count as copied (and their bytes)
+        stats.objects_copied = writer.objects_new
+        stats.objects_already_present = writer.objects_present
+        stats.bytes_copied = writer.bytes_new
         stats.layers = 1
         verity = repo.write_stream(writer, content_id, name)
     except BaseException as e:
@@ -317,10 +323,10 @@ def _store_blob_stream(
         return existing, stats
     writer = repo.create_stream(CONTENT_OCI_BLOB)
     try:
-        size_before = writer.external_size
         writer.write_external_stream(cast(Any, source))
-        stats.objects_copied = 1
-        stats.bytes_copied = writer.external_size - size_before
+        stats.objects_copied = writer.objects_new
+        stats.objects_already_present = writer.objects_present
+        stats.bytes_copied = writer.bytes_new
         stats.layers = 1
         verity = repo.write_stream(writer, content_id)
     except BaseException:
@@ -355,6 +361,7 @@ class PullResult:
     image_ids: dict[int, str]
     tag: str | None
     stats: ImportStats
+    boot_image_ids: dict[int, str] = field(default_factory=dict)
 
     @property
     def image_id(self) -> str | None:
@@ -468,8 +475,13 @@ def pull_from_source(
     *,
     platform: Platform | None = None,
     progress: ProgressCallback | None = None,
+    boot: Callable[[Directory], None] | None = None,
 ) -> PullResult:
-    """Pull the image `source` names into `repo`; tag it `tag` (if given)."""
+    """Pull the image `source` names into `repo`; tag it `tag` (if given).
+
+    `boot` (the boot transformation) also commits the bootable image
+    (`commit_boot_images`); the tag is set only once everything succeeded,
+    so a failed pull leaves no tag (and an existing tag unchanged)."""
     repo.ensure_writable()
     if tag is not None:
         validate_tag(tag)
@@ -531,11 +543,20 @@ def pull_from_source(
     manifest_verity = _write_json_stream(
         repo, CONTENT_OCI_MANIFEST, resolved.raw, manifest_stream(resolved.digest), manifest_named
     )
+    boot_ids: dict[int, str] = {}
+    if boot is not None:
+        if not container:
+            raise OciError("--bootable: the image is an artifact, not a container image")
+        _report(progress, ProgressEvent("message", message="Building the boot image"))
+        boot_ids = commit_boot_images(repo, open_image(repo, resolved.digest), boot)
+        manifest_verity = repo.has_stream(manifest_stream(resolved.digest)) or manifest_verity
+        config_verity = repo.has_stream(config_stream(config_digest)) or config_verity
     if tag is not None:
         repo.name_stream(manifest_stream(resolved.digest), tag_ref(tag))
     return PullResult(
-        resolved.digest, manifest_verity, config_digest, config_verity, image_ids, tag, stats
-    )
+        resolved.digest, manifest_verity, config_digest, config_verity, image_ids, tag, stats,
+        boot_ids,
+    )  # fmt: skip
 
 
 def commit_boot_images(
@@ -608,16 +629,20 @@ def pull(
     platform: Platform | str | None = None,
     progress: ProgressCallback | None = None,
     registry_options: Any = None,
+    boot: Callable[[Directory], None] | None = None,
 ) -> PullResult:
     """Pull `imgref` (``oci:DIR[:TAG]``, ``oci-archive:``, ``docker-archive:``,
     ``containers-storage:``, ``docker://``) into `repo` and tag it `tag`.
-    `registry_options` (`registry.RegistryOptions`) is for ``docker://``."""
+    `registry_options` (`registry.RegistryOptions`) is for ``docker://``;
+    `boot` as in `pull_from_source`."""
     if isinstance(platform, str):
         platform = Platform.parse(platform)
     if tag is not None:
         validate_tag(tag)
     source = open_source(imgref, registry_options)
     try:
-        return pull_from_source(repo, source, tag, platform=platform, progress=progress)
+        return pull_from_source(
+            repo, source, tag, platform=platform, progress=progress, boot=boot
+        )
     finally:
         source.close()

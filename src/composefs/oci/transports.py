@@ -133,7 +133,7 @@ class _LayoutSource(BaseSource):
                 raise OciError(f"{self._reference}: no image tagged {self._tag!r}{hint}")
             entries = tagged
         if len(entries) == 1:
-            d = entries[0]
+            d = self.top_entry = entries[0]
             return self._read_blob_small(d.digest), d.media_type or None
         if not entries:
             raise OciError(f"{self._reference}: index.json lists no images")
@@ -497,14 +497,15 @@ TRANSPORTS = ("oci:", "oci-archive:", "docker-archive:", "containers-storage:", 
 
 def split_path_tag(rest: str) -> tuple[str, str | None]:
     """``PATH[:TAG]`` the way composefs-rs splits it: the last ``:`` starts a
-    tag unless what follows contains ``/``. A path that exists as a whole
+    tag unless what follows contains ``/``; an empty tag stays an empty tag
+    (``DIR:`` names the image tagged ""). A path that exists as a whole
     wins, so names containing ``:`` still work."""
     if os.path.exists(rest):
         return rest, None
     path, sep, tag = rest.rpartition(":")
     if not sep or "/" in tag or not path:
         return rest, None
-    return path, tag or None
+    return path, tag
 
 
 def open_source(imgref: str, registry_options: Any = None) -> ImageSource:

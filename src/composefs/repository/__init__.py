@@ -2,7 +2,7 @@
 
 The package's rooms (each one testable alone, tests in tests/repository/)::
 
-    meta.py         meta.json, algorithm names, default paths, peek_algorithm
+    meta.py         meta.json, algorithm names, default paths, peek_algorithm/peek_insecure
     _fs.py          fd-relative helpers, id and path checks (no state)
     objects.py      ObjectStore: O_TMPFILE + linkat writes, fs-verity, copy paths, reads, symlinks
     streams.py      StreamStore + RepoStreamWriter: splitstreams and streams/refs
@@ -68,6 +68,7 @@ from .meta import (
     algorithm_string,
     default_path,
     peek_algorithm,
+    peek_insecure,
     system_path,
     user_path,
 )
@@ -101,6 +102,7 @@ __all__ = [
     "algorithm_string",
     "default_path",
     "peek_algorithm",
+    "peek_insecure",
     "system_path",
     "user_path",
 ]

@@ -13,7 +13,7 @@ from typing import IO, Any, BinaryIO
 
 from .. import fsverity
 from ..errors import NotFoundError, RepositoryError
-from ._fs import _check_relpath, _is_hex_id, _object_id_from_path
+from ._fs import HEX_LENGTHS, _check_relpath, _exists, _is_hex_id, _object_id_from_path
 from .meta import FormatConfig
 from .objects import ObjectStore
 
@@ -104,11 +104,45 @@ class ImageStore:
         """`commit_images` and return the default format's id."""
         return self.commit_images(root, name)[self.format_config().default]
 
+    def image_entry(self, name: str) -> str:
+        """The ``images/`` entry `name` means, in every form the tools print
+        or take: an image id as ``ALG:<hex>`` (create-image, import-image) or
+        bare hex (compute-id), ``refs/NAME``, or a bare NAME that is a ref
+        (as composefs-rs 0.8 resolves it). Other names are returned as given."""
+        alg, sep, rest = name.partition(":")
+        if sep and alg in HEX_LENGTHS:
+            if alg != self.objects.algorithm:
+                raise RepositoryError(
+                    f"image {name}: this repository's ids are {self.objects.algorithm} digests"
+                )
+            if not _is_hex_id(rest, alg):
+                raise RepositoryError(f"invalid image id {name!r}")
+            return rest
+        if (
+            name
+            and "/" not in name
+            and "\0" not in name
+            and not _is_hex_id(name, self.objects.algorithm)
+            and _exists(self.objects.dirfd, f"images/refs/{name}")
+        ):
+            return f"refs/{name}"
+        return name
+
+    def image_id(self, name: str) -> str | None:
+        """The object id of the image `name` names (any form of
+        `image_entry`), or None when there is no such image."""
+        entry = self.image_entry(name)
+        _check_relpath(entry, "image name")
+        return self.objects.resolve_id(f"images/{entry}")
+
     def open_image(self, name: str) -> tuple[int, bool]:
-        """Open image `name`: a hex id (its digest is verified — by the
-        kernel in a secure repository, in userspace otherwise) or
-        ``refs/<path>`` (not verified). Returns (fd, verity): whether
-        overlayfs should require fs-verity on the image's files."""
+        """Open image `name` (any form of `image_entry`): an image id (its
+        digest is verified — by the kernel in a secure repository, in
+        userspace otherwise) or a ref (verified by the kernel against the id
+        it leads to in a secure repository; not verified in an insecure one,
+        as composefs-rs). Returns (fd, verity): whether overlayfs should
+        require fs-verity on the image's files."""
+        name = self.image_entry(name)
         _check_relpath(name, "image name")
         try:
             fd = os.open(f"images/{name}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.objects.dirfd)
@@ -116,6 +150,15 @@ class ImageStore:
             raise NotFoundError(f"image not found: {name}") from None
         try:
             if "/" in name:
+                if not self.objects.insecure:
+                    # a ref is no way around the digest check (composefs-rs
+                    # skips it): the kernel must vouch for what it leads to
+                    expected = self.objects.resolve_id(f"images/{name}")
+                    measured = self.objects.measure(fd)
+                    if measured is None:
+                        raise RepositoryError(f"image {name} has no fs-verity")
+                    if measured != expected:
+                        raise RepositoryError(f"image {name}: fs-verity content mismatch")
                 return fd, not self.objects.insecure
             if not _is_hex_id(name, self.objects.algorithm):
                 raise RepositoryError(

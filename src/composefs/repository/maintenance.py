@@ -171,6 +171,22 @@ class FsckResult:
         return "\n".join(lines) + "\n"
 
 
+def _root_stream_id(m: Maintenance, root: str) -> str | None:
+    """The object id a gc root names as a stream: ``refs/NAME`` or a bare
+    ref NAME under ``streams/refs/``, or the stream's id (``ALG:<hex>``/hex)."""
+    alg = m.objects.algorithm
+    prefix, sep, rest = root.partition(":")
+    if sep and prefix == alg and _is_hex_id(rest, alg):
+        return rest
+    if _is_hex_id(root, alg):
+        return root
+    parts = root.split("/")
+    if not root or root.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        return None
+    ref = root if root.startswith("refs/") else f"refs/{root}"
+    return m.objects.resolve_id(f"streams/{ref}")
+
+
 class Maintenance:
     """Garbage collection and fsck over a repository's objects, streams and images."""
 
@@ -254,6 +270,11 @@ class Maintenance:
         ``streams/refs/**``) or from `roots` (image ids / stream names), then
         the ``images/`` and ``streams/`` links and refs left dangling.
 
+        A root is named as the tools print or take it (an image id as
+        ``ALG:<hex>`` or hex, ``refs/NAME``, a bare ref NAME, a stream's
+        name or object id); a root that names no image or stream is an
+        error, raised before anything is deleted.
+
         A bad image or stream never stops it: each is reported in
         `GcResult.unreadable`. An image the reader refuses keeps alive every
         object its bytes name (`erofs.reader.scan_references`); an unreadable
@@ -281,6 +302,34 @@ class Maintenance:
         finally:
             if not dry_run:
                 fcntl.flock(self.objects.dirfd, fcntl.LOCK_SH)
+
+    def _resolve_roots(
+        self, roots: set[str], images: dict[str, str | None], streams: dict[str, str | None]
+    ) -> tuple[set[str], set[str]]:
+        """The ``images/`` and ``streams/`` entries the `roots` name."""
+        image_roots: set[str] = set()
+        stream_roots: set[str] = set()
+        for root in sorted(roots):
+            found = False
+            try:
+                image_id = self.images.image_id(root)
+            except RepositoryError:
+                image_id = None
+            if image_id is not None and image_id in images:
+                image_roots.add(image_id)
+                found = True
+            if root in streams:
+                stream_roots.add(root)
+                found = True
+            else:
+                stream_id = _root_stream_id(self, root)
+                for name, oid in streams.items():
+                    if stream_id is not None and oid == stream_id:
+                        stream_roots.add(name)
+                        found = True
+            if not found:
+                raise RepositoryError(f"gc root {root!r} names no image or stream")
+        return image_roots, stream_roots
 
     def discard_unreferenced(self, candidates: Iterable[str]) -> int:
         """Remove those of `candidates` (objects an operation that then
@@ -340,7 +389,9 @@ class Maintenance:
         live: set[str] = set()
 
         images = self._category_entries("images")
-        root_images = (self._ref_targets("images") | extra_roots) & images.keys()
+        streams = self._category_entries("streams")
+        extra_images, extra_streams = self._resolve_roots(extra_roots, images, streams)
+        root_images = (self._ref_targets("images") | extra_images) & images.keys()
         for name in sorted(root_images):
             image_id = images[name]
             if image_id is None or not self.objects.has_object(image_id):
@@ -348,9 +399,8 @@ class Maintenance:
             live.add(image_id)
             live.update(self._image_refs(name, result))
 
-        streams = self._category_entries("streams")
         by_id = {oid: name for name, oid in streams.items() if oid is not None}
-        root_streams = (self._ref_targets("streams") | extra_roots) & streams.keys()
+        root_streams = (self._ref_targets("streams") | extra_streams) & streams.keys()
         walked: set[str] = set()
         for name in sorted(root_streams):
             stream_id = streams[name]

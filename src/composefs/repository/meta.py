@@ -67,6 +67,22 @@ def peek_algorithm(path: str | os.PathLike[str], *, infer: bool = True) -> str |
         os.close(fd)
 
 
+def peek_insecure(path: str | os.PathLike[str]) -> bool | None:
+    """Whether the repository at `path` is insecure (its ``meta.json`` has
+    no fs-verity), without opening it; None when there is no meta.json."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        meta, has_verity = _read_metadata(fd)
+        return None if meta is None else not has_verity
+    except (OSError, ComposefsError):
+        return None
+    finally:
+        os.close(fd)
+
+
 def algorithm_string(algorithm: str) -> str:
     """``sha512`` → ``fsverity-sha512-12``."""
     return f"fsverity-{algorithm}-12"

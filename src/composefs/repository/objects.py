@@ -297,13 +297,20 @@ class ObjectStore:
         """`ensure_object` for in-memory data: hash first, so an object
         that exists costs one stat and no new inode (creating inodes is the
         expensive part of a write on some filesystems)."""
+        return self.store_bytes_counted(data, check_writable=check_writable)[0]
+
+    def store_bytes_counted(
+        self, data: bytes | bytearray | memoryview, *, check_writable: bool
+    ) -> tuple[str, bool]:
+        """`store_bytes`, also telling whether the object is new (False: it
+        was already present)."""
         object_id = fsverity.digest_hex(data, self.algorithm)
         relpath = self.object_relpath(object_id)
         objects = self.objects_fd()
         if self.insecure:
             try:
                 os.stat(relpath, dir_fd=objects)
-                return object_id
+                return object_id, False
             except FileNotFoundError:
                 pass
         else:
@@ -319,25 +326,36 @@ class ObjectStore:
                         )
                 finally:
                     os.close(fd)
-                return object_id
+                return object_id, False
         if check_writable:
             self.ensure_writable()
         else:
             self.ensure_writable_once()
         with TmpObject(self) as tmp:
             _write_all(tmp.fd, data)
-            self.finalize(tmp, object_id, len(data))
-        return object_id
+            _, new = self.finalize(tmp, object_id, len(data))
+        return object_id, new
 
     def store_from_stream(
         self, source: BinaryIO | IO[bytes], size: int | None, *, check_writable: bool = True
     ) -> tuple[str, int]:
+        """Store `size` bytes (or all) of `source` as an object: (id, size)."""
+        object_id, n, _new = self.store_from_stream_counted(
+            source, size, check_writable=check_writable
+        )
+        return object_id, n
+
+    def store_from_stream_counted(
+        self, source: BinaryIO | IO[bytes], size: int | None, *, check_writable: bool = True
+    ) -> tuple[str, int, bool]:
+        """`store_from_stream`, also telling whether the object is new."""
         if size is not None and size <= _SMALL_OBJECT:
             # Most files in a layer are small: read them whole (bounded) and
             # take the in-memory path — one hash call, one write, and no
             # inode at all for content that is already stored.
             data = _read_exactly(source, size)
-            return self.store_bytes(data, check_writable=check_writable), size
+            object_id, new = self.store_bytes_counted(data, check_writable=check_writable)
+            return object_id, size, new
         if check_writable:
             self.ensure_writable()
         else:
@@ -356,10 +374,10 @@ class ObjectStore:
                     remaining -= len(block)
             if remaining:
                 raise RepositoryError(f"short read: {remaining} bytes missing")
-            object_id, _ = self.finalize(
+            object_id, new = self.finalize(
                 tmp, hasher.hexdigest() if hasher is not None else None, out.size
             )
-        return object_id, out.size
+        return object_id, out.size, new
 
     def ensure_object_from_stream(
         self, source: BinaryIO | IO[bytes], size: int | None = None

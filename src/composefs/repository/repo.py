@@ -182,12 +182,19 @@ class Repository:
             raise RepositoryError(f"unknown algorithm {algorithm!r}")
         if reset_metadata:
             _reset_metadata(path)
+        made_dir = False
         try:
             os.mkdir(path, 0o700)
+            made_dir = True
         except FileExistsError:
             pass
         meta = RepoMetadata.new(algorithm, formats)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except BaseException:
+            if made_dir:
+                os.rmdir(path)
+            raise
         try:
             try:
                 _write_metadata(fd, meta, not insecure)
@@ -195,10 +202,14 @@ class Repository:
             except (OSError, ComposefsError) as e:
                 existing, _ = _read_metadata(fd)
                 if existing is None:
+                    if made_dir:
+                        # a failed init leaves no empty directory behind
+                        os.rmdir(path)
                     if isinstance(e, VerityNotSupported):
                         raise RepositoryError(
-                            f"cannot enable fs-verity on {REPO_METADATA_FILENAME}: "
-                            "the filesystem does not support it (use --insecure)"
+                            f"cannot initialize a repository at {path}: cannot enable "
+                            f"fs-verity on {REPO_METADATA_FILENAME}: the filesystem does not "
+                            "support it (use --insecure)"
                         ) from None
                     raise
                 if existing != meta:

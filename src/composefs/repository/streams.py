@@ -19,7 +19,7 @@ from typing import IO, BinaryIO, TypeVar
 from .. import fsverity
 from ..errors import NotFoundError, RepositoryError
 from ..splitstream import _SPOOL_MEM_MAX, SplitStreamReader, SplitStreamWriter, Writable
-from ._fs import _check_relpath, _read_exactly
+from ._fs import _check_relpath, _exists, _is_hex_id, _read_exactly
 from .objects import _SMALL_OBJECT, FdWriter, ObjectStore, TmpObject
 
 T = TypeVar("T")
@@ -54,20 +54,54 @@ class RepoStreamWriter(SplitStreamWriter):
         self.repo = repo
         # Stream records waiting for an object ahead of them: (future object
         # id, None, size) for a reference, (None, data, size) for inline data.
-        self._queue: deque[tuple[Future[str] | None, bytes | None, int]] = deque()
+        self._queue: deque[tuple[Future[tuple[str, bool]] | None, bytes | None, int]] = (
+            deque()
+        )
         self._queued_bytes = 0
         self._pool: ThreadPoolExecutor | None = None
+        # What the external writes stored: new objects (and their bytes)
+        # and objects that were already present (see the properties).
+        self._objects_new = 0
+        self._objects_present = 0
+        self._bytes_new = 0
+
+    def _count(self, new: bool, size: int) -> None:
+        if new:
+            self._objects_new += 1
+            self._bytes_new += size
+        else:
+            self._objects_present += 1
+
+    # The counts include the queued objects: reading one waits for them.
+    @property
+    def objects_new(self) -> int:
+        self._apply_queue(block=True, everything=True)
+        return self._objects_new
+
+    @property
+    def objects_present(self) -> int:
+        self._apply_queue(block=True, everything=True)
+        return self._objects_present
+
+    @property
+    def bytes_new(self) -> int:
+        self._apply_queue(block=True, everything=True)
+        return self._bytes_new
 
     def write_external(self, data: bytes | bytearray | memoryview) -> str:
         """Store `data` as an object and append a reference to it."""
-        object_id = self.repo.store_bytes(data, check_writable=False)
+        object_id, new = self.repo.store_bytes_counted(data, check_writable=False)
+        self._count(new, len(data))
         self.write_reference(object_id, len(data))
         return object_id
 
     def write_external_stream(self, source: BinaryIO | IO[bytes], size: int | None = None) -> str:
         """Store `size` bytes (or everything) read from `source` as an object
         and append a reference to it; bounded memory."""
-        object_id, n = self.repo.store_from_stream(source, size, check_writable=False)
+        object_id, n, new = self.repo.store_from_stream_counted(
+            source, size, check_writable=False
+        )
+        self._count(new, n)
         self.write_reference(object_id, n)
         return object_id
 
@@ -76,8 +110,7 @@ class RepoStreamWriter(SplitStreamWriter):
         object stored in the background (its id is not returned)."""
         self._check_open()
         if size > _SMALL_OBJECT:
-            object_id, n = self.repo.store_from_stream(source, size, check_writable=False)
-            self.write_reference(object_id, n)
+            self.write_external_stream(source, size)
             return
         data = _read_exactly(source, size)
         if self._pool is None:
@@ -85,7 +118,7 @@ class RepoStreamWriter(SplitStreamWriter):
             self.repo.objects_fd()
             self.repo.ensure_writable_once()
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="object-store")
-        fut = self._pool.submit(self.repo.store_bytes, data, check_writable=False)
+        fut = self._pool.submit(self.repo.store_bytes_counted, data, check_writable=False)
         self.total_size += size
         self.external_size += size
         self._queue.append((fut, None, size))
@@ -125,7 +158,9 @@ class RepoStreamWriter(SplitStreamWriter):
                 assert data is not None
                 self._append_inline(data)
             else:
-                self._append_reference(fut.result())  # a failed store raises here
+                object_id, new = fut.result()  # a failed store raises here
+                self._count(new, nbytes)
+                self._append_reference(object_id)
 
     def finish(self, out: Writable) -> int:
         self._apply_queue(block=True, everything=True)
@@ -143,7 +178,7 @@ class RepoStreamWriter(SplitStreamWriter):
             if fut is None:
                 continue
             try:
-                object_id = fut.result()
+                object_id, _ = fut.result()
             except BaseException:
                 continue
             if object_id not in seen:
@@ -316,8 +351,20 @@ class StreamStore:
         verity: str | None = None,
         expected_content_type: int | None = None,
     ) -> SplitStreamReader:
-        """Open splitstream `name` (content id or ``refs/…``), or by object id
+        """Open splitstream `name` (content id, ``refs/…`` or a bare ref
+        name, or its object id as ``ALG:<hex>`` or hex), or by object id
         `verity` (verified in a secure repository). Close the reader after use."""
+        if verity is None:
+            alg = self.objects.algorithm
+            prefix, sep, rest = name.partition(":")
+            if sep and prefix == alg and _is_hex_id(rest, alg):
+                verity = rest
+            elif "/" not in name and "\0" not in name and name not in ("", ".", ".."):
+                if not _exists(self.objects.dirfd, f"streams/{name}"):
+                    if _is_hex_id(name, alg):
+                        verity = name
+                    elif _exists(self.objects.dirfd, f"streams/refs/{name}"):
+                        name = f"refs/{name}"
         if verity is not None:
             fd = self.objects.open_object(verity)
         else:

@@ -560,11 +560,10 @@ class Service:
             def work() -> Reply:
                 # As the reference: no `name`, no tag (the CLI tags with the image).
                 boot = _boot_transform(repo) if p["bootable"] else None
-                result = storage.pull(repo, p["image"], p["name"], progress=progress)
-                boot_image = None
-                if boot is not None:
-                    img = storage.open_image(repo, result.manifest_digest)
-                    boot_image = storage.commit_boot_images(repo, img, boot)[repo.erofs_version]
+                # the boot image is committed before the tag: a failed
+                # --bootable pull tags nothing
+                result = storage.pull(repo, p["image"], p["name"], progress=progress, boot=boot)
+                boot_image = result.boot_image_ids.get(repo.erofs_version) if boot else None
                 return {
                     "manifest_digest": result.manifest_digest,
                     "config_digest": result.config_digest,
