@@ -231,7 +231,9 @@ def report(seq: dict[str, float] | None, deb: dict[str, float] | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench_fuse")
-    ap.add_argument("--runs", type=int, default=3)
+    # FULL=1 (environment): 3 runs each; the default `make bench` keeps it short.
+    full = os.environ.get("FULL", "") not in ("", "0")
+    ap.add_argument("--runs", type=int, default=3 if full else 1)
     ap.add_argument("--only", choices=("sequential", "debian"))
     args = ap.parse_args(argv)
     if os.geteuid() != 0:

@@ -15,7 +15,8 @@ served by Debian's nginx on 127.0.0.1. Then, in the same run:
   downloading the same files from the same nginx (no verification, no
   repository)
 
-Every measurement is repeated ``--runs`` times (default 2), alternating
+Every measurement is repeated ``--runs`` times (default 2 with FULL=1,
+else 1, and only ``--jobs 32`` unless FULL=1), alternating
 with the others, and the best is kept: the machine is usually shared.
 
 Targets: re-fetch < 0.3 s, peak RSS < 150 MB.
@@ -125,8 +126,20 @@ def _main(argv: list[str]) -> int:
     import nginxlib
 
     ap = argparse.ArgumentParser(prog="python -m bench http", description=__doc__.split("\n")[0])
-    ap.add_argument("--jobs", default="4,8,16,32", help="fetch widths to try (comma-separated)")
-    ap.add_argument("--runs", type=int, default=2, help="repeat every measurement, keep the best")
+    from bench import common
+
+    # The default `make bench` stays short (FULL=1: every width, twice).
+    ap.add_argument(
+        "--jobs",
+        default="4,8,16,32" if common.FULL else "32",
+        help="fetch widths to try (comma-separated)",
+    )
+    ap.add_argument(
+        "--runs",
+        type=int,
+        default=2 if common.FULL else 1,
+        help="repeat every measurement, keep the best",
+    )
     ap.add_argument("--json", help="write figures to this file")
     args = ap.parse_args(argv)
     widths = [int(j) for j in args.jobs.split(",")]
