@@ -135,6 +135,9 @@ deploy() {
     id=$(cfsctl --repo "$root/composefs" oci compute-id --bootable "$tag")
     id=${id#sha512:}
     cfsctl --repo "$root/composefs" oci prepare-boot "$tag" --bootdir "$bootdir" "${KARGS[@]}" >&2
+    # The repository becomes secure once provisioned (make_disk): drop the
+    # insecure marker ("?") prepare-boot wrote for the insecure build copy.
+    sed -i "s/ composefs=?/ composefs=/" "$bootdir"/loader/entries/*.conf
     [ -d "$root/state/deploy/$id/var" ] || die "prepare-boot made no state/deploy/$id"
     cp -a "$tree/var/." "$root/state/deploy/$id/var/"
     echo "$id"

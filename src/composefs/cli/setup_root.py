@@ -258,7 +258,10 @@ def setup_root(args: argparse.Namespace) -> None:
                 cmdline = f.read()
         kargs = parse_composefs_kargs(cmdline)
         if not kargs:
-            raise BootError("no composefs karg found in kernel cmdline")
+            raise BootError(
+                "no composefs karg found in the kernel command line "
+                "(want composefs=<digest> or composefs.digest=…)"
+            )
         # The old sysroot stays reachable through this fd after the new
         # root covers its path; the clone becomes <new root>/sysroot.
         from ..mount import AT_EMPTY_PATH, OPEN_TREE_CLONE, open_tree
@@ -277,7 +280,10 @@ def setup_root(args: argparse.Namespace) -> None:
                     sys.stderr.write(f"composefs: image {addr} not found, trying next karg\n")
                 else:
                     tried = ", ".join(a for a, _ in kargs)
-                    raise BootError(f"no composefs image found (tried: {tried})")
+                    raise BootError(
+                        f"no composefs image found in {sysroot}/composefs/images "
+                        f"(tried: {tried})"
+                    )
             if config.root_transient:
                 _overlay_transient(m, sysroot)
             target = os.path.join(sysroot, "sysroot")
