@@ -137,7 +137,9 @@ deploy() {
     cfsctl --repo "$root/composefs" oci prepare-boot "$tag" --bootdir "$bootdir" "${KARGS[@]}" >&2
     # The repository becomes secure once provisioned (make_disk): drop the
     # insecure marker ("?") prepare-boot wrote for the insecure build copy.
-    sed -i "s/ composefs=?/ composefs=/" "$bootdir"/loader/entries/*.conf
+    if [ -d "$bootdir/loader/entries" ]; then
+        sed -i "s/ composefs=?/ composefs=/" "$bootdir"/loader/entries/*.conf
+    fi
     [ -d "$root/state/deploy/$id/var" ] || die "prepare-boot made no state/deploy/$id"
     cp -a "$tree/var/." "$root/state/deploy/$id/var/"
     echo "$id"
@@ -154,4 +156,40 @@ make_disk() {
     "$CFS_PYTHON" "$CFS_SRC/examples/provision.py" "$disk" /composefs >"$disk.provision.log" 2>&1 \
         || die "provisioning fs-verity failed: $(tail -n 5 "$disk.provision.log")"
     say "provisioned: $(grep -o 'fs-verity: .*' "$disk.provision.log")"
+}
+
+# make_uki OUT.efi VMLINUZ INITRD OS-RELEASE CMDLINE: a unified kernel image
+# from systemd-boot-efi's stub (ukify is not in bookworm): objcopy adds
+# .osrel, .cmdline, .initrd and .linux (last: the kernel may grow in place)
+# at page-aligned addresses after the stub's own sections.
+make_uki() {
+    local out=$1 vmlinuz=$2 initrd=$3 osrel=$4 cmdline=$5
+    local stub=/usr/lib/systemd/boot/efi/linuxx64.efi.stub
+    [ -f "$stub" ] || die "no $stub (Debian package systemd-boot-efi)"
+    local end=0 size vma _
+    while read -r _ _ size vma _; do
+        [ $((16#$vma + 16#$size)) -gt "$end" ] && end=$((16#$vma + 16#$size))
+    done < <(objdump -h "$stub" | awk '$1 ~ /^[0-9]+$/ {print}')
+    local tmp; tmp=$(mktemp -d)
+    printf '%s' "$cmdline" > "$tmp/cmdline"
+    local args=() off=$end f name
+    for f in ".osrel=$osrel" ".cmdline=$tmp/cmdline" ".initrd=$initrd" ".linux=$vmlinuz"; do
+        name=${f%%=*}
+        off=$(( (off + 0xfff) & ~0xfff ))
+        args+=(--add-section "$f" --change-section-vma "$name=$(printf 0x%x "$off")")
+        off=$((off + $(stat -Lc %s "${f#*=}")))
+    done
+    objcopy "${args[@]}" "$stub" "$out" || { rm -rf "$tmp"; die "objcopy (UKI) failed"; }
+    rm -rf "$tmp"
+}
+
+# make_esp IMG EFI: a FAT EFI system partition image (no partition table,
+# no loop mount: mtools) with EFI as the removable-media boot loader.
+make_esp() {
+    local img=$1 efi=$2 kib
+    kib=$(( $(stat -c %s "$efi") / 1024 + 8192 ))
+    rm -f "$img"
+    mkfs.fat -C -n ESP "$img" "$kib" >/dev/null || die "mkfs.fat failed"
+    mmd -i "$img" ::/EFI ::/EFI/BOOT
+    mcopy -i "$img" "$efi" ::/EFI/BOOT/BOOTX64.EFI
 }

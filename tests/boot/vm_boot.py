@@ -327,6 +327,43 @@ def test_bls(report: Report, rundir: Path) -> None:
     refused(report, boot, "bls missing digest", "no composefs karg found")
 
 
+def uki_section(efi: Path, name: str) -> bytes:
+    """A section of the UKI, read with objcopy (an independent PE reader)."""
+    with tempfile.NamedTemporaryFile() as tmp:
+        subprocess.run(["objcopy", "-O", "binary", f"--only-section={name}", str(efi), tmp.name],
+                       check=True, capture_output=True)
+        return Path(tmp.name).read_bytes()
+
+
+def test_uki(report: Report, rundir: Path) -> None:
+    out = build("uki", report)
+    if out is None:
+        return
+    image_id = (out / "image-id").read_text().strip()
+    ukis = sorted((out / "esp" / "EFI" / "Linux").glob("*.efi"))
+    if not report.check(len(ukis) == 1, "uki: prepare-boot installed one UKI", f"{ukis}"):
+        return
+    cmdline = uki_section(ukis[0], ".cmdline").decode(errors="replace").strip("\0")
+    report.check(f"composefs={image_id}" in cmdline.split(),
+                 "uki: the UKI's .cmdline carries composefs=<digest>", cmdline)
+    disk = rundir / "uki-disk.img"
+    copy_disk(out / "disk.img", disk)
+    first = qemu_boot("uki-first", rundir, disk, esp=out / "esp.img", fw_cfg={"cfs.test": "first"})
+    guest_checks(report, first, "uki boot (OVMF)", FIRST)
+    setup_root_time(report, first, "uki")
+
+    # The image changed after the UKI was sealed: its first block on disk
+    # differs from what the sealed digest covers.
+    image_obj = f"/composefs/objects/{image_id[:2]}/{image_id[2:]}"
+    offset, orig = corrupt(disk, image_obj)
+    try:
+        boot = qemu_boot("uki-image-changed", rundir, disk, esp=out / "esp.img",
+                         fw_cfg={"cfs.test": "first"})
+    finally:
+        restore(disk, offset, orig)
+    refused(report, boot, "uki image changed after sealing", image_id)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     which = list(sys.argv[1:] if argv is None else argv) or ["bls", "uki"]
     t0 = time.monotonic()
@@ -342,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if time.time() - old.stat().st_mtime > 86400:
             shutil.rmtree(old, ignore_errors=True)
     rundir = Path(tempfile.mkdtemp(prefix="run-", dir=runs))
-    tests = {"bls": test_bls}
+    tests = {"bls": test_bls, "uki": test_uki}
     for name in which:
         if name not in tests:
             report.check(False, f"{name}: known example", f"choose from {', '.join(tests)}")

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .. import fsverity
-from ..errors import RepositoryError
+from ..errors import RepositoryError, VerityNotEnabled
 from ..repository import peek_algorithm
 
 _HEX = frozenset("0123456789abcdef")
@@ -35,7 +35,7 @@ def _enable_one(path: str, expected: str, algorithm: str) -> tuple[bool, str | N
         try:
             fsverity.measure_verity(fd)
             had = True
-        except fsverity.VerityNotEnabled:
+        except VerityNotEnabled:
             had = False
             fsverity.enable_verity(fd, algorithm)
         alg, digest = fsverity.measure_verity(fd)

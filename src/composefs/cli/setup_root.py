@@ -213,8 +213,11 @@ def _gpt_workaround() -> None:
     os.symlink(target, "/run/systemd/volatile-root")
 
 
-def _mount_image(m: _Mounts, sysroot_path: str, hex_id: str, insecure: bool, target: str) -> bool:
-    """Mount images/<hex_id> of <sysroot>/composefs at target; False if absent."""
+def _mount_image(
+    m: _Mounts, sysroot_path: str, hex_id: str, insecure: bool, target: str, shown: str
+) -> bool:
+    """Mount images/<hex_id> of <sysroot>/composefs at target; False if
+    absent. `shown` is the sysroot's path for messages."""
     from ..repository import Repository
 
     algorithm = {64: "sha256", 128: "sha512"}.get(len(hex_id))
@@ -233,7 +236,9 @@ def _mount_image(m: _Mounts, sysroot_path: str, hex_id: str, insecure: bool, tar
         except NotFoundError:
             return False
         except ComposefsError as e:
-            raise BootError(f"Failed to mount composefs image: {e}") from None
+            raise BootError(
+                f"Failed to mount composefs image {hex_id} from {shown}/composefs: {e}"
+            ) from None
     finally:
         repo.close()
     m.attached.append(target)
@@ -274,7 +279,7 @@ def setup_root(args: argparse.Namespace) -> None:
                 m.bind(args.root_fs, sysroot)
             else:
                 for addr, insecure in kargs:
-                    if _mount_image(m, old, addr, insecure, sysroot):
+                    if _mount_image(m, old, addr, insecure, sysroot, sysroot):
                         image_addr = addr
                         break
                     sys.stderr.write(f"composefs: image {addr} not found, trying next karg\n")
