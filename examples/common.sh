@@ -124,6 +124,7 @@ os_tree() {
 # insecure: this kernel may lack fs-verity; see provision) and prepare-boot
 # it: the boot entry goes to BOOTDIR, the image's state directory
 # ROOT/state/deploy/<id> gets /var seeded from the image. Prints the id.
+# Kernel arguments for BLS entries (after composefs=<id>), as --cmdline options.
 KARGS=(--cmdline root=LABEL=cfsroot --cmdline rw --cmdline console=ttyS0)
 deploy() {
     local tree=$1 layout=$2 tag=$3 root=$4 bootdir=$5; shift 5
@@ -143,6 +144,31 @@ deploy() {
     [ -d "$root/state/deploy/$id/var" ] || die "prepare-boot made no state/deploy/$id"
     cp -a "$tree/var/." "$root/state/deploy/$id/var/"
     echo "$id"
+}
+
+# dracut_initramfs TREE OUT: the same system's initramfs made by dracut with
+# the 95composefs module (dist/dracut), in a throwaway copy of TREE: dracut
+# and initramfs-tools do not share a system (never on the host either).
+# dracut-core's kpartx dependency is for multipath roots: not installed.
+dracut_initramfs() {
+    local tree=$1 out=$2 tmp=$CFS_CACHE/.dracut-tmp-$$ kver
+    rm -rf "$tmp"; cp -a "$tree" "$tmp"
+    cp "$(fetch_deb dracut-core)" "$(fetch_deb cpio)" "$tmp/tmp/"
+    kver=$(ls "$tmp/usr/lib/modules")
+    in_chroot "$tmp" sh -c "dpkg -i --force-depends /tmp/*.deb && dracut --force --no-hostonly \
+        --kver $kver --add composefs --omit 'plymouth' /tmp/dracut.img" >"$out.log" 2>&1 \
+        || { rm -rf "$tmp"; die "dracut failed: $(tail -n 5 "$out.log")"; }
+    mv "$tmp/tmp/dracut.img" "$out"
+    rm -rf "$tmp"
+    say "dracut initramfs: $(du -k "$out" | cut -f1) KiB"
+}
+
+# fetch_deb PACKAGE: a bookworm .deb, downloaded once with the host's apt.
+fetch_deb() {
+    local d=$CFS_CACHE/debs
+    mkdir -p "$d"
+    ls "$d/$1"_*.deb >/dev/null 2>&1 || (cd "$d" && apt-get -q download "$1" >&2) || die "apt-get download $1 failed"
+    ls "$d/$1"_*.deb | head -n 1
 }
 
 # make_disk ROOT DISK: an ext4 filesystem with fs-verity support holding

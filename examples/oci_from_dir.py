@@ -4,7 +4,8 @@
     oci_from_dir.py LAYOUT TAG DIR [DIR...]
 
 Each DIR becomes one uncompressed tar layer (GNU tar, pax format, numeric
-owners, xattrs, sorted names), in order; the image is tagged TAG in
+owners, xattrs, sorted names, no atime/ctime: the same tree gives the same
+layer), in order; the image is tagged TAG in
 LAYOUT/index.json next to the tags already there. Standard library + tar.
 """
 
@@ -36,7 +37,9 @@ def _tar_layer(layout: str, directory: str) -> dict[str, object]:
     size = 0
     with os.fdopen(fd, "wb") as out, subprocess.Popen(
         ["tar", "--create", "--format=pax", "--numeric-owner", "--xattrs",
-         "--xattrs-include=*", "--sort=name", "--file=-", "-C", directory, "--", *names],
+         "--xattrs-include=*", "--sort=name",
+         # atime/ctime would make packing the same tree twice differ
+         "--pax-option=delete=atime,delete=ctime", "--file=-", "-C", directory, "--", *names],
         stdout=subprocess.PIPE,
     ) as tar:
         assert tar.stdout is not None

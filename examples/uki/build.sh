@@ -41,6 +41,7 @@ make_uki "$OUT/uki.efi" "$OUT/kernel/vmlinuz" "$OUT/kernel/initramfs.img" \
 mkdir -p "$OUT/uki-layer/boot/EFI/Linux"
 cp "$OUT/uki.efi" "$OUT/uki-layer/boot/EFI/Linux/debian-composefs.efi"
 # 3. the image with the UKI layer: same id; prepare-boot checks the UKI
+KARGS=()   # a UKI's command line is sealed inside it
 deployed=$(deploy "$OUT/tree" "$OUT/oci" os-v1 "$OUT/root" "$OUT/esp" "$OUT/uki-layer")
 [ "$deployed" = "$id" ] || die "the UKI layer changed the image id ($id -> $deployed)"
 cfsctl --repo "$OUT/root/composefs" oci untag os-base >/dev/null

@@ -152,7 +152,7 @@ class Boot:
 
 def qemu_boot(name: str, rundir: Path, disk: Path, *, entry: Entry | None = None,
               append: str = "", esp: Path | None = None, fw_cfg: dict[str, str] | None = None,
-              snapshot: bool = False) -> Boot:
+              snapshot: bool = False, share: Path | None = None) -> Boot:
     """Boot the example: direct kernel boot of a BLS entry, or OVMF + ESP."""
     qemu = shutil.which(vm.QEMU) or vm.QEMU
     drive = f"file={disk},if=virtio,format=raw,cache=unsafe" + (",snapshot=on" if snapshot else "")
@@ -167,6 +167,8 @@ def qemu_boot(name: str, rundir: Path, disk: Path, *, entry: Entry | None = None
         cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
                 "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
                 "-drive", f"file={esp},if=virtio,format=raw,readonly=on"]
+    if share is not None:
+        cmd += ["-virtfs", f"local,path={share},mount_tag=update,security_model=none,readonly=on"]
     for k, v in (fw_cfg or {}).items():
         cmd += ["-fw_cfg", f"name=opt/{k},string={v}"]
     timeout = float(os.environ.get("COMPOSEFS_BOOT_TIMEOUT", "300"))
@@ -326,6 +328,8 @@ def test_bls(report: Report, rundir: Path) -> None:
                      append=f"{opts} {EXTRA}")
     refused(report, boot, "bls missing digest", "no composefs karg found")
 
+    upgrade(report, rundir, out, disk, entry, image_id)
+
 
 def uki_section(efi: Path, name: str) -> bytes:
     """A section of the UKI, read with objcopy (an independent PE reader)."""
@@ -362,6 +366,57 @@ def test_uki(report: Report, rundir: Path) -> None:
     finally:
         restore(disk, offset, orig)
     refused(report, boot, "uki image changed after sealing", image_id)
+
+
+def infos(boot: Boot) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in boot.lines("CFSTEST: INFO "):
+        k, sep, v = line.partition("=")
+        if sep and " " not in k:
+            out[k] = v.strip()
+    return out
+
+
+def upgrade(report: Report, rundir: Path, out: Path, disk: Path, entry: Entry, v1: str) -> None:
+    """The running v1 system pulls and prepare-boots v2 (OUT/oci:os-v2, shared
+    over 9p); boot v2 from its new entry, then roll back to v1's entry."""
+    boot = qemu_boot("bls-upgrade", rundir, disk, entry=entry, share=out / "oci",
+                     append=f"{entry.options} {EXTRA} cfs.test=upgrade")
+    guest_checks(report, boot, "bls upgrade (in the running v1)", ("upgrade:", "gc:"))
+    v2 = infos(boot).get("upgraded-to", "")
+    if not report.check(bool(re.fullmatch(r"[0-9a-f]{128}", v2)), "upgrade: new image id reported", v2):
+        return
+    conf = debugfs(disk, "cat /boot/loader/entries/os-v2.conf")
+    keys = dict(line.split(" ", 1) for line in conf.splitlines() if " " in line and not line.startswith("#"))
+    files = rundir / "v2-boot"
+    files.mkdir(exist_ok=True)
+    for k in ("linux", "initrd"):
+        debugfs(disk, f"dump /boot{keys.get(k, '/missing')} {files / k}")
+    if not report.check((files / "linux").is_file() and (files / "initrd").is_file()
+                        and f"composefs={v2}" in keys.get("options", "").split(),
+                        "upgrade: the os-v2 entry (kernel, initrd, composefs=<new id>) is on the disk",
+                        conf.strip()[:200]):
+        return
+    entry2 = Entry(files / "linux", files / "initrd", keys["options"])
+    new = qemu_boot("bls-v2", rundir, disk, entry=entry2,
+                    append=f"{entry2.options} {EXTRA} cfs.test=deployment")
+    guest_checks(report, new, "bls v2 boot", ("root:", "systemd:"))
+    i = infos(new)
+    report.check(i.get("version") == "2" and i.get("hello", "").startswith("Hello"),
+                 "upgrade: v2 runs (version 2, the new package's hello runs)", f"{i}")
+    report.check(i.get("etc-marker") == "none", "upgrade: v2 has its own /etc state (v1's change absent)",
+                 f"{i.get('etc-marker')}")
+    old = qemu_boot("bls-rollback", rundir, disk, entry=entry,
+                    append=f"{entry.options} {EXTRA} cfs.test=deployment")
+    guest_checks(report, old, "bls rollback boot", ("root:", "systemd:"))
+    i = infos(old)
+    report.check(i.get("version") == "1" and i.get("etc-marker") == f"first {v1}",
+                 "rollback: the old entry boots v1 with its own /etc state", f"{i}")
+    s1 = debugfs(disk, f"cat /state/deploy/{v1}/etc/upper/cfs-boot-test").strip()
+    s2 = debugfs(disk, f"cat /state/deploy/{v2}/etc/upper/cfs-boot-test").strip()
+    report.check(s1 == f"first {v1}" and s2 == f"deployed {v2}",
+                 "upgrade: each deployment's /etc change is in its own state/deploy/<id>/etc",
+                 f"v1 {s1!r}, v2 {s2!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,8 +20,13 @@ install() {
     local f
     # The interpreter and extension modules (with their libraries), then the
     # pure-Python modules as .pyc, written by composefs-initrd-python.
+    # (inst_binary resolves an executable's libraries, not an extension
+    # module's: those come from ldd.)
     for f in $(/usr/lib/composefs/composefs-initrd-python "$initdir"); do
         inst_binary "$f" || return 1
+        for lib in $(ldd "$f" | awk '$2 == "=>" && $3 ~ /^\// {print $3}'); do
+            inst_library "$lib" || return 1
+        done
     done
     ln -sf "$(readlink -f /usr/bin/python3)" "$initdir/usr/bin/python3"
     inst_simple /usr/sbin/composefs-setup-root
