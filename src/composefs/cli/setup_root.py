@@ -278,11 +278,12 @@ def setup_root(args: argparse.Namespace) -> None:
             if args.root_fs is not None:
                 m.bind(args.root_fs, sysroot)
             else:
-                for addr, insecure in kargs:
+                for i, (addr, insecure) in enumerate(kargs):
                     if _mount_image(m, old, addr, insecure, sysroot, sysroot):
                         image_addr = addr
                         break
-                    sys.stderr.write(f"composefs: image {addr} not found, trying next karg\n")
+                    if i + 1 < len(kargs):
+                        sys.stderr.write(f"composefs: image {addr} not found, trying next karg\n")
                 else:
                     tried = ", ".join(a for a, _ in kargs)
                     raise BootError(
