@@ -15,7 +15,7 @@ object, a wrong or missing digest, a UKI whose image changed after sealing.
 Each boot's console log is kept in the run directory named at the end.
 
 Usage: ``.venv/bin/python tests/boot/vm_boot.py [bls] [uki]`` (default:
-both). ``COMPOSEFS_BOOT_TIMEOUT`` (seconds per boot, default 300).
+both). ``COMPOSEFS_BOOT_TIMEOUT`` (seconds per boot, default 600).
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def qemu_boot(name: str, rundir: Path, disk: Path, *, entry: Entry | None = None
         cmd += ["-virtfs", f"local,path={share},mount_tag=update,security_model=none,readonly=on"]
     for k, v in (fw_cfg or {}).items():
         cmd += ["-fw_cfg", f"name=opt/{k},string={v}"]
-    timeout = float(os.environ.get("COMPOSEFS_BOOT_TIMEOUT", "300"))
+    timeout = float(os.environ.get("COMPOSEFS_BOOT_TIMEOUT", "600"))
     t0 = time.monotonic()
     timed_out = threading.Event()
     with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
