@@ -30,6 +30,14 @@ if [ "${1:-}" != demo ]; then
     want capsh libcap2-bin  # C's test-random-fuse.sh looks for FUSE with it
     want qemu-system-x86_64 qemu-system-x86
     dpkg -s busybox-static >/dev/null 2>&1 || need="$need busybox-static"
+    # make test-boot: the UKI (objcopy + systemd-boot-efi's stub), its ESP
+    # (mtools, dosfstools) booted by OVMF, debugfs on the disk images.
+    want objcopy binutils
+    want mcopy mtools
+    want mkfs.fat dosfstools
+    want debugfs e2fsprogs
+    [ -f /usr/lib/systemd/boot/efi/linuxx64.efi.stub ] || need="$need systemd-boot-efi"
+    [ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || need="$need ovmf"
 fi
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
