@@ -23,7 +23,7 @@ demo: venv
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./scripts/demo.sh
 
 lint: venv
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench examples
 	$(PY) -m mypy
 
 pytest: venv system-deps
