@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-vm lint pytest bench venv system-deps clean
+.PHONY: demo test test-vm test-boot lint pytest bench venv system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ demo: venv
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./scripts/demo.sh
 
 lint: venv
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench examples
 	$(PY) -m mypy
 
 pytest: venv system-deps
@@ -33,6 +33,10 @@ test: lint pytest
 
 test-vm: venv system-deps
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) tests/vm/run.py tests/vm tests/repository tests/cli/test_cfsctl.py
+
+# Build examples/bls and examples/uki (cached) and boot them under QEMU.
+test-boot: venv system-deps
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) tests/boot/vm_boot.py
 
 bench: venv system-deps
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m bench

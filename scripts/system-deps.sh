@@ -34,6 +34,14 @@ if [ "${1:-}" != demo ]; then
     [ -x /usr/bin/time ] || need="$need time"  # bench: a child's own peak RSS
     dpkg -s libssl-dev >/dev/null 2>&1 || need="$need libssl-dev"
     dpkg -s busybox-static >/dev/null 2>&1 || need="$need busybox-static"
+    # make test-boot: the UKI (objcopy + systemd-boot-efi's stub), its ESP
+    # (mtools, dosfstools) booted by OVMF, debugfs on the disk images.
+    want objcopy binutils
+    want mcopy mtools
+    want mkfs.fat dosfstools
+    want debugfs e2fsprogs
+    [ -f /usr/lib/systemd/boot/efi/linuxx64.efi.stub ] || need="$need systemd-boot-efi"
+    [ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || need="$need ovmf"
 fi
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ]; then

@@ -258,6 +258,13 @@ def cmd_gc(args: argparse.Namespace, opener: RepoOpener) -> None:
         print(f"Pruned symlinks: {result.images_pruned} images, {result.streams_pruned} streams")
 
 
+def cmd_enable_verity(args: argparse.Namespace, opener: RepoOpener) -> None:
+    from ..boot.provision import enable_repository_verity
+
+    result = enable_repository_verity(repo_path(args))
+    print(f"fs-verity: {result.objects} objects ({result.enabled} enabled now), meta.json")
+
+
 def cmd_import_image(args: argparse.Namespace, opener: RepoOpener) -> None:
     repo = opener()
     object_id = repo.import_image(sys.stdin.buffer, args.reference)
@@ -605,6 +612,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("create-dumpfile", cmd_create_dumpfile, "print the dumpfile of a directory tree")
     tree_options(sp)
+
+    add(
+        "enable-verity",
+        cmd_enable_verity,
+        "enable fs-verity on every object and meta.json (provisioning a copied repository)",
+    )
 
     sp = add("image-objects", cmd_image_objects, "list the objects an image refers to")
     sp.add_argument("name", help=_IMAGE_HELP)

@@ -213,8 +213,11 @@ def _gpt_workaround() -> None:
     os.symlink(target, "/run/systemd/volatile-root")
 
 
-def _mount_image(m: _Mounts, sysroot_path: str, hex_id: str, insecure: bool, target: str) -> bool:
-    """Mount images/<hex_id> of <sysroot>/composefs at target; False if absent."""
+def _mount_image(
+    m: _Mounts, sysroot_path: str, hex_id: str, insecure: bool, target: str, shown: str
+) -> bool:
+    """Mount images/<hex_id> of <sysroot>/composefs at target; False if
+    absent. `shown` is the sysroot's path for messages."""
     from ..repository import Repository
 
     algorithm = {64: "sha256", 128: "sha512"}.get(len(hex_id))
@@ -233,7 +236,9 @@ def _mount_image(m: _Mounts, sysroot_path: str, hex_id: str, insecure: bool, tar
         except NotFoundError:
             return False
         except ComposefsError as e:
-            raise BootError(f"Failed to mount composefs image: {e}") from None
+            raise BootError(
+                f"Failed to mount composefs image {hex_id} from {shown}/composefs: {e}"
+            ) from None
     finally:
         repo.close()
     m.attached.append(target)
@@ -258,7 +263,10 @@ def setup_root(args: argparse.Namespace) -> None:
                 cmdline = f.read()
         kargs = parse_composefs_kargs(cmdline)
         if not kargs:
-            raise BootError("no composefs karg found in kernel cmdline")
+            raise BootError(
+                "no composefs karg found in the kernel command line "
+                "(want composefs=<digest> or composefs.digest=…)"
+            )
         # The old sysroot stays reachable through this fd after the new
         # root covers its path; the clone becomes <new root>/sysroot.
         from ..mount import AT_EMPTY_PATH, OPEN_TREE_CLONE, open_tree
@@ -270,14 +278,18 @@ def setup_root(args: argparse.Namespace) -> None:
             if args.root_fs is not None:
                 m.bind(args.root_fs, sysroot)
             else:
-                for addr, insecure in kargs:
-                    if _mount_image(m, old, addr, insecure, sysroot):
+                for i, (addr, insecure) in enumerate(kargs):
+                    if _mount_image(m, old, addr, insecure, sysroot, sysroot):
                         image_addr = addr
                         break
-                    sys.stderr.write(f"composefs: image {addr} not found, trying next karg\n")
+                    if i + 1 < len(kargs):
+                        sys.stderr.write(f"composefs: image {addr} not found, trying next karg\n")
                 else:
                     tried = ", ".join(a for a, _ in kargs)
-                    raise BootError(f"no composefs image found (tried: {tried})")
+                    raise BootError(
+                        f"no composefs image found in {sysroot}/composefs/images "
+                        f"(tried: {tried})"
+                    )
             if config.root_transient:
                 _overlay_transient(m, sysroot)
             target = os.path.join(sysroot, "sysroot")
