@@ -7,7 +7,9 @@ prints its own figures; a benchmark that raises is reported and the others
 still run (the exit status is then 1).  At the end a summary table lists
 every figure a benchmark recorded (`bench.common.record`): ours, the
 reference's from the same run, the ratio and the target.  `FULL=1` in the
-environment runs the long variants as well.
+environment runs the long variants as well, and the benchmarks that take
+minutes on their own (a module with `FULL_ONLY = True`, e.g. `boot`: run
+those by name or with FULL=1).
 """
 
 from __future__ import annotations
@@ -60,7 +62,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print("\n".join(names))
         return 0
-    wanted = [n.removeprefix("bench_").removesuffix(".py") for n in args.names] or names
+    wanted = [n.removeprefix("bench_").removesuffix(".py") for n in args.names]
+    if not wanted:
+        # Everything, except the benchmarks that take minutes on their own
+        # (`FULL_ONLY = True` in the module) unless FULL=1.
+        from bench import common
+
+        sys.path.insert(0, str(ROOT / "src"))
+        wanted = [
+            n
+            for n in names
+            if common.FULL
+            or not getattr(importlib.import_module(f"bench.bench_{n}"), "FULL_ONLY", False)
+        ]
+        skipped = sorted(set(names) - set(wanted))
+        if skipped:
+            print(f"bench: FULL=1 also runs: {', '.join(skipped)}", flush=True)
     unknown = [n for n in wanted if n not in names]
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)} (available: {', '.join(names)})")
