@@ -69,5 +69,7 @@ def test_kill_9_then_resume(served: Served, source: Source, tmp_path: Path) -> N
 def test_ctrl_c_then_resume(served: Served, source: Source, tmp_path: Path) -> None:
     state, srv, repo, rc, err = _interrupt_midway(served, tmp_path, signal.SIGINT)
     assert rc == 130
-    assert err == "cfsctl: interrupted\n"
+    # the last line is the one-line error (a retry notice may come before it
+    # on a loaded machine), never a traceback
+    assert err.endswith("cfsctl: interrupted\n") and "Traceback" not in err, err
     _resume(state, srv, repo, source)
