@@ -23,7 +23,7 @@ def test_writes_sourceless_bytecode_and_lists_native_files(tmp_path: Path) -> No
     assert any("_ctypes" in n for n in native)
     assert all(os.path.isabs(n) and os.path.exists(n) for n in native)
     pkg = Path(os.path.realpath(os.path.dirname(composefs.__file__)))
-    for mod in ("cli/setup_root", "repository", "mount", "boot/cmdline", "fsverity"):
+    for mod in ("cli/setup_root", "repository/__init__", "repository/repo", "mount", "boot/cmdline", "fsverity"):
         assert (Path(str(tmp_path) + str(pkg)) / f"{mod}.pyc").is_file(), mod
     assert not list(tmp_path.rglob("*.py")), "sources are not shipped"
     # The bytecode imports (sourceless) in a fresh, isolated interpreter.

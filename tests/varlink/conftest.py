@@ -63,13 +63,29 @@ def cfsctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 def wait_for_socket(path: str, proc: subprocess.Popen[Any] | None = None) -> None:
+    # Listening, not just bound: the file appears at bind(), and a connect()
+    # before listen() is refused (seen with systemd-socket-activate).
     deadline = time.monotonic() + 30
-    while not os.path.exists(path):
+    while not _listening(path):
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"service exited with {proc.returncode}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"{path} did not appear")
         time.sleep(0.05)
+
+
+def _listening(path: str) -> bool:
+    """A listening Unix socket is bound at `path` (/proc/net/unix flag
+    __SO_ACCEPTCON, 0x10000)."""
+    if not os.path.exists(path):
+        return False
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+                return True
+    return False
 
 
 @dataclass
