@@ -55,7 +55,9 @@ def main(argv: list[str]) -> int:
         ]) + "\n"
         (share / "guest.sh").write_text(script)
         timeout = float(os.environ.get("COMPOSEFS_VM_TIMEOUT", "900"))
-        rc = vm.boot(qemu, kernel, initramfs, disk, share, timeout, rundir / "console.log")
+        # the checkout and venv may lie under the guest's fresh /tmp or /run
+        rc = vm.boot(qemu, kernel, initramfs, disk, share, timeout, rundir / "console.log",
+                     vm.keep_paths(python))
     except (vm.Skip, vm.HarnessError) as e:
         print(f"provision: error: {e}", file=sys.stderr)
         return 1
