@@ -28,8 +28,8 @@ from types import FrameType
 import pytest
 
 from composefs import dumpfile
+from composefs.erofs import dump, reader
 from composefs.erofs import format as F
-from composefs.erofs import reader
 from composefs.erofs.format import FormatVersion
 from composefs.erofs.writer import mkfs
 from composefs.errors import ImageError
@@ -245,6 +245,16 @@ def run_case(data: bytes, check_memory: bool, check_rewrite: bool) -> str:
             # Python objects cost more than on-disk bytes, but only by a
             # constant factor: a runaway allocation is far beyond this.
             assert peak < 64 * len(data) + (4 << 20), f"peak {peak} for {len(data)} bytes"
+    # The streaming `composefs-info dump` path validates exactly as much.
+    try:
+        with time_bound(CASE_SECONDS):
+            dumped = dump.dump_image(data)
+    except ImageError as e:
+        assert "unchecked structure" not in str(e), str(e)
+        assert result == "rejected", f"dump_image refused what read_image read: {e}"
+    else:
+        assert result == "ok", "dump_image accepted what read_image refused"
+        assert dumped == dumpfile.dumps(tree)
     if result == "ok" and check_rewrite:
         rewrite(data, tree)
     return result

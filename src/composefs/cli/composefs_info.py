@@ -26,8 +26,6 @@ PROG = "composefs-info"
 COMMANDS = ("ls", "dump", "objects", "missing-objects", "measure-file")
 
 
-
-
 def _parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
@@ -119,6 +117,27 @@ def read_tree(
 
 
 # -- commands -------------------------------------------------------------
+def _dump(path: str, toplevel: Sequence[bytes] | None, out: BinaryIO) -> None:
+    """Dump the image at `path`, streamed from the image (no tree): erofs.dump
+    gives what dumpfile.write(read_tree(...)) would, about twice as fast."""
+    from ..dumpfile import write
+    from ..erofs.dump import dump_lines
+    from ..errors import ImageError
+
+    data = load_image(path)
+    try:
+        # The lines are held until the image is validated: at most a few
+        # times the image (a real dump is smaller than its image).
+        lines = dump_lines(data, toplevel=toplevel, max_bytes=4 * len(data) + (16 << 20))
+    except ImageError as e:
+        raise ImageError(f"Failed to load '{path}': {e}") from None
+    if lines is None:
+        write(read_tree(path, toplevel, data=data), out)
+        return
+    for i in range(0, len(lines), 1024):
+        out.write(b"".join(lines[i : i + 1024]))
+
+
 def _ls(root: Directory, out: BinaryIO) -> None:
     """C's listing. The escaped path is built incrementally in one buffer
     (each name escaped once, the parent's path never copied per level), and
@@ -231,13 +250,10 @@ def _main(argv: Sequence[str]) -> int:
         out.write(b"".join(p + b"\n" for p in sorted(found)))
         return 0
     for path in args.paths:
-        root = read_tree(path, filters, inline_data=args.command != "ls")
         if args.command == "ls":
-            _ls(root, out)
+            _ls(read_tree(path, filters, inline_data=False), out)
         else:
-            from ..dumpfile import write
-
-            write(root, out)
+            _dump(path, filters, out)
     return 0
 
 

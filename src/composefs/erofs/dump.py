@@ -1,0 +1,421 @@
+"""C `composefs-info dump` of an image, streamed from the image.
+
+IO-free: image bytes in, dumpfile bytes out. The result is byte for byte
+what `read_image` followed by `dumpfile.dumps(style="c")` gives (the tests
+compare both), but no tree is built: lines are formatted while the image
+is walked in the dump's own order (depth first, names sorted, which is the
+on-disk dirent order). Building the tree and then walking it again cost
+about twice as much.
+
+Every check of the hardened reader still runs, through the same `_Reader`
+methods (inodes, xattrs, dirents, inline data, the work bound) and the same
+tree rules as `reader._Builder` (`.`/`..`, dirent types, directories
+reached once, link counts, whiteout stubs, depth). Nothing is returned
+before the whole image is validated: a bad image gives an `ImageError` and
+no partial dump.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Collection
+
+from .. import limits
+from ..dumpfile import escape
+from ..tree import no_gc
+from . import format as fmt
+from .reader import (
+    _BLK,
+    _CHECKED_CHUNKS,
+    _HEX2,
+    _MAX_EXTERNAL_SIZE,
+    _NULL_CHUNKS,
+    _err,
+    _Inode,
+    _metacopy_digest,
+    _Reader,
+    _Xattrs,
+)
+
+__all__ = ["dump_image", "dump_lines"]
+
+_S_IFMT = fmt.S_IFMT
+_S_IFDIR = fmt.S_IFDIR
+_S_IFREG = fmt.S_IFREG
+_S_IFLNK = fmt.S_IFLNK
+_S_IFCHR = fmt.S_IFCHR
+_S_IFBLK = fmt.S_IFBLK
+_FT_DIR = fmt.FT_DIR
+_MODE_TO_FT = fmt.MODE_TO_FT
+_FLAT_PLAIN = fmt.DATALAYOUT_FLAT_PLAIN
+_FLAT_INLINE = fmt.DATALAYOUT_FLAT_INLINE
+_CHUNK_BASED = fmt.DATALAYOUT_CHUNK_BASED
+_MAX_DEPTH = limits.MAX_DEPTH
+
+
+def _escape_optional(value: bytes | None) -> bytes:
+    # As dumpfile._escape_optional: a literal "-" would read back as "none".
+    if value is None:
+        return b"-"
+    if value == b"-":
+        return b"\\x2d"
+    return escape(value)
+
+
+class _Frame:
+    """A directory being dumped: its dirents and how far it got."""
+
+    __slots__ = ("depth", "ents", "index", "ino", "parent_nid", "prefix", "shown", "subdirs")
+
+    def __init__(
+        self,
+        ents: list[tuple[bytes, int, int]],
+        ino: _Inode,
+        parent_nid: int,
+        depth: int,
+        prefix: bytes,
+        shown: bool,
+    ) -> None:
+        self.ents = ents
+        self.index = 0
+        self.ino = ino
+        self.parent_nid = parent_nid
+        self.depth = depth
+        self.prefix = prefix  # escaped path + "/"
+        self.shown = shown  # printed (not left out by the top-level filter)
+        self.subdirs = 0
+
+
+class _Dumper:
+    def __init__(self, data: bytes, toplevel: Collection[bytes] | None) -> None:
+        self.r = _Reader(data, keep_opaque_markers=True, inline_data=True)
+        self.keep = None if toplevel is None else frozenset(toplevel)
+        # nid -> (dirent type, size field, mode.. field, payload field,
+        # content.. field) of every leaf read (hardlinks print them again).
+        self.leaves: dict[int, tuple[int, bytes, bytes, bytes, bytes]] = {}
+        # nid -> escaped path of the first printed name (hardlink payload).
+        self.printed: dict[int, bytes] = {}
+        self.whiteout_nids: set[int] = set()
+        self.dirs_seen: set[int] = set()
+        # (name, value) -> its escaped " name=value" field: labels repeat.
+        self.xattr_fields: dict[tuple[bytes, bytes], bytes] = {}
+
+    def _xattrs(self, user: dict[bytes, bytes]) -> bytes:
+        if not user:
+            return b""
+        cache = self.xattr_fields
+        parts = []
+        for item in user.items():
+            f = cache.get(item)
+            if f is None:
+                k, v = item
+                f = cache[item] = (
+                    b" " + escape(k, escape_equal=True) + b"=" + escape(v, escape_equal=True)
+                )
+            parts.append(f)
+        return b"".join(parts)
+
+    def _dir_line(self, epath: bytes, ino: _Inode, x: _Xattrs, nlink: int) -> bytes:
+        return b"%s %d %o %d %d %d 0 %d.%d - - -%s\n" % (
+            epath,
+            ino.size,
+            _S_IFDIR | (ino.mode & 0o7777),
+            nlink,
+            ino.uid,
+            ino.gid,
+            ino.mtime,
+            ino.mtime_nsec,
+            self._xattrs(x.user),
+        )
+
+    def dump(self, limit: float) -> list[bytes] | None:
+        """The dump's lines, or None once they pass `limit` bytes."""
+        r = self.r
+        root_nid = r.info.root_nid
+        root_ino = r.inode(root_nid)
+        if root_ino.ftype != _S_IFDIR:
+            raise _err("root inode is not a directory")
+        root_x = r.xattrs(root_ino)
+        self.dirs_seen.add(root_nid)
+        out: list[bytes] = [b""]  # the root's line, once its link count is known
+        total = 0
+        keep = self.keep
+        leaves = self.leaves
+        printed = self.printed
+        dirs_seen = self.dirs_seen
+        whiteout_nids = self.whiteout_nids
+        epoch1 = r.epoch1
+        root_subdirs = 0
+        stack = [_Frame(r.dirents(root_ino), root_ino, root_nid, 0, b"/", True)]
+        _check_dots(stack[-1])
+        while stack:
+            frame = stack[-1]
+            ents = frame.ents
+            i = frame.index
+            ino = frame.ino
+            depth = frame.depth
+            prefix = frame.prefix
+            shown = frame.shown
+            nid = ino.nid
+            is_root = nid == root_nid and depth == 0
+            descended = False
+            n = len(ents)
+            while i < n:
+                name, child_nid, ftype = ents[i]
+                i += 1
+                if name == b"." or name == b"..":
+                    continue
+                if depth >= _MAX_DEPTH:
+                    raise _err(f"paths nested deeper than {_MAX_DEPTH} components")
+                show = shown and (not is_root or keep is None or name in keep)
+                cached = leaves.get(child_nid)
+                if cached is not None:
+                    disk_ft, f_size, f_mode, f_payload, f_post = cached
+                    if ftype != disk_ft:
+                        raise _err(
+                            f"directory {nid}: dirent type of {name!r} does not match its inode"
+                        )
+                    if child_nid in whiteout_nids:
+                        raise _err(f"whiteout inode {child_nid} is hardlinked")
+                    if show:
+                        epath = prefix + escape(name)
+                        first = printed.get(child_nid)
+                        if first is None:
+                            printed[child_nid] = epath
+                            line = b"%s %s%s%s%s" % (epath, f_size, f_mode, f_payload, f_post)
+                        else:
+                            line = b"%s %s@%s%s%s" % (epath, f_size, f_mode, first, f_post)
+                        out.append(line)
+                        total += len(line)
+                        if total > limit:
+                            return None
+                    continue
+                child = r.inode(child_nid)
+                ctype = child.mode & _S_IFMT
+                if ftype != _MODE_TO_FT[ctype]:
+                    raise _err(f"directory {nid}: dirent type of {name!r} does not match its inode")
+                if ctype == _S_IFDIR:
+                    if child_nid in dirs_seen:
+                        raise _err(f"directory inode {child_nid} reached twice (hardlink or cycle)")
+                    dirs_seen.add(child_nid)
+                    cx = r.xattrs(child)
+                    frame.subdirs += 1
+                    if is_root and show:
+                        root_subdirs += 1
+                    epath = prefix + escape(name)
+                    if show:
+                        # Its link count is checked against its subdirectories
+                        # when the frame is done (before anything is returned).
+                        line = self._dir_line(epath, child, cx, child.nlink)
+                        out.append(line)
+                        total += len(line)
+                        if total > limit:
+                            return None
+                    sub = _Frame(r.dirents(child), child, nid, depth + 1, epath + b"/", show)
+                    _check_dots(sub)
+                    frame.index = i
+                    stack.append(sub)
+                    descended = True
+                    break
+                if ctype == _S_IFCHR and child.u == 0 and epoch1:
+                    # A native whiteout: in V0/V1 only the root's stubs are,
+                    # and reading drops them (as reader._Builder does).
+                    if not (is_root and name in _HEX2):
+                        raise _err(f"native whiteout {name!r} outside the root stub table")
+                    if child_nid in whiteout_nids:
+                        raise _err(f"whiteout inode {child_nid} is hardlinked")
+                    if child.datalayout != _FLAT_PLAIN or child.size:
+                        raise _err(f"whiteout stub {name!r} has data")
+                    r.raw_xattrs(child)
+                    whiteout_nids.add(child_nid)
+                    continue
+                f_size, f_mode, f_payload, f_post, whiteout = self._leaf(child, name)
+                if whiteout:
+                    whiteout_nids.add(child_nid)
+                leaves[child_nid] = (ftype, f_size, f_mode, f_payload, f_post)
+                if show:
+                    epath = prefix + escape(name)
+                    printed[child_nid] = epath
+                    line = b"%s %s%s%s%s" % (epath, f_size, f_mode, f_payload, f_post)
+                    out.append(line)
+                    total += len(line)
+                    if total > limit:
+                        return None
+            if descended:
+                continue
+            stack.pop()
+            if ino.nlink != 2 + frame.subdirs:
+                raise _err(f"directory {nid}: link count {ino.nlink}, expected {2 + frame.subdirs}")
+            if is_root and epoch1:
+                hex_slots = sum(1 for e in ents if e[0] in _HEX2)
+                if hex_slots != len(_HEX2):
+                    raise _err(f"root has {hex_slots} of the 256 whiteout stub entries 00..ff")
+        out[0] = self._dir_line(b"/", root_ino, root_x, 2 + root_subdirs)
+        return out
+
+    def _leaf(self, ino: _Inode, name: bytes) -> tuple[bytes, bytes, bytes, bytes, bool]:
+        """(size field, mode..mtime fields, payload field, content.. rest, whiteout?)
+        with reader._Builder._leaf's checks and dumpfile._leaf_fields' values."""
+        r = self.r
+        x = r.xattrs(ino)
+        t = ino.mode & _S_IFMT
+        size = rdev = 0
+        payload: bytes | None = None
+        content: bytes | None = None
+        digest: str | None = None
+        whiteout = False
+        if t == _S_IFREG:
+            if x.whiteout:
+                if not r.epoch1:
+                    raise _err(f"escaped whiteout {name!r} in a V2 image")
+                if ino.datalayout != _FLAT_PLAIN or ino.size:
+                    raise _err(f"escaped whiteout {name!r} has data")
+                t = _S_IFCHR
+                whiteout = True
+            elif ino.datalayout == _CHUNK_BASED:
+                size = ino.size
+                digest, payload = self._external(ino, x)
+            else:
+                if ino.size > limits.INLINE_CONTENT_MAX:
+                    raise _err(
+                        f"inline file {name!r} of {ino.size} bytes "
+                        f"(max {limits.INLINE_CONTENT_MAX})"
+                    )
+                size = ino.size
+                if size:
+                    content = r.content(ino)
+        elif t == _S_IFLNK:
+            if ino.datalayout == _CHUNK_BASED:
+                raise _err(f"symlink {name!r}: chunk-based layout")
+            if not 0 < ino.size <= limits.SYMLINK_MAX:
+                raise _err(f"symlink {name!r}: target length {ino.size}")
+            if (
+                r.epoch1
+                and ino.datalayout == _FLAT_INLINE
+                and (ino.pos % _BLK + (ino.inline_end - ino.pos) > _BLK)
+            ):
+                raise _err(f"symlink {name!r}: inode and target straddle a block")
+            payload = r.content(ino)
+            if b"\0" in payload:
+                raise _err(f"symlink {name!r}: NUL in target")
+            size = len(payload)
+        else:
+            if ino.datalayout != _FLAT_PLAIN or ino.size:
+                raise _err(f"special file {name!r} has data")
+            if t == _S_IFCHR or t == _S_IFBLK:
+                rdev = ino.u
+                whiteout = t == _S_IFCHR and rdev == 0
+        return (
+            b"%d " % size,
+            b"%o %d %d %d %d %d.%d "
+            % (
+                t | (ino.mode & 0o7777),
+                ino.nlink,
+                ino.uid,
+                ino.gid,
+                rdev,
+                ino.mtime,
+                ino.mtime_nsec,
+            ),
+            _escape_optional(payload),
+            b" %s %s%s\n"
+            % (
+                _escape_optional(content),
+                digest.encode() if digest else b"-",
+                self._xattrs(x.user),
+            ),
+            whiteout,
+        )
+
+    def _external(self, ino: _Inode, x: _Xattrs) -> tuple[str | None, bytes | None]:
+        """(digest, payload field) of an external file, checked as reader._Builder does."""
+        r = self.r
+        nid = ino.nid
+        if ino.size == 0 and r.epoch1:
+            raise _err(f"inode {nid}: chunk-based file of size 0")
+        if (ino.u & 0xFFFF) & ~fmt.CHUNK_FORMAT_BLKBITS_MASK:
+            raise _err(f"inode {nid}: unsupported chunk format {ino.u & 0xFFFF:#x}")
+        if ino.size > _MAX_EXTERNAL_SIZE:
+            raise _err(f"inode {nid}: file size {ino.size} too large for composefs")
+        chunkbits = fmt.BLOCK_BITS + (ino.u & fmt.CHUNK_FORMAT_BLKBITS_MASK)
+        chunks = -(-ino.size // (1 << chunkbits))
+        if not r.epoch1:
+            chunks = 1
+        elif chunks > _CHECKED_CHUNKS:
+            chunks = 0
+        end = ino.inline_start + 4 * chunks
+        r.charge(4 * chunks)
+        if end > r.n:
+            raise _err(f"inode {nid}: chunk indexes extend beyond the image")
+        if r.data[ino.inline_start : end] != _NULL_CHUNKS[: 4 * chunks]:
+            raise _err(f"inode {nid}: external file with data blocks in the image")
+        if x.metacopy is None:
+            raise _err(f"inode {nid}: external file without overlay metacopy")
+        digest = _metacopy_digest(nid, x.metacopy)
+        # The tree's Regular.payload, then what dumpfile prints for it.
+        payload: bytes | None = b"" if digest is not None else None
+        if x.redirect is not None:
+            v = x.redirect
+            if len(v) < 2 or v[:1] != b"/" or b"\0" in v:
+                raise _err(f"inode {nid}: malformed overlay redirect {v!r}")
+            payload = v[1:]
+            if digest is not None and payload == f"{digest[:2]}/{digest[2:]}".encode():
+                payload = None
+        if ino.size:
+            # Regular.backing_path(): "" means none, None the digest's path.
+            if payload is not None:
+                return digest, payload or None
+            if digest is not None:
+                return digest, f"{digest[:2]}/{digest[2:]}".encode()
+            return digest, None
+        return digest, payload
+
+
+def _check_dots(frame: _Frame) -> None:
+    """reader._Builder's "." and ".." checks."""
+    nid = frame.ino.nid
+    dot = dotdot = False
+    # Sorted names: "." and ".." come before any other name but those
+    # starting with bytes below "." (validated wherever they are).
+    for name, child_nid, ftype in frame.ents:
+        if name == b"." or name == b"..":
+            want = nid if name == b"." else frame.parent_nid
+            if child_nid != want or ftype != _FT_DIR:
+                raise _err(f"directory {nid}: {name.decode()} points to inode {child_nid}")
+            if name == b".":
+                dot = True
+            else:
+                dotdot = True
+            if dot and dotdot:
+                return
+    raise _err(f"directory {nid} lacks . or ..")
+
+
+def dump_lines(
+    data: bytes, *, toplevel: Collection[bytes] | None = None, max_bytes: float = float("inf")
+) -> list[bytes] | None:
+    """C `composefs-info dump` of a composefs image, as lines: what
+    `dumpfile.dumps(read_image(data, toplevel=toplevel))` gives, with the
+    same validation; `errors.ImageError` if the image is invalid.
+
+    The lines are only returned once the whole image is validated, so they
+    are held in memory: past `max_bytes` of them (deep trees of long names
+    make the dump quadratic in the image size) this gives None, and the
+    caller should use read_image + dumpfile.write, which streams.
+    """
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    d = _Dumper(data, toplevel)
+    try:
+        with no_gc():
+            return d.dump(max_bytes)
+    except (struct.error, ValueError, IndexError, KeyError, OverflowError) as e:
+        # As read_image: every access is bounds-checked, so this is a bug.
+        raise _err(f"unchecked structure ({type(e).__name__}: {e})") from None
+
+
+def dump_image(data: bytes, *, toplevel: Collection[bytes] | None = None) -> bytes:
+    """`dump_lines` joined (no size limit)."""
+    lines = dump_lines(data, toplevel=toplevel)
+    assert lines is not None
+    return b"".join(lines)
