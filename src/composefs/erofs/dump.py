@@ -21,7 +21,7 @@ import struct
 from collections.abc import Collection
 
 from .. import limits
-from ..dumpfile import escape
+from ..dumpfile import _NEEDS_ESC, escape
 from ..tree import no_gc
 from . import format as fmt
 from .reader import (
@@ -51,6 +51,12 @@ _FLAT_PLAIN = fmt.DATALAYOUT_FLAT_PLAIN
 _FLAT_INLINE = fmt.DATALAYOUT_FLAT_INLINE
 _CHUNK_BASED = fmt.DATALAYOUT_CHUNK_BASED
 _MAX_DEPTH = limits.MAX_DEPTH
+# dumpfile._iter_lines' C-style leaf lines: path size mode nlink uid gid
+# rdev mtime.nsec payload content digest xattrs; a hardlink has "@" before
+# the mode and the first name's path as payload.
+_LEAF_LINE = b"%s %d %o %d %d %d %d %d.%d %s %s %s%s\n"
+_HARDLINK_LINE = b"%s %d @%o %d %d %d %d %d.%d %s %s %s%s\n"
+_LeafValues = tuple[int, int, int, int, int, int, int, int, bytes, bytes, bytes, bytes]
 
 
 def _escape_optional(value: bytes | None) -> bytes:
@@ -90,9 +96,9 @@ class _Dumper:
     def __init__(self, data: bytes, toplevel: Collection[bytes] | None) -> None:
         self.r = _Reader(data, keep_opaque_markers=True, inline_data=True)
         self.keep = None if toplevel is None else frozenset(toplevel)
-        # nid -> (dirent type, size field, mode.. field, payload field,
-        # content.. field) of every leaf read (hardlinks print them again).
-        self.leaves: dict[int, tuple[int, bytes, bytes, bytes, bytes]] = {}
+        # nid -> (dirent type, _LEAF_LINE values after the path) of every
+        # leaf read (hardlinks print them again).
+        self.leaves: dict[int, tuple[int, _LeafValues]] = {}
         # nid -> escaped path of the first printed name (hardlink payload).
         self.printed: dict[int, bytes] = {}
         self.whiteout_nids: set[int] = set()
@@ -146,6 +152,7 @@ class _Dumper:
         whiteout_nids = self.whiteout_nids
         epoch1 = r.epoch1
         root_subdirs = 0
+        needs_esc = _NEEDS_ESC.search
         stack = [_Frame(r.dirents(root_ino), root_ino, root_nid, 0, b"/", True)]
         _check_dots(stack[-1])
         while stack:
@@ -170,7 +177,7 @@ class _Dumper:
                 show = shown and (not is_root or keep is None or name in keep)
                 cached = leaves.get(child_nid)
                 if cached is not None:
-                    disk_ft, f_size, f_mode, f_payload, f_post = cached
+                    disk_ft, vals = cached
                     if ftype != disk_ft:
                         raise _err(
                             f"directory {nid}: dirent type of {name!r} does not match its inode"
@@ -178,13 +185,13 @@ class _Dumper:
                     if child_nid in whiteout_nids:
                         raise _err(f"whiteout inode {child_nid} is hardlinked")
                     if show:
-                        epath = prefix + escape(name)
+                        epath = prefix + (name if needs_esc(name) is None else escape(name))
                         first = printed.get(child_nid)
                         if first is None:
                             printed[child_nid] = epath
-                            line = b"%s %s%s%s%s" % (epath, f_size, f_mode, f_payload, f_post)
+                            line = _LEAF_LINE % ((epath, *vals))
                         else:
-                            line = b"%s %s@%s%s%s" % (epath, f_size, f_mode, first, f_post)
+                            line = _HARDLINK_LINE % ((epath, *vals[:8], first, *vals[9:]))
                         out.append(line)
                         total += len(line)
                         if total > limit:
@@ -202,7 +209,7 @@ class _Dumper:
                     frame.subdirs += 1
                     if is_root and show:
                         root_subdirs += 1
-                    epath = prefix + escape(name)
+                    epath = prefix + (name if needs_esc(name) is None else escape(name))
                     if show:
                         # Its link count is checked against its subdirectories
                         # when the frame is done (before anything is returned).
@@ -229,14 +236,14 @@ class _Dumper:
                     r.raw_xattrs(child)
                     whiteout_nids.add(child_nid)
                     continue
-                f_size, f_mode, f_payload, f_post, whiteout = self._leaf(child, name)
+                vals, whiteout = self._leaf(child, name)
                 if whiteout:
                     whiteout_nids.add(child_nid)
-                leaves[child_nid] = (ftype, f_size, f_mode, f_payload, f_post)
+                leaves[child_nid] = (ftype, vals)
                 if show:
-                    epath = prefix + escape(name)
+                    epath = prefix + (name if needs_esc(name) is None else escape(name))
                     printed[child_nid] = epath
-                    line = b"%s %s%s%s%s" % (epath, f_size, f_mode, f_payload, f_post)
+                    line = _LEAF_LINE % ((epath, *vals))
                     out.append(line)
                     total += len(line)
                     if total > limit:
@@ -253,9 +260,9 @@ class _Dumper:
         out[0] = self._dir_line(b"/", root_ino, root_x, 2 + root_subdirs)
         return out
 
-    def _leaf(self, ino: _Inode, name: bytes) -> tuple[bytes, bytes, bytes, bytes, bool]:
-        """(size field, mode..mtime fields, payload field, content.. rest, whiteout?)
-        with reader._Builder._leaf's checks and dumpfile._leaf_fields' values."""
+    def _leaf(self, ino: _Inode, name: bytes) -> tuple[_LeafValues, bool]:
+        """(_LEAF_LINE values after the path, whiteout?), with
+        reader._Builder._leaf's checks and dumpfile._leaf_fields' values."""
         r = self.r
         x = r.xattrs(ino)
         t = ino.mode & _S_IFMT
@@ -305,27 +312,21 @@ class _Dumper:
             if t == _S_IFCHR or t == _S_IFBLK:
                 rdev = ino.u
                 whiteout = t == _S_IFCHR and rdev == 0
-        return (
-            b"%d " % size,
-            b"%o %d %d %d %d %d.%d "
-            % (
-                t | (ino.mode & 0o7777),
-                ino.nlink,
-                ino.uid,
-                ino.gid,
-                rdev,
-                ino.mtime,
-                ino.mtime_nsec,
-            ),
+        vals = (
+            size,
+            t | (ino.mode & 0o7777),
+            ino.nlink,
+            ino.uid,
+            ino.gid,
+            rdev,
+            ino.mtime,
+            ino.mtime_nsec,
             _escape_optional(payload),
-            b" %s %s%s\n"
-            % (
-                _escape_optional(content),
-                digest.encode() if digest else b"-",
-                self._xattrs(x.user),
-            ),
-            whiteout,
+            _escape_optional(content),
+            digest.encode() if digest else b"-",
+            self._xattrs(x.user),
         )
+        return vals, whiteout
 
     def _external(self, ino: _Inode, x: _Xattrs) -> tuple[str | None, bytes | None]:
         """(digest, payload field) of an external file, checked as reader._Builder does."""

@@ -63,6 +63,7 @@ image reproduces it byte for byte.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from collections.abc import Collection
@@ -117,6 +118,12 @@ NAME_MAX = limits.NAME_MAX
 
 _BLK = fmt.BLOCK_SIZE
 _U16 = struct.Struct("<H")
+_EXTENDED_INODE_UNPACK = fmt.EXTENDED_INODE.unpack_from
+_COMPACT_INODE_UNPACK = fmt.COMPACT_INODE.unpack_from
+_IBODY_HEADER = fmt.XATTR_IBODY_HEADER_SIZE
+_IBODY_HEADER_UNPACK = fmt.XATTR_IBODY_HEADER.unpack_from
+# Names that xattrs() treats specially all start with one of these.
+_OVERLAY_PREFIXES = (fmt.XATTR_OVERLAY_PREFIX, b"user.overlay.")
 _FIRST_NID = fmt.INODE_TABLE_OFFSET // fmt.INODE_SLOT_SIZE
 _FORMAT_KNOWN_BITS = fmt.INODE_LAYOUT_MASK | fmt.DATALAYOUT_MASK
 _DATALAYOUTS = (fmt.DATALAYOUT_FLAT_PLAIN, fmt.DATALAYOUT_FLAT_INLINE, fmt.DATALAYOUT_CHUNK_BASED)
@@ -328,6 +335,7 @@ class _Reader:
 
     # -- inodes ------------------------------------------------------------
     def inode(self, nid: int) -> _Inode:
+        # Hot (once per inode): locals, not attribute round trips.
         data, n = self.data, self.n
         if nid < _FIRST_NID or nid > (n - fmt.COMPACT_INODE_SIZE) // fmt.INODE_SLOT_SIZE:
             raise _err(f"inode number {nid} out of range")
@@ -335,50 +343,47 @@ class _Reader:
         (format_,) = _U16.unpack_from(data, pos)
         if format_ & ~_FORMAT_KNOWN_BITS:
             raise _err(f"inode {nid}: unsupported format {format_:#x}")
+        datalayout = format_ & fmt.DATALAYOUT_MASK
+        if datalayout not in _DATALAYOUTS:
+            raise _err(f"inode {nid}: unsupported data layout {datalayout >> 1}")
         ino = _Inode()
         ino.nid = nid
         ino.pos = pos
-        ino.datalayout = format_ & fmt.DATALAYOUT_MASK
-        if ino.datalayout not in _DATALAYOUTS:
-            raise _err(f"inode {nid}: unsupported data layout {ino.datalayout >> 1}")
+        ino.datalayout = datalayout
         if format_ & fmt.INODE_LAYOUT_MASK:
             if pos + fmt.EXTENDED_INODE_SIZE > n:
                 raise _err(f"inode {nid} extends beyond the image")
-            (
-                _,
-                ino.icount,
-                ino.mode,
-                _,
-                ino.size,
-                ino.u,
-                _,
-                ino.uid,
-                ino.gid,
-                mtime,
-                ino.mtime_nsec,
-                ino.nlink,
-            ) = fmt.EXTENDED_INODE.unpack_from(data, pos)
-            ino.mtime = _signed64(mtime)
-            if ino.mtime_nsec >= 1_000_000_000:
-                raise _err(f"inode {nid}: mtime nanoseconds {ino.mtime_nsec} out of range")
-            ino.isize = fmt.EXTENDED_INODE_SIZE
+            (_, icount, mode, _, size, ino.u, _, ino.uid, ino.gid, mtime, nsec, ino.nlink) = (
+                _EXTENDED_INODE_UNPACK(data, pos)
+            )
+            ino.mtime = mtime - (1 << 64) if mtime >= 1 << 63 else mtime  # _signed64
+            if nsec >= 1_000_000_000:
+                raise _err(f"inode {nid}: mtime nanoseconds {nsec} out of range")
+            ino.mtime_nsec = nsec
+            isize = fmt.EXTENDED_INODE_SIZE
         else:
-            (_, ino.icount, ino.mode, ino.nlink, ino.size, _, ino.u, _, ino.uid, ino.gid) = (
-                fmt.COMPACT_INODE.unpack_from(data, pos)
+            (_, icount, mode, ino.nlink, size, _, ino.u, _, ino.uid, ino.gid) = (
+                _COMPACT_INODE_UNPACK(data, pos)
             )
             # Compact inodes carry no mtime: it is the image's build time.
             ino.mtime = self.info.build_time
             ino.mtime_nsec = self.info.build_time_nsec
-            ino.isize = fmt.COMPACT_INODE_SIZE
-        ino.inline_start = pos + ino.isize + fmt.xattr_ibody_size(ino.icount)
-        tail = ino.size % _BLK if ino.datalayout == fmt.DATALAYOUT_FLAT_INLINE else 0
-        ino.inline_end = ino.inline_start + tail
-        if ino.inline_end > n:
+            isize = fmt.COMPACT_INODE_SIZE
+        ino.icount = icount
+        ino.mode = mode
+        ino.size = size
+        ino.isize = isize
+        # fmt.xattr_ibody_size, inlined
+        inline_start = pos + isize + (_IBODY_HEADER + 4 * (icount - 1) if icount else 0)
+        ino.inline_start = inline_start
+        tail = size % _BLK if datalayout == fmt.DATALAYOUT_FLAT_INLINE else 0
+        inline_end = ino.inline_end = inline_start + tail
+        if inline_end > n:
             raise _err(f"inode {nid} extends beyond the image")
-        if tail and (ino.inline_start % _BLK) + tail > _BLK:
+        if tail and (inline_start % _BLK) + tail > _BLK:
             raise _err(f"inode {nid}: inline data crosses a block boundary")
-        if ino.ftype not in fmt.MODE_TO_FT:
-            raise _err(f"inode {nid}: unknown file type {ino.mode:o}")
+        if (mode & fmt.S_IFMT) not in fmt.MODE_TO_FT:
+            raise _err(f"inode {nid}: unknown file type {mode:o}")
         return ino
 
     def blocks(self, ino: _Inode) -> tuple[int, int]:
@@ -447,8 +452,13 @@ class _Reader:
 
     def raw_xattrs(self, ino: _Inode) -> list[tuple[bytes, bytes]]:
         """(full name, value) pairs: inline entries first, then shared (C order)."""
+        return list(self._xattr_dict(ino).items())
+
+    def _xattr_dict(self, ino: _Inode) -> dict[bytes, bytes]:
+        # Hot (once per inode with xattrs): one pass, each entry checked
+        # (unique, admitted by the bloom filter) as it is parsed.
         if not ino.icount:
-            return []
+            return {}
         if ino.icount == 1:
             # A bare header: the kernel refuses it ("not supported yet").
             raise _err(f"inode {ino.nid}: empty xattr area")
@@ -456,38 +466,47 @@ class _Reader:
         start = ino.pos + ino.isize
         end = ino.inline_start
         self.charge(end - start)
-        name_filter, shared_count = fmt.XATTR_IBODY_HEADER.unpack_from(data, start)
-        pos = start + fmt.XATTR_IBODY_HEADER_SIZE + 4 * shared_count
+        name_filter, shared_count = _IBODY_HEADER_UNPACK(data, start)
+        pos = start + _IBODY_HEADER + 4 * shared_count
         if pos > end:
             raise _err(f"inode {ino.nid}: shared xattr references overflow the xattr area")
-        entries: list[tuple[int, bytes, bytes, bytes]] = []
-        while pos < end:
-            index, suffix, name, value, pos = self._entry(pos, end)
-            entries.append((index, suffix, name, value))
-        if shared_count:
-            refs = _REFS[shared_count].unpack_from(data, start + fmt.XATTR_IBODY_HEADER_SIZE)
-            entries.extend(self._shared_entry(ref) for ref in refs)
         out: dict[bytes, bytes] = {}
-        bits = self._filter_bits
-        for index, suffix, name, value in entries:
+        bits = self._filter_bits if self.filter else None
+        entry = self._entry
+        while pos < end:
+            index, suffix, name, value, pos = entry(pos, end)
             if name in out:
                 raise _err(f"inode {ino.nid}: duplicate xattr {name!r}")
             out[name] = value
-            if self.filter:
-                key = (index, suffix)
-                bit = bits.get(key)
+            if bits is not None:
+                bit = bits.get((index, suffix))
                 if bit is None:
-                    bit = bits[key] = 1 << _filter_bit(index, suffix)
+                    bit = bits[(index, suffix)] = 1 << _filter_bit(index, suffix)
                 if name_filter & bit:
                     # The kernel would answer ENODATA for this name.
                     raise _err(f"inode {ino.nid}: xattr bloom filter excludes {name!r}")
-        return list(out.items())
+        if shared_count:
+            shared = self._shared_entry
+            for ref in _REFS[shared_count].unpack_from(data, start + _IBODY_HEADER):
+                index, suffix, name, value = shared(ref)
+                if name in out:
+                    raise _err(f"inode {ino.nid}: duplicate xattr {name!r}")
+                out[name] = value
+                if bits is not None:
+                    bit = bits.get((index, suffix))
+                    if bit is None:
+                        bit = bits[(index, suffix)] = 1 << _filter_bit(index, suffix)
+                    if name_filter & bit:
+                        raise _err(f"inode {ino.nid}: xattr bloom filter excludes {name!r}")
+        return out
 
     def xattrs(self, ino: _Inode) -> _Xattrs:
         x = _Xattrs()
         is_reg = ino.ftype == fmt.S_IFREG
-        for name, value in self.raw_xattrs(ino):
-            if name == fmt.XATTR_OVERLAY_METACOPY:
+        for name, value in self._xattr_dict(ino).items():
+            if not name.startswith(_OVERLAY_PREFIXES):
+                x.user[name] = value  # the common case, by the last branch below
+            elif name == fmt.XATTR_OVERLAY_METACOPY:
                 x.metacopy = value
             elif name == fmt.XATTR_OVERLAY_REDIRECT:
                 x.redirect = value
@@ -547,7 +566,9 @@ class _Reader:
         if first_nameoff % fmt.DIRENT_SIZE or not 0 < first_nameoff < length:
             raise _err(f"directory {nid}: bad dirent name offset {first_nameoff}")
         count = first_nameoff // fmt.DIRENT_SIZE
-        ents = [fmt.DIRENT.unpack_from(data, off + i * fmt.DIRENT_SIZE) for i in range(count)]
+        # One unpack for the block's whole dirent table.
+        flat = _dirent_table(count).unpack_from(data, off)
+        ents = [flat[i : i + 3] for i in range(0, 3 * count, 3)]
         for i, (child, nameoff, ftype) in enumerate(ents):
             if i + 1 < count:
                 end = ents[i + 1][1]
@@ -564,6 +585,12 @@ class _Reader:
             if len(name) > NAME_MAX or b"/" in name or b"\0" in name:
                 raise _err(f"directory {nid}: invalid name {name!r}")
             out.append((name, child, ftype))
+
+
+@functools.cache
+def _dirent_table(count: int) -> struct.Struct:
+    """`count` dirents (fmt.DIRENT) in one struct (at most 341 per block)."""
+    return struct.Struct("<" + "QHBx" * count)
 
 
 # The "directory has whiteouts" markers V1 adds (C keeps them when reading).
