@@ -21,20 +21,17 @@ import struct
 from collections.abc import Collection
 
 from .. import limits
-from ..dumpfile import _NEEDS_ESC, escape
+from ..dumpfile import _NEEDS_ESC, _escape_optional, escape
 from ..tree import no_gc
 from . import format as fmt
 from .reader import (
     _BLK,
-    _CHECKED_CHUNKS,
     _HEX2,
-    _MAX_EXTERNAL_SIZE,
-    _NULL_CHUNKS,
     _err,
     _Inode,
-    _metacopy_digest,
     _Reader,
     _Xattrs,
+    external_parts,
 )
 
 __all__ = ["dump_image", "dump_lines"]
@@ -57,15 +54,6 @@ _MAX_DEPTH = limits.MAX_DEPTH
 _LEAF_LINE = b"%s %d %o %d %d %d %d %d.%d %s %s %s%s\n"
 _HARDLINK_LINE = b"%s %d @%o %d %d %d %d %d.%d %s %s %s%s\n"
 _LeafValues = tuple[int, int, int, int, int, int, int, int, bytes, bytes, bytes, bytes]
-
-
-def _escape_optional(value: bytes | None) -> bytes:
-    # As dumpfile._escape_optional: a literal "-" would read back as "none".
-    if value is None:
-        return b"-"
-    if value == b"-":
-        return b"\\x2d"
-    return escape(value)
 
 
 class _Frame:
@@ -329,39 +317,8 @@ class _Dumper:
         return vals, whiteout
 
     def _external(self, ino: _Inode, x: _Xattrs) -> tuple[str | None, bytes | None]:
-        """(digest, payload field) of an external file, checked as reader._Builder does."""
-        r = self.r
-        nid = ino.nid
-        if ino.size == 0 and r.epoch1:
-            raise _err(f"inode {nid}: chunk-based file of size 0")
-        if (ino.u & 0xFFFF) & ~fmt.CHUNK_FORMAT_BLKBITS_MASK:
-            raise _err(f"inode {nid}: unsupported chunk format {ino.u & 0xFFFF:#x}")
-        if ino.size > _MAX_EXTERNAL_SIZE:
-            raise _err(f"inode {nid}: file size {ino.size} too large for composefs")
-        chunkbits = fmt.BLOCK_BITS + (ino.u & fmt.CHUNK_FORMAT_BLKBITS_MASK)
-        chunks = -(-ino.size // (1 << chunkbits))
-        if not r.epoch1:
-            chunks = 1
-        elif chunks > _CHECKED_CHUNKS:
-            chunks = 0
-        end = ino.inline_start + 4 * chunks
-        r.charge(4 * chunks)
-        if end > r.n:
-            raise _err(f"inode {nid}: chunk indexes extend beyond the image")
-        if r.data[ino.inline_start : end] != _NULL_CHUNKS[: 4 * chunks]:
-            raise _err(f"inode {nid}: external file with data blocks in the image")
-        if x.metacopy is None:
-            raise _err(f"inode {nid}: external file without overlay metacopy")
-        digest = _metacopy_digest(nid, x.metacopy)
-        # The tree's Regular.payload, then what dumpfile prints for it.
-        payload: bytes | None = b"" if digest is not None else None
-        if x.redirect is not None:
-            v = x.redirect
-            if len(v) < 2 or v[:1] != b"/" or b"\0" in v:
-                raise _err(f"inode {nid}: malformed overlay redirect {v!r}")
-            payload = v[1:]
-            if digest is not None and payload == f"{digest[:2]}/{digest[2:]}".encode():
-                payload = None
+        """(digest, payload field) of an external file, checked as the reader does."""
+        digest, payload = external_parts(self.r, ino, x)
         if ino.size:
             # Regular.backing_path(): "" means none, None the digest's path.
             if payload is not None:

@@ -630,6 +630,54 @@ def _metacopy_digest(nid: int, value: bytes) -> str | None:
     return value[4:].hex()
 
 
+def external_parts(r: _Reader, ino: _Inode, x: _Xattrs) -> tuple[str | None, bytes | None]:
+    """(digest, payload) of an external (chunk-based) file, checked: the
+    tree's `Regular.digest` and `.payload`. Shared by the tree builder and the
+    streamed dump (`erofs.dump`), so both accept exactly the same images."""
+    nid = ino.nid
+    if ino.size == 0 and r.epoch1:
+        # composefs-rs (V2) keeps empty files that have a digest external;
+        # C never writes an empty external file.
+        raise _err(f"inode {nid}: chunk-based file of size 0")
+    if (ino.u & 0xFFFF) & ~fmt.CHUNK_FORMAT_BLKBITS_MASK:
+        # Only the low 16 bits are the chunk format (C may leave a block
+        # address in the high half).
+        raise _err(f"inode {nid}: unsupported chunk format {ino.u & 0xFFFF:#x}")
+    if ino.size > _MAX_EXTERNAL_SIZE:
+        raise _err(f"inode {nid}: file size {ino.size} too large for composefs")
+    # The kernel reads one 4-byte chunk index per chunk right after the
+    # xattrs; the data lives elsewhere, so every chunk must be a hole.
+    chunkbits = fmt.BLOCK_BITS + (ino.u & fmt.CHUNK_FORMAT_BLKBITS_MASK)
+    chunks = -(-ino.size // (1 << chunkbits))
+    if not r.epoch1:
+        # composefs-rs writes a single index whatever the size (only
+        # files beyond 8 TiB have more chunks): check what it writes.
+        chunks = 1
+    elif chunks > _CHECKED_CHUNKS:
+        # C leaves out the indexes of files too large for them to fit
+        # in a block (> 8 PiB).
+        chunks = 0
+    end = ino.inline_start + 4 * chunks
+    r.charge(4 * chunks)
+    if end > r.n:
+        raise _err(f"inode {nid}: chunk indexes extend beyond the image")
+    if r.data[ino.inline_start : end] != _NULL_CHUNKS[: 4 * chunks]:
+        raise _err(f"inode {nid}: external file with data blocks in the image")
+    if x.metacopy is None:
+        raise _err(f"inode {nid}: external file without overlay metacopy")
+    digest = _metacopy_digest(nid, x.metacopy)
+    # No redirect beside a digest is C's "payload -" (kept as b"").
+    payload: bytes | None = b"" if digest is not None else None
+    if x.redirect is not None:
+        v = x.redirect
+        if len(v) < 2 or v[:1] != b"/" or b"\0" in v:
+            raise _err(f"inode {nid}: malformed overlay redirect {v!r}")
+        payload = v[1:]
+        if digest is not None and payload == f"{digest[:2]}/{digest[2:]}".encode():
+            payload = None  # derived from the digest: nothing to remember
+    return digest, payload
+
+
 class _Builder:
     def __init__(self, data: bytes, keep_opaque_markers: bool, inline_data: bool = True) -> None:
         self.r = _Reader(data, keep_opaque_markers, inline_data)
@@ -779,47 +827,7 @@ class _Builder:
         return Leaf(r.stat(ino, x.user), content)
 
     def _external(self, ino: _Inode, x: _Xattrs) -> Regular:
-        nid = ino.nid
-        if ino.size == 0 and self.r.epoch1:
-            # composefs-rs (V2) keeps empty files that have a digest external;
-            # C never writes an empty external file.
-            raise _err(f"inode {nid}: chunk-based file of size 0")
-        if (ino.u & 0xFFFF) & ~fmt.CHUNK_FORMAT_BLKBITS_MASK:
-            # Only the low 16 bits are the chunk format (C may leave a block
-            # address in the high half).
-            raise _err(f"inode {nid}: unsupported chunk format {ino.u & 0xFFFF:#x}")
-        if ino.size > _MAX_EXTERNAL_SIZE:
-            raise _err(f"inode {nid}: file size {ino.size} too large for composefs")
-        # The kernel reads one 4-byte chunk index per chunk right after the
-        # xattrs; the data lives elsewhere, so every chunk must be a hole.
-        chunkbits = fmt.BLOCK_BITS + (ino.u & fmt.CHUNK_FORMAT_BLKBITS_MASK)
-        chunks = -(-ino.size // (1 << chunkbits))
-        if not self.r.epoch1:
-            # composefs-rs writes a single index whatever the size (only
-            # files beyond 8 TiB have more chunks): check what it writes.
-            chunks = 1
-        elif chunks > _CHECKED_CHUNKS:
-            # C leaves out the indexes of files too large for them to fit
-            # in a block (> 8 PiB).
-            chunks = 0
-        end = ino.inline_start + 4 * chunks
-        self.r.charge(4 * chunks)
-        if end > self.r.n:
-            raise _err(f"inode {nid}: chunk indexes extend beyond the image")
-        if self.r.data[ino.inline_start : end] != _NULL_CHUNKS[: 4 * chunks]:
-            raise _err(f"inode {nid}: external file with data blocks in the image")
-        if x.metacopy is None:
-            raise _err(f"inode {nid}: external file without overlay metacopy")
-        digest = _metacopy_digest(nid, x.metacopy)
-        # No redirect beside a digest is C's "payload -" (kept as b"").
-        payload: bytes | None = b"" if digest is not None else None
-        if x.redirect is not None:
-            v = x.redirect
-            if len(v) < 2 or v[:1] != b"/" or b"\0" in v:
-                raise _err(f"inode {nid}: malformed overlay redirect {v!r}")
-            payload = v[1:]
-            if digest is not None and payload == f"{digest[:2]}/{digest[2:]}".encode():
-                payload = None  # derived from the digest: nothing to remember
+        digest, payload = external_parts(self.r, ino, x)
         return Regular(ino.size, digest=digest, payload=payload)
 
     def finish(self, root: Directory) -> None:
