@@ -13,9 +13,12 @@ import ssl
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import ComposefsError
+
+if TYPE_CHECKING:
+    import urllib3
 
 
 class NetOptions(Protocol):
@@ -90,6 +93,34 @@ def proxy_for(url: str, options: NetOptions) -> str | None:
     if not proxy or no_proxy_match(host, port, get("no_proxy")):
         return None
     return proxy if "://" in proxy else "http://" + proxy
+
+
+def proxy_manager(
+    proxy: str, like: urllib3.PoolManager, num_pools: int, error: type[ComposefsError]
+) -> urllib3.ProxyManager:
+    """A pool manager sending through `proxy` (``http[s]://[USER:PASS@]HOST:PORT``,
+    credentials as Proxy-Authorization), with `like`'s headers and
+    connection settings (TLS context, timeouts, retries)."""
+    import urllib3
+
+    parsed = urllib.parse.urlsplit(proxy)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise error(f"unsupported proxy URL {redact(proxy)!r} (use http://HOST:PORT)")
+    proxy_headers = None
+    if parsed.username:
+        user = urllib.parse.unquote(parsed.username)
+        password = urllib.parse.unquote(parsed.password or "")
+        proxy_headers = urllib3.make_headers(proxy_basic_auth=f"{user}:{password}")
+    netloc = parsed.hostname if ":" not in parsed.hostname else f"[{parsed.hostname}]"
+    if parsed.port:
+        netloc += f":{parsed.port}"
+    return urllib3.ProxyManager(
+        f"{parsed.scheme}://{netloc}",
+        num_pools=num_pools,
+        headers=like.headers,
+        proxy_headers=proxy_headers,
+        **dict(like.connection_pool_kw),
+    )
 
 
 def make_ssl_context(

@@ -249,26 +249,7 @@ class HttpClient:
             return mgr
 
     def _proxy_manager(self, proxy: str) -> urllib3.ProxyManager:
-        import urllib3
-
-        parsed = urllib.parse.urlsplit(proxy)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise HttpError(f"unsupported proxy URL {_net.redact(proxy)!r} (use http://HOST:PORT)")
-        proxy_headers = None
-        if parsed.username:
-            user = urllib.parse.unquote(parsed.username)
-            password = urllib.parse.unquote(parsed.password or "")
-            proxy_headers = urllib3.make_headers(proxy_basic_auth=f"{user}:{password}")
-        netloc = parsed.hostname if ":" not in parsed.hostname else f"[{parsed.hostname}]"
-        if parsed.port:
-            netloc += f":{parsed.port}"
-        return urllib3.ProxyManager(
-            f"{parsed.scheme}://{netloc}",
-            num_pools=4,
-            headers=self._pool.headers,
-            proxy_headers=proxy_headers,
-            **dict(self._pool.connection_pool_kw),
-        )
+        return _net.proxy_manager(proxy, self._pool, 4, HttpError)
 
     def _open(self, relpath: str) -> tuple[urllib3.BaseHTTPResponse, str]:
         """One attempt: GET `relpath`, following redirects. Returns the 200

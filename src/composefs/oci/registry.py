@@ -49,6 +49,7 @@ from .._net import is_cert_failure as _is_cert_failure
 from .._net import is_loopback, make_ssl_context, proxy_for
 from .._net import net_errors as _net_errors
 from .._net import origin as _origin
+from .._net import proxy_manager as _proxy_manager
 from .._net import redact as _redact
 from .._net import ssl_error_cls as _ssl_error_cls
 from ..errors import DigestMismatch, OciError, RegistryAuthError, RegistryError
@@ -371,27 +372,7 @@ class RegistryClient:
             return mgr
 
     def _make_proxy_manager(self, proxy: str) -> urllib3.ProxyManager:
-        import urllib3
-
-        parsed = urllib.parse.urlsplit(proxy)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise RegistryError(f"unsupported proxy URL {_redact(proxy)!r} (use http://HOST:PORT)")
-        proxy_headers = None
-        if parsed.username:
-            user = urllib.parse.unquote(parsed.username)
-            password = urllib.parse.unquote(parsed.password or "")
-            proxy_headers = urllib3.make_headers(proxy_basic_auth=f"{user}:{password}")
-        netloc = parsed.hostname if ":" not in parsed.hostname else f"[{parsed.hostname}]"
-        if parsed.port:
-            netloc += f":{parsed.port}"
-        kw = dict(self._pool.connection_pool_kw)
-        return urllib3.ProxyManager(
-            f"{parsed.scheme}://{netloc}",
-            num_pools=8,
-            headers=self._pool.headers,
-            proxy_headers=proxy_headers,
-            **kw,
-        )
+        return _proxy_manager(proxy, self._pool, 8, RegistryError)
 
     def _send(
         self, method: str, url: str, headers: dict[str, str], body: Any = None
