@@ -44,6 +44,38 @@ def add_version(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", action=_Version)
 
 
+def add_connection_args(g: argparse._ArgumentGroup, tls_help: str) -> None:
+    """`--tls-verify`, `--cert-dir` and `--proxy`, as skopeo spells them
+    (registry pulls and pushes, HTTP fetch)."""
+    g.add_argument("--tls-verify", metavar="BOOL", nargs="?", const="true", help=tls_help)
+    g.add_argument(
+        "--cert-dir",
+        metavar="DIR",
+        help="directory of *.crt CA files and *.cert/*.key client certificates",
+    )
+    g.add_argument(
+        "--proxy",
+        metavar="URL",
+        help="HTTP proxy for every request (default: $https_proxy etc.; '' for none)",
+    )
+
+
+def connection_tls_verify(args: argparse.Namespace, error: type[ComposefsError]) -> bool:
+    """Check the `add_connection_args` values (an `error` naming the flag
+    otherwise) and return what `--tls-verify` means."""
+    tls_verify = True
+    if args.tls_verify is not None:
+        value = args.tls_verify.lower()
+        if value not in ("true", "false", "1", "0", "yes", "no"):
+            raise error(f"--tls-verify: expected true or false, got {args.tls_verify!r}")
+        tls_verify = value in ("true", "1", "yes")
+    if args.cert_dir is not None and not os.path.isdir(args.cert_dir):
+        raise error(f"--cert-dir: no such directory: {args.cert_dir}")
+    if args.proxy and not args.proxy.startswith(("http://", "https://")):
+        raise error(f"--proxy: expected http://HOST:PORT, got {args.proxy!r}")
+    return tls_verify
+
+
 def _one_line(message: str) -> str:
     # Names from hostile input must neither split the line nor reach the
     # terminal raw (ESC, BEL, ...): control characters are shown escaped.

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
+from ._util import add_connection_args, connection_tls_verify
 
 if TYPE_CHECKING:
     from ..repository import Repository
@@ -31,20 +32,10 @@ def _human(n: float) -> str:
 
 
 def _options(args: argparse.Namespace) -> Any:
-    import os
 
     from ..http.client import HttpOptions
 
-    tls_verify = True
-    if args.tls_verify is not None:
-        value = args.tls_verify.lower()
-        if value not in ("true", "false", "1", "0", "yes", "no"):
-            raise UsageError(f"--tls-verify: expected true or false, got {args.tls_verify!r}")
-        tls_verify = value in ("true", "1", "yes")
-    if args.cert_dir is not None and not os.path.isdir(args.cert_dir):
-        raise UsageError(f"--cert-dir: no such directory: {args.cert_dir}")
-    if args.proxy and not args.proxy.startswith(("http://", "https://")):
-        raise UsageError(f"--proxy: expected http://HOST:PORT, got {args.proxy!r}")
+    tls_verify = connection_tls_verify(args, UsageError)
     if args.creds is not None and ":" not in args.creds:
         raise UsageError("--creds: expected USER:PASSWORD")
     if args.jobs < 1 or args.jobs > 256:
@@ -160,23 +151,7 @@ def add_parser(sub: Any) -> None:
     )
     g = sp.add_argument_group("connection options")
     g.add_argument("--creds", metavar="USER:PASS", help="HTTP basic auth for the URL's host only")
-    g.add_argument(
-        "--tls-verify",
-        metavar="BOOL",
-        nargs="?",
-        const="true",
-        help="verify TLS certificates (default true)",
-    )
-    g.add_argument(
-        "--cert-dir",
-        metavar="DIR",
-        help="directory of *.crt CA files and *.cert/*.key client certificates",
-    )
-    g.add_argument(
-        "--proxy",
-        metavar="URL",
-        help="HTTP proxy for every request (default: $https_proxy etc.; '' for none)",
-    )
+    add_connection_args(g, "verify TLS certificates (default true)")
 
     sp = add(
         "publish",

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import OciError
-from ._util import fuse_options
+from ._util import add_connection_args, connection_tls_verify, fuse_options
 
 if TYPE_CHECKING:
     from ..oci.image import ProgressEvent
@@ -213,12 +213,7 @@ def _registry_options(args: argparse.Namespace, image: str) -> Any:
 
     from ..oci.registry import RegistryOptions
 
-    tls_verify = True
-    if args.tls_verify is not None:
-        value = args.tls_verify.lower()
-        if value not in ("true", "false", "1", "0", "yes", "no"):
-            raise OciError(f"--tls-verify: expected true or false, got {args.tls_verify!r}")
-        tls_verify = value in ("true", "1", "yes")
+    tls_verify = connection_tls_verify(args, OciError)
     creds = args.creds
     if creds is not None:
         user, sep, _password = creds.partition(":")
@@ -235,10 +230,6 @@ def _registry_options(args: argparse.Namespace, image: str) -> Any:
             creds = f"{user}:{getpass.getpass(f'Password for {user}: ')}"
     if args.authfile is not None and not os.path.isfile(args.authfile):
         raise OciError(f"--authfile: no such file: {args.authfile}")
-    if args.cert_dir is not None and not os.path.isdir(args.cert_dir):
-        raise OciError(f"--cert-dir: no such directory: {args.cert_dir}")
-    if args.proxy and not args.proxy.startswith(("http://", "https://")):
-        raise OciError(f"--proxy: expected http://HOST:PORT, got {args.proxy!r}")
     extra: dict[str, Any] = {}
     if args.transfer_timeout is not None:
         if not args.transfer_timeout > 0:
@@ -267,23 +258,7 @@ def _registry_args(sp: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="auth.json to use instead of the usual containers/docker auth files",
     )
-    g.add_argument(
-        "--tls-verify",
-        metavar="BOOL",
-        nargs="?",
-        const="true",
-        help="verify TLS certificates (default true); false also allows plain HTTP",
-    )
-    g.add_argument(
-        "--cert-dir",
-        metavar="DIR",
-        help="directory of *.crt CA files and *.cert/*.key client certificates",
-    )
-    g.add_argument(
-        "--proxy",
-        metavar="URL",
-        help="HTTP proxy for every request (default: $https_proxy etc.; '' for none)",
-    )
+    add_connection_args(g, "verify TLS certificates (default true); false also allows plain HTTP")
     g.add_argument(
         "--transfer-timeout",
         metavar="SECONDS",
