@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .._atomic import replacing
 from ..errors import HttpError, NotFoundError
 from . import _repo, core
 
@@ -127,18 +128,8 @@ class _Tree:
                 result.objects_written += 1
                 result.bytes_written += size
                 return
-        tmp = f"{path}.tmp-{secrets.token_hex(6)}"
-        try:
-            with self.repo.open_object_file(object_id) as fsrc, open(tmp, "xb") as fdst:
-                shutil.copyfileobj(fsrc, fdst, 1 << 20)
-            os.chmod(tmp, 0o644)
-            os.rename(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        with self.repo.open_object_file(object_id) as fsrc, replacing(path, mode=0o644) as fdst:
+            shutil.copyfileobj(fsrc, fdst, 1 << 20)
         result.objects_written += 1
         result.bytes_written += size
 
@@ -147,14 +138,13 @@ class _Tree:
         core.check_relpath(relpath, "path")
         path = self._mkparent(relpath)
         target = _rel(relpath, target_relpath)
+        if self.link_files:
+            with replacing(path, mode=0o644) as f:
+                f.write(os.fsencode(target))
+            return
         tmp = f"{os.path.dirname(path)}/.tmp-{secrets.token_hex(6)}"
         try:
-            if self.link_files:
-                with open(tmp, "x") as f:
-                    f.write(target)
-                os.chmod(tmp, 0o644)
-            else:
-                os.symlink(target, tmp)
+            os.symlink(target, tmp)
             os.rename(tmp, path)
         except BaseException:
             try:
