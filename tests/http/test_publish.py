@@ -73,6 +73,7 @@ def test_publish_everything_by_default_and_errors(source: Source, tmp_path: Path
     assert (tmp_path / "all" / "streams" / REF).is_symlink()
     p = cfsctl("--repo", str(source.repo), "publish", str(tmp_path / "x"), "refs/oci/nope")
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "not found" in p.stderr
+    assert not (tmp_path / "x").exists()  # nothing written before every name resolved
     # a repository is not a publish directory
     p = cfsctl("--repo", str(source.repo), "publish", str(source.repo))
     assert p.returncode == 1 and "is a repository" in p.stderr

@@ -171,8 +171,7 @@ def publish(
         images = [p[len("images/") :] for p in _list_links(repo.path, "images/refs")]
         if not names and not images:
             raise NotFoundError("the repository has no refs to publish (name streams or images)")
-    tree = _Tree(repo, dest, link_files)
-    result = PublishResult(tree.dest)
+    result = PublishResult(os.path.abspath(dest))
     alg = repo.algorithm
 
     # Names → object ids (and the link chains that lead there).
@@ -234,6 +233,8 @@ def publish(
         objects.update(_repo.image_objects(repo, image_id))
         links[f"images/{image_id}"] = f"objects/{repo.object_relpath(image_id)}"
 
+    # Nothing is written before every name resolved.
+    tree = _Tree(repo, dest, link_files)
     for object_id in sorted(objects):
         if not repo.has_object(object_id):
             raise NotFoundError(f"object {object_id} not found (run fsck)")
