@@ -20,7 +20,7 @@ import pytest
 from composefs import fs, fsverity
 from composefs.errors import ComposefsError, SourceError, TreeError
 from composefs.tree import Device, Directory, Fifo, Leaf, Regular, Socket, Symlink, walk
-from conftest import is_root, need_tool, needs_root
+from testlib import is_root, need_tool, needs_root
 
 CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_bind_service
 

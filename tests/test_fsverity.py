@@ -17,7 +17,7 @@ import pytest
 
 from composefs import fsverity
 from composefs.errors import VerityError, VerityNotEnabled, VerityNotSupported
-from conftest import need_tool
+from testlib import need_tool
 
 # From the vectors README (composefs-rs tests).
 KATS = [

@@ -30,7 +30,7 @@ from composefs.cli.mount_composefs import parse_mount_options, split_options
 from composefs.erofs.format import FormatVersion
 from composefs.errors import MountError
 from composefs.tree import Directory, Leaf, Regular, Stat, Symlink
-from conftest import need_tool, needs_root
+from testlib import need_tool, needs_root
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_HELPER = ROOT / ".venv" / "bin" / "mount.composefs"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import is_root
+from testlib import is_root
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "system-deps.sh"
 LOCKS = ["/var/lib/dpkg/lock-frontend", "/var/lib/dpkg/lock", "/var/lib/apt/lists/lock"]

@@ -15,7 +15,7 @@ import pytest
 
 from composefs.erofs.format import FormatVersion
 from composefs.erofs.reader import image_version, read_image
-from conftest import need_tool
+from testlib import need_tool
 from vectorlib import C_VECTORS, LAX, c_vector_bytes
 
 BIN = Path(sys.executable).parent

@@ -37,7 +37,7 @@ from composefs.tree import (
     Stat,
     Symlink,
 )
-from conftest import need_tool, needs_root
+from testlib import need_tool, needs_root
 from vectorlib import C_VECTORS, RS_VECTORS, c_vector
 
 V0, V1, V2 = FormatVersion.V0, FormatVersion.V1, FormatVersion.V2

@@ -20,7 +20,7 @@ from composefs.erofs.writer import mkfs
 from composefs.errors import TreeError
 from composefs.fsverity import digest_hex
 from composefs.tree import Device, Directory, Fifo, Leaf, Regular, Socket, Stat, Symlink
-from conftest import is_root, need_tool, needs_root
+from testlib import is_root, need_tool, needs_root
 from vectorlib import C_VECTORS, c_vector
 
 V0, V1, V2 = FormatVersion.V0, FormatVersion.V1, FormatVersion.V2

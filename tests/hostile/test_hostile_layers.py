@@ -20,7 +20,7 @@ import hostilelib as H
 from composefs.errors import TarFormatError
 from composefs.oci import tar as T
 from composefs.repository import Repository
-from conftest import needs_root
+from testlib import needs_root
 
 
 def _zeros_gz(tar: bytes, zeros: int) -> bytes:

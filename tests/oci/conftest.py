@@ -39,6 +39,8 @@ from typing import Any
 
 import pytest
 
+from testlib import free_port, need_tool
+
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 USER = "cfsuser"
@@ -48,50 +50,7 @@ PASSWORD = "cfs-Pa55:word"  # a ':' inside on purpose
 # ---------------------------------------------------------------- root helpers
 
 
-def _reexport_root_conftest() -> None:
-    """Keep ``from conftest import need_tool, needs_root, ...`` working.
-
-    Test modules import helpers from tests/conftest.py by the module name
-    ``conftest``. pytest imports every directory's conftest.py under that
-    same name, so once this file is loaded, modules collected after it get
-    *this* module. Re-exporting the root conftest's public helpers (not its
-    fixtures, which pytest already provides) keeps those imports working.
-    """
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_cfs_tests_root_conftest", path)
-    if spec is None or spec.loader is None:
-        return
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    g = globals()
-    for name in dir(mod):
-        obj = getattr(mod, name)
-        is_fixture = (
-            hasattr(obj, "_pytestfixturefunction")
-            or type(obj).__name__ == "FixtureFunctionDefinition"
-        )
-        if not name.startswith("_") and name not in g and not is_fixture:
-            g[name] = obj
-
-
 # ---------------------------------------------------------------- processes
-
-
-def need_tool(name: str) -> str:
-    # Local copy of tests/conftest.py's helper: importing it by name would
-    # clash with this conftest module.
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} not installed (make system-deps installs it)")
-    return path
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _answers(url: str, ca: str | None = None) -> bool:
@@ -932,4 +891,3 @@ def proxy(proxy_server: ProxyState) -> ProxyState:
     return proxy_server
 
 
-_reexport_root_conftest()

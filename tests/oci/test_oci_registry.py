@@ -309,7 +309,7 @@ def test_missing_image(registry_plain: Any, oci_images: Any) -> None:
 
 
 def test_nothing_listens() -> None:
-    from conftest import free_port
+    from testlib import free_port
 
     o = reg.RegistryOptions(retries=1, backoff=0.01)
     with (

@@ -29,7 +29,7 @@ from composefs.repository import (
     StoreMethod,
 )
 from composefs.splitstream import CONTENT_OCI_LAYER
-from conftest import need_tool, needs_root
+from testlib import need_tool, needs_root
 
 
 def test_objects(repo: Repository, tmp_path: Path) -> None:

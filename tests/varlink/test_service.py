@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from varlinklib import IMAGE_FILES, Layout, Service, cfsctl
 from vlclient import CallError, RawClient
 
 import varlink
 from composefs import mount as _mount
 from composefs.errors import MountError
-from conftest import IMAGE_FILES, Layout, Service, cfsctl, needs_root
+from testlib import needs_root
 
 REPO = "org.composefs.Repository"
 OCI = "org.composefs.Oci"
@@ -515,8 +516,7 @@ def test_disconnect_mid_pull(service: Service, repo: Path, tmp_path: Path, more:
     Without ``more`` no frame is sent that could fail: the service must
     notice the hang-up by itself."""
     from slowregistry import SlowRegistry
-
-    from conftest import LayoutBuilder, det_bytes, layer
+    from varlinklib import LayoutBuilder, det_bytes, layer
 
     lay = tmp_path / "slow"
     b = LayoutBuilder(lay)
@@ -572,7 +572,7 @@ def test_disconnect_mid_pull(service: Service, repo: Path, tmp_path: Path, more:
 def test_pull_bootable(raw: RawClient, repo: Path, tmp_path: Path) -> None:
     """``bootable``: the boot image is generated, recorded (Inspect shows it),
     equals ComputeId(bootable) and the CLI's, and OciMount can mount it."""
-    from conftest import LayoutBuilder, layer
+    from varlinklib import LayoutBuilder, layer
 
     lay = tmp_path / "bootlay"
     b = LayoutBuilder(lay)

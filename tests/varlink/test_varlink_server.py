@@ -21,17 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vlclient import RawClient
-
-import varlink
-from composefs.varlink import server as vlserver
-from conftest import (
+from varlinklib import (
     CFSCTL,
     Service,
     cfsctl,
     need_systemd_socket_activate,
     wait_for_socket,
 )
+from vlclient import RawClient
+
+import varlink
+from composefs.varlink import server as vlserver
 
 REPO = "org.composefs.Repository"
 OCI = "org.composefs.Oci"
