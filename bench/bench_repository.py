@@ -57,8 +57,12 @@ def copy_tree(kind: str, dest: Path) -> None:
              "-C", str(dest)],
             check=True,
         )  # fmt: skip
-    else:  # a snapshot of /usr: the host may change it while we run
-        subprocess.run(["cp", "-a", "--reflink=auto", "/usr", str(dest)], check=True)
+    else:
+        # A snapshot of /usr (the host may change it while we run), as the
+        # /usr of an otherwise empty root: create-image gives the root /usr's
+        # metadata, as composefs-rs does, and refuses a tree without /usr.
+        dest.mkdir()
+        subprocess.run(["cp", "-a", "--reflink=auto", "/usr", str(dest / "usr")], check=True)
 
 
 def count(tree: Path) -> tuple[int, int]:
