@@ -64,6 +64,9 @@ class RepoStreamWriter(SplitStreamWriter):
         self._objects_new = 0
         self._objects_present = 0
         self._bytes_new = 0
+        # With a list here, every reference appended to the stream is
+        # recorded in stream order (an import keeps its members this way).
+        self.reference_log: list[str] | None = None
 
     def _count(self, new: bool, size: int) -> None:
         if new:
@@ -140,6 +143,11 @@ class RepoStreamWriter(SplitStreamWriter):
     def write_reference(self, object_id: str, size: int) -> None:
         self._apply_queue(block=True, everything=True)
         super().write_reference(object_id, size)
+
+    def _append_reference(self, object_id: str) -> None:
+        if self.reference_log is not None:
+            self.reference_log.append(object_id)
+        super()._append_reference(object_id)
 
     def _apply_queue(self, *, block: bool, everything: bool = False) -> None:
         """Write the queued records whose objects are stored, in order;
