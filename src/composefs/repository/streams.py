@@ -20,15 +20,23 @@ from .. import fsverity
 from ..errors import NotFoundError, RepositoryError
 from ..splitstream import _SPOOL_MEM_MAX, SplitStreamReader, SplitStreamWriter, Writable
 from ._fs import _check_relpath, _exists, _is_hex_id, _read_exactly
+from ._store_helper import HelperResult, StoreHelper
 from .objects import _SMALL_OBJECT, FdWriter, ObjectStore, TmpObject
 
 T = TypeVar("T")
+# An object being stored: in the writer's thread or by its helper process.
+_Pending = Future[tuple[str, bool]] | HelperResult
 
 
 # Objects queued for the background store: at most this many bytes (and
 # entries) in flight, so memory stays bounded whatever the layer holds.
 _QUEUE_BYTES = 4 << 20
 _QUEUE_ENTRIES = 64
+# After this many small objects (or bytes) a writer moves its object
+# stores to a helper process (`_store_helper`): worth its start-up cost
+# (~0.1 s of CPU, in parallel) only for big layers.
+_HELPER_AFTER_OBJECTS = 512
+_HELPER_AFTER_BYTES = 8 << 20
 
 
 class RepoStreamWriter(SplitStreamWriter):
@@ -54,11 +62,13 @@ class RepoStreamWriter(SplitStreamWriter):
         self.repo = repo
         # Stream records waiting for an object ahead of them: (future object
         # id, None, size) for a reference, (None, data, size) for inline data.
-        self._queue: deque[tuple[Future[tuple[str, bool]] | None, bytes | None, int]] = (
-            deque()
-        )
+        self._queue: deque[tuple[_Pending | None, bytes | None, int]] = deque()
         self._queued_bytes = 0
         self._pool: ThreadPoolExecutor | None = None
+        self._helper: StoreHelper | None = None
+        self._helper_failed = False
+        self._small_objects = 0
+        self._small_bytes = 0
         # What the external writes stored: new objects (and their bytes)
         # and objects that were already present (see the properties).
         self._objects_new = 0
@@ -116,17 +126,38 @@ class RepoStreamWriter(SplitStreamWriter):
             self.write_external_stream(source, size)
             return
         data = _read_exactly(source, size)
-        if self._pool is None:
-            # Lazily opened state, set up here rather than raced for.
-            self.repo.objects_fd()
-            self.repo.ensure_writable_once()
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="object-store")
-        fut = self._pool.submit(self.repo.store_bytes_counted, data, check_writable=False)
+        self._small_objects += 1
+        self._small_bytes += size
+        fut: _Pending
+        helper = self._helper or self._start_helper()
+        if helper is not None:
+            fut = helper.submit(data)
+        else:
+            if self._pool is None:
+                # Lazily opened state, set up here rather than raced for.
+                self.repo.objects_fd()
+                self.repo.ensure_writable_once()
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="object-store")
+            fut = self._pool.submit(self.repo.store_bytes_counted, data, check_writable=False)
         self.total_size += size
         self.external_size += size
         self._queue.append((fut, None, size))
         self._queued_bytes += size
         self._apply_queue(block=True)
+
+    def _start_helper(self) -> StoreHelper | None:
+        if self._helper_failed or (
+            self._small_objects < _HELPER_AFTER_OBJECTS
+            and self._small_bytes < _HELPER_AFTER_BYTES
+        ):
+            return None
+        self.repo.objects_fd()
+        self.repo.ensure_writable_once()
+        try:
+            self._helper = StoreHelper(self.repo)
+        except OSError:
+            self._helper_failed = True  # e.g. no sys.executable: stay in-process
+        return self._helper
 
     def write_inline(self, data: bytes | bytearray | memoryview) -> None:
         if not self._queue:
@@ -206,6 +237,9 @@ class RepoStreamWriter(SplitStreamWriter):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._helper is not None:
+            self._helper.close()
+            self._helper = None
 
     def write_external_file(self, path_or_fd: str | os.PathLike[str] | int) -> str:
         """Store a file's content (reflinked when possible) and reference it."""

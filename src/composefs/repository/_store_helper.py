@@ -1,0 +1,259 @@
+"""A helper process that stores small objects for a splitstream writer.
+
+Storing thousands of small objects from a thread does not scale: hashing
+releases the GIL per 4 KiB block and every syscall re-acquires it, so the
+store thread and the thread parsing the layer spend their time handing the
+GIL back and forth. `StoreHelper` runs the same code
+(`ObjectStore.store_bytes_counted`) in a child process instead: this same
+Python with this process's ``sys.path``, given the repository directory fd.
+
+Protocol over an AF_UNIX stream socket pair: request = ``<I`` length +
+the object's bytes; reply = status byte (0 new, 1 already present) + the
+raw object id, or status 2 + ``<i`` errno, or status 3 + ``<I`` length +
+a UTF-8 message (a `RepositoryError`). Replies come in request order.
+
+The helper only ever writes complete objects (``O_TMPFILE`` + ``linkat``,
+as in-process), so killing either side at any moment leaves a clean
+repository; it dies with its parent (``PR_SET_PDEATHSIG``) and exits when
+its socket closes. `close` waits for it: nothing is written after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+from typing import Any
+
+from ..errors import RepositoryError
+
+_LEN = struct.Struct("<I")
+_ERRNO = struct.Struct("<i")
+_START_TIMEOUT = 30.0
+
+_SCRIPT = """
+import sys, json
+sys.path[:] = json.loads(sys.argv[1])
+from composefs.repository._store_helper import _serve
+_serve(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6] == "1")
+"""
+
+
+def _die_with_parent(parent: int) -> None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _recv_exactly(sock: socket.socket, view: memoryview) -> bool:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if not n:
+            return False
+        got += n
+    return True
+
+
+def _serve(sockfd: int, dirfd: int, path: str, algorithm: str, insecure: bool) -> None:
+    """The helper's loop (in the child)."""
+    from .objects import ObjectStore
+
+    _die_with_parent(int(os.environ.get("COMPOSEFS_STORE_HELPER_PARENT", "0")))
+    sock = socket.socket(fileno=sockfd)
+    store = ObjectStore(path, dirfd, algorithm, insecure, [])
+    store._writable = True  # the parent checked
+    sock.sendall(b"R")
+    header = memoryview(bytearray(_LEN.size))
+    buf = bytearray(1 << 20)
+    while _recv_exactly(sock, header):
+        (size,) = _LEN.unpack(header)
+        if size > len(buf):
+            buf = bytearray(size)
+        view = memoryview(buf)[:size]
+        if not _recv_exactly(sock, view):
+            break
+        try:
+            object_id, new = store.store_bytes_counted(view, check_writable=False)
+            reply = (b"\0" if new else b"\1") + bytes.fromhex(object_id)
+        except OSError as e:
+            reply = b"\2" + _ERRNO.pack(e.errno or 5)
+        except Exception as e:  # RepositoryError and anything unforeseen
+            msg = str(e).encode("utf-8", "replace")[:4096]
+            reply = b"\3" + _LEN.pack(len(msg)) + msg
+        view.release()
+        sock.sendall(reply)
+
+
+class HelperResult:
+    """The future id of one object the helper stores (Future-like:
+    ``done``, ``result``, ``cancel``); results are read in request order."""
+
+    __slots__ = ("_helper", "_value")
+
+    def __init__(self, helper: StoreHelper) -> None:
+        self._helper = helper
+        self._value: tuple[str, bool] | BaseException | None = None
+
+    def done(self) -> bool:
+        if self._value is None:
+            self._helper.poll()
+        return self._value is not None
+
+    def result(self) -> tuple[str, bool]:
+        while self._value is None:
+            self._helper.read_one()
+        if isinstance(self._value, BaseException):
+            raise self._value
+        return self._value
+
+    def cancel(self) -> bool:
+        return False
+
+
+class StoreHelper:
+    """The parent's end: `submit` sends an object, its `HelperResult` is
+    answered in order."""
+
+    def __init__(self, store: Any) -> None:
+        self._digest_size = 64 if store.algorithm == "sha512" else 32
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable, "-I", "-c", _SCRIPT, json.dumps(sys.path),
+                    str(theirs.fileno()), str(store.dirfd), store.abspath, store.algorithm,
+                    "1" if store.insecure else "0",
+                ],
+                pass_fds=(theirs.fileno(), store.dirfd),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={**os.environ, "COMPOSEFS_STORE_HELPER_PARENT": str(os.getpid())},
+            )  # fmt: skip
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = mine
+        self._ready = False
+        self._pending: list[HelperResult] = []
+        self._head = 0
+        self._buf = bytearray()
+
+    def _check_ready(self) -> None:
+        if self._ready:
+            return
+        self.sock.settimeout(_START_TIMEOUT)
+        try:
+            if self.sock.recv(1) != b"R":
+                raise self._died()
+        except OSError:
+            raise self._died() from None
+        finally:
+            self.sock.settimeout(None)
+        self._ready = True
+
+    def _died(self) -> RepositoryError:
+        return RepositoryError("the object store helper process died")
+
+    def submit(self, data: bytes) -> HelperResult:
+        self._check_ready()
+        fut = HelperResult(self)
+        self._pending.append(fut)
+        try:
+            self.sock.sendall(_LEN.pack(len(data)))
+            self.sock.sendall(data)
+        except OSError:
+            raise self._died() from None
+        return fut
+
+    def _parse(self) -> bool:
+        """Answer the oldest pending result from the buffer, if complete."""
+        buf = self._buf
+        if not buf:
+            return False
+        status = buf[0]
+        if status in (0, 1):
+            need = 1 + self._digest_size
+            if len(buf) < need:
+                return False
+            value: tuple[str, bool] | BaseException = (bytes(buf[1:need]).hex(), status == 0)
+        elif status == 2:
+            need = 1 + _ERRNO.size
+            if len(buf) < need:
+                return False
+            (err,) = _ERRNO.unpack_from(buf, 1)
+            value = OSError(err, os.strerror(err))
+        elif status == 3:
+            if len(buf) < 1 + _LEN.size:
+                return False
+            need = 1 + _LEN.size + _LEN.unpack_from(buf, 1)[0]
+            if len(buf) < need:
+                return False
+            value = RepositoryError(bytes(buf[1 + _LEN.size : need]).decode("utf-8", "replace"))
+        else:
+            raise self._died()
+        del buf[:need]
+        if self._head >= len(self._pending):
+            raise self._died()
+        fut = self._pending[self._head]
+        self._pending[self._head] = None  # type: ignore[call-overload]
+        self._head += 1
+        if self._head > 1024 and self._head * 2 > len(self._pending):
+            del self._pending[: self._head]
+            self._head = 0
+        fut._value = value
+        return True
+
+    def _recv(self, block: bool) -> bool:
+        try:
+            data = self.sock.recv(1 << 16, 0 if block else socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            raise self._died() from None
+        if not data:
+            raise self._died()
+        self._buf += data
+        return True
+
+    def poll(self) -> None:
+        """Take whatever replies have arrived, without waiting."""
+        while self._parse():
+            pass
+        while self._recv(block=False):
+            while self._parse():
+                pass
+
+    def read_one(self) -> None:
+        """Wait for (at least) the next reply."""
+        if self._parse():
+            return
+        while True:
+            self._recv(block=True)
+            if self._parse():
+                return
+
+    def close(self) -> None:
+        """Stop the helper and wait for it (it finishes what it was sent)."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
