@@ -281,6 +281,7 @@ def import_layer(
     verify: bool = True,
     discard: bool = True,
     members: list[_tar.TarMember] | None = None,
+    on_stored: Callable[[str], None] | None = None,
 ) -> tuple[str, ImportStats]:
     """Import one layer tar (compressed as given) as ``oci-layer-<diff_id>``.
 
@@ -297,7 +298,8 @@ def import_layer(
     With `members` (an empty list), the layer's entries are added to it as
     `stored.layer_members` would read them back, unless there are more
     than `MAX_KEPT_MEMBERS` (or the layer was already present): then it
-    stays empty.
+    stays empty. `on_stored(stream id)` runs once everything is stored,
+    before the (syncing) naming of the stream.
     """
     alg, _ = parse_digest(diff_id)
     content_id = layer_stream(diff_id)
@@ -336,10 +338,13 @@ def import_layer(
         stats.objects_already_present = writer.objects_present
         stats.bytes_copied = writer.bytes_new
         stats.layers = 1
-        verity = repo.write_stream(writer, content_id, name)
+        verity = repo.store_stream(writer)
         if members is not None:
             assert writer.reference_log is not None
             members.extend(sink.fill_external(writer.reference_log) or ())
+        if on_stored is not None:
+            on_stored(verity)
+        repo.register_stream(verity, content_id, name)
     except BaseException as e:
         candidates = writer.object_refs
         writer.close()
@@ -448,6 +453,60 @@ def _run_parallel(jobs: Sequence[Callable[[], Any]], workers: int) -> list[Any]:
         return [f.result() for f in futures]
 
 
+class _Prebuild:
+    """Builds the image of the layers in a thread, started once every
+    layer is stored (`stored`, called by each of the `count` jobs)."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        diff_ids: list[str],
+        members: dict[str, list[_tar.TarMember]],
+        count: int,
+    ) -> None:
+        self.repo = repo
+        self.diff_ids = diff_ids
+        self.members = members
+        self.remaining = count
+        self.refs: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.images: dict[int, bytes] = {}
+        self.error: BaseException | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.thread is not None
+
+    def stored(self, diff_id: str, verity: str) -> None:
+        with self.lock:
+            self.refs[diff_id] = verity
+            self.remaining -= 1
+            if self.remaining:
+                return
+        self.thread = threading.Thread(target=self._build, name="oci-image-build", daemon=True)
+        self.thread.start()
+
+    def _build(self) -> None:
+        from ..erofs.format import FormatVersion
+        from ..erofs.writer import mkfs
+
+        try:
+            kept = {d: m for d, m in self.members.items() if m}
+            root = build_tree(self.repo, self.diff_ids, self.refs, members=kept)
+            for version in self.repo.format_config().versions():
+                self.images[version] = mkfs(root, FormatVersion(version))
+        except BaseException as e:
+            self.error = e
+
+    def result(self) -> dict[int, bytes]:
+        assert self.thread is not None
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.images
+
+
 def _fetch_small(source: ImageSource, desc: Descriptor, what: str) -> bytes:
     if desc.size > MAX_JSON_SIZE:
         raise OciError(f"{what} {desc.digest} is too large ({desc.size} bytes)")
@@ -469,10 +528,13 @@ def _fetch_layer(
     container: bool,
     progress: ProgressCallback | None,
     members: list[_tar.TarMember] | None = None,
+    on_stored: Callable[[str, str], None] | None = None,
 ) -> tuple[str, ImportStats]:
     existing = repo.has_stream(layer_stream(diff_id))
     if existing is not None:
         _report(progress, ProgressEvent("skipped", diff_id))
+        if on_stored is not None:
+            on_stored(diff_id, existing)
         return existing, ImportStats(layers_already_present=1)
     _report(progress, ProgressEvent("started", diff_id, total=desc.size))
     lock = threading.Lock()
@@ -497,8 +559,9 @@ def _fetch_layer(
             if compression is None:
                 raise OciError(f"unsupported layer media type {desc.media_type!r}")
             verity, stats = import_layer(
-                repo, diff_id, blob, compression=compression, discard=False, members=members
-            )
+                repo, diff_id, blob, compression=compression, discard=False, members=members,
+                on_stored=functools.partial(on_stored, diff_id) if on_stored else None,
+            )  # fmt: skip
         else:
             verity, stats = _store_blob_stream(repo, desc.digest, blob)
     _report(progress, ProgressEvent("done", diff_id, total=desc.size, fetched=blob.count))
@@ -573,6 +636,12 @@ def pull_from_source(
                 _fetch_layer, repo, source, desc, diff_ids[i], container, progress, members
             )
         )
+    prebuild: _Prebuild | None = None
+    if container and repo.has_stream(config_stream(manifest.config.digest)) is None:
+        # A new image: its EROFS images are built (CPU) while the last
+        # layer's objects are synced to disk (IO).
+        prebuild = _Prebuild(repo, diff_ids, kept_members, len(jobs))
+        jobs = [functools.partial(j, on_stored=prebuild.stored) for j in jobs]
     stats = ImportStats()
     layer_refs: dict[str, str] = {}
     try:
@@ -593,6 +662,11 @@ def pull_from_source(
         kept = _kept_image_refs(repo, config_digest, layer_refs)
         config_named.update(kept)
         image_ids = _existing_images(repo, kept)
+        if not image_ids and prebuild is not None and prebuild.started:
+            _report(progress, ProgressEvent("message", message="Building composefs image"))
+            images = prebuild.result()
+            kept_members.clear()
+            image_ids = {v: repo.write_image(data) for v, data in images.items()}
         if not image_ids:
             _report(progress, ProgressEvent("message", message="Building composefs image"))
             root = build_tree(
