@@ -4,9 +4,12 @@ dead helper reported, and nothing written after the writer is done."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import random
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +79,26 @@ def test_close_waits_for_the_helper(repo: Repository) -> None:
     before = sorted(os.listdir(repo.objects_dir))
     assert sorted(os.listdir(repo.objects_dir)) == before
     assert not repo.fsck().errors
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a tmpfs remounted read-only)")
+def test_helper_write_error_is_reported(tmp_path: Path) -> None:
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], check=True)
+    try:
+        repo = Repository.init(mnt / "repo", insecure=True)[0]
+        blobs = _blobs(streams._HELPER_AFTER_OBJECTS + 600, seed=3)
+        w = repo.create_stream(CONTENT_OCI_LAYER)
+        with pytest.raises(OSError) as info:
+            for data in blobs:
+                if w._helper is not None and w._small_objects == streams._HELPER_AFTER_OBJECTS + 50:
+                    subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+                w.queue_external_stream(io.BytesIO(data), len(data))
+            w.objects_new  # noqa: B018
+        # the helper's own error, not "helper died"
+        assert info.value.errno == errno.EROFS
+        w.close()
+        repo.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -10,7 +10,8 @@ Python with this process's ``sys.path``, given the repository directory fd.
 Protocol over an AF_UNIX stream socket pair: request = ``<I`` length +
 the object's bytes; reply = status byte (0 new, 1 already present) + the
 raw object id, or status 2 + ``<i`` errno, or status 3 + ``<I`` length +
-a UTF-8 message (a `RepositoryError`). Replies come in request order.
+a UTF-8 message (a `RepositoryError`). Replies come in request order,
+in batches; the helper stops after its first error.
 
 The helper only ever writes complete objects (``O_TMPFILE`` + ``linkat``,
 as in-process), so killing either side at any moment leaves a clean
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -33,6 +35,8 @@ from ..errors import RepositoryError
 _LEN = struct.Struct("<I")
 _ERRNO = struct.Struct("<i")
 _START_TIMEOUT = 30.0
+_POLL_EVERY = 8
+_REPLY_BATCH = 32
 
 _SCRIPT = """
 import sys, json
@@ -75,7 +79,18 @@ def _serve(sockfd: int, dirfd: int, path: str, algorithm: str, insecure: bool) -
     sock.sendall(b"R")
     header = memoryview(bytearray(_LEN.size))
     buf = bytearray(1 << 20)
-    while _recv_exactly(sock, header):
+    replies = bytearray()
+    pending = 0
+    while True:
+        # Replies go out in batches: when no request is waiting (the writer
+        # may be waiting for them) or after _REPLY_BATCH; every wake-up of
+        # the other side costs more than the reply itself on a busy machine.
+        if replies and (pending >= _REPLY_BATCH or not select.select([sock], [], [], 0)[0]):
+            sock.sendall(replies)
+            replies.clear()
+            pending = 0
+        if not _recv_exactly(sock, header):
+            break
         (size,) = _LEN.unpack(header)
         if size > len(buf):
             buf = bytearray(size)
@@ -84,14 +99,20 @@ def _serve(sockfd: int, dirfd: int, path: str, algorithm: str, insecure: bool) -
             break
         try:
             object_id, new = store.store_bytes_counted(view, check_writable=False)
-            reply = (b"\0" if new else b"\1") + bytes.fromhex(object_id)
-        except OSError as e:
-            reply = b"\2" + _ERRNO.pack(e.errno or 5)
-        except Exception as e:  # RepositoryError and anything unforeseen
-            msg = str(e).encode("utf-8", "replace")[:4096]
-            reply = b"\3" + _LEN.pack(len(msg)) + msg
+        except Exception as e:
+            # The first error ends the helper (the writer fails at it; the
+            # requests after it are answered by "helper died"), so replies
+            # stay small and never fill the socket.
+            if isinstance(e, OSError):
+                replies += b"\2" + _ERRNO.pack(e.errno or 5)
+            else:  # RepositoryError and anything unforeseen
+                msg = str(e).encode("utf-8", "replace")[:4096]
+                replies += b"\3" + _LEN.pack(len(msg)) + msg
+            sock.sendall(replies)
+            return
+        replies += (b"\0" if new else b"\1") + bytes.fromhex(object_id)
         view.release()
-        sock.sendall(reply)
+        pending += 1
 
 
 class HelperResult:
@@ -106,7 +127,7 @@ class HelperResult:
 
     def done(self) -> bool:
         if self._value is None:
-            self._helper.poll()
+            self._helper.poll(cheap=True)
         return self._value is not None
 
     def result(self) -> tuple[str, bool]:
@@ -150,6 +171,8 @@ class StoreHelper:
         self._pending: list[HelperResult] = []
         self._head = 0
         self._buf = bytearray()
+        self._sent_since_poll = 0
+        self._error: BaseException | None = None
 
     def _check_ready(self) -> None:
         if self._ready:
@@ -171,12 +194,25 @@ class StoreHelper:
         self._check_ready()
         fut = HelperResult(self)
         self._pending.append(fut)
+        self._sent_since_poll += 1
         try:
             self.sock.sendall(_LEN.pack(len(data)))
             self.sock.sendall(data)
         except OSError:
-            raise self._died() from None
+            raise self._failure() from None
         return fut
+
+    def _failure(self) -> BaseException:
+        """Why the helper went away: the error it reported, if any (read
+        to the end of its replies), else "died"."""
+        try:
+            while True:
+                while self._parse():
+                    pass
+                self._recv(block=True)
+        except RepositoryError:
+            pass
+        return self._error or self._died()
 
     def _parse(self) -> bool:
         """Answer the oldest pending result from the buffer, if complete."""
@@ -214,6 +250,8 @@ class StoreHelper:
             del self._pending[: self._head]
             self._head = 0
         fut._value = value
+        if isinstance(value, BaseException) and self._error is None:
+            self._error = value
         return True
 
     def _recv(self, block: bool) -> bool:
@@ -228,8 +266,14 @@ class StoreHelper:
         self._buf += data
         return True
 
-    def poll(self) -> None:
-        """Take whatever replies have arrived, without waiting."""
+    def poll(self, cheap: bool = False) -> None:
+        """Take whatever replies have arrived, without waiting; `cheap`
+        skips the syscall unless a few requests were sent since the last
+        look (the writer asks after every record it appends)."""
+        if cheap:
+            if self._sent_since_poll < _POLL_EVERY:
+                return
+            self._sent_since_poll = 0
         while self._parse():
             pass
         while self._recv(block=False):

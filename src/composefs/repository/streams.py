@@ -32,6 +32,10 @@ _Pending = Future[tuple[str, bool]] | HelperResult
 # entries) in flight, so memory stays bounded whatever the layer holds.
 _QUEUE_BYTES = 4 << 20
 _QUEUE_ENTRIES = 64
+# With a helper process the objects in flight are its (and the socket's),
+# not ours, and its replies come in batches: a longer queue keeps it busy.
+_HELPER_QUEUE_BYTES = 16 << 20
+_HELPER_QUEUE_ENTRIES = 512
 # After this many small objects (or bytes) a writer moves its object
 # stores to a helper process (`_store_helper`): worth its start-up cost
 # (~0.1 s of CPU, in parallel) only for big layers.
@@ -188,7 +192,13 @@ class RepoStreamWriter(SplitStreamWriter):
         while queue:
             fut, data, nbytes = queue[0]
             if fut is not None and not fut.done():
-                over = self._queued_bytes > _QUEUE_BYTES or len(queue) > _QUEUE_ENTRIES
+                if self._helper is None:
+                    over = self._queued_bytes > _QUEUE_BYTES or len(queue) > _QUEUE_ENTRIES
+                else:
+                    over = (
+                        self._queued_bytes > _HELPER_QUEUE_BYTES
+                        or len(queue) > _HELPER_QUEUE_ENTRIES
+                    )
                 if not (block and (everything or over)):
                     return
             queue.popleft()
