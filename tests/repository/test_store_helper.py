@@ -102,3 +102,22 @@ def test_helper_write_error_is_reported(tmp_path: Path) -> None:
         repo.close()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_helper_that_does_not_start_is_not_an_error(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A helper that exits at once (a broken interpreter, say): the writer
+    stores everything in-process instead."""
+    from composefs.repository import _store_helper
+
+    monkeypatch.setattr(_store_helper, "_SCRIPT", "import sys; sys.exit(3)")
+    blobs = _blobs(streams._HELPER_AFTER_OBJECTS + 50, seed=4)
+    w = repo.create_stream(CONTENT_OCI_LAYER)
+    w.reference_log = []
+    for data in blobs:
+        w.queue_external_stream(io.BytesIO(data), len(data))
+    assert w._helper is None and w._helper_failed
+    repo.write_stream(w, "oci-layer-sha256:nohelper")
+    assert w.reference_log == [fsverity.digest_hex(d, repo.algorithm) for d in blobs]
+    assert not repo.fsck().errors

@@ -115,6 +115,10 @@ def _serve(sockfd: int, dirfd: int, path: str, algorithm: str, insecure: bool) -
         pending += 1
 
 
+class HelperUnavailable(Exception):
+    """The helper did not start (internal: the writer stores in-process)."""
+
+
 class HelperResult:
     """The future id of one object the helper stores (Future-like:
     ``done``, ``result``, ``cancel``); results are read in request order."""
@@ -146,6 +150,8 @@ class StoreHelper:
     answered in order."""
 
     def __init__(self, store: Any) -> None:
+        if not sys.executable:
+            raise HelperUnavailable("no Python executable to run")
         self._digest_size = 64 if store.algorithm == "sha512" else 32
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -180,9 +186,9 @@ class StoreHelper:
         self.sock.settimeout(_START_TIMEOUT)
         try:
             if self.sock.recv(1) != b"R":
-                raise self._died()
+                raise HelperUnavailable("the helper did not start")
         except OSError:
-            raise self._died() from None
+            raise HelperUnavailable("the helper did not start") from None
         finally:
             self.sock.settimeout(None)
         self._ready = True

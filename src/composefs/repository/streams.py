@@ -20,7 +20,7 @@ from .. import fsverity
 from ..errors import NotFoundError, RepositoryError
 from ..splitstream import _SPOOL_MEM_MAX, SplitStreamReader, SplitStreamWriter, Writable
 from ._fs import _check_relpath, _exists, _is_hex_id, _read_exactly
-from ._store_helper import HelperResult, StoreHelper
+from ._store_helper import HelperResult, HelperUnavailable, StoreHelper
 from .objects import _SMALL_OBJECT, FdWriter, ObjectStore, TmpObject
 
 T = TypeVar("T")
@@ -135,8 +135,15 @@ class RepoStreamWriter(SplitStreamWriter):
         fut: _Pending
         helper = self._helper or self._start_helper()
         if helper is not None:
-            fut = helper.submit(data)
-        else:
+            try:
+                fut = helper.submit(data)
+            except HelperUnavailable:
+                # It never ran (nothing is waiting on it): store in-process.
+                helper.close()
+                self._helper = None
+                self._helper_failed = True
+                helper = None
+        if helper is None:
             if self._pool is None:
                 # Lazily opened state, set up here rather than raced for.
                 self.repo.objects_fd()
@@ -159,8 +166,8 @@ class RepoStreamWriter(SplitStreamWriter):
         self.repo.ensure_writable_once()
         try:
             self._helper = StoreHelper(self.repo)
-        except OSError:
-            self._helper_failed = True  # e.g. no sys.executable: stay in-process
+        except (OSError, HelperUnavailable):
+            self._helper_failed = True  # stay in-process
         return self._helper
 
     def write_inline(self, data: bytes | bytearray | memoryview) -> None:
