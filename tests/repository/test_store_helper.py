@@ -9,13 +9,14 @@ import io
 import os
 import random
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from composefs import fsverity
 from composefs.errors import RepositoryError
-from composefs.repository import Repository, streams
+from composefs.repository import Repository, _store_helper, streams
 from composefs.splitstream import CONTENT_OCI_LAYER
 
 
@@ -26,6 +27,20 @@ def _blobs(n: int, seed: int = 1) -> list[bytes]:
     return out + out[:20]
 
 
+def _queue(w: streams.RepoStreamWriter, data: bytes) -> None:
+    """Queue one object; once the helper is starting, wait until it runs
+    (so that the next objects go to it)."""
+    w.queue_external_stream(io.BytesIO(data), len(data))
+    starting = w._starting
+    if starting is not None:
+        deadline = time.monotonic() + 30
+        try:
+            while not starting.ready() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        except _store_helper.HelperUnavailable:
+            pass  # the writer finds out with its next object
+
+
 def test_helper_stores_what_the_thread_would(repo: Repository) -> None:
     blobs = _blobs(streams._HELPER_AFTER_OBJECTS + 100)
     w = repo.create_stream(CONTENT_OCI_LAYER)
@@ -33,7 +48,7 @@ def test_helper_stores_what_the_thread_would(repo: Repository) -> None:
     used_helper = False
     for i, data in enumerate(blobs):
         w.write_inline(b"h%d" % i)
-        w.queue_external_stream(io.BytesIO(data), len(data))
+        _queue(w, data)
         used_helper = used_helper or w._helper is not None
     assert used_helper
     helper = w._helper
@@ -58,7 +73,7 @@ def test_helper_death_is_an_error(repo: Repository) -> None:
     w = repo.create_stream(CONTENT_OCI_LAYER)
     with pytest.raises(RepositoryError, match="helper process died"):
         for data in blobs:
-            w.queue_external_stream(io.BytesIO(data), len(data))
+            _queue(w, data)
             if w._helper is not None:
                 w._helper.proc.kill()
                 w._helper.proc.wait()
@@ -71,7 +86,7 @@ def test_close_waits_for_the_helper(repo: Repository) -> None:
     blobs = _blobs(streams._HELPER_AFTER_OBJECTS + 200, seed=2)
     w = repo.create_stream(CONTENT_OCI_LAYER)
     for data in blobs:
-        w.queue_external_stream(io.BytesIO(data), len(data))
+        _queue(w, data)
     helper = w._helper
     assert helper is not None
     w.close()  # an abandoned import: nothing is written after this returns
@@ -94,7 +109,7 @@ def test_helper_write_error_is_reported(tmp_path: Path) -> None:
             for data in blobs:
                 if w._helper is not None and w._small_objects == streams._HELPER_AFTER_OBJECTS + 50:
                     subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
-                w.queue_external_stream(io.BytesIO(data), len(data))
+                _queue(w, data)
             w.objects_new  # noqa: B018
         # the helper's own error, not "helper died"
         assert info.value.errno == errno.EROFS
@@ -109,14 +124,12 @@ def test_a_helper_that_does_not_start_is_not_an_error(
 ) -> None:
     """A helper that exits at once (a broken interpreter, say): the writer
     stores everything in-process instead."""
-    from composefs.repository import _store_helper
-
     monkeypatch.setattr(_store_helper, "_SCRIPT", "import sys; sys.exit(3)")
     blobs = _blobs(streams._HELPER_AFTER_OBJECTS + 50, seed=4)
     w = repo.create_stream(CONTENT_OCI_LAYER)
     w.reference_log = []
     for data in blobs:
-        w.queue_external_stream(io.BytesIO(data), len(data))
+        _queue(w, data)
     assert w._helper is None and w._helper_failed
     repo.write_stream(w, "oci-layer-sha256:nohelper")
     assert w.reference_log == [fsverity.digest_hex(d, repo.algorithm) for d in blobs]

@@ -28,6 +28,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from typing import Any
 
 from ..errors import RepositoryError
@@ -173,6 +174,7 @@ class StoreHelper:
         finally:
             theirs.close()
         self.sock = mine
+        self._started = time.monotonic()
         self._ready = False
         self._pending: list[HelperResult] = []
         self._head = 0
@@ -195,6 +197,25 @@ class StoreHelper:
 
     def _died(self) -> RepositoryError:
         return RepositoryError("the object store helper process died")
+
+    def ready(self) -> bool:
+        """Whether the helper has started (without waiting); a helper that
+        failed to start, or is still not up after `_START_TIMEOUT`, raises
+        `HelperUnavailable`."""
+        if self._ready:
+            return True
+        try:
+            got = self.sock.recv(1, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            if time.monotonic() - self._started > _START_TIMEOUT:
+                raise HelperUnavailable("the helper did not start") from None
+            return False
+        except OSError:
+            raise HelperUnavailable("the helper did not start") from None
+        if got != b"R":
+            raise HelperUnavailable("the helper did not start")
+        self._ready = True
+        return True
 
     def submit(self, data: bytes) -> HelperResult:
         self._check_ready()
