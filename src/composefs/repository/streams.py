@@ -322,12 +322,21 @@ class StreamStore:
         self._check_content_id(content_id)
         if not self.objects.has_object(object_id):
             raise NotFoundError(f"object {object_id} not found")
-        self.objects.sync()
-        self.objects.symlink(
-            f"streams/{content_id}", f"objects/{self.objects.object_relpath(object_id)}"
-        )
+        if self._named_id(content_id) != object_id:
+            # (Already named so: it was made durable before, no sync needed;
+            # a re-pull rewrites its config and manifest streams unchanged.)
+            self.objects.sync()
+            self.objects.symlink(
+                f"streams/{content_id}", f"objects/{self.objects.object_relpath(object_id)}"
+            )
         if reference is not None:
             self.name_stream(content_id, reference)
+
+    def _named_id(self, content_id: str) -> str | None:
+        try:
+            return self.objects.readlink_id(f"streams/{content_id}")
+        except RepositoryError:
+            return None  # not a symlink: replaced when it is named
 
     def write_stream(
         self, writer: SplitStreamWriter, content_id: str, reference: str | None = None
