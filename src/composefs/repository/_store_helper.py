@@ -223,8 +223,14 @@ class StoreHelper:
         self._pending.append(fut)
         self._sent_since_poll += 1
         try:
-            self.sock.sendall(_LEN.pack(len(data)))
-            self.sock.sendall(data)
+            # one syscall for header and data (a blocking stream socket
+            # sends it all unless a signal cuts it short)
+            sent = self.sock.sendmsg([_LEN.pack(len(data)), data])
+            if sent < _LEN.size:
+                self.sock.sendall(_LEN.pack(len(data))[sent:])
+                sent = _LEN.size
+            if sent < _LEN.size + len(data):
+                self.sock.sendall(memoryview(data)[sent - _LEN.size :])
         except OSError:
             raise self._failure() from None
         return fut
