@@ -38,6 +38,7 @@ _ERRNO = struct.Struct("<i")
 _START_TIMEOUT = 30.0
 _POLL_EVERY = 8
 _REPLY_BATCH = 32
+_SOCKET_BUFFER = 4 << 20
 
 _SCRIPT = """
 import sys, json
@@ -174,6 +175,18 @@ class StoreHelper:
         finally:
             theirs.close()
         self.sock = mine
+        # Room for a few MiB of requests in the socket: we run ahead of the
+        # helper instead of waiting for it object by object (each wake-up
+        # is slow on a busy machine). Capped by net.core.wmem_max unless
+        # we may force it.
+        for opt in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
+            if opt is None:
+                continue
+            try:
+                mine.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+                break
+            except OSError:
+                continue
         self._started = time.monotonic()
         self._ready = False
         self._pending: list[HelperResult] = []
