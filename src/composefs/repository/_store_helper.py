@@ -39,6 +39,8 @@ _START_TIMEOUT = 30.0
 _POLL_EVERY = 8
 _REPLY_BATCH = 32
 _SOCKET_BUFFER = 4 << 20
+_SEND_BATCH_BYTES = 256 << 10
+_SEND_BATCH_COUNT = 32
 
 _SCRIPT = """
 import sys, json
@@ -194,6 +196,9 @@ class StoreHelper:
         self._buf = bytearray()
         self._sent_since_poll = 0
         self._error: BaseException | None = None
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._eof = False
 
     def _check_ready(self) -> None:
         if self._ready:
@@ -231,33 +236,43 @@ class StoreHelper:
         return True
 
     def submit(self, data: bytes) -> HelperResult:
+        """Send an object (small ones are batched: see `flush`)."""
         self._check_ready()
         fut = HelperResult(self)
         self._pending.append(fut)
         self._sent_since_poll += 1
+        self._out.append(_LEN.pack(len(data)))
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes >= _SEND_BATCH_BYTES or len(self._out) >= 2 * _SEND_BATCH_COUNT:
+            self.flush()
+        return fut
+
+    def flush(self) -> None:
+        """Send the batched requests: one syscall for many small objects
+        (each send may wake the helper, which costs more than the copy)."""
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        self._out_bytes = 0
         try:
-            # one syscall for header and data (a blocking stream socket
-            # sends it all unless a signal cuts it short)
-            sent = self.sock.sendmsg([_LEN.pack(len(data)), data])
-            if sent < _LEN.size:
-                self.sock.sendall(_LEN.pack(len(data))[sent:])
-                sent = _LEN.size
-            if sent < _LEN.size + len(data):
-                self.sock.sendall(memoryview(data)[sent - _LEN.size :])
+            # a blocking stream socket sends it all unless a signal cuts it short
+            sent = self.sock.sendmsg(out)
+            total = sum(map(len, out))
+            if sent < total:
+                self.sock.sendall(b"".join(out)[sent:])
         except OSError:
             raise self._failure() from None
-        return fut
 
     def _failure(self) -> BaseException:
         """Why the helper went away: the error it reported, if any (read
         to the end of its replies), else "died"."""
-        try:
-            while True:
-                while self._parse():
-                    pass
-                self._recv(block=True)
-        except RepositoryError:
-            pass
+        while True:
+            while self._parse():
+                pass
+            if not self._recv(block=True):
+                break
         return self._error or self._died()
 
     def _parse(self) -> bool:
@@ -301,14 +316,19 @@ class StoreHelper:
         return True
 
     def _recv(self, block: bool) -> bool:
+        """Read replies; False when none are there (or the helper is gone:
+        `_eof`; the replies it sent before are still answered)."""
+        if self._eof:
+            return False
         try:
             data = self.sock.recv(1 << 16, 0 if block else socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
         except OSError:
-            raise self._died() from None
+            data = b""
         if not data:
-            raise self._died()
+            self._eof = True
+            return False
         self._buf += data
         return True
 
@@ -330,8 +350,10 @@ class StoreHelper:
         """Wait for (at least) the next reply."""
         if self._parse():
             return
+        self.flush()
         while True:
-            self._recv(block=True)
+            if not self._recv(block=True):
+                raise self._died()  # (a reply it sent before is answered first)
             if self._parse():
                 return
 
