@@ -1019,6 +1019,68 @@ def test_failed_pull_removes_the_failed_layers_objects(tmp_path: Path) -> None:
     assert objects == [], objects
 
 
+def _helpers_of(repo: Path) -> list[int]:
+    """Pids of object store helpers still working on `repo`."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = (Path("/proc") / pid / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(repo).encode() in cmdline and any(b"_store_helper" in a for a in cmdline):
+            found.append(int(pid))
+    return found
+
+
+def test_kill9_during_big_layer_pull(tmp_path: Path) -> None:
+    """kill -9 of `cfsctl oci pull` while a layer big enough for the object
+    store helper process is imported: the helper dies with it, fsck is
+    clean, and the pull then succeeds."""
+    import signal
+
+    files = {f"usr/d{i % 7}/f{i:04}": os.urandom(200 + (i * 37) % 9000) for i in range(1500)}
+    layout = tmp_path / "layout"
+    L.write_oci_layout(layout, [L.ImageSpec([L.tar_layer([L.file(n, d) for n, d in files.items()])])])
+    repo = tmp_path / "repo"
+    Repository.init(repo, insecure=True)[0].close()
+    cfs = str(Path(sys.executable).parent / "cfsctl")
+    pull = [cfs, "--repo", str(repo), "oci", "pull", f"oci:{layout}:latest", "img"]
+    killed = 0
+    for threshold in (100, 700, 1300):
+        p = subprocess.Popen(pull, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        objects = repo / "objects"
+        while p.poll() is None and time.monotonic() < deadline:
+            if objects.is_dir() and sum(len(os.listdir(d)) for d in objects.iterdir()) >= threshold:
+                break
+            time.sleep(0.002)
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            killed += 1
+        p.wait()
+        for _ in range(200):
+            if not _helpers_of(repo):
+                break
+            time.sleep(0.01)
+        assert _helpers_of(repo) == []
+        fsck = subprocess.run([cfs, "--repo", str(repo), "fsck"], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout
+    assert killed >= 2
+    subprocess.run(pull, check=True, stdout=subprocess.DEVNULL)
+    r = Repository.open(repo)
+    try:
+        assert not r.fsck().errors
+        stored = {m.entry.path.decode(): m for m in storage.layer_members(r, L.sha256(
+            L.tar_layer([L.file(n, d) for n, d in files.items()])))}  # fmt: skip
+        for name, data in files.items():
+            m = stored[name]
+            assert m.external is None or r.read_object(m.external) == data
+    finally:
+        r.close()
+
+
 @pytest.mark.parametrize(
     ("extra", "words"),
     [

@@ -204,25 +204,71 @@ def _decompress_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
-class _LayerSink:
-    """Feeds `split_tar` output into a repository splitstream writer."""
+# Members kept from an import for the image build (so the layer is not
+# read back and parsed again); a layer with more entries is read back
+# instead, which keeps memory bounded whatever it holds.
+MAX_KEPT_MEMBERS = 200_000
 
-    def __init__(self, writer: Any, stats: ImportStats, repo: Repository) -> None:
+
+class _LayerSink:
+    """Feeds `split_tar` output into a repository splitstream writer; with
+    `members`, also records the layer's entries as `read_members` would
+    give them back (external ids are filled in by `fill_external`)."""
+
+    def __init__(
+        self,
+        writer: Any,
+        stats: ImportStats,
+        repo: Repository,
+        members: list[_tar.TarMember] | None = None,
+    ) -> None:
         self.writer = writer
         self.stats = stats
         self.repo = repo
+        self.members = members
+        self._content_of: _tar.TarMember | None = None
+        self._externals: list[_tar.TarMember] = []
 
     def inline(self, data: bytes | bytearray | memoryview) -> None:
+        member = self._content_of
+        if member is not None:
+            # split_tar passes an inline entry's padded content right after it
+            self._content_of = None
+            member.data = bytes(data[: member.entry.size])
         self.writer.write_inline(data)
 
     def entry(self, entry: _tar.TarEntry) -> None:
         # file content kept in the stream (undone below when it goes external)
         if entry.kind == _tar.REG:
             self.stats.bytes_inlined += entry.size
+        members = self.members
+        if members is None:
+            return
+        if len(members) >= MAX_KEPT_MEMBERS:
+            self.members = None
+            self._externals = []
+            return
+        member = _tar.TarMember(entry)
+        members.append(member)
+        if entry.kind == _tar.REG:
+            if entry.size == 0:
+                member.data = b""
+            elif entry.size <= _tar.INLINE_MAX:
+                self._content_of = member
 
     def external(self, entry: _tar.TarEntry, content: _tar.ContentReader) -> None:
         self.stats.bytes_inlined -= entry.size
+        if self.members is not None:
+            self._externals.append(self.members[-1])
         self.writer.queue_external_stream(content, entry.size)
+
+    def fill_external(self, refs: list[str]) -> list[_tar.TarMember] | None:
+        """The recorded members, given the stream's references in order."""
+        if self.members is None or len(refs) != len(self._externals):
+            return None
+        for member, object_id in zip(self._externals, refs, strict=True):
+            member.external = object_id
+        return self.members
 
 
 def import_layer(
@@ -234,6 +280,8 @@ def import_layer(
     name: str | None = None,
     verify: bool = True,
     discard: bool = True,
+    members: list[_tar.TarMember] | None = None,
+    on_stored: Callable[[str], None] | None = None,
 ) -> tuple[str, ImportStats]:
     """Import one layer tar (compressed as given) as ``oci-layer-<diff_id>``.
 
@@ -246,6 +294,12 @@ def import_layer(
     (`Repository.discard_unreferenced`); with `discard` False (imports
     running in parallel) they ride on the exception as
     ``cfs_failed_objects`` for the caller to discard once all are done.
+
+    With `members` (an empty list), the layer's entries are added to it as
+    `stored.layer_members` would read them back, unless there are more
+    than `MAX_KEPT_MEMBERS` (or the layer was already present): then it
+    stays empty. `on_stored(stream id)` runs once everything is stored,
+    before the (syncing) naming of the stream.
     """
     alg, _ = parse_digest(diff_id)
     content_id = layer_stream(diff_id)
@@ -257,11 +311,14 @@ def import_layer(
         stats.layers_already_present = 1
         return existing, stats
     writer = repo.create_stream(CONTENT_OCI_LAYER)
+    if members is not None:
+        writer.reference_log = []
+    sink = _LayerSink(writer, stats, repo, [] if members is not None else None)
     try:
         decompressed = _decompressor(source, compression)
         try:
             tar_in = _HashingReader(decompressed, alg if verify else None)
-            _tar.split_tar(tar_in, _LayerSink(writer, stats, repo))
+            _tar.split_tar(tar_in, sink)
             tar_in.drain()
             # Whatever follows the compressed data must be read too (the
             # caller may verify the blob digest at its end).
@@ -281,7 +338,13 @@ def import_layer(
         stats.objects_already_present = writer.objects_present
         stats.bytes_copied = writer.bytes_new
         stats.layers = 1
-        verity = repo.write_stream(writer, content_id, name)
+        verity = repo.store_stream(writer)
+        if members is not None:
+            assert writer.reference_log is not None
+            members.extend(sink.fill_external(writer.reference_log) or ())
+        if on_stored is not None:
+            on_stored(verity)
+        repo.register_stream(verity, content_id, name)
     except BaseException as e:
         candidates = writer.object_refs
         writer.close()
@@ -390,6 +453,60 @@ def _run_parallel(jobs: Sequence[Callable[[], Any]], workers: int) -> list[Any]:
         return [f.result() for f in futures]
 
 
+class _Prebuild:
+    """Builds the image of the layers in a thread, started once every
+    layer is stored (`stored`, called by each of the `count` jobs)."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        diff_ids: list[str],
+        members: dict[str, list[_tar.TarMember]],
+        count: int,
+    ) -> None:
+        self.repo = repo
+        self.diff_ids = diff_ids
+        self.members = members
+        self.remaining = count
+        self.refs: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.images: dict[int, bytes] = {}
+        self.error: BaseException | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.thread is not None
+
+    def stored(self, diff_id: str, verity: str) -> None:
+        with self.lock:
+            self.refs[diff_id] = verity
+            self.remaining -= 1
+            if self.remaining:
+                return
+        self.thread = threading.Thread(target=self._build, name="oci-image-build", daemon=True)
+        self.thread.start()
+
+    def _build(self) -> None:
+        from ..erofs.format import FormatVersion
+        from ..erofs.writer import mkfs
+
+        try:
+            kept = {d: m for d, m in self.members.items() if m}
+            root = build_tree(self.repo, self.diff_ids, self.refs, members=kept)
+            for version in self.repo.format_config().versions():
+                self.images[version] = mkfs(root, FormatVersion(version))
+        except BaseException as e:
+            self.error = e
+
+    def result(self) -> dict[int, bytes]:
+        assert self.thread is not None
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.images
+
+
 def _fetch_small(source: ImageSource, desc: Descriptor, what: str) -> bytes:
     if desc.size > MAX_JSON_SIZE:
         raise OciError(f"{what} {desc.digest} is too large ({desc.size} bytes)")
@@ -410,10 +527,14 @@ def _fetch_layer(
     diff_id: str,
     container: bool,
     progress: ProgressCallback | None,
+    members: list[_tar.TarMember] | None = None,
+    on_stored: Callable[[str, str], None] | None = None,
 ) -> tuple[str, ImportStats]:
     existing = repo.has_stream(layer_stream(diff_id))
     if existing is not None:
         _report(progress, ProgressEvent("skipped", diff_id))
+        if on_stored is not None:
+            on_stored(diff_id, existing)
         return existing, ImportStats(layers_already_present=1)
     _report(progress, ProgressEvent("started", diff_id, total=desc.size))
     lock = threading.Lock()
@@ -438,8 +559,9 @@ def _fetch_layer(
             if compression is None:
                 raise OciError(f"unsupported layer media type {desc.media_type!r}")
             verity, stats = import_layer(
-                repo, diff_id, blob, compression=compression, discard=False
-            )
+                repo, diff_id, blob, compression=compression, discard=False, members=members,
+                on_stored=functools.partial(on_stored, diff_id) if on_stored else None,
+            )  # fmt: skip
         else:
             verity, stats = _store_blob_stream(repo, desc.digest, blob)
     _report(progress, ProgressEvent("done", diff_id, total=desc.size, fetched=blob.count))
@@ -499,6 +621,8 @@ def pull_from_source(
     workers = int(getattr(source, "max_workers", 1) or 1)
     seen: set[str] = set()
     jobs = []
+    # The entries of the layers imported now, for the image build.
+    kept_members: dict[str, list[_tar.TarMember]] = {}
     for i in order:
         if diff_ids[i] in seen:
             continue
@@ -506,9 +630,18 @@ def pull_from_source(
         desc = manifest.layers[i]
         if container and not is_tar_layer(desc.media_type):
             raise OciError(f"unsupported layer media type {desc.media_type!r}")
+        members = kept_members.setdefault(diff_ids[i], []) if container else None
         jobs.append(
-            functools.partial(_fetch_layer, repo, source, desc, diff_ids[i], container, progress)
+            functools.partial(
+                _fetch_layer, repo, source, desc, diff_ids[i], container, progress, members
+            )
         )
+    prebuild: _Prebuild | None = None
+    if container and repo.has_stream(config_stream(manifest.config.digest)) is None:
+        # A new image: its EROFS images are built (CPU) while the last
+        # layer's objects are synced to disk (IO).
+        prebuild = _Prebuild(repo, diff_ids, kept_members, len(jobs))
+        jobs = [functools.partial(j, on_stored=prebuild.stored) for j in jobs]
     stats = ImportStats()
     layer_refs: dict[str, str] = {}
     try:
@@ -529,9 +662,17 @@ def pull_from_source(
         kept = _kept_image_refs(repo, config_digest, layer_refs)
         config_named.update(kept)
         image_ids = _existing_images(repo, kept)
+        if not image_ids and prebuild is not None and prebuild.started:
+            _report(progress, ProgressEvent("message", message="Building composefs image"))
+            images = prebuild.result()
+            kept_members.clear()
+            image_ids = {v: repo.write_image(data) for v, data in images.items()}
         if not image_ids:
             _report(progress, ProgressEvent("message", message="Building composefs image"))
-            root = build_tree(repo, diff_ids, layer_refs)
+            root = build_tree(
+                repo, diff_ids, layer_refs, members={d: m for d, m in kept_members.items() if m}
+            )
+            kept_members.clear()  # the tree holds what is needed now
             image_ids = commit_image_refs(repo, root)
         for version, image_id in image_ids.items():
             config_named[IMAGE_REF_KEYS[version]] = image_id

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
@@ -514,9 +514,17 @@ def _verified_members(repo: Repository, diff_id: str, verity: str) -> Iterator[_
 
 
 def build_tree(
-    repo: Repository, diff_ids: list[str], layer_refs: dict[str, str], *, verify: bool = False
+    repo: Repository,
+    diff_ids: list[str],
+    layer_refs: dict[str, str],
+    *,
+    verify: bool = False,
+    members: Mapping[str, Iterable[_tar.TarMember]] | None = None,
 ) -> Directory:
-    """The merged, OCI-transformed filesystem of the layers (lowest first)."""
+    """The merged, OCI-transformed filesystem of the layers (lowest first).
+
+    `members` may give a layer's entries instead of reading its stream (a
+    pull keeps them from the import it just did)."""
     from .layers import LayerMerger
 
     merger = LayerMerger()
@@ -524,12 +532,16 @@ def build_tree(
         verity = layer_refs.get(diff_id)
         if verity is None:
             raise OciError(f"config has no reference to layer {diff_id}")
-        members = (
+        kept = members.get(diff_id) if members is not None and not verify else None
+        if kept is not None:
+            merger.add_layer(kept)
+            continue
+        layer = (
             _verified_members(repo, diff_id, verity)
             if verify
             else layer_members(repo, diff_id, verity)
         )
-        merger.add_layer(members)
+        merger.add_layer(layer)
     return merger.finish()
 
 

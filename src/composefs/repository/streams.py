@@ -20,15 +20,27 @@ from .. import fsverity
 from ..errors import NotFoundError, RepositoryError
 from ..splitstream import _SPOOL_MEM_MAX, SplitStreamReader, SplitStreamWriter, Writable
 from ._fs import _check_relpath, _exists, _is_hex_id, _read_exactly
+from ._store_helper import HelperResult, HelperUnavailable, StoreHelper
 from .objects import _SMALL_OBJECT, FdWriter, ObjectStore, TmpObject
 
 T = TypeVar("T")
+# An object being stored: in the writer's thread or by its helper process.
+_Pending = Future[tuple[str, bool]] | HelperResult
 
 
 # Objects queued for the background store: at most this many bytes (and
 # entries) in flight, so memory stays bounded whatever the layer holds.
 _QUEUE_BYTES = 4 << 20
 _QUEUE_ENTRIES = 64
+# With a helper process the objects in flight are its (and the socket's),
+# not ours, and its replies come in batches: a longer queue keeps it busy.
+_HELPER_QUEUE_BYTES = 16 << 20
+_HELPER_QUEUE_ENTRIES = 512
+# After this many small objects (or bytes) a writer starts a helper process
+# (`_store_helper`) and moves its object stores there once it runs: worth
+# its start-up cost (~0.07 s of CPU, in parallel) only for big layers.
+_HELPER_AFTER_OBJECTS = 256
+_HELPER_AFTER_BYTES = 4 << 20
 
 
 class RepoStreamWriter(SplitStreamWriter):
@@ -54,16 +66,22 @@ class RepoStreamWriter(SplitStreamWriter):
         self.repo = repo
         # Stream records waiting for an object ahead of them: (future object
         # id, None, size) for a reference, (None, data, size) for inline data.
-        self._queue: deque[tuple[Future[tuple[str, bool]] | None, bytes | None, int]] = (
-            deque()
-        )
+        self._queue: deque[tuple[_Pending | None, bytes | None, int]] = deque()
         self._queued_bytes = 0
         self._pool: ThreadPoolExecutor | None = None
+        self._helper: StoreHelper | None = None
+        self._starting: StoreHelper | None = None
+        self._helper_failed = False
+        self._small_objects = 0
+        self._small_bytes = 0
         # What the external writes stored: new objects (and their bytes)
         # and objects that were already present (see the properties).
         self._objects_new = 0
         self._objects_present = 0
         self._bytes_new = 0
+        # With a list here, every reference appended to the stream is
+        # recorded in stream order (an import keeps its members this way).
+        self.reference_log: list[str] | None = None
 
     def _count(self, new: bool, size: int) -> None:
         if new:
@@ -113,17 +131,54 @@ class RepoStreamWriter(SplitStreamWriter):
             self.write_external_stream(source, size)
             return
         data = _read_exactly(source, size)
-        if self._pool is None:
-            # Lazily opened state, set up here rather than raced for.
-            self.repo.objects_fd()
-            self.repo.ensure_writable_once()
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="object-store")
-        fut = self._pool.submit(self.repo.store_bytes_counted, data, check_writable=False)
+        self._small_objects += 1
+        self._small_bytes += size
+        fut: _Pending
+        helper = self._usable_helper()
+        if helper is not None:
+            fut = helper.submit(data)
+        if helper is None:
+            if self._pool is None:
+                # Lazily opened state, set up here rather than raced for.
+                self.repo.objects_fd()
+                self.repo.ensure_writable_once()
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="object-store")
+            fut = self._pool.submit(self.repo.store_bytes_counted, data, check_writable=False)
         self.total_size += size
         self.external_size += size
         self._queue.append((fut, None, size))
         self._queued_bytes += size
         self._apply_queue(block=True)
+
+    def _usable_helper(self) -> StoreHelper | None:
+        """The helper once it runs. It is started (in the background: the
+        thread stores meanwhile) after `_HELPER_AFTER_OBJECTS` objects or
+        `_HELPER_AFTER_BYTES`; one that does not start is not an error."""
+        if self._helper is not None or self._helper_failed:
+            return self._helper
+        if self._starting is None:
+            if (
+                self._small_objects < _HELPER_AFTER_OBJECTS
+                and self._small_bytes < _HELPER_AFTER_BYTES
+            ):
+                return None
+            self.repo.objects_fd()
+            self.repo.ensure_writable_once()
+            try:
+                self._starting = StoreHelper(self.repo)
+            except (OSError, HelperUnavailable):
+                self._helper_failed = True
+                return None
+        try:
+            if not self._starting.ready():
+                return None
+        except HelperUnavailable:
+            self._starting.close()
+            self._starting = None
+            self._helper_failed = True
+            return None
+        self._helper, self._starting = self._starting, None
+        return self._helper
 
     def write_inline(self, data: bytes | bytearray | memoryview) -> None:
         if not self._queue:
@@ -141,6 +196,11 @@ class RepoStreamWriter(SplitStreamWriter):
         self._apply_queue(block=True, everything=True)
         super().write_reference(object_id, size)
 
+    def _append_reference(self, object_id: str) -> None:
+        if self.reference_log is not None:
+            self.reference_log.append(object_id)
+        super()._append_reference(object_id)
+
     def _apply_queue(self, *, block: bool, everything: bool = False) -> None:
         """Write the queued records whose objects are stored, in order;
         with `block`, wait while the queue is over its bounds (or, with
@@ -149,7 +209,13 @@ class RepoStreamWriter(SplitStreamWriter):
         while queue:
             fut, data, nbytes = queue[0]
             if fut is not None and not fut.done():
-                over = self._queued_bytes > _QUEUE_BYTES or len(queue) > _QUEUE_ENTRIES
+                if self._helper is None:
+                    over = self._queued_bytes > _QUEUE_BYTES or len(queue) > _QUEUE_ENTRIES
+                else:
+                    over = (
+                        self._queued_bytes > _HELPER_QUEUE_BYTES
+                        or len(queue) > _HELPER_QUEUE_ENTRIES
+                    )
                 if not (block and (everything or over)):
                     return
             queue.popleft()
@@ -198,6 +264,10 @@ class RepoStreamWriter(SplitStreamWriter):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        for helper in (self._helper, self._starting):
+            if helper is not None:
+                helper.close()
+        self._helper = self._starting = None
 
     def write_external_file(self, path_or_fd: str | os.PathLike[str] | int) -> str:
         """Store a file's content (reflinked when possible) and reference it."""
@@ -252,12 +322,21 @@ class StreamStore:
         self._check_content_id(content_id)
         if not self.objects.has_object(object_id):
             raise NotFoundError(f"object {object_id} not found")
-        self.objects.sync()
-        self.objects.symlink(
-            f"streams/{content_id}", f"objects/{self.objects.object_relpath(object_id)}"
-        )
+        if self._named_id(content_id) != object_id:
+            # (Already named so: it was made durable before, no sync needed;
+            # a re-pull rewrites its config and manifest streams unchanged.)
+            self.objects.sync()
+            self.objects.symlink(
+                f"streams/{content_id}", f"objects/{self.objects.object_relpath(object_id)}"
+            )
         if reference is not None:
             self.name_stream(content_id, reference)
+
+    def _named_id(self, content_id: str) -> str | None:
+        try:
+            return self.objects.readlink_id(f"streams/{content_id}")
+        except RepositoryError:
+            return None  # not a symlink: replaced when it is named
 
     def write_stream(
         self, writer: SplitStreamWriter, content_id: str, reference: str | None = None
