@@ -64,6 +64,7 @@ image reproduces it byte for byte.
 from __future__ import annotations
 
 import functools
+import operator
 import re
 import struct
 from collections.abc import Collection
@@ -140,6 +141,7 @@ _KERNEL_PREFIXES = (
     b"system.posix_acl_default",
 )
 _REFS = [struct.Struct(f"<{n}I") for n in range(256)]
+_lt = operator.lt
 _HEX2 = frozenset(f"{i:02x}".encode() for i in range(256))
 
 
@@ -542,23 +544,34 @@ class _Reader:
             raise _err(f"directory {ino.nid} is empty (no . and ..)")
         start, count = self.blocks(ino)
         self.charge(ino.size)
-        out: list[tuple[bytes, int, int]] = []
+        names: list[bytes] = []
+        nids: list[int] = []
+        types: list[int] = []
         remaining = ino.size
+        block = self._dirent_block
         for i in range(count):
-            off = (start + i) * _BLK
-            length = min(_BLK, remaining)
-            self._dirent_block(off, length, ino.nid, out)
+            length = _BLK if remaining > _BLK else remaining
+            block((start + i) * _BLK, length, ino.nid, names, nids, types)
             remaining -= length
         if remaining:
-            self._dirent_block(ino.inline_start, remaining, ino.nid, out)
-        for i in range(1, len(out)):
-            if out[i - 1][0] >= out[i][0]:
-                raise _err(f"directory {ino.nid}: entries not sorted or duplicated")
-        return out
+            block(ino.inline_start, remaining, ino.nid, names, nids, types)
+        # Strictly increasing names (sorted and unique), compared in C.
+        if len(names) > 1 and not all(map(_lt, names, names[1:])):
+            raise _err(f"directory {ino.nid}: entries not sorted or duplicated")
+        return list(zip(names, nids, types))
 
     def _dirent_block(
-        self, off: int, length: int, nid: int, out: list[tuple[bytes, int, int]]
+        self,
+        off: int,
+        length: int,
+        nid: int,
+        names: list[bytes],
+        nids: list[int],
+        types: list[int],
     ) -> None:
+        # Hot (once per directory block): the block's checks run in bulk
+        # (C-level map/all/find over the whole table and name area); only a
+        # block that fails one is walked entry by entry, for its message.
         data = self.data
         if length < fmt.DIRENT_SIZE:
             raise _err(f"directory {nid}: truncated dirent block")
@@ -568,6 +581,43 @@ class _Reader:
         count = first_nameoff // fmt.DIRENT_SIZE
         # One unpack for the block's whole dirent table.
         flat = _dirent_table(count).unpack_from(data, off)
+        offs = flat[1::3]
+        last = offs[-1]
+        if (count == 1 or all(map(_lt, offs, offs[1:]))) and last < length:
+            # Names but the last are back to back between the first and the
+            # last name offsets: one search each for "/" and NUL covers them.
+            base = off + first_nameoff
+            head = data[base : off + last]
+            tail = data[off + last : off + length].split(b"\0", 1)[0]
+            if (
+                tail
+                and b"\0" not in head
+                and b"/" not in head
+                and b"/" not in tail
+                and len(tail) <= NAME_MAX
+            ):
+                block_names = [data[off + a : off + b] for a, b in zip(offs, offs[1:])]
+                block_names.append(tail)
+                if count == 1 or max(map(len, block_names)) <= NAME_MAX:
+                    names += block_names
+                    nids += flat[0::3]
+                    types += flat[2::3]
+                    return
+        self._dirent_block_slow(off, length, nid, flat, count, names, nids, types)
+
+    def _dirent_block_slow(
+        self,
+        off: int,
+        length: int,
+        nid: int,
+        flat: tuple[int, ...],
+        count: int,
+        names: list[bytes],
+        nids: list[int],
+        types: list[int],
+    ) -> None:
+        """The block entry by entry (it raises the first problem found)."""
+        data = self.data
         ents = [flat[i : i + 3] for i in range(0, 3 * count, 3)]
         for i, (child, nameoff, ftype) in enumerate(ents):
             if i + 1 < count:
@@ -584,7 +634,9 @@ class _Reader:
                     raise _err(f"directory {nid}: empty name")
             if len(name) > NAME_MAX or b"/" in name or b"\0" in name:
                 raise _err(f"directory {nid}: invalid name {name!r}")
-            out.append((name, child, ftype))
+            names.append(name)
+            nids.append(child)
+            types.append(ftype)
 
 
 @functools.cache
