@@ -18,17 +18,27 @@ no partial dump.
 from __future__ import annotations
 
 import struct
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from .. import limits
 from ..dumpfile import _NEEDS_ESC, _escape_optional, escape
+from ..errors import ImageError
 from ..tree import no_gc
 from . import format as fmt
 from .reader import (
     _BLK,
+    _CHECKED_CHUNKS,
+    _FIRST_NID,
     _HEX2,
+    _KERNEL_PREFIXES,
+    _MAX_EXTERNAL_SIZE,
+    _NULL_CHUNKS,
+    _OVERLAY_PREFIXES,
+    _REFS,
     _err,
+    _filter_bit,
     _Inode,
+    _metacopy_digest,
     _Reader,
     _Xattrs,
     external_parts,
@@ -81,7 +91,7 @@ class _Frame:
 
 
 class _Dumper:
-    def __init__(self, data: bytes, toplevel: Collection[bytes] | None) -> None:
+    def __init__(self, data: bytes, toplevel: Collection[bytes] | None, fast: bool = True) -> None:
         self.r = _Reader(data, keep_opaque_markers=True, inline_data=True)
         self.keep = None if toplevel is None else frozenset(toplevel)
         # nid -> (dirent type, _LEAF_LINE values after the path) of every
@@ -93,6 +103,9 @@ class _Dumper:
         self.dirs_seen: set[int] = set()
         # (name, value) -> its escaped " name=value" field: labels repeat.
         self.xattr_fields: dict[tuple[bytes, bytes], bytes] = {}
+        # The fused leaf reader (see _fast_leaf_reader); without it every
+        # inode takes the general path (the tests compare both).
+        self.fast = _fast_leaf_reader(self) if fast else None
 
     def _xattrs(self, user: dict[bytes, bytes]) -> bytes:
         if not user:
@@ -103,9 +116,7 @@ class _Dumper:
             f = cache.get(item)
             if f is None:
                 k, v = item
-                f = cache[item] = (
-                    b" " + escape(k, escape_equal=True) + b"=" + escape(v, escape_equal=True)
-                )
+                f = cache[item] = _xattr_field(k, v)
             parts.append(f)
         return b"".join(parts)
 
@@ -141,6 +152,7 @@ class _Dumper:
         epoch1 = r.epoch1
         root_subdirs = 0
         needs_esc = _NEEDS_ESC.search
+        fast = self.fast
         stack = [_Frame(r.dirents(root_ino), root_ino, root_nid, 0, b"/", True)]
         _check_dots(stack[-1])
         while stack:
@@ -185,6 +197,19 @@ class _Dumper:
                         if total > limit:
                             return None
                     continue
+                if fast is not None and ftype != _FT_DIR:
+                    fvals = fast(child_nid, ftype)
+                    if fvals is not None:
+                        leaves[child_nid] = (ftype, fvals)
+                        if show:
+                            epath = prefix + (name if needs_esc(name) is None else escape(name))
+                            printed[child_nid] = epath
+                            line = _LEAF_LINE % ((epath, *fvals))
+                            out.append(line)
+                            total += len(line)
+                            if total > limit:
+                                return None
+                        continue
                 child = r.inode(child_nid)
                 ctype = child.mode & _S_IFMT
                 if ftype != _MODE_TO_FT[ctype]:
@@ -327,6 +352,280 @@ class _Dumper:
                 return digest, f"{digest[:2]}/{digest[2:]}".encode()
             return digest, None
         return digest, payload
+
+
+_FastLeaf = Callable[[int, int], "_LeafValues | None"]
+_SharedXattr = tuple[bytes, int, int, bytes, bytes]  # name, filter bit, kind, value, field
+_X_USER, _X_METACOPY, _X_REDIRECT, _X_OTHER = range(4)
+_EXT_UNPACK = fmt.EXTENDED_INODE.unpack_from
+_COMPACT_UNPACK = fmt.COMPACT_INODE.unpack_from
+_IBODY_UNPACK = fmt.XATTR_IBODY_HEADER.unpack_from
+_INLINE_MAX = limits.INLINE_CONTENT_MAX
+_ENTRY_UNPACK = fmt.XATTR_ENTRY.unpack_from
+_N_PREFIXES = len(fmt.XATTR_PREFIXES)
+
+
+def _xattr_field(name: bytes, value: bytes) -> bytes:
+    """The escaped " name=value" field of a dump line."""
+    return b" " + escape(name, escape_equal=True) + b"=" + escape(value, escape_equal=True)
+
+
+_SYMLINK_MAX = limits.SYMLINK_MAX
+
+
+def _fast_leaf_reader(d: _Dumper) -> _FastLeaf:
+    """The _LEAF_LINE values of a regular file or symlink in the common
+    shapes, unpacked and checked in one go (no _Inode/_Xattrs objects), or
+    None: then the caller takes the general path (r.inode, _Dumper._leaf),
+    which reads the inode again and raises the reader's own error if the
+    inode is bad, or handles the rarer shape.
+
+    None is given for anything the general path would refuse (the same
+    checks, in any order) and for what this does not handle: whiteouts,
+    devices, fifos, sockets, directories, inline xattr entries, overlay
+    xattrs other than metacopy/redirect, empty external files. Nothing is
+    changed before a value is returned (the work bound is charged last,
+    with what the general path charges), so the fallback starts afresh.
+    """
+    r = d.r
+    data = r.data
+    n = r.n
+    max_nid = (n - fmt.COMPACT_INODE_SIZE) // fmt.INODE_SLOT_SIZE
+    epoch1 = r.epoch1
+    use_filter = r.filter
+    build_time = r.info.build_time
+    build_nsec = r.info.build_time_nsec
+    xattr_fields = d.xattr_fields
+    # shared xattr reference -> _SharedXattr (valid entries only)
+    shared: dict[int, _SharedXattr] = {}
+    # metacopy value -> digest field (valid values only)
+    digests: dict[bytes, bytes] = {}
+    needs_esc = _NEEDS_ESC.search
+
+    # per prefix index: name suffix -> (name, filter bit, kind), valid names only
+    by_prefix: list[dict[bytes, tuple[bytes, int, int]]] = [{} for _ in range(_N_PREFIXES)]
+
+    def xattr_name(index: int, suffix: bytes) -> tuple[bytes, int, int] | None:
+        # reader._Reader._entry's name checks; xattrs()'s classification
+        name = fmt.XATTR_PREFIXES[index] + suffix
+        if not name or b"\0" in name or (index == 0 and name.startswith(_KERNEL_PREFIXES)):
+            return None
+        bit = 1 << _filter_bit(index, suffix) if use_filter else 0
+        if not name.startswith(_OVERLAY_PREFIXES):
+            kind = _X_USER
+        elif name == fmt.XATTR_OVERLAY_METACOPY:
+            kind = _X_METACOPY
+        elif name == fmt.XATTR_OVERLAY_REDIRECT:
+            kind = _X_REDIRECT
+        else:
+            kind = _X_OTHER
+        got = by_prefix[index][suffix] = (name, bit, kind)
+        return got
+
+    def shared_xattr(ref: int) -> _SharedXattr | None:
+        try:
+            index, suffix, name, value = r._shared_entry(ref)
+        except ImageError:
+            return None
+        known = by_prefix[index].get(suffix) or xattr_name(index, suffix)
+        if known is None:  # pragma: no cover - _shared_entry checked the name
+            return None
+        _, bit, kind = known
+        field = _xattr_field(name, value) if kind == _X_USER else b""
+        got = shared[ref] = (name, bit, kind, value, field)
+        return got
+
+    def metacopy_digest(metacopy: bytes) -> bytes | None:
+        """The digest field of a metacopy value, or None if it is invalid."""
+        try:
+            digest = _metacopy_digest(0, metacopy)
+        except ImageError:
+            return None
+        got = digests[metacopy] = digest.encode() if digest else b"-"
+        return got
+
+    def leaf(nid: int, ftype: int) -> _LeafValues | None:
+        if nid < _FIRST_NID or nid > max_nid:
+            return None
+        pos = nid * fmt.INODE_SLOT_SIZE
+        if data[pos] & 1:
+            if pos + fmt.EXTENDED_INODE_SIZE > n:
+                return None
+            (f, icount, mode, _, size, u, _, uid, gid, mtime, nsec, nlink) = _EXT_UNPACK(data, pos)
+            if nsec >= 1_000_000_000:
+                return None
+            if mtime >= 1 << 63:
+                mtime -= 1 << 64
+            start = pos + fmt.EXTENDED_INODE_SIZE
+        else:
+            (f, icount, mode, nlink, size, _, u, _, uid, gid) = _COMPACT_UNPACK(data, pos)
+            mtime = build_time
+            nsec = build_nsec
+            start = pos + fmt.COMPACT_INODE_SIZE
+        t = mode & _S_IFMT
+        if f > 0xF or ftype != (1 if t == _S_IFREG else 7 if t == _S_IFLNK else -1):
+            return None  # unknown format bits; a dirent type mismatch; other types
+        layout = f & fmt.DATALAYOUT_MASK
+        if icount:
+            if icount == 1:
+                return None
+            inline_start = start + 8 + 4 * icount  # the header, 4 * (icount - 1)
+        else:
+            inline_start = start
+        if layout == _FLAT_INLINE:
+            tail = size % _BLK
+            inline_end = inline_start + tail
+            if tail and (inline_start % _BLK) + tail > _BLK:
+                return None
+        elif layout == _FLAT_PLAIN or layout == _CHUNK_BASED:
+            inline_end = inline_start
+        else:
+            return None
+        if inline_end > n:
+            return None
+        charge = inline_start - start
+        user = b""
+        metacopy = redirect = None
+        if icount:
+            # reader._Reader._xattr_dict and .xattrs: inline entries, then
+            # shared ones; unique names, each admitted by the bloom filter.
+            name_filter, count = _IBODY_UNPACK(data, start)
+            p = start + 12 + 4 * count
+            if p > inline_start:
+                return None
+            names = []
+            while p < inline_start:
+                if p + 4 > inline_start:
+                    return None
+                name_len, index, value_size = _ENTRY_UNPACK(data, p)
+                body = p + 4
+                p = body + ((name_len + value_size + 3) & ~3)
+                if p > inline_start or index >= _N_PREFIXES:
+                    return None
+                suffix = data[body : body + name_len]
+                known = by_prefix[index].get(suffix)
+                if known is None:
+                    known = xattr_name(index, suffix)
+                    if known is None:
+                        return None
+                xname, bit, kind = known
+                if name_filter & bit:
+                    return None
+                names.append(xname)
+                value = data[body + name_len : body + name_len + value_size]
+                if kind == _X_USER:
+                    item = (xname, value)
+                    field = xattr_fields.get(item)
+                    if field is None:
+                        field = xattr_fields[item] = _xattr_field(xname, value)
+                    user += field
+                elif kind == _X_METACOPY:
+                    metacopy = value
+                elif kind == _X_REDIRECT:
+                    redirect = value
+                else:
+                    return None
+            if count:
+                for ref in _REFS[count].unpack_from(data, start + 12):
+                    x = shared.get(ref)
+                    if x is None:
+                        x = shared_xattr(ref)
+                        if x is None:
+                            return None
+                    xname, bit, kind, value, field = x
+                    if name_filter & bit:
+                        return None
+                    names.append(xname)
+                    if kind == _X_USER:
+                        user += field
+                    elif kind == _X_METACOPY:
+                        metacopy = value
+                    elif kind == _X_REDIRECT:
+                        redirect = value
+                    else:
+                        return None
+            if len(names) > 1 and len(set(names)) != len(names):
+                return None  # a duplicate name
+        if t == _S_IFREG and layout == _CHUNK_BASED:
+            if not size or size > _MAX_EXTERNAL_SIZE or (u & 0xFFFF) & ~0x1F:
+                return None
+            chunks = -(-size >> (fmt.BLOCK_BITS + (u & fmt.CHUNK_FORMAT_BLKBITS_MASK)))
+            if not epoch1:
+                chunks = 1
+            elif chunks > _CHECKED_CHUNKS:
+                chunks = 0
+            end = inline_start + 4 * chunks
+            if end > n or data[inline_start:end] != _NULL_CHUNKS[: 4 * chunks]:
+                return None
+            charge += 4 * chunks
+            # reader.external_parts' xattr checks, _Dumper._external's fields
+            if metacopy is None:
+                return None
+            digest = digests.get(metacopy)
+            if digest is None:
+                digest = metacopy_digest(metacopy)
+                if digest is None:
+                    return None
+            if redirect is None:
+                payload = b"-"  # with a digest: C's "payload -"; without: none
+            elif len(redirect) < 2 or redirect[:1] != b"/" or b"\0" in redirect:
+                return None
+            else:
+                # The redirect path, also when it is the one the digest gives.
+                payload = redirect[1:]
+                if payload == b"-" or needs_esc(payload) is not None:
+                    payload = _escape_optional(payload)
+            if r.budget < charge:
+                return None
+            r.budget -= charge
+            return (
+                size, t | (mode & 0o7777), nlink, uid, gid, 0, mtime, nsec,
+                payload, b"-", digest, user,
+            )  # fmt: skip
+        if metacopy is not None or redirect is not None:
+            return None
+        if t == _S_IFREG:
+            if size > _INLINE_MAX:
+                return None
+        elif (
+            layout == _CHUNK_BASED
+            or not 0 < size <= _SYMLINK_MAX
+            or (epoch1 and layout == _FLAT_INLINE and pos % _BLK + (inline_end - pos) > _BLK)
+        ):
+            return None
+        content = None
+        if size:
+            # reader._Reader.blocks and .content
+            if size > n:
+                return None
+            count = -(-size // _BLK) if layout == _FLAT_PLAIN else size // _BLK
+            if count and (u == 0 or (u + count) * _BLK > n):
+                return None
+            charge += size
+            if layout == _FLAT_PLAIN:
+                content = data[u * _BLK : u * _BLK + size]
+            elif count:
+                content = data[u * _BLK : (u + count) * _BLK] + data[inline_start:inline_end]
+            else:
+                content = data[inline_start:inline_end]
+        if r.budget < charge:
+            return None
+        if t == _S_IFREG:
+            r.budget -= charge
+            return (
+                size, t | (mode & 0o7777), nlink, uid, gid, 0, mtime, nsec,
+                b"-", _escape_optional(content), b"-", user,
+            )  # fmt: skip
+        assert content is not None
+        if b"\0" in content:
+            return None
+        r.budget -= charge
+        return (
+            size, t | (mode & 0o7777), nlink, uid, gid, 0, mtime, nsec,
+            _escape_optional(content), b"-", b"-", user,
+        )  # fmt: skip
+
+    return leaf
 
 
 def _check_dots(frame: _Frame) -> None:

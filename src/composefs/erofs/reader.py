@@ -69,6 +69,7 @@ import re
 import struct
 from collections.abc import Collection
 from dataclasses import dataclass
+from itertools import pairwise
 
 import xxhash
 
@@ -558,7 +559,7 @@ class _Reader:
         # Strictly increasing names (sorted and unique), compared in C.
         if len(names) > 1 and not all(map(_lt, names, names[1:])):
             raise _err(f"directory {ino.nid}: entries not sorted or duplicated")
-        return list(zip(names, nids, types))
+        return list(zip(names, nids, types, strict=True))
 
     def _dirent_block(
         self,
@@ -596,7 +597,7 @@ class _Reader:
                 and b"/" not in tail
                 and len(tail) <= NAME_MAX
             ):
-                block_names = [data[off + a : off + b] for a, b in zip(offs, offs[1:])]
+                block_names = [data[off + a : off + b] for a, b in pairwise(offs)]
                 block_names.append(tail)
                 if count == 1 or max(map(len, block_names)) <= NAME_MAX:
                     names += block_names
