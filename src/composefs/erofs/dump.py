@@ -447,25 +447,25 @@ def _fast_leaf_reader(d: _Dumper) -> _FastLeaf:
     def leaf(nid: int, ftype: int) -> _LeafValues | None:
         if nid < _FIRST_NID or nid > max_nid:
             return None
-        pos = nid * fmt.INODE_SLOT_SIZE
+        pos = nid * 32  # fmt.INODE_SLOT_SIZE
         if data[pos] & 1:
-            if pos + fmt.EXTENDED_INODE_SIZE > n:
+            if pos + 64 > n:  # fmt.EXTENDED_INODE_SIZE
                 return None
             (f, icount, mode, _, size, u, _, uid, gid, mtime, nsec, nlink) = _EXT_UNPACK(data, pos)
             if nsec >= 1_000_000_000:
                 return None
             if mtime >= 1 << 63:
                 mtime -= 1 << 64
-            start = pos + fmt.EXTENDED_INODE_SIZE
+            start = pos + 64
         else:
             (f, icount, mode, nlink, size, _, u, _, uid, gid) = _COMPACT_UNPACK(data, pos)
             mtime = build_time
             nsec = build_nsec
-            start = pos + fmt.COMPACT_INODE_SIZE
+            start = pos + 32
         t = mode & _S_IFMT
         if f > 0xF or ftype != (1 if t == _S_IFREG else 7 if t == _S_IFLNK else -1):
             return None  # unknown format bits; a dirent type mismatch; other types
-        layout = f & fmt.DATALAYOUT_MASK
+        layout = f & 0xE  # fmt.DATALAYOUT_MASK
         if icount:
             if icount == 1:
                 return None
@@ -493,7 +493,9 @@ def _fast_leaf_reader(d: _Dumper) -> _FastLeaf:
             p = start + 12 + 4 * count
             if p > inline_start:
                 return None
-            names = []
+            # A name repeated is the same kind: metacopy and redirect are
+            # seen twice, user names are compared.
+            user_names = None
             while p < inline_start:
                 if p + 4 > inline_start:
                     return None
@@ -511,18 +513,25 @@ def _fast_leaf_reader(d: _Dumper) -> _FastLeaf:
                 xname, bit, kind = known
                 if name_filter & bit:
                     return None
-                names.append(xname)
                 value = data[body + name_len : body + name_len + value_size]
-                if kind == _X_USER:
+                if kind == _X_REDIRECT:
+                    if redirect is not None:
+                        return None
+                    redirect = value
+                elif kind == _X_METACOPY:
+                    if metacopy is not None:
+                        return None
+                    metacopy = value
+                elif kind == _X_USER:
                     item = (xname, value)
                     field = xattr_fields.get(item)
                     if field is None:
                         field = xattr_fields[item] = _xattr_field(xname, value)
                     user += field
-                elif kind == _X_METACOPY:
-                    metacopy = value
-                elif kind == _X_REDIRECT:
-                    redirect = value
+                    if user_names is None:
+                        user_names = [xname]
+                    else:
+                        user_names.append(xname)
                 else:
                     return None
             if count:
@@ -535,16 +544,23 @@ def _fast_leaf_reader(d: _Dumper) -> _FastLeaf:
                     xname, bit, kind, value, field = x
                     if name_filter & bit:
                         return None
-                    names.append(xname)
-                    if kind == _X_USER:
-                        user += field
-                    elif kind == _X_METACOPY:
+                    if kind == _X_METACOPY:
+                        if metacopy is not None:
+                            return None
                         metacopy = value
                     elif kind == _X_REDIRECT:
+                        if redirect is not None:
+                            return None
                         redirect = value
+                    elif kind == _X_USER:
+                        user += field
+                        if user_names is None:
+                            user_names = [xname]
+                        else:
+                            user_names.append(xname)
                     else:
                         return None
-            if len(names) > 1 and len(set(names)) != len(names):
+            if user_names is not None and len(set(user_names)) != len(user_names):
                 return None  # a duplicate name
         if t == _S_IFREG and layout == _CHUNK_BASED:
             if not size or size > _MAX_EXTERNAL_SIZE or (u & 0xFFFF) & ~0x1F:
@@ -554,8 +570,8 @@ def _fast_leaf_reader(d: _Dumper) -> _FastLeaf:
                 chunks = 1
             elif chunks > _CHECKED_CHUNKS:
                 chunks = 0
-            end = inline_start + 4 * chunks
-            if end > n or data[inline_start:end] != _NULL_CHUNKS[: 4 * chunks]:
+            # Inside the image and all holes (no copy of the image's bytes).
+            if not data.startswith(_NULL_CHUNKS[: 4 * chunks], inline_start):
                 return None
             charge += 4 * chunks
             # reader.external_parts' xattr checks, _Dumper._external's fields
@@ -568,18 +584,23 @@ def _fast_leaf_reader(d: _Dumper) -> _FastLeaf:
                     return None
             if redirect is None:
                 payload = b"-"  # with a digest: C's "payload -"; without: none
-            elif len(redirect) < 2 or redirect[:1] != b"/" or b"\0" in redirect:
-                return None
             else:
                 # The redirect path, also when it is the one the digest gives.
                 payload = redirect[1:]
-                if payload == b"-" or needs_esc(payload) is not None:
+                if not payload or redirect[0] != 0x2F:  # "/"
+                    return None
+                if needs_esc(payload) is not None:  # (NUL among them)
+                    if b"\0" in payload:
+                        return None
                     payload = _escape_optional(payload)
-            if r.budget < charge:
+                elif payload == b"-":
+                    payload = b"\\x2d"
+            left = r.budget - charge
+            if left < 0:
                 return None
-            r.budget -= charge
+            r.budget = left
             return (
-                size, t | (mode & 0o7777), nlink, uid, gid, 0, mtime, nsec,
+                size, mode, nlink, uid, gid, 0, mtime, nsec,
                 payload, b"-", digest, user,
             )  # fmt: skip
         if metacopy is not None or redirect is not None:
@@ -608,20 +629,21 @@ def _fast_leaf_reader(d: _Dumper) -> _FastLeaf:
                 content = data[u * _BLK : (u + count) * _BLK] + data[inline_start:inline_end]
             else:
                 content = data[inline_start:inline_end]
-        if r.budget < charge:
+        left = r.budget - charge
+        if left < 0:
             return None
         if t == _S_IFREG:
-            r.budget -= charge
+            r.budget = left
             return (
-                size, t | (mode & 0o7777), nlink, uid, gid, 0, mtime, nsec,
+                size, mode, nlink, uid, gid, 0, mtime, nsec,
                 b"-", _escape_optional(content), b"-", user,
             )  # fmt: skip
         assert content is not None
         if b"\0" in content:
             return None
-        r.budget -= charge
+        r.budget = left
         return (
-            size, t | (mode & 0o7777), nlink, uid, gid, 0, mtime, nsec,
+            size, mode, nlink, uid, gid, 0, mtime, nsec,
             _escape_optional(content), b"-", b"-", user,
         )  # fmt: skip
 
