@@ -18,6 +18,7 @@ no partial dump.
 from __future__ import annotations
 
 import struct
+from bisect import bisect_left
 from collections.abc import Callable, Collection
 
 from .. import limits
@@ -67,26 +68,29 @@ _LeafValues = tuple[int, int, int, int, int, int, int, int, bytes, bytes, bytes,
 
 
 class _Frame:
-    """A directory being dumped: its dirents and how far it got."""
+    """A directory being dumped: its entries (without . and ..) and how far
+    it got."""
 
-    __slots__ = ("depth", "ents", "index", "ino", "parent_nid", "prefix", "shown", "subdirs")
+    __slots__ = ("clean", "filter", "ino", "it", "names", "prefix", "shown", "subdirs")
 
     def __init__(
         self,
-        ents: list[tuple[bytes, int, int]],
+        names: list[bytes],
+        nids: list[int],
+        types: list[int],
         ino: _Inode,
-        parent_nid: int,
-        depth: int,
         prefix: bytes,
         shown: bool,
+        filter: frozenset[bytes] | None,
     ) -> None:
-        self.ents = ents
-        self.index = 0
+        self.names = names
+        self.it = zip(names, nids, types, strict=True)  # resumed after a subdirectory
         self.ino = ino
-        self.parent_nid = parent_nid
-        self.depth = depth
         self.prefix = prefix  # escaped path + "/"
         self.shown = shown  # printed (not left out by the top-level filter)
+        self.filter = filter  # the top-level filter (root only)
+        # No name needs escaping: one search for the whole directory.
+        self.clean = _NEEDS_ESC.search(b"".join(names)) is None
         self.subdirs = 0
 
 
@@ -133,6 +137,23 @@ class _Dumper:
             self._xattrs(x.user),
         )
 
+    def _frame(
+        self,
+        ino: _Inode,
+        parent_nid: int,
+        depth: int,
+        prefix: bytes,
+        shown: bool,
+        filter: frozenset[bytes] | None,
+    ) -> _Frame:
+        """A directory's frame, its . and .. checked (reader._Builder's
+        checks) and left out."""
+        names, nids, types = self.r.dirent_lists(ino)
+        _check_dots(ino.nid, parent_nid, names, nids, types)
+        if names and depth >= _MAX_DEPTH:
+            raise _err(f"paths nested deeper than {_MAX_DEPTH} components")
+        return _Frame(names, nids, types, ino, prefix, shown, filter)
+
     def dump(self, limit: float) -> list[bytes] | None:
         """The dump's lines, or None once they pass `limit` bytes."""
         r = self.r
@@ -143,8 +164,8 @@ class _Dumper:
         root_x = r.xattrs(root_ino)
         self.dirs_seen.add(root_nid)
         out: list[bytes] = [b""]  # the root's line, once its link count is known
+        append = out.append
         total = 0
-        keep = self.keep
         leaves = self.leaves
         printed = self.printed
         dirs_seen = self.dirs_seen
@@ -153,28 +174,21 @@ class _Dumper:
         root_subdirs = 0
         needs_esc = _NEEDS_ESC.search
         fast = self.fast
-        stack = [_Frame(r.dirents(root_ino), root_ino, root_nid, 0, b"/", True)]
-        _check_dots(stack[-1])
+        root = self._frame(root_ino, root_nid, 0, b"/", True, self.keep)
+        stack = [root]
         while stack:
             frame = stack[-1]
-            ents = frame.ents
-            i = frame.index
             ino = frame.ino
-            depth = frame.depth
+            nid = ino.nid
+            depth = len(stack) - 1
             prefix = frame.prefix
             shown = frame.shown
-            nid = ino.nid
-            is_root = nid == root_nid and depth == 0
+            clean = frame.clean
+            filt = frame.filter
+            is_root = frame is root
             descended = False
-            n = len(ents)
-            while i < n:
-                name, child_nid, ftype = ents[i]
-                i += 1
-                if name == b"." or name == b"..":
-                    continue
-                if depth >= _MAX_DEPTH:
-                    raise _err(f"paths nested deeper than {_MAX_DEPTH} components")
-                show = shown and (not is_root or keep is None or name in keep)
+            for name, child_nid, ftype in frame.it:
+                show = shown if filt is None else shown and name in filt
                 cached = leaves.get(child_nid)
                 if cached is not None:
                     disk_ft, vals = cached
@@ -185,14 +199,16 @@ class _Dumper:
                     if child_nid in whiteout_nids:
                         raise _err(f"whiteout inode {child_nid} is hardlinked")
                     if show:
-                        epath = prefix + (name if needs_esc(name) is None else escape(name))
+                        epath = prefix + (
+                            name if clean or needs_esc(name) is None else escape(name)
+                        )
                         first = printed.get(child_nid)
                         if first is None:
                             printed[child_nid] = epath
                             line = _LEAF_LINE % ((epath, *vals))
                         else:
                             line = _HARDLINK_LINE % ((epath, *vals[:8], first, *vals[9:]))
-                        out.append(line)
+                        append(line)
                         total += len(line)
                         if total > limit:
                             return None
@@ -202,10 +218,12 @@ class _Dumper:
                     if fvals is not None:
                         leaves[child_nid] = (ftype, fvals)
                         if show:
-                            epath = prefix + (name if needs_esc(name) is None else escape(name))
+                            epath = prefix + (
+                                name if clean or needs_esc(name) is None else escape(name)
+                            )
                             printed[child_nid] = epath
                             line = _LEAF_LINE % ((epath, *fvals))
-                            out.append(line)
+                            append(line)
                             total += len(line)
                             if total > limit:
                                 return None
@@ -222,19 +240,16 @@ class _Dumper:
                     frame.subdirs += 1
                     if is_root and show:
                         root_subdirs += 1
-                    epath = prefix + (name if needs_esc(name) is None else escape(name))
+                    epath = prefix + (name if clean or needs_esc(name) is None else escape(name))
                     if show:
                         # Its link count is checked against its subdirectories
                         # when the frame is done (before anything is returned).
                         line = self._dir_line(epath, child, cx, child.nlink)
-                        out.append(line)
+                        append(line)
                         total += len(line)
                         if total > limit:
                             return None
-                    sub = _Frame(r.dirents(child), child, nid, depth + 1, epath + b"/", show)
-                    _check_dots(sub)
-                    frame.index = i
-                    stack.append(sub)
+                    stack.append(self._frame(child, nid, depth + 1, epath + b"/", show, None))
                     descended = True
                     break
                 if ctype == _S_IFCHR and child.u == 0 and epoch1:
@@ -254,10 +269,10 @@ class _Dumper:
                     whiteout_nids.add(child_nid)
                 leaves[child_nid] = (ftype, vals)
                 if show:
-                    epath = prefix + (name if needs_esc(name) is None else escape(name))
+                    epath = prefix + (name if clean or needs_esc(name) is None else escape(name))
                     printed[child_nid] = epath
                     line = _LEAF_LINE % ((epath, *vals))
-                    out.append(line)
+                    append(line)
                     total += len(line)
                     if total > limit:
                         return None
@@ -267,7 +282,7 @@ class _Dumper:
             if ino.nlink != 2 + frame.subdirs:
                 raise _err(f"directory {nid}: link count {ino.nlink}, expected {2 + frame.subdirs}")
             if is_root and epoch1:
-                hex_slots = sum(1 for e in ents if e[0] in _HEX2)
+                hex_slots = sum(1 for name in frame.names if name in _HEX2)
                 if hex_slots != len(_HEX2):
                     raise _err(f"root has {hex_slots} of the 256 whiteout stub entries 00..ff")
         out[0] = self._dir_line(b"/", root_ino, root_x, 2 + root_subdirs)
@@ -650,24 +665,24 @@ def _fast_leaf_reader(d: _Dumper) -> _FastLeaf:
     return leaf
 
 
-def _check_dots(frame: _Frame) -> None:
-    """reader._Builder's "." and ".." checks."""
-    nid = frame.ino.nid
-    dot = dotdot = False
-    # Sorted names: "." and ".." come before any other name but those
-    # starting with bytes below "." (validated wherever they are).
-    for name, child_nid, ftype in frame.ents:
-        if name == b"." or name == b"..":
-            want = nid if name == b"." else frame.parent_nid
-            if child_nid != want or ftype != _FT_DIR:
-                raise _err(f"directory {nid}: {name.decode()} points to inode {child_nid}")
-            if name == b".":
-                dot = True
-            else:
-                dotdot = True
-            if dot and dotdot:
-                return
-    raise _err(f"directory {nid} lacks . or ..")
+def _check_dots(
+    nid: int, parent_nid: int, names: list[bytes], nids: list[int], types: list[int]
+) -> None:
+    """reader._Builder's "." and ".." checks; then both are removed."""
+    # Sorted names: "." and ".." are found by bisection (names starting
+    # with "." and a byte below "." may sit between them).
+    i = bisect_left(names, b".")
+    dot = i < len(names) and names[i] == b"."
+    if dot and (nids[i] != nid or types[i] != _FT_DIR):
+        raise _err(f"directory {nid}: . points to inode {nids[i]}")
+    j = bisect_left(names, b"..", i)
+    dotdot = j < len(names) and names[j] == b".."
+    if dotdot and (nids[j] != parent_nid or types[j] != _FT_DIR):
+        raise _err(f"directory {nid}: .. points to inode {nids[j]}")
+    if not (dot and dotdot):
+        raise _err(f"directory {nid} lacks . or ..")
+    for k in (j, i):
+        del names[k], nids[k], types[k]
 
 
 def dump_lines(

@@ -542,6 +542,10 @@ class _Reader:
     # -- directories ---------------------------------------------------------
     def dirents(self, ino: _Inode) -> list[tuple[bytes, int, int]]:
         """All (name, nid, file_type) of a directory, validated and sorted."""
+        return list(zip(*self.dirent_lists(ino), strict=True))
+
+    def dirent_lists(self, ino: _Inode) -> tuple[list[bytes], list[int], list[int]]:
+        """`dirents` as three lists: names, nids, file types."""
         if ino.datalayout == fmt.DATALAYOUT_CHUNK_BASED:
             raise _err(f"directory {ino.nid}: chunk-based layout")
         if ino.size == 0:
@@ -562,7 +566,7 @@ class _Reader:
         # Strictly increasing names (sorted and unique), compared in C.
         if len(names) > 1 and not all(map(_lt, names, names[1:])):
             raise _err(f"directory {ino.nid}: entries not sorted or duplicated")
-        return list(zip(names, nids, types, strict=True))
+        return names, nids, types
 
     def _dirent_block(
         self,
