@@ -64,6 +64,9 @@ _MAX_DEPTH = limits.MAX_DEPTH
 # the mode and the first name's path as payload.
 _LEAF_LINE = b"%s %d %o %d %d %d %d %d.%d %s %s %s%s\n"
 _HARDLINK_LINE = b"%s %d @%o %d %d %d %d %d.%d %s %s %s%s\n"
+# dumpfile._iter_lines' directory lines: path size mode nlink uid gid mtime.nsec xattrs
+_DIR_LINE = b"%s %d %o %d %d %d 0 %d.%d - - -%s\n"
+_DirValues = tuple[int, int, int, int, int, int, int, bytes]
 _LeafValues = tuple[int, int, int, int, int, int, int, int, bytes, bytes, bytes, bytes]
 
 
@@ -71,21 +74,23 @@ class _Frame:
     """A directory being dumped: its entries (without . and ..) and how far
     it got."""
 
-    __slots__ = ("clean", "filter", "ino", "it", "names", "prefix", "shown", "subdirs")
+    __slots__ = ("clean", "filter", "it", "names", "nid", "nlink", "prefix", "shown", "subdirs")
 
     def __init__(
         self,
         names: list[bytes],
         nids: list[int],
         types: list[int],
-        ino: _Inode,
+        nid: int,
+        nlink: int,
         prefix: bytes,
         shown: bool,
         filter: frozenset[bytes] | None,
     ) -> None:
         self.names = names
         self.it = zip(names, nids, types, strict=True)  # resumed after a subdirectory
-        self.ino = ino
+        self.nid = nid
+        self.nlink = nlink
         self.prefix = prefix  # escaped path + "/"
         self.shown = shown  # printed (not left out by the top-level filter)
         self.filter = filter  # the top-level filter (root only)
@@ -107,9 +112,12 @@ class _Dumper:
         self.dirs_seen: set[int] = set()
         # (name, value) -> its escaped " name=value" field: labels repeat.
         self.xattr_fields: dict[tuple[bytes, bytes], bytes] = {}
-        # The fused leaf reader (see _fast_leaf_reader); without it every
-        # inode takes the general path (the tests compare both).
-        self.fast = _fast_leaf_reader(self) if fast else None
+        # The fused readers (see _fast_readers); without them every inode
+        # takes the general path (the tests compare both).
+        self.fast: _FastLeaf | None = None
+        self.fast_dir: _FastDir | None = None
+        if fast:
+            self.fast, self.fast_dir = _fast_readers(self)
 
     def _xattrs(self, user: dict[bytes, bytes]) -> bytes:
         if not user:
@@ -125,7 +133,7 @@ class _Dumper:
         return b"".join(parts)
 
     def _dir_line(self, epath: bytes, ino: _Inode, x: _Xattrs, nlink: int) -> bytes:
-        return b"%s %d %o %d %d %d 0 %d.%d - - -%s\n" % (
+        return _DIR_LINE % (
             epath,
             ino.size,
             _S_IFDIR | (ino.mode & 0o7777),
@@ -137,9 +145,11 @@ class _Dumper:
             self._xattrs(x.user),
         )
 
+    @staticmethod
     def _frame(
-        self,
-        ino: _Inode,
+        nid: int,
+        nlink: int,
+        ents: tuple[list[bytes], list[int], list[int]],
         parent_nid: int,
         depth: int,
         prefix: bytes,
@@ -148,11 +158,11 @@ class _Dumper:
     ) -> _Frame:
         """A directory's frame, its . and .. checked (reader._Builder's
         checks) and left out."""
-        names, nids, types = self.r.dirent_lists(ino)
-        _check_dots(ino.nid, parent_nid, names, nids, types)
+        names, nids, types = ents
+        _check_dots(nid, parent_nid, names, nids, types)
         if names and depth >= _MAX_DEPTH:
             raise _err(f"paths nested deeper than {_MAX_DEPTH} components")
-        return _Frame(names, nids, types, ino, prefix, shown, filter)
+        return _Frame(names, nids, types, nid, nlink, prefix, shown, filter)
 
     def dump(self, limit: float) -> list[bytes] | None:
         """The dump's lines, or None once they pass `limit` bytes."""
@@ -174,12 +184,14 @@ class _Dumper:
         root_subdirs = 0
         needs_esc = _NEEDS_ESC.search
         fast = self.fast
-        root = self._frame(root_ino, root_nid, 0, b"/", True, self.keep)
+        fast_dir = self.fast_dir
+        root = self._frame(
+            root_nid, root_ino.nlink, r.dirent_lists(root_ino), root_nid, 0, b"/", True, self.keep
+        )
         stack = [root]
         while stack:
             frame = stack[-1]
-            ino = frame.ino
-            nid = ino.nid
+            nid = frame.nid
             depth = len(stack) - 1
             prefix = frame.prefix
             shown = frame.shown
@@ -213,7 +225,39 @@ class _Dumper:
                         if total > limit:
                             return None
                     continue
-                if fast is not None and ftype != _FT_DIR:
+                if ftype == _FT_DIR:
+                    if fast_dir is not None and child_nid not in dirs_seen:
+                        got = fast_dir(child_nid)
+                        if got is not None:
+                            dirs_seen.add(child_nid)
+                            frame.subdirs += 1
+                            if is_root and show:
+                                root_subdirs += 1
+                            epath = prefix + (
+                                name if clean or needs_esc(name) is None else escape(name)
+                            )
+                            dvals, ents = got
+                            if show:
+                                line = _DIR_LINE % ((epath, *dvals))
+                                append(line)
+                                total += len(line)
+                                if total > limit:
+                                    return None
+                            stack.append(
+                                self._frame(
+                                    child_nid,
+                                    dvals[2],
+                                    ents,
+                                    nid,
+                                    depth + 1,
+                                    epath + b"/",
+                                    show,
+                                    None,
+                                )
+                            )
+                            descended = True
+                            break
+                elif fast is not None:
                     fvals = fast(child_nid, ftype)
                     if fvals is not None:
                         leaves[child_nid] = (ftype, fvals)
@@ -249,7 +293,18 @@ class _Dumper:
                         total += len(line)
                         if total > limit:
                             return None
-                    stack.append(self._frame(child, nid, depth + 1, epath + b"/", show, None))
+                    stack.append(
+                        self._frame(
+                            child_nid,
+                            child.nlink,
+                            r.dirent_lists(child),
+                            nid,
+                            depth + 1,
+                            epath + b"/",
+                            show,
+                            None,
+                        )
+                    )
                     descended = True
                     break
                 if ctype == _S_IFCHR and child.u == 0 and epoch1:
@@ -279,8 +334,10 @@ class _Dumper:
             if descended:
                 continue
             stack.pop()
-            if ino.nlink != 2 + frame.subdirs:
-                raise _err(f"directory {nid}: link count {ino.nlink}, expected {2 + frame.subdirs}")
+            if frame.nlink != 2 + frame.subdirs:
+                raise _err(
+                    f"directory {nid}: link count {frame.nlink}, expected {2 + frame.subdirs}"
+                )
             if is_root and epoch1:
                 hex_slots = sum(1 for name in frame.names if name in _HEX2)
                 if hex_slots != len(_HEX2):
@@ -370,6 +427,8 @@ class _Dumper:
 
 
 _FastLeaf = Callable[[int, int], "_LeafValues | None"]
+_Dirents = tuple[list[bytes], list[int], list[int]]
+_FastDir = Callable[[int], "tuple[_DirValues, _Dirents] | None"]
 _SharedXattr = tuple[bytes, int, int, bytes, bytes]  # name, filter bit, kind, value, field
 _X_USER, _X_METACOPY, _X_REDIRECT, _X_OTHER = range(4)
 _EXT_UNPACK = fmt.EXTENDED_INODE.unpack_from
@@ -388,19 +447,25 @@ def _xattr_field(name: bytes, value: bytes) -> bytes:
 _SYMLINK_MAX = limits.SYMLINK_MAX
 
 
-def _fast_leaf_reader(d: _Dumper) -> _FastLeaf:
-    """The _LEAF_LINE values of a regular file or symlink in the common
-    shapes, unpacked and checked in one go (no _Inode/_Xattrs objects), or
-    None: then the caller takes the general path (r.inode, _Dumper._leaf),
-    which reads the inode again and raises the reader's own error if the
-    inode is bad, or handles the rarer shape.
+def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
+    """Fused readers for the common inodes, unpacked and checked in one go
+    (no _Inode/_Xattrs objects): `leaf(nid, dirent type)` gives the
+    _LEAF_LINE values of a regular file or symlink, `directory(nid)` the
+    _DIR_LINE values (link count third) and the dirent lists of a directory.
+    Either gives None instead, and the caller then takes the general path
+    (r.inode, _Dumper._leaf, r.dirent_lists), which reads the inode again
+    and raises the reader's own error if it is bad, or handles the rarer
+    shape.
 
     None is given for anything the general path would refuse (the same
-    checks, in any order) and for what this does not handle: whiteouts,
-    devices, fifos, sockets, directories, inline xattr entries, overlay
-    xattrs other than metacopy/redirect, empty external files. Nothing is
-    changed before a value is returned (the work bound is charged last,
-    with what the general path charges), so the fallback starts afresh.
+    checks, in any order) and for what these do not handle: whiteouts,
+    devices, fifos, sockets, overlay xattrs other than metacopy/redirect
+    (and those on anything but an external file), empty external files.
+    Nothing is changed before a value is returned (the work bound is
+    charged last, with what the general path charges), so the fallback
+    starts afresh; only a directory's dirent blocks are parsed after the
+    charge, by the reader's own code, whose error then is the general
+    path's too.
     """
     r = d.r
     data = r.data
@@ -502,81 +567,10 @@ def _fast_leaf_reader(d: _Dumper) -> _FastLeaf:
         user = b""
         metacopy = redirect = None
         if icount:
-            # reader._Reader._xattr_dict and .xattrs: inline entries, then
-            # shared ones; unique names, each admitted by the bloom filter.
-            name_filter, count = _IBODY_UNPACK(data, start)
-            p = start + 12 + 4 * count
-            if p > inline_start:
+            x = xattrs(start, inline_start)
+            if x is None:
                 return None
-            # A name repeated is the same kind: metacopy and redirect are
-            # seen twice, user names are compared.
-            user_names = None
-            while p < inline_start:
-                if p + 4 > inline_start:
-                    return None
-                name_len, index, value_size = _ENTRY_UNPACK(data, p)
-                body = p + 4
-                p = body + ((name_len + value_size + 3) & ~3)
-                if p > inline_start or index >= _N_PREFIXES:
-                    return None
-                suffix = data[body : body + name_len]
-                known = by_prefix[index].get(suffix)
-                if known is None:
-                    known = xattr_name(index, suffix)
-                    if known is None:
-                        return None
-                xname, bit, kind = known
-                if name_filter & bit:
-                    return None
-                value = data[body + name_len : body + name_len + value_size]
-                if kind == _X_REDIRECT:
-                    if redirect is not None:
-                        return None
-                    redirect = value
-                elif kind == _X_METACOPY:
-                    if metacopy is not None:
-                        return None
-                    metacopy = value
-                elif kind == _X_USER:
-                    item = (xname, value)
-                    field = xattr_fields.get(item)
-                    if field is None:
-                        field = xattr_fields[item] = _xattr_field(xname, value)
-                    user += field
-                    if user_names is None:
-                        user_names = [xname]
-                    else:
-                        user_names.append(xname)
-                else:
-                    return None
-            if count:
-                for ref in _REFS[count].unpack_from(data, start + 12):
-                    x = shared.get(ref)
-                    if x is None:
-                        x = shared_xattr(ref)
-                        if x is None:
-                            return None
-                    xname, bit, kind, value, field = x
-                    if name_filter & bit:
-                        return None
-                    if kind == _X_METACOPY:
-                        if metacopy is not None:
-                            return None
-                        metacopy = value
-                    elif kind == _X_REDIRECT:
-                        if redirect is not None:
-                            return None
-                        redirect = value
-                    elif kind == _X_USER:
-                        user += field
-                        if user_names is None:
-                            user_names = [xname]
-                        else:
-                            user_names.append(xname)
-                    else:
-                        return None
-            if user_names is not None and len(set(user_names)) != len(user_names):
-                return None  # a duplicate name
+            user, metacopy, redirect = x
         if t == _S_IFREG and layout == _CHUNK_BASED:
             if not size or size > _MAX_EXTERNAL_SIZE or (u & 0xFFFF) & ~0x1F:
                 return None
@@ -662,7 +656,128 @@ def _fast_leaf_reader(d: _Dumper) -> _FastLeaf:
             _escape_optional(content), b"-", b"-", user,
         )  # fmt: skip
 
-    return leaf
+    def xattrs(start: int, inline_start: int) -> tuple[bytes, bytes | None, bytes | None] | None:
+        """(user field, metacopy, redirect) of an xattr area (as in leaf())."""
+        name_filter, count = _IBODY_UNPACK(data, start)
+        p = start + 12 + 4 * count
+        if p > inline_start:
+            return None
+        user = b""
+        metacopy = redirect = None
+        # A name repeated is the same kind: a second metacopy or redirect
+        # is caught as such, user names are compared at the end.
+        user_names: list[bytes] | None = None
+        while p < inline_start:
+            if p + 4 > inline_start:
+                return None
+            name_len, index, value_size = _ENTRY_UNPACK(data, p)
+            body = p + 4
+            p = body + ((name_len + value_size + 3) & ~3)
+            if p > inline_start or index >= _N_PREFIXES:
+                return None
+            suffix = data[body : body + name_len]
+            known = by_prefix[index].get(suffix)
+            if known is None:
+                known = xattr_name(index, suffix)
+                if known is None:
+                    return None
+            xname, bit, kind = known
+            if name_filter & bit:
+                return None
+            value = data[body + name_len : body + name_len + value_size]
+            if kind == _X_USER:
+                item = (xname, value)
+                field = xattr_fields.get(item)
+                if field is None:
+                    field = xattr_fields[item] = _xattr_field(xname, value)
+                user += field
+                if user_names is None:
+                    user_names = [xname]
+                else:
+                    user_names.append(xname)
+            elif kind == _X_REDIRECT and redirect is None:
+                redirect = value
+            elif kind == _X_METACOPY and metacopy is None:
+                metacopy = value
+            else:
+                return None  # other overlay xattrs; a repeated one
+        for ref in _REFS[count].unpack_from(data, start + 12) if count else ():
+            x = shared.get(ref)
+            if x is None:
+                x = shared_xattr(ref)
+                if x is None:
+                    return None
+            xname, bit, kind, value, field = x
+            if name_filter & bit:
+                return None
+            if kind == _X_USER:
+                user += field
+                if user_names is None:
+                    user_names = [xname]
+                else:
+                    user_names.append(xname)
+            elif kind == _X_METACOPY and metacopy is None:
+                metacopy = value
+            elif kind == _X_REDIRECT and redirect is None:
+                redirect = value
+            else:
+                return None
+        if user_names is not None and len(set(user_names)) != len(user_names):
+            return None  # a duplicate name
+        return user, metacopy, redirect
+
+    def directory(nid: int) -> tuple[_DirValues, _Dirents] | None:
+        # reader._Reader.inode, .xattrs, .dirent_lists (as leaf())
+        if nid < _FIRST_NID or nid > max_nid:
+            return None
+        pos = nid * 32
+        if data[pos] & 1:
+            if pos + 64 > n:
+                return None
+            (f, icount, mode, _, size, u, _, uid, gid, mtime, nsec, nlink) = _EXT_UNPACK(data, pos)
+            if nsec >= 1_000_000_000:
+                return None
+            if mtime >= 1 << 63:
+                mtime -= 1 << 64
+            start = pos + 64
+        else:
+            (f, icount, mode, nlink, size, _, u, _, uid, gid) = _COMPACT_UNPACK(data, pos)
+            mtime = build_time
+            nsec = build_nsec
+            start = pos + 32
+        if f > 0xF or mode & _S_IFMT != _S_IFDIR or icount == 1:
+            return None
+        layout = f & 0xE
+        inline_start = start + 8 + 4 * icount if icount else start
+        if layout == _FLAT_INLINE:
+            tail = size % _BLK
+            inline_end = inline_start + tail
+            if tail and (inline_start % _BLK) + tail > _BLK:
+                return None
+            count = size // _BLK
+        elif layout == _FLAT_PLAIN:
+            inline_end = inline_start
+            count = -(-size // _BLK)
+        else:
+            return None  # chunk-based: refused; or unknown
+        if inline_end > n or not size or size > n:
+            return None
+        if count and (u == 0 or (u + count) * _BLK > n):
+            return None
+        user = b""
+        if icount:
+            x = xattrs(start, inline_start)
+            if x is None or x[1] is not None or x[2] is not None:
+                return None
+            user = x[0]
+        left = r.budget - (inline_start - start) - size
+        if left < 0:
+            return None
+        r.budget = left
+        ents = r._dirent_lists(nid, u, count, size, inline_start)
+        return (size, mode, nlink, uid, gid, mtime, nsec, user), ents
+
+    return leaf, directory
 
 
 def _check_dots(

@@ -552,20 +552,27 @@ class _Reader:
             raise _err(f"directory {ino.nid} is empty (no . and ..)")
         start, count = self.blocks(ino)
         self.charge(ino.size)
+        return self._dirent_lists(ino.nid, start, count, ino.size, ino.inline_start)
+
+    def _dirent_lists(
+        self, nid: int, start: int, count: int, size: int, inline_start: int
+    ) -> tuple[list[bytes], list[int], list[int]]:
+        """The dirents of `count` blocks from block `start`, then the inline
+        tail (`size` bytes in all), the blocks checked (`blocks`) and charged."""
         names: list[bytes] = []
         nids: list[int] = []
         types: list[int] = []
-        remaining = ino.size
+        remaining = size
         block = self._dirent_block
         for i in range(count):
             length = _BLK if remaining > _BLK else remaining
-            block((start + i) * _BLK, length, ino.nid, names, nids, types)
+            block((start + i) * _BLK, length, nid, names, nids, types)
             remaining -= length
         if remaining:
-            block(ino.inline_start, remaining, ino.nid, names, nids, types)
+            block(inline_start, remaining, nid, names, nids, types)
         # Strictly increasing names (sorted and unique), compared in C.
         if len(names) > 1 and not all(map(_lt, names, names[1:])):
-            raise _err(f"directory {ino.nid}: entries not sorted or duplicated")
+            raise _err(f"directory {nid}: entries not sorted or duplicated")
         return names, nids, types
 
     def _dirent_block(
