@@ -136,17 +136,20 @@ def _escape_table(escape_equal: bool) -> list[bytes]:
 
 _ESC = _escape_table(False)
 _ESC_EQ = _escape_table(True)
-_NEEDS_ESC = re.compile(rb"[^\x21-\x5b\x5d-\x7e]")
-_NEEDS_ESC_EQ = re.compile(rb"[^\x21-\x3c\x3e-\x5b\x5d-\x7e]")
+# The bytes printed as they are: `value.translate(None, _PLAIN)` is empty
+# when nothing in value needs escaping (a C loop, several times faster than
+# a regex search over a negated class).
+_PLAIN = bytes(c for c in range(256) if _ESC[c] == bytes((c,)))
+_PLAIN_EQ = bytes(c for c in range(256) if _ESC_EQ[c] == bytes((c,)))
 
 
 def escape(value: bytes, *, escape_equal: bool = False) -> bytes:
     """Escape a field the way C `composefs-info dump` does (C locale isgraph)."""
     if escape_equal:
-        if _NEEDS_ESC_EQ.search(value) is None:
+        if not value.translate(None, _PLAIN_EQ):
             return value
         return b"".join([_ESC_EQ[c] for c in value])
-    if _NEEDS_ESC.search(value) is None:
+    if not value.translate(None, _PLAIN):
         return value
     return b"".join([_ESC[c] for c in value])
 

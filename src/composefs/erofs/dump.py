@@ -22,7 +22,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Collection
 
 from .. import limits
-from ..dumpfile import _NEEDS_ESC, _escape_optional, escape
+from ..dumpfile import _PLAIN, _escape_optional, escape
 from ..errors import ImageError
 from ..tree import no_gc
 from . import format as fmt
@@ -95,7 +95,7 @@ class _Frame:
         self.shown = shown  # printed (not left out by the top-level filter)
         self.filter = filter  # the top-level filter (root only)
         # No name needs escaping: one search for the whole directory.
-        self.clean = _NEEDS_ESC.search(b"".join(names)) is None
+        self.clean = not b"".join(names).translate(None, _PLAIN)
         self.subdirs = 0
 
 
@@ -182,7 +182,7 @@ class _Dumper:
         whiteout_nids = self.whiteout_nids
         epoch1 = r.epoch1
         root_subdirs = 0
-        needs_esc = _NEEDS_ESC.search
+        plain = _PLAIN
         fast = self.fast
         fast_dir = self.fast_dir
         root = self._frame(
@@ -212,7 +212,7 @@ class _Dumper:
                         raise _err(f"whiteout inode {child_nid} is hardlinked")
                     if show:
                         epath = prefix + (
-                            name if clean or needs_esc(name) is None else escape(name)
+                            name if clean or not name.translate(None, plain) else escape(name)
                         )
                         first = printed.get(child_nid)
                         if first is None:
@@ -234,7 +234,7 @@ class _Dumper:
                             if is_root and show:
                                 root_subdirs += 1
                             epath = prefix + (
-                                name if clean or needs_esc(name) is None else escape(name)
+                                name if clean or not name.translate(None, plain) else escape(name)
                             )
                             dvals, ents = got
                             if show:
@@ -263,7 +263,7 @@ class _Dumper:
                         leaves[child_nid] = (ftype, fvals)
                         if show:
                             epath = prefix + (
-                                name if clean or needs_esc(name) is None else escape(name)
+                                name if clean or not name.translate(None, plain) else escape(name)
                             )
                             printed[child_nid] = epath
                             line = _LEAF_LINE % ((epath, *fvals))
@@ -284,7 +284,9 @@ class _Dumper:
                     frame.subdirs += 1
                     if is_root and show:
                         root_subdirs += 1
-                    epath = prefix + (name if clean or needs_esc(name) is None else escape(name))
+                    epath = prefix + (
+                        name if clean or not name.translate(None, plain) else escape(name)
+                    )
                     if show:
                         # Its link count is checked against its subdirectories
                         # when the frame is done (before anything is returned).
@@ -324,7 +326,9 @@ class _Dumper:
                     whiteout_nids.add(child_nid)
                 leaves[child_nid] = (ftype, vals)
                 if show:
-                    epath = prefix + (name if clean or needs_esc(name) is None else escape(name))
+                    epath = prefix + (
+                        name if clean or not name.translate(None, plain) else escape(name)
+                    )
                     printed[child_nid] = epath
                     line = _LEAF_LINE % ((epath, *vals))
                     append(line)
@@ -480,7 +484,7 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
     shared: dict[int, _SharedXattr] = {}
     # metacopy value -> digest field (valid values only)
     digests: dict[bytes, bytes] = {}
-    needs_esc = _NEEDS_ESC.search
+    plain = _PLAIN
 
     # per prefix index: name suffix -> (name, filter bit, kind), valid names only
     by_prefix: list[dict[bytes, tuple[bytes, int, int]]] = [{} for _ in range(_N_PREFIXES)]
@@ -598,7 +602,7 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
                 payload = redirect[1:]
                 if not payload or redirect[0] != 0x2F:  # "/"
                     return None
-                if needs_esc(payload) is not None:  # (NUL among them)
+                if payload.translate(None, plain):  # (NUL among them)
                     if b"\0" in payload:
                         return None
                     payload = _escape_optional(payload)
