@@ -62,12 +62,18 @@ _MAX_DEPTH = limits.MAX_DEPTH
 # dumpfile._iter_lines' C-style leaf lines: path size mode nlink uid gid
 # rdev mtime.nsec payload content digest xattrs; a hardlink has "@" before
 # the mode and the first name's path as payload.
-_LEAF_LINE = b"%s %d %o %d %d %d %d %d.%d %s %s %s%s\n"
-_HARDLINK_LINE = b"%s %d @%o %d %d %d %d %d.%d %s %s %s%s\n"
+_LEAF_LINE = b"%s %d %s %s %s %s%s\n"
+_HARDLINK_LINE = b"%s %d @%s %s %s %s%s\n"
+# The part from the mode to the mtime (mode nlink uid gid rdev mtime.nsec),
+# formatted once per distinct value (most files share a few): formatting
+# the numbers was the dump's largest single cost.
+_MID = b"%o %d %d %d %d %d.%d"
 # dumpfile._iter_lines' directory lines: path size mode nlink uid gid mtime.nsec xattrs
-_DIR_LINE = b"%s %d %o %d %d %d 0 %d.%d - - -%s\n"
-_DirValues = tuple[int, int, int, int, int, int, int, bytes]
-_LeafValues = tuple[int, int, int, int, int, int, int, int, bytes, bytes, bytes, bytes]
+_DIR_LINE = b"%s %d %s - - -%s\n"
+# _LEAF_LINE / _DIR_LINE values after the path: size, _MID, (payload,
+# content, digest,) xattrs
+_LeafValues = tuple[int, bytes, bytes, bytes, bytes, bytes]
+_DirValues = tuple[int, bytes, bytes]
 
 
 class _Frame:
@@ -133,17 +139,16 @@ class _Dumper:
         return b"".join(parts)
 
     def _dir_line(self, epath: bytes, ino: _Inode, x: _Xattrs, nlink: int) -> bytes:
-        return _DIR_LINE % (
-            epath,
-            ino.size,
+        mid = _MID % (
             _S_IFDIR | (ino.mode & 0o7777),
             nlink,
             ino.uid,
             ino.gid,
+            0,
             ino.mtime,
             ino.mtime_nsec,
-            self._xattrs(x.user),
         )
+        return _DIR_LINE % (epath, ino.size, mid, self._xattrs(x.user))
 
     @staticmethod
     def _frame(
@@ -219,7 +224,16 @@ class _Dumper:
                             printed[child_nid] = epath
                             line = _LEAF_LINE % ((epath, *vals))
                         else:
-                            line = _HARDLINK_LINE % ((epath, *vals[:8], first, *vals[9:]))
+                            size, mid, _, content, digest, xattrs = vals
+                            line = _HARDLINK_LINE % (
+                                epath,
+                                size,
+                                mid,
+                                first,
+                                content,
+                                digest,
+                                xattrs,
+                            )
                         append(line)
                         total += len(line)
                         if total > limit:
@@ -236,7 +250,7 @@ class _Dumper:
                             epath = prefix + (
                                 name if clean or not name.translate(None, plain) else escape(name)
                             )
-                            dvals, ents = got
+                            dvals, dnlink, ents = got
                             if show:
                                 line = _DIR_LINE % ((epath, *dvals))
                                 append(line)
@@ -246,7 +260,7 @@ class _Dumper:
                             stack.append(
                                 self._frame(
                                     child_nid,
-                                    dvals[2],
+                                    dnlink,
                                     ents,
                                     nid,
                                     depth + 1,
@@ -403,13 +417,16 @@ class _Dumper:
                 whiteout = t == _S_IFCHR and rdev == 0
         vals = (
             size,
-            t | (ino.mode & 0o7777),
-            ino.nlink,
-            ino.uid,
-            ino.gid,
-            rdev,
-            ino.mtime,
-            ino.mtime_nsec,
+            _MID
+            % (
+                t | (ino.mode & 0o7777),
+                ino.nlink,
+                ino.uid,
+                ino.gid,
+                rdev,
+                ino.mtime,
+                ino.mtime_nsec,
+            ),
             _escape_optional(payload),
             _escape_optional(content),
             digest.encode() if digest else b"-",
@@ -432,7 +449,7 @@ class _Dumper:
 
 _FastLeaf = Callable[[int, int], "_LeafValues | None"]
 _Dirents = tuple[list[bytes], list[int], list[int]]
-_FastDir = Callable[[int], "tuple[_DirValues, _Dirents] | None"]
+_FastDir = Callable[[int], "tuple[_DirValues, int, _Dirents] | None"]
 _SharedXattr = tuple[bytes, int, int, bytes, bytes]  # name, filter bit, kind, value, field
 _X_USER, _X_METACOPY, _X_REDIRECT, _X_OTHER = range(4)
 _EXT_UNPACK = fmt.EXTENDED_INODE.unpack_from
@@ -484,6 +501,8 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
     shared: dict[int, _SharedXattr] = {}
     # metacopy value -> digest field (valid values only)
     digests: dict[bytes, bytes] = {}
+    # (mode, nlink, uid, gid, mtime, nsec) -> _MID with rdev 0
+    mids: dict[tuple[int, int, int, int, int, int], bytes] = {}
     plain = _PLAIN
 
     # per prefix index: name suffix -> (name, filter bit, kind), valid names only
@@ -612,10 +631,11 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
             if left < 0:
                 return None
             r.budget = left
-            return (
-                size, mode, nlink, uid, gid, 0, mtime, nsec,
-                payload, b"-", digest, user,
-            )  # fmt: skip
+            key = (mode, nlink, uid, gid, mtime, nsec)
+            mid = mids.get(key)
+            if mid is None:
+                mid = mids[key] = _MID % (mode, nlink, uid, gid, 0, mtime, nsec)
+            return size, mid, payload, b"-", digest, user
         if metacopy is not None or redirect is not None:
             return None
         if t == _S_IFREG:
@@ -645,20 +665,18 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
         left = r.budget - charge
         if left < 0:
             return None
-        if t == _S_IFREG:
-            r.budget = left
-            return (
-                size, mode, nlink, uid, gid, 0, mtime, nsec,
-                b"-", _escape_optional(content), b"-", user,
-            )  # fmt: skip
-        assert content is not None
-        if b"\0" in content:
-            return None
+        if t == _S_IFLNK:
+            assert content is not None
+            if content.find(b"\0") >= 0:  # (find: see reader._dirent_block)
+                return None
         r.budget = left
-        return (
-            size, mode, nlink, uid, gid, 0, mtime, nsec,
-            _escape_optional(content), b"-", b"-", user,
-        )  # fmt: skip
+        key = (mode, nlink, uid, gid, mtime, nsec)
+        mid = mids.get(key)
+        if mid is None:
+            mid = mids[key] = _MID % (mode, nlink, uid, gid, 0, mtime, nsec)
+        if t == _S_IFREG:
+            return size, mid, b"-", _escape_optional(content), b"-", user
+        return size, mid, _escape_optional(content), b"-", b"-", user
 
     def xattrs(start: int, inline_start: int) -> tuple[bytes, bytes | None, bytes | None] | None:
         """(user field, metacopy, redirect) of an xattr area (as in leaf())."""
@@ -730,7 +748,7 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
             return None  # a duplicate name
         return user, metacopy, redirect
 
-    def directory(nid: int) -> tuple[_DirValues, _Dirents] | None:
+    def directory(nid: int) -> tuple[_DirValues, int, _Dirents] | None:
         # reader._Reader.inode, .xattrs, .dirent_lists (as leaf())
         if nid < _FIRST_NID or nid > max_nid:
             return None
@@ -779,7 +797,11 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
             return None
         r.budget = left
         ents = r._dirent_lists(nid, u, count, size, inline_start)
-        return (size, mode, nlink, uid, gid, mtime, nsec, user), ents
+        key = (mode, nlink, uid, gid, mtime, nsec)
+        mid = mids.get(key)
+        if mid is None:
+            mid = mids[key] = _MID % (mode, nlink, uid, gid, 0, mtime, nsec)
+        return (size, mid, user), nlink, ents
 
     return leaf, directory
 
@@ -818,10 +840,15 @@ def dump_lines(
     """
     if not isinstance(data, bytes):
         data = bytes(data)
-    d = _Dumper(data, toplevel)
     try:
         with no_gc():
-            return d.dump(max_bytes)
+            d = _Dumper(data, toplevel)
+            try:
+                return d.dump(max_bytes)
+            finally:
+                # Its tables go before the collector is back: its first pass
+                # would otherwise walk every tuple in them.
+                del d
     except (struct.error, ValueError, IndexError, KeyError, OverflowError) as e:
         # As read_image: every access is bounds-checked, so this is a bug.
         raise _err(f"unchecked structure ({type(e).__name__}: {e})") from None

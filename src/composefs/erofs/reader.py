@@ -601,14 +601,16 @@ class _Reader:
         if (count == 1 or all(map(_lt, offs, offs[1:]))) and last < length:
             # Names but the last are back to back between the first and the
             # last name offsets: one search each for "/" and NUL covers them.
+            # (find, not `in`: bytes.__contains__ first tries its argument as
+            # an int, and building that TypeError costs more than the search.)
             base = off + first_nameoff
             head = data[base : off + last]
             tail = data[off + last : off + length].split(b"\0", 1)[0]
             if (
                 tail
-                and b"\0" not in head
-                and b"/" not in head
-                and b"/" not in tail
+                and head.find(b"\0") < 0
+                and head.find(b"/") < 0
+                and tail.find(b"/") < 0
                 and len(tail) <= NAME_MAX
             ):
                 block_names = [data[off + a : off + b] for a, b in pairwise(offs)]
