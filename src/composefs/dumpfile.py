@@ -136,20 +136,21 @@ def _escape_table(escape_equal: bool) -> list[bytes]:
 
 _ESC = _escape_table(False)
 _ESC_EQ = _escape_table(True)
-# The bytes printed as they are: `value.translate(None, _PLAIN)` is empty
-# when nothing in value needs escaping (a C loop, several times faster than
-# a regex search over a negated class).
-_PLAIN = bytes(c for c in range(256) if _ESC[c] == bytes((c,)))
-_PLAIN_EQ = bytes(c for c in range(256) if _ESC_EQ[c] == bytes((c,)))
+# Translation tables keeping the bytes printed as they are and changing
+# every other: `value.translate(_SAME) == value` when nothing in value needs
+# escaping (a C loop, several times faster than a regex search over a
+# negated class, which was a tenth of `composefs-info dump`).
+_SAME = bytes(c if _ESC[c] == bytes((c,)) else c ^ 1 for c in range(256))
+_SAME_EQ = bytes(c if _ESC_EQ[c] == bytes((c,)) else c ^ 1 for c in range(256))
 
 
 def escape(value: bytes, *, escape_equal: bool = False) -> bytes:
     """Escape a field the way C `composefs-info dump` does (C locale isgraph)."""
     if escape_equal:
-        if not value.translate(None, _PLAIN_EQ):
+        if value.translate(_SAME_EQ) == value:
             return value
         return b"".join([_ESC_EQ[c] for c in value])
-    if not value.translate(None, _PLAIN):
+    if value.translate(_SAME) == value:
         return value
     return b"".join([_ESC[c] for c in value])
 

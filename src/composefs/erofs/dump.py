@@ -22,7 +22,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Collection
 
 from .. import limits
-from ..dumpfile import _PLAIN, _escape_optional, escape
+from ..dumpfile import _SAME, _escape_optional, escape
 from ..errors import ImageError
 from ..tree import no_gc
 from . import format as fmt
@@ -101,7 +101,8 @@ class _Frame:
         self.shown = shown  # printed (not left out by the top-level filter)
         self.filter = filter  # the top-level filter (root only)
         # No name needs escaping: one search for the whole directory.
-        self.clean = not b"".join(names).translate(None, _PLAIN)
+        joined = b"".join(names)
+        self.clean = joined.translate(_SAME) == joined
         self.subdirs = 0
 
 
@@ -187,7 +188,7 @@ class _Dumper:
         whiteout_nids = self.whiteout_nids
         epoch1 = r.epoch1
         root_subdirs = 0
-        plain = _PLAIN
+        same = _SAME
         fast = self.fast
         fast_dir = self.fast_dir
         root = self._frame(
@@ -217,7 +218,7 @@ class _Dumper:
                         raise _err(f"whiteout inode {child_nid} is hardlinked")
                     if show:
                         epath = prefix + (
-                            name if clean or not name.translate(None, plain) else escape(name)
+                            name if clean or name.translate(same) == name else escape(name)
                         )
                         first = printed.get(child_nid)
                         if first is None:
@@ -248,7 +249,7 @@ class _Dumper:
                             if is_root and show:
                                 root_subdirs += 1
                             epath = prefix + (
-                                name if clean or not name.translate(None, plain) else escape(name)
+                                name if clean or name.translate(same) == name else escape(name)
                             )
                             dvals, dnlink, ents = got
                             if show:
@@ -277,7 +278,7 @@ class _Dumper:
                         leaves[child_nid] = (ftype, fvals)
                         if show:
                             epath = prefix + (
-                                name if clean or not name.translate(None, plain) else escape(name)
+                                name if clean or name.translate(same) == name else escape(name)
                             )
                             printed[child_nid] = epath
                             line = _LEAF_LINE % ((epath, *fvals))
@@ -299,7 +300,7 @@ class _Dumper:
                     if is_root and show:
                         root_subdirs += 1
                     epath = prefix + (
-                        name if clean or not name.translate(None, plain) else escape(name)
+                        name if clean or name.translate(same) == name else escape(name)
                     )
                     if show:
                         # Its link count is checked against its subdirectories
@@ -341,7 +342,7 @@ class _Dumper:
                 leaves[child_nid] = (ftype, vals)
                 if show:
                     epath = prefix + (
-                        name if clean or not name.translate(None, plain) else escape(name)
+                        name if clean or name.translate(same) == name else escape(name)
                     )
                     printed[child_nid] = epath
                     line = _LEAF_LINE % ((epath, *vals))
@@ -503,7 +504,7 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
     digests: dict[bytes, bytes] = {}
     # (mode, nlink, uid, gid, mtime, nsec) -> _MID with rdev 0
     mids: dict[tuple[int, int, int, int, int, int], bytes] = {}
-    plain = _PLAIN
+    same = _SAME
 
     # per prefix index: name suffix -> (name, filter bit, kind), valid names only
     by_prefix: list[dict[bytes, tuple[bytes, int, int]]] = [{} for _ in range(_N_PREFIXES)]
@@ -621,7 +622,7 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
                 payload = redirect[1:]
                 if not payload or redirect[0] != 0x2F:  # "/"
                     return None
-                if payload.translate(None, plain):  # (NUL among them)
+                if payload.translate(same) != payload:  # (NUL among them)
                     if b"\0" in payload:
                         return None
                     payload = _escape_optional(payload)
