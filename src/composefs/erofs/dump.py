@@ -110,11 +110,10 @@ class _Dumper:
     def __init__(self, data: bytes, toplevel: Collection[bytes] | None, fast: bool = True) -> None:
         self.r = _Reader(data, keep_opaque_markers=True, inline_data=True)
         self.keep = None if toplevel is None else frozenset(toplevel)
-        # nid -> (dirent type, _LEAF_LINE values after the path) of every
-        # leaf read (hardlinks print them again).
-        self.leaves: dict[int, tuple[int, _LeafValues]] = {}
-        # nid -> escaped path of the first printed name (hardlink payload).
-        self.printed: dict[int, bytes] = {}
+        # nid -> (dirent type, _LEAF_LINE values after the path, escaped
+        # path of the first printed name or None) of every leaf read:
+        # hardlinks print them again, the first name as their payload.
+        self.leaves: dict[int, tuple[int, _LeafValues, bytes | None]] = {}
         self.whiteout_nids: set[int] = set()
         self.dirs_seen: set[int] = set()
         # (name, value) -> its escaped " name=value" field: labels repeat.
@@ -183,7 +182,6 @@ class _Dumper:
         append = out.append
         total = 0
         leaves = self.leaves
-        printed = self.printed
         dirs_seen = self.dirs_seen
         whiteout_nids = self.whiteout_nids
         epoch1 = r.epoch1
@@ -209,7 +207,7 @@ class _Dumper:
                 show = shown if filt is None else shown and name in filt
                 cached = leaves.get(child_nid)
                 if cached is not None:
-                    disk_ft, vals = cached
+                    disk_ft, vals, first = cached
                     if ftype != disk_ft:
                         raise _err(
                             f"directory {nid}: dirent type of {name!r} does not match its inode"
@@ -220,9 +218,8 @@ class _Dumper:
                         epath = prefix + (
                             name if clean or name.translate(same) == name else escape(name)
                         )
-                        first = printed.get(child_nid)
                         if first is None:
-                            printed[child_nid] = epath
+                            leaves[child_nid] = (disk_ft, vals, epath)
                             line = _LEAF_LINE % ((epath, *vals))
                         else:
                             size, mid, _, content, digest, xattrs = vals
@@ -275,17 +272,18 @@ class _Dumper:
                 elif fast is not None:
                     fvals = fast(child_nid, ftype)
                     if fvals is not None:
-                        leaves[child_nid] = (ftype, fvals)
                         if show:
                             epath = prefix + (
                                 name if clean or name.translate(same) == name else escape(name)
                             )
-                            printed[child_nid] = epath
+                            leaves[child_nid] = (ftype, fvals, epath)
                             line = _LEAF_LINE % ((epath, *fvals))
                             append(line)
                             total += len(line)
                             if total > limit:
                                 return None
+                        else:
+                            leaves[child_nid] = (ftype, fvals, None)
                         continue
                 child = r.inode(child_nid)
                 ctype = child.mode & _S_IFMT
@@ -339,17 +337,18 @@ class _Dumper:
                 vals, whiteout = self._leaf(child, name)
                 if whiteout:
                     whiteout_nids.add(child_nid)
-                leaves[child_nid] = (ftype, vals)
                 if show:
                     epath = prefix + (
                         name if clean or name.translate(same) == name else escape(name)
                     )
-                    printed[child_nid] = epath
+                    leaves[child_nid] = (ftype, vals, epath)
                     line = _LEAF_LINE % ((epath, *vals))
                     append(line)
                     total += len(line)
                     if total > limit:
                         return None
+                else:
+                    leaves[child_nid] = (ftype, vals, None)
             if descended:
                 continue
             stack.pop()
@@ -453,9 +452,17 @@ _Dirents = tuple[list[bytes], list[int], list[int]]
 _FastDir = Callable[[int], "tuple[_DirValues, int, _Dirents] | None"]
 _SharedXattr = tuple[bytes, int, int, bytes, bytes]  # name, filter bit, kind, value, field
 _X_USER, _X_METACOPY, _X_REDIRECT, _X_OTHER = range(4)
-_EXT_UNPACK = fmt.EXTENDED_INODE.unpack_from
-_COMPACT_UNPACK = fmt.COMPACT_INODE.unpack_from
-_IBODY_UNPACK = fmt.XATTR_IBODY_HEADER.unpack_from
+# An inode, the xattr header after it and the 4 bytes after that (the
+# first shared xattr reference) in one unpack; only used where that much
+# of the image follows the inode (else the general path reads it).
+_EXT_X = struct.Struct(
+    "<" + fmt.EXTENDED_INODE.format[1:] + fmt.XATTR_IBODY_HEADER.format[1:] + "I"
+).unpack_from
+_COMPACT_X = struct.Struct(
+    "<" + fmt.COMPACT_INODE.format[1:] + fmt.XATTR_IBODY_HEADER.format[1:] + "I"
+).unpack_from
+_EXT_X_SIZE = fmt.EXTENDED_INODE_SIZE + fmt.XATTR_IBODY_HEADER_SIZE + 4
+_COMPACT_X_SIZE = fmt.COMPACT_INODE_SIZE + fmt.XATTR_IBODY_HEADER_SIZE + 4
 _INLINE_MAX = limits.INLINE_CONTENT_MAX
 _ENTRY_UNPACK = fmt.XATTR_ENTRY.unpack_from
 _N_PREFIXES = len(fmt.XATTR_PREFIXES)
@@ -553,19 +560,39 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
             return None
         pos = nid * 32  # fmt.INODE_SLOT_SIZE
         if data[pos] & 1:
-            if pos + 64 > n:  # fmt.EXTENDED_INODE_SIZE
+            if pos + _EXT_X_SIZE > n:
                 return None
-            (f, icount, mode, _, size, u, _, uid, gid, mtime, nsec, nlink) = _EXT_UNPACK(data, pos)
+            (
+                f,
+                icount,
+                mode,
+                _,
+                size,
+                u,
+                _,
+                uid,
+                gid,
+                mtime,
+                nsec,
+                nlink,
+                xfilter,
+                xcount,
+                xref,
+            ) = _EXT_X(data, pos)
             if nsec >= 1_000_000_000:
                 return None
             if mtime >= 1 << 63:
                 mtime -= 1 << 64
-            start = pos + 64
+            start = pos + 64  # fmt.EXTENDED_INODE_SIZE
         else:
-            (f, icount, mode, nlink, size, _, u, _, uid, gid) = _COMPACT_UNPACK(data, pos)
+            if pos + _COMPACT_X_SIZE > n:
+                return None
+            (f, icount, mode, nlink, size, _, u, _, uid, gid, xfilter, xcount, xref) = _COMPACT_X(
+                data, pos
+            )
             mtime = build_time
             nsec = build_nsec
-            start = pos + 32
+            start = pos + 32  # fmt.COMPACT_INODE_SIZE
         t = mode & _S_IFMT
         if f > 0xF or ftype != (1 if t == _S_IFREG else 7 if t == _S_IFLNK else -1):
             return None  # unknown format bits; a dirent type mismatch; other types
@@ -591,7 +618,7 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
         user = b""
         metacopy = redirect = None
         if icount:
-            x = xattrs(start, inline_start)
+            x = xattrs(start, inline_start, xfilter, xcount, xref)
             if x is None:
                 return None
             user, metacopy, redirect = x
@@ -679,9 +706,13 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
             return size, mid, b"-", _escape_optional(content), b"-", user
         return size, mid, _escape_optional(content), b"-", b"-", user
 
-    def xattrs(start: int, inline_start: int) -> tuple[bytes, bytes | None, bytes | None] | None:
-        """(user field, metacopy, redirect) of an xattr area (as in leaf())."""
-        name_filter, count = _IBODY_UNPACK(data, start)
+    def xattrs(
+        start: int, inline_start: int, name_filter: int, count: int, first_ref: int
+    ) -> tuple[bytes, bytes | None, bytes | None] | None:
+        """(user field, metacopy, redirect) of an xattr area: the header's
+        bloom filter and shared count and the 4 bytes after the header are
+        given. reader._Reader._xattr_dict and .xattrs: inline entries, then
+        shared ones; unique names, each admitted by the bloom filter."""
         p = start + 12 + 4 * count
         if p > inline_start:
             return None
@@ -724,7 +755,11 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
                 metacopy = value
             else:
                 return None  # other overlay xattrs; a repeated one
-        for ref in _REFS[count].unpack_from(data, start + 12) if count else ():
+        if count == 1:
+            refs: tuple[int, ...] = (first_ref,)
+        else:
+            refs = _REFS[count].unpack_from(data, start + 12)
+        for ref in refs:
             x = shared.get(ref)
             if x is None:
                 x = shared_xattr(ref)
@@ -753,21 +788,41 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
         # reader._Reader.inode, .xattrs, .dirent_lists (as leaf())
         if nid < _FIRST_NID or nid > max_nid:
             return None
-        pos = nid * 32
+        pos = nid * 32  # fmt.INODE_SLOT_SIZE
         if data[pos] & 1:
-            if pos + 64 > n:
+            if pos + _EXT_X_SIZE > n:
                 return None
-            (f, icount, mode, _, size, u, _, uid, gid, mtime, nsec, nlink) = _EXT_UNPACK(data, pos)
+            (
+                f,
+                icount,
+                mode,
+                _,
+                size,
+                u,
+                _,
+                uid,
+                gid,
+                mtime,
+                nsec,
+                nlink,
+                xfilter,
+                xcount,
+                xref,
+            ) = _EXT_X(data, pos)
             if nsec >= 1_000_000_000:
                 return None
             if mtime >= 1 << 63:
                 mtime -= 1 << 64
-            start = pos + 64
+            start = pos + 64  # fmt.EXTENDED_INODE_SIZE
         else:
-            (f, icount, mode, nlink, size, _, u, _, uid, gid) = _COMPACT_UNPACK(data, pos)
+            if pos + _COMPACT_X_SIZE > n:
+                return None
+            (f, icount, mode, nlink, size, _, u, _, uid, gid, xfilter, xcount, xref) = _COMPACT_X(
+                data, pos
+            )
             mtime = build_time
             nsec = build_nsec
-            start = pos + 32
+            start = pos + 32  # fmt.COMPACT_INODE_SIZE
         if f > 0xF or mode & _S_IFMT != _S_IFDIR or icount == 1:
             return None
         layout = f & 0xE
@@ -789,7 +844,7 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
             return None
         user = b""
         if icount:
-            x = xattrs(start, inline_start)
+            x = xattrs(start, inline_start, xfilter, xcount, xref)
             if x is None or x[1] is not None or x[2] is not None:
                 return None
             user = x[0]
