@@ -69,7 +69,6 @@ import re
 import struct
 from collections.abc import Collection
 from itertools import pairwise
-from typing import NamedTuple
 
 import xxhash
 
@@ -150,12 +149,28 @@ def _err(msg: str) -> ImageError:
     return ImageError(f"invalid composefs image: {msg}")
 
 
-class ImageInfo(NamedTuple):
+class ImageInfo:
     """Header and superblock facts of a validated image (immutable).
 
-    A NamedTuple rather than a frozen dataclass: importing `dataclasses`
-    (and with it `inspect`) cost ~10 ms at every start of `composefs-info`.
+    A plain class rather than a frozen dataclass or a NamedTuple: importing
+    `dataclasses` (and `inspect`) or `typing` cost milliseconds at every
+    start of `composefs-info`.
     """
+
+    _FIELDS = (
+        "composefs_version",
+        "version",
+        "flags",
+        "root_nid",
+        "inodes",
+        "blocks",
+        "build_time",
+        "build_time_nsec",
+        "xattr_blkaddr",
+        "feature_compat",
+        "feature_incompat",
+    )
+    __slots__ = _FIELDS
 
     composefs_version: int
     version: FormatVersion
@@ -168,6 +183,52 @@ class ImageInfo(NamedTuple):
     xattr_blkaddr: int
     feature_compat: int
     feature_incompat: int
+
+    def __init__(
+        self,
+        composefs_version: int,
+        version: FormatVersion,
+        flags: int,
+        root_nid: int,
+        inodes: int,
+        blocks: int,
+        build_time: int,
+        build_time_nsec: int,
+        xattr_blkaddr: int,
+        feature_compat: int,
+        feature_incompat: int,
+    ) -> None:
+        values = (
+            composefs_version,
+            version,
+            flags,
+            root_nid,
+            inodes,
+            blocks,
+            build_time,
+            build_time_nsec,
+            xattr_blkaddr,
+            feature_compat,
+            feature_incompat,
+        )
+        for name, value in zip(self._FIELDS, values, strict=True):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"ImageInfo is immutable (cannot set {name})")
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self._FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ImageInfo) and self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
+        return f"ImageInfo({fields})"
 
     @property
     def is_epoch1(self) -> bool:
