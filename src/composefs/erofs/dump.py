@@ -466,6 +466,7 @@ _COMPACT_X_SIZE = fmt.COMPACT_INODE_SIZE + fmt.XATTR_IBODY_HEADER_SIZE + 4
 _INLINE_MAX = limits.INLINE_CONTENT_MAX
 _ENTRY_UNPACK = fmt.XATTR_ENTRY.unpack_from
 _N_PREFIXES = len(fmt.XATTR_PREFIXES)
+_HOLES = [_NULL_CHUNKS[: 4 * n] for n in range(16)]  # the indexes of small files
 
 
 def _xattr_field(name: bytes, value: bytes) -> bytes:
@@ -531,6 +532,25 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
         else:
             kind = _X_OTHER
         got = by_prefix[index][suffix] = (name, bit, kind)
+        return got
+
+    # An inline entry's header and name -> (value start, value end, entry
+    # size, name, filter bit, kind), valid names only.
+    entries: dict[bytes, tuple[int, int, int, bytes, int, int]] = {}
+
+    def entry_head(head: bytes) -> tuple[int, int, int, bytes, int, int] | None:
+        # reader._Reader._entry: a known prefix index, a valid name
+        if len(head) < 4 or len(head) != 4 + head[0]:
+            return None  # beyond the image: the entry is refused
+        name_len, index, value_size = _ENTRY_UNPACK(head, 0)
+        if index >= _N_PREFIXES:
+            return None
+        known = by_prefix[index].get(head[4:]) or xattr_name(index, head[4:])
+        if known is None:
+            return None
+        xname, bit, kind = known
+        step = 4 + ((name_len + value_size + 3) & ~3)
+        got = entries[head] = (4 + name_len, 4 + name_len + value_size, step, xname, bit, kind)
         return got
 
     def shared_xattr(ref: int) -> _SharedXattr | None:
@@ -623,15 +643,17 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
                 return None
             user, metacopy, redirect = x
         if t == _S_IFREG and layout == _CHUNK_BASED:
-            if not size or size > _MAX_EXTERNAL_SIZE or (u & 0xFFFF) & ~0x1F:
+            if not size or size > _MAX_EXTERNAL_SIZE or u & 0xFFE0:  # (u & 0xFFFF) & ~0x1F
                 return None
-            chunks = -(-size >> (fmt.BLOCK_BITS + (u & fmt.CHUNK_FORMAT_BLKBITS_MASK)))
-            if not epoch1:
+            if epoch1:
+                chunks = -(-size >> (fmt.BLOCK_BITS + (u & fmt.CHUNK_FORMAT_BLKBITS_MASK)))
+                if chunks > _CHECKED_CHUNKS:
+                    chunks = 0
+            else:
                 chunks = 1
-            elif chunks > _CHECKED_CHUNKS:
-                chunks = 0
             # Inside the image and all holes (no copy of the image's bytes).
-            if not data.startswith(_NULL_CHUNKS[: 4 * chunks], inline_start):
+            holes = _HOLES[chunks] if chunks < 16 else _NULL_CHUNKS[: 4 * chunks]
+            if not data.startswith(holes, inline_start):
                 return None
             charge += 4 * chunks
             # reader.external_parts' xattr checks, _Dumper._external's fields
@@ -724,21 +746,18 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
         while p < inline_start:
             if p + 4 > inline_start:
                 return None
-            name_len, index, value_size = _ENTRY_UNPACK(data, p)
-            body = p + 4
-            p = body + ((name_len + value_size + 3) & ~3)
-            if p > inline_start or index >= _N_PREFIXES:
-                return None
-            suffix = data[body : body + name_len]
-            known = by_prefix[index].get(suffix)
-            if known is None:
-                known = xattr_name(index, suffix)
-                if known is None:
+            # The entry's header and name are the key of what they mean.
+            head = data[p : p + 4 + data[p]]
+            entry = entries.get(head)
+            if entry is None:
+                entry = entry_head(head)
+                if entry is None:
                     return None
-            xname, bit, kind = known
-            if name_filter & bit:
+            value_start, value_end, step, xname, bit, kind = entry
+            value = data[p + value_start : p + value_end]
+            p += step
+            if p > inline_start or name_filter & bit:
                 return None
-            value = data[body + name_len : body + name_len + value_size]
             if kind == _X_USER:
                 item = (xname, value)
                 field = xattr_fields.get(item)
