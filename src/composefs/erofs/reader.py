@@ -142,6 +142,9 @@ _KERNEL_PREFIXES = (
 )
 _REFS = [struct.Struct(f"<{n}I") for n in range(256)]
 _lt = operator.lt
+# Maps "/" and NUL elsewhere, every other byte to itself: a name area is
+# valid when translating it changes nothing.
+_NAME_BYTES = bytes(c ^ 1 if c in b"/\0" else c for c in range(256))
 _HEX2 = frozenset(f"{i:02x}".encode() for i in range(256))
 
 
@@ -646,12 +649,12 @@ class _Reader:
         types: list[int],
     ) -> None:
         # Hot (once per directory block): the block's checks run in bulk
-        # (C-level map/all/find over the whole table and name area); only a
+        # (C-level slices, all() and one translate over the name area); only a
         # block that fails one is walked entry by entry, for its message.
         data = self.data
         if length < fmt.DIRENT_SIZE:
             raise _err(f"directory {nid}: truncated dirent block")
-        (first_nameoff,) = _U16.unpack_from(data, off + 8)
+        first_nameoff = data[off + 8] | data[off + 9] << 8  # the first dirent's nameoff
         if first_nameoff % fmt.DIRENT_SIZE or not 0 < first_nameoff < length:
             raise _err(f"directory {nid}: bad dirent name offset {first_nameoff}")
         count = first_nameoff // fmt.DIRENT_SIZE
@@ -659,28 +662,25 @@ class _Reader:
         flat = _dirent_table(count).unpack_from(data, off)
         offs = flat[1::3]
         last = offs[-1]
-        if (count == 1 or all(map(_lt, offs, offs[1:]))) and last < length:
-            # Names but the last are back to back between the first and the
-            # last name offsets: one search each for "/" and NUL covers them.
-            # (find, not `in`: bytes.__contains__ first tries its argument as
-            # an int, and building that TypeError costs more than the search.)
-            base = off + first_nameoff
-            head = data[base : off + last]
-            tail = data[off + last : off + length].split(b"\0", 1)[0]
+        block = data[off : off + length]
+        # The last name runs to a NUL or the end of the block.
+        tail = block[last:].split(b"\0", 1)[0]
+        if tail:
+            block_names = [block[a:b] for a, b in pairwise(offs)]
+            block_names.append(tail)
+            # No empty name: the offsets increase (and the last is inside the
+            # block), so the names are back to back and `area` is all of them:
+            # one pass over it finds any "/" or NUL.
+            area = block[first_nameoff : last + len(tail)]
             if (
-                tail
-                and head.find(b"\0") < 0
-                and head.find(b"/") < 0
-                and tail.find(b"/") < 0
-                and len(tail) <= NAME_MAX
+                all(block_names)
+                and area.translate(_NAME_BYTES) == area
+                and (len(area) <= NAME_MAX or max(map(len, block_names)) <= NAME_MAX)
             ):
-                block_names = [data[off + a : off + b] for a, b in pairwise(offs)]
-                block_names.append(tail)
-                if count == 1 or max(map(len, block_names)) <= NAME_MAX:
-                    names += block_names
-                    nids += flat[0::3]
-                    types += flat[2::3]
-                    return
+                names += block_names
+                nids += flat[0::3]
+                types += flat[2::3]
+                return
         self._dirent_block_slow(off, length, nid, flat, count, names, nids, types)
 
     def _dirent_block_slow(
