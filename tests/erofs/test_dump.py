@@ -109,3 +109,21 @@ def test_fast_paths_agree_with_the_general_path(vectors: Path) -> None:
     # rich_tree and the C vectors have whiteouts, escaped overlay xattrs and
     # opaque directories, which the fused readers leave to the general path.
     assert all(taken.values()), taken
+
+
+@pytest.mark.parametrize("version", list(FormatVersion))
+def test_names_sorting_before_dot(version: FormatVersion) -> None:
+    # "." and ".." are usually the first two entries; names with a byte
+    # below "." ("!", "+", "-", ".-") sort before or between them.
+    from composefs.tree import Directory, Leaf, Regular, Stat
+
+    root = Directory()
+    sub = Directory()
+    root.entries[b"sub"] = sub
+    for d in (root, sub):
+        for name in (b"!bang", b"+plus", b"-dash", b".-dot-dash", b"..x", b"z"):
+            d.entries[name] = Leaf(Stat(0o644), Regular(1, data=b"x"))
+    image = mkfs(root, version)
+    out = dump_image(image)
+    assert out == dumpfile.dumps(reader.read_image(image))
+    assert b"/sub/.-dot-dash " in out and b"/!bang " in out

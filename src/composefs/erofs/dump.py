@@ -885,6 +885,14 @@ def _check_dots(
     nid: int, parent_nid: int, names: list[bytes], nids: list[int], types: list[int]
 ) -> None:
     """reader._Builder's "." and ".." checks; then both are removed."""
+    if len(names) > 1 and names[0] == b"." and names[1] == b"..":
+        # The usual case: no name sorts before them.
+        if nids[0] != nid or types[0] != _FT_DIR:
+            raise _err(f"directory {nid}: . points to inode {nids[0]}")
+        if nids[1] != parent_nid or types[1] != _FT_DIR:
+            raise _err(f"directory {nid}: .. points to inode {nids[1]}")
+        del names[:2], nids[:2], types[:2]
+        return
     # Sorted names: "." and ".." are found by bisection (names starting
     # with "." and a byte below "." may sit between them).
     i = bisect_left(names, b".")
