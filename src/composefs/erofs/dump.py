@@ -61,19 +61,24 @@ _CHUNK_BASED = fmt.DATALAYOUT_CHUNK_BASED
 _MAX_DEPTH = limits.MAX_DEPTH
 # dumpfile._iter_lines' C-style leaf lines: path size mode nlink uid gid
 # rdev mtime.nsec payload content digest xattrs; a hardlink has "@" before
-# the mode and the first name's path as payload.
-_LEAF_LINE = b"%s %d %s %s %s %s%s\n"
-_HARDLINK_LINE = b"%s %d @%s %s %s %s%s\n"
+# the mode and the first name's path as payload. A leaf's line is its path
+# and its _LEAF_TAIL (which no escaped field puts a space in).
+_LEAF_TAIL = b" %d %s %s %s %s%s\n"
 # The part from the mode to the mtime (mode nlink uid gid rdev mtime.nsec),
 # formatted once per distinct value (most files share a few): formatting
 # the numbers was the dump's largest single cost.
 _MID = b"%o %d %d %d %d %d.%d"
 # dumpfile._iter_lines' directory lines: path size mode nlink uid gid mtime.nsec xattrs
 _DIR_LINE = b"%s %d %s - - -%s\n"
-# _LEAF_LINE / _DIR_LINE values after the path: size, _MID, (payload,
-# content, digest,) xattrs
-_LeafValues = tuple[int, bytes, bytes, bytes, bytes, bytes]
+# _DIR_LINE values after the path: size, _MID, xattrs
 _DirValues = tuple[int, bytes, bytes]
+
+
+def _hardlink_line(epath: bytes, tail: bytes, first: bytes) -> bytes:
+    """A hardlink's line from its first name's _LEAF_TAIL and path."""
+    # "", size, mode, nlink, uid, gid, rdev, mtime, payload, the rest
+    f = tail.split(b" ", 9)
+    return b"%s %s @%s %s %s" % (epath, f[1], b" ".join(f[2:8]), first, f[9])
 
 
 class _Frame:
@@ -110,10 +115,10 @@ class _Dumper:
     def __init__(self, data: bytes, toplevel: Collection[bytes] | None, fast: bool = True) -> None:
         self.r = _Reader(data, keep_opaque_markers=True, inline_data=True)
         self.keep = None if toplevel is None else frozenset(toplevel)
-        # nid -> (dirent type, _LEAF_LINE values after the path, escaped
-        # path of the first printed name or None) of every leaf read:
-        # hardlinks print them again, the first name as their payload.
-        self.leaves: dict[int, tuple[int, _LeafValues, bytes | None]] = {}
+        # nid -> (dirent type, line, length of its path) of every leaf read
+        # (hardlinks print it again, with the first name as payload); a
+        # leaf not printed yet (the top-level filter) has its _LEAF_TAIL and 0.
+        self.leaves: dict[int, tuple[int, bytes, int]] = {}
         self.whiteout_nids: set[int] = set()
         self.dirs_seen: set[int] = set()
         # (name, value) -> its escaped " name=value" field: labels repeat.
@@ -207,7 +212,7 @@ class _Dumper:
                 show = shown if filt is None else shown and name in filt
                 cached = leaves.get(child_nid)
                 if cached is not None:
-                    disk_ft, vals, first = cached
+                    disk_ft, text, first_len = cached
                     if ftype != disk_ft:
                         raise _err(
                             f"directory {nid}: dirent type of {name!r} does not match its inode"
@@ -218,20 +223,11 @@ class _Dumper:
                         epath = prefix + (
                             name if clean or name.translate(same) == name else escape(name)
                         )
-                        if first is None:
-                            leaves[child_nid] = (disk_ft, vals, epath)
-                            line = _LEAF_LINE % ((epath, *vals))
+                        if first_len:
+                            line = _hardlink_line(epath, text[first_len:], text[:first_len])
                         else:
-                            size, mid, _, content, digest, xattrs = vals
-                            line = _HARDLINK_LINE % (
-                                epath,
-                                size,
-                                mid,
-                                first,
-                                content,
-                                digest,
-                                xattrs,
-                            )
+                            line = epath + text
+                            leaves[child_nid] = (disk_ft, line, len(epath))
                         append(line)
                         total += len(line)
                         if total > limit:
@@ -270,20 +266,20 @@ class _Dumper:
                             descended = True
                             break
                 elif fast is not None:
-                    fvals = fast(child_nid, ftype)
-                    if fvals is not None:
+                    tail = fast(child_nid, ftype)
+                    if tail is not None:
                         if show:
                             epath = prefix + (
                                 name if clean or name.translate(same) == name else escape(name)
                             )
-                            leaves[child_nid] = (ftype, fvals, epath)
-                            line = _LEAF_LINE % ((epath, *fvals))
+                            line = epath + tail
+                            leaves[child_nid] = (ftype, line, len(epath))
                             append(line)
                             total += len(line)
                             if total > limit:
                                 return None
                         else:
-                            leaves[child_nid] = (ftype, fvals, None)
+                            leaves[child_nid] = (ftype, tail, 0)
                         continue
                 child = r.inode(child_nid)
                 ctype = child.mode & _S_IFMT
@@ -334,21 +330,21 @@ class _Dumper:
                     r.raw_xattrs(child)
                     whiteout_nids.add(child_nid)
                     continue
-                vals, whiteout = self._leaf(child, name)
+                tail, whiteout = self._leaf(child, name)
                 if whiteout:
                     whiteout_nids.add(child_nid)
                 if show:
                     epath = prefix + (
                         name if clean or name.translate(same) == name else escape(name)
                     )
-                    leaves[child_nid] = (ftype, vals, epath)
-                    line = _LEAF_LINE % ((epath, *vals))
+                    line = epath + tail
+                    leaves[child_nid] = (ftype, line, len(epath))
                     append(line)
                     total += len(line)
                     if total > limit:
                         return None
                 else:
-                    leaves[child_nid] = (ftype, vals, None)
+                    leaves[child_nid] = (ftype, tail, 0)
             if descended:
                 continue
             stack.pop()
@@ -363,8 +359,8 @@ class _Dumper:
         out[0] = self._dir_line(b"/", root_ino, root_x, 2 + root_subdirs)
         return out
 
-    def _leaf(self, ino: _Inode, name: bytes) -> tuple[_LeafValues, bool]:
-        """(_LEAF_LINE values after the path, whiteout?), with
+    def _leaf(self, ino: _Inode, name: bytes) -> tuple[bytes, bool]:
+        """(_LEAF_TAIL, whiteout?), with
         reader._Builder._leaf's checks and dumpfile._leaf_fields' values."""
         r = self.r
         x = r.xattrs(ino)
@@ -415,7 +411,7 @@ class _Dumper:
             if t == _S_IFCHR or t == _S_IFBLK:
                 rdev = ino.u
                 whiteout = t == _S_IFCHR and rdev == 0
-        vals = (
+        tail = _LEAF_TAIL % (
             size,
             _MID
             % (
@@ -432,7 +428,7 @@ class _Dumper:
             digest.encode() if digest else b"-",
             self._xattrs(x.user),
         )
-        return vals, whiteout
+        return tail, whiteout
 
     def _external(self, ino: _Inode, x: _Xattrs) -> tuple[str | None, bytes | None]:
         """(digest, payload field) of an external file, checked as the reader does."""
@@ -447,7 +443,7 @@ class _Dumper:
         return digest, payload
 
 
-_FastLeaf = Callable[[int, int], "_LeafValues | None"]
+_FastLeaf = Callable[[int, int], "bytes | None"]
 _Dirents = tuple[list[bytes], list[int], list[int]]
 _FastDir = Callable[[int], "tuple[_DirValues, int, _Dirents] | None"]
 _SharedXattr = tuple[bytes, int, int, bytes, bytes]  # name, filter bit, kind, value, field
@@ -480,7 +476,7 @@ _SYMLINK_MAX = limits.SYMLINK_MAX
 def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
     """Fused readers for the common inodes, unpacked and checked in one go
     (no _Inode/_Xattrs objects): `leaf(nid, dirent type)` gives the
-    _LEAF_LINE values of a regular file or symlink, `directory(nid)` the
+    _LEAF_TAIL of a regular file or symlink, `directory(nid)` the
     _DIR_LINE values (link count third) and the dirent lists of a directory.
     Either gives None instead, and the caller then takes the general path
     (r.inode, _Dumper._leaf, r.dirent_lists), which reads the inode again
@@ -575,7 +571,7 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
         got = digests[metacopy] = digest.encode() if digest else b"-"
         return got
 
-    def leaf(nid: int, ftype: int) -> _LeafValues | None:
+    def leaf(nid: int, ftype: int) -> bytes | None:
         if nid < _FIRST_NID or nid > max_nid:
             return None
         pos = nid * 32  # fmt.INODE_SLOT_SIZE
@@ -685,7 +681,7 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
             mid = mids.get(key)
             if mid is None:
                 mid = mids[key] = _MID % (mode, nlink, uid, gid, 0, mtime, nsec)
-            return size, mid, payload, b"-", digest, user
+            return _LEAF_TAIL % (size, mid, payload, b"-", digest, user)
         if metacopy is not None or redirect is not None:
             return None
         if t == _S_IFREG:
@@ -725,8 +721,8 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
         if mid is None:
             mid = mids[key] = _MID % (mode, nlink, uid, gid, 0, mtime, nsec)
         if t == _S_IFREG:
-            return size, mid, b"-", _escape_optional(content), b"-", user
-        return size, mid, _escape_optional(content), b"-", b"-", user
+            return _LEAF_TAIL % (size, mid, b"-", _escape_optional(content), b"-", user)
+        return _LEAF_TAIL % (size, mid, _escape_optional(content), b"-", b"-", user)
 
     def xattrs(
         start: int, inline_start: int, name_filter: int, count: int, first_ref: int
