@@ -17,7 +17,6 @@ from __future__ import annotations
 import binascii
 import re
 from collections.abc import Iterable, Iterator
-from typing import BinaryIO
 
 from . import limits
 from .errors import DumpfileError
@@ -43,6 +42,11 @@ from .tree import (
     no_gc,
     walk,
 )
+
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing (~3 ms)
+
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 # Limits of C libcomposefs 1.0.8 (lcfs-writer.h, lcfs-internal.h, linux/limits.h).
 INLINE_CONTENT_MAX = 5000
@@ -136,17 +140,21 @@ def _escape_table(escape_equal: bool) -> list[bytes]:
 
 _ESC = _escape_table(False)
 _ESC_EQ = _escape_table(True)
-_NEEDS_ESC = re.compile(rb"[^\x21-\x5b\x5d-\x7e]")
-_NEEDS_ESC_EQ = re.compile(rb"[^\x21-\x3c\x3e-\x5b\x5d-\x7e]")
+# Translation tables keeping the bytes printed as they are and changing
+# every other: `value.translate(_SAME) == value` when nothing in value needs
+# escaping (a C loop, several times faster than a regex search over a
+# negated class, which was a tenth of `composefs-info dump`).
+_SAME = bytes(c if _ESC[c] == bytes((c,)) else c ^ 1 for c in range(256))
+_SAME_EQ = bytes(c if _ESC_EQ[c] == bytes((c,)) else c ^ 1 for c in range(256))
 
 
 def escape(value: bytes, *, escape_equal: bool = False) -> bytes:
     """Escape a field the way C `composefs-info dump` does (C locale isgraph)."""
     if escape_equal:
-        if _NEEDS_ESC_EQ.search(value) is None:
+        if value.translate(_SAME_EQ) == value:
             return value
         return b"".join([_ESC_EQ[c] for c in value])
-    if _NEEDS_ESC.search(value) is None:
+    if value.translate(_SAME) == value:
         return value
     return b"".join([_ESC[c] for c in value])
 

@@ -245,7 +245,9 @@ def run_case(data: bytes, check_memory: bool, check_rewrite: bool) -> str:
             # Python objects cost more than on-disk bytes, but only by a
             # constant factor: a runaway allocation is far beyond this.
             assert peak < 64 * len(data) + (4 << 20), f"peak {peak} for {len(data)} bytes"
-    # The streaming `composefs-info dump` path validates exactly as much.
+    # The streaming `composefs-info dump` path validates exactly as much,
+    # with its fused fast paths (dump_image) and without them (every inode
+    # through the general path they fall back to).
     try:
         with time_bound(CASE_SECONDS):
             dumped = dump.dump_image(data)
@@ -255,6 +257,14 @@ def run_case(data: bytes, check_memory: bool, check_rewrite: bool) -> str:
     else:
         assert result == "ok", "dump_image accepted what read_image refused"
         assert dumped == dumpfile.dumps(tree)
+    try:
+        with time_bound(CASE_SECONDS):
+            lines = dump._Dumper(data, None, fast=False).dump(float("inf"))
+    except ImageError as e:
+        assert result == "rejected", f"the general dump path refused what read_image read: {e}"
+    else:
+        assert result == "ok", "the general dump path accepted what read_image refused"
+        assert lines is not None and b"".join(lines) == dumped
     if result == "ok" and check_rewrite:
         rewrite(data, tree)
     return result

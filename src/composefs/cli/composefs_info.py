@@ -14,12 +14,15 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import ComposefsError, UsageError
 from ._util import Parser, add_version, run
 
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing (~3 ms)
+
 if TYPE_CHECKING:
+    from typing import BinaryIO
+
     from ..tree import Directory
 
 PROG = "composefs-info"

@@ -64,10 +64,11 @@ image reproduces it byte for byte.
 from __future__ import annotations
 
 import functools
+import operator
 import re
 import struct
 from collections.abc import Collection
-from dataclasses import dataclass
+from itertools import pairwise
 
 import xxhash
 
@@ -140,6 +141,10 @@ _KERNEL_PREFIXES = (
     b"system.posix_acl_default",
 )
 _REFS = [struct.Struct(f"<{n}I") for n in range(256)]
+_lt = operator.lt
+# Maps "/" and NUL elsewhere, every other byte to itself: a name area is
+# valid when translating it changes nothing.
+_NAME_BYTES = bytes(c ^ 1 if c in b"/\0" else c for c in range(256))
 _HEX2 = frozenset(f"{i:02x}".encode() for i in range(256))
 
 
@@ -147,9 +152,28 @@ def _err(msg: str) -> ImageError:
     return ImageError(f"invalid composefs image: {msg}")
 
 
-@dataclass(frozen=True, slots=True)
 class ImageInfo:
-    """Header and superblock facts of a validated image."""
+    """Header and superblock facts of a validated image (immutable).
+
+    A plain class rather than a frozen dataclass or a NamedTuple: importing
+    `dataclasses` (and `inspect`) or `typing` cost milliseconds at every
+    start of `composefs-info`.
+    """
+
+    _FIELDS = (
+        "composefs_version",
+        "version",
+        "flags",
+        "root_nid",
+        "inodes",
+        "blocks",
+        "build_time",
+        "build_time_nsec",
+        "xattr_blkaddr",
+        "feature_compat",
+        "feature_incompat",
+    )
+    __slots__ = _FIELDS
 
     composefs_version: int
     version: FormatVersion
@@ -162,6 +186,52 @@ class ImageInfo:
     xattr_blkaddr: int
     feature_compat: int
     feature_incompat: int
+
+    def __init__(
+        self,
+        composefs_version: int,
+        version: FormatVersion,
+        flags: int,
+        root_nid: int,
+        inodes: int,
+        blocks: int,
+        build_time: int,
+        build_time_nsec: int,
+        xattr_blkaddr: int,
+        feature_compat: int,
+        feature_incompat: int,
+    ) -> None:
+        values = (
+            composefs_version,
+            version,
+            flags,
+            root_nid,
+            inodes,
+            blocks,
+            build_time,
+            build_time_nsec,
+            xattr_blkaddr,
+            feature_compat,
+            feature_incompat,
+        )
+        for name, value in zip(self._FIELDS, values, strict=True):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"ImageInfo is immutable (cannot set {name})")
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self._FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ImageInfo) and self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
+        return f"ImageInfo({fields})"
 
     @property
     def is_epoch1(self) -> bool:
@@ -536,38 +606,96 @@ class _Reader:
     # -- directories ---------------------------------------------------------
     def dirents(self, ino: _Inode) -> list[tuple[bytes, int, int]]:
         """All (name, nid, file_type) of a directory, validated and sorted."""
+        return list(zip(*self.dirent_lists(ino), strict=True))
+
+    def dirent_lists(self, ino: _Inode) -> tuple[list[bytes], list[int], list[int]]:
+        """`dirents` as three lists: names, nids, file types."""
         if ino.datalayout == fmt.DATALAYOUT_CHUNK_BASED:
             raise _err(f"directory {ino.nid}: chunk-based layout")
         if ino.size == 0:
             raise _err(f"directory {ino.nid} is empty (no . and ..)")
         start, count = self.blocks(ino)
         self.charge(ino.size)
-        out: list[tuple[bytes, int, int]] = []
-        remaining = ino.size
+        return self._dirent_lists(ino.nid, start, count, ino.size, ino.inline_start)
+
+    def _dirent_lists(
+        self, nid: int, start: int, count: int, size: int, inline_start: int
+    ) -> tuple[list[bytes], list[int], list[int]]:
+        """The dirents of `count` blocks from block `start`, then the inline
+        tail (`size` bytes in all), the blocks checked (`blocks`) and charged."""
+        names: list[bytes] = []
+        nids: list[int] = []
+        types: list[int] = []
+        remaining = size
+        block = self._dirent_block
         for i in range(count):
-            off = (start + i) * _BLK
-            length = min(_BLK, remaining)
-            self._dirent_block(off, length, ino.nid, out)
+            length = _BLK if remaining > _BLK else remaining
+            block((start + i) * _BLK, length, nid, names, nids, types)
             remaining -= length
         if remaining:
-            self._dirent_block(ino.inline_start, remaining, ino.nid, out)
-        for i in range(1, len(out)):
-            if out[i - 1][0] >= out[i][0]:
-                raise _err(f"directory {ino.nid}: entries not sorted or duplicated")
-        return out
+            block(inline_start, remaining, nid, names, nids, types)
+        # Strictly increasing names (sorted and unique), compared in C.
+        if len(names) > 1 and not all(map(_lt, names, names[1:])):
+            raise _err(f"directory {nid}: entries not sorted or duplicated")
+        return names, nids, types
 
     def _dirent_block(
-        self, off: int, length: int, nid: int, out: list[tuple[bytes, int, int]]
+        self,
+        off: int,
+        length: int,
+        nid: int,
+        names: list[bytes],
+        nids: list[int],
+        types: list[int],
     ) -> None:
+        # Hot (once per directory block): the block's checks run in bulk
+        # (C-level slices, all() and one translate over the name area); only a
+        # block that fails one is walked entry by entry, for its message.
         data = self.data
         if length < fmt.DIRENT_SIZE:
             raise _err(f"directory {nid}: truncated dirent block")
-        (first_nameoff,) = _U16.unpack_from(data, off + 8)
+        first_nameoff = data[off + 8] | data[off + 9] << 8  # the first dirent's nameoff
         if first_nameoff % fmt.DIRENT_SIZE or not 0 < first_nameoff < length:
             raise _err(f"directory {nid}: bad dirent name offset {first_nameoff}")
         count = first_nameoff // fmt.DIRENT_SIZE
         # One unpack for the block's whole dirent table.
         flat = _dirent_table(count).unpack_from(data, off)
+        offs = flat[1::3]
+        last = offs[-1]
+        block = data[off : off + length]
+        # The last name runs to a NUL or the end of the block.
+        tail = block[last:].split(b"\0", 1)[0]
+        if tail:
+            block_names = [block[a:b] for a, b in pairwise(offs)]
+            block_names.append(tail)
+            # No empty name: the offsets increase (and the last is inside the
+            # block), so the names are back to back and `area` is all of them:
+            # one pass over it finds any "/" or NUL.
+            area = block[first_nameoff : last + len(tail)]
+            if (
+                all(block_names)
+                and area.translate(_NAME_BYTES) == area
+                and (len(area) <= NAME_MAX or max(map(len, block_names)) <= NAME_MAX)
+            ):
+                names += block_names
+                nids += flat[0::3]
+                types += flat[2::3]
+                return
+        self._dirent_block_slow(off, length, nid, flat, count, names, nids, types)
+
+    def _dirent_block_slow(
+        self,
+        off: int,
+        length: int,
+        nid: int,
+        flat: tuple[int, ...],
+        count: int,
+        names: list[bytes],
+        nids: list[int],
+        types: list[int],
+    ) -> None:
+        """The block entry by entry (it raises the first problem found)."""
+        data = self.data
         ents = [flat[i : i + 3] for i in range(0, 3 * count, 3)]
         for i, (child, nameoff, ftype) in enumerate(ents):
             if i + 1 < count:
@@ -584,7 +712,9 @@ class _Reader:
                     raise _err(f"directory {nid}: empty name")
             if len(name) > NAME_MAX or b"/" in name or b"\0" in name:
                 raise _err(f"directory {nid}: invalid name {name!r}")
-            out.append((name, child, ftype))
+            names.append(name)
+            nids.append(child)
+            types.append(ftype)
 
 
 @functools.cache
