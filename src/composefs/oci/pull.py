@@ -117,10 +117,51 @@ class ImportStats:
 # -- reading helpers ------------------------------------------------------------------
 
 
+class _BackgroundHash:
+    """A hashlib hash fed from a thread of its own: hashing releases the GIL,
+    so the uncompressed layer's digest (~0.1 s for a 120 MB layer) runs on
+    the other core instead of in the thread that parses the tar."""
+
+    def __init__(self, algorithm: str) -> None:
+        import queue
+
+        self._hash = hashlib.new(algorithm)
+        # Bounded: a few read blocks ahead at most, never a layer.
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="layer-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        update = self._hash.update
+        get = self._queue.get
+        # Keeps taking data after a failure, so update() never blocks.
+        while (data := get()) is not None:
+            if self._error is None:
+                try:
+                    update(data)
+                except BaseException as e:  # reported by hexdigest()
+                    self._error = e
+
+    def update(self, data: bytes) -> None:
+        self._queue.put(data)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return self._hash.hexdigest()
+
+
 class _HashingReader(io.RawIOBase):
     """Counts, hashes and size-checks what is read through it; `on_eof`
     runs once when the source is exhausted (to verify before anything
-    downstream gets named)."""
+    downstream gets named). `background` hashes in a thread of its own."""
 
     def __init__(
         self,
@@ -130,10 +171,13 @@ class _HashingReader(io.RawIOBase):
         on_read: Callable[[int], None] | None = None,
         what: str = "blob",
         on_eof: Callable[[_HashingReader], None] | None = None,
+        background: bool = False,
     ) -> None:
         super().__init__()
         self._src = src
-        self._hash = hashlib.new(algorithm) if algorithm else None
+        self._hash: Any = None
+        if algorithm:
+            self._hash = _BackgroundHash(algorithm) if background else hashlib.new(algorithm)
         self.count = 0
         self._limit = limit
         self._on_read = on_read
@@ -169,7 +213,12 @@ class _HashingReader(io.RawIOBase):
 
     def hexdigest(self) -> str:
         assert self._hash is not None
-        return self._hash.hexdigest()
+        return str(self._hash.hexdigest())
+
+    def close(self) -> None:
+        if isinstance(self._hash, _BackgroundHash):
+            self._hash.close()  # no thread outlives the import
+        super().close()
 
 
 def _decompressor(raw: Any, compression: str) -> Any:
@@ -317,13 +366,16 @@ def import_layer(
     try:
         decompressed = _decompressor(source, compression)
         try:
-            tar_in = _HashingReader(decompressed, alg if verify else None)
-            _tar.split_tar(tar_in, sink)
-            tar_in.drain()
-            # Whatever follows the compressed data must be read too (the
-            # caller may verify the blob digest at its end).
-            while source.read(_BLOCK):
-                pass
+            tar_in = _HashingReader(decompressed, alg if verify else None, background=True)
+            try:
+                _tar.split_tar(tar_in, sink)
+                tar_in.drain()
+                # Whatever follows the compressed data must be read too (the
+                # caller may verify the blob digest at its end).
+                while source.read(_BLOCK):
+                    pass
+            finally:
+                tar_in.close()
         except _decompress_errors() as e:
             raise OciError(f"layer {diff_id}: corrupt {compression} data: {e}") from None
         finally:
