@@ -218,9 +218,9 @@ def _main(argv: Sequence[str]) -> int:
             out = stack.enter_context(atomic_output(str(args.image)))
         root = _read_tree(args, threads, int(version) == 2)
 
-        from ..erofs.writer import mkfs
+        from ..erofs.writer import mkfs_buffer
 
-        image = mkfs(root, version, max_version=max_version)
+        image = mkfs_buffer(root, version, max_version=max_version)
         if out is not None:
             out.write(image)
             out.flush()

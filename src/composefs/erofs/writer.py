@@ -32,7 +32,7 @@ from ..tree import Device, Directory, Fifo, Leaf, Regular, Socket, Stat, Symlink
 from . import format as F
 from .format import FormatVersion
 
-__all__ = ["FormatVersion", "mkfs"]
+__all__ = ["FormatVersion", "mkfs", "mkfs_buffer"]
 
 BLOCK = F.BLOCK_SIZE
 HALF_BLOCK = BLOCK // 2
@@ -898,11 +898,15 @@ def _emit_epoch1(
     inodes_end: int,
     header: bytes,
     sb_args: dict[str, int],
-) -> bytes:
+) -> bytearray:
+    """The image, written in place into one zero-filled buffer: padding costs
+    nothing, and no list of pieces or joined copies of the image is made."""
     shared_size = sum(len(e) for e in shared_table)
     data_start = (inodes_end + shared_size + BLOCK - 1) & ~(BLOCK - 1)
     n_data_blocks = sum(i.n_blocks for i in inodes)
-    out = _head(
+    buf = bytearray(data_start + n_data_blocks * BLOCK)
+    p = 0
+    for part in _head(
         header,
         inodes[0].nid,
         len(inodes),
@@ -910,17 +914,20 @@ def _emit_epoch1(
         sb_args["build_time_nsec"],
         data_start // BLOCK + n_data_blocks,
         inodes_end // BLOCK,
-    )
-    blocks: list[bytes] = []
+    ):
+        buf[p : p + len(part)] = part
+        p += len(part)
+    # (every slice assignment below replaces exactly as many bytes as it
+    # writes: a bytearray would otherwise grow or shrink)
     cur = data_start // BLOCK
     xbase = inodes_end % BLOCK
     ibody = _pack_ibody
-    append = out.append
+    pack_compact = F.COMPACT_INODE.pack_into
+    pack_extended = F.EXTENDED_INODE.pack_into
     heads: dict[tuple[int, Sequence[int]], bytes] = {}
+    nulls = _NULL_CHUNKS_BLOCK
     for ino in inodes:
-        pad = ino.ipad
-        if pad:
-            append(_PADS[pad] if pad < 32 else _zeros(pad))
+        p = ino.nid << 5
         ft = ino.ftype
         tail_bytes = b""
         u = 0
@@ -929,16 +936,17 @@ def _emit_epoch1(
             size = ino.size
             layout = F.DATALAYOUT_CHUNK_BASED
             u = ino.chunk_format
-            tail_bytes = _NULL_CHUNKS_BLOCK[: ino.tail]
+            tail_bytes = nulls[: ino.tail]
         elif ft == S_IFDIR:
             size = ino.n_blocks * BLOCK + ino.tail
             full, tail_bytes = _dir_chunks(ino)
             if ino.n_blocks:
                 u = cur
+                o = cur * BLOCK
                 cur += ino.n_blocks
                 for b in full:
-                    blocks.append(b)
-                    blocks.append(_zeros(-len(b) % BLOCK))
+                    buf[o : o + len(b)] = b
+                    o += BLOCK
             layout = F.DATALAYOUT_FLAT_INLINE if ino.tail else F.DATALAYOUT_FLAT_PLAIN
         elif ft == S_IFCHR or ft == S_IFBLK:
             size = 0
@@ -947,29 +955,30 @@ def _emit_epoch1(
         elif ft == S_IFREG or ft == S_IFLNK:
             size = ino.size
             layout = F.DATALAYOUT_FLAT_INLINE if ino.tail else F.DATALAYOUT_FLAT_PLAIN
-            if ino.n_blocks:
+            nb = ino.n_blocks
+            if nb:
                 u = cur
-                cur += ino.n_blocks
+                o = cur * BLOCK
+                cur += nb
                 if ino.external:
                     # C writes one block of null chunk indexes
-                    blocks.append(_NULL_CHUNKS_BLOCK)
+                    buf[o : o + BLOCK] = nulls
                 else:
                     data = ino.data
                     assert data is not None
-                    oob = data[: ino.n_blocks * BLOCK] if ino.tail else data
-                    blocks.append(oob)
-                    blocks.append(_zeros(-len(oob) % BLOCK))
+                    oob = data[: nb * BLOCK] if ino.tail else data
+                    buf[o : o + len(oob)] = oob
             if ino.external:
                 layout = F.DATALAYOUT_CHUNK_BASED
                 # C sets the chunk format through a u16 in the i_u union
                 u = (u & 0xFFFF0000) | ino.chunk_format
                 if ino.tail:
-                    tail_bytes = _NULL_CHUNKS_BLOCK[: ino.tail]
+                    tail_bytes = nulls[: ino.tail]
             elif ino.tail:
                 data = ino.data
                 assert data is not None
                 tail_bytes = data[len(data) - ino.tail :]
-            if ft == F.S_IFLNK and ino.n_blocks == 0:
+            if ft == F.S_IFLNK and nb == 0:
                 size = ino.tail
         else:
             size = 0
@@ -979,28 +988,28 @@ def _emit_epoch1(
         if icount > 0xFFFF:
             raise TreeError("too many xattrs on one inode")
         if ino.compact:
-            out.append(
-                _pack_compact(
-                    layout, icount, ino.mode, ino.nlink, size, 0, u, ino.ino, ino.uid, ino.gid
-                )
+            pack_compact(
+                buf, p, layout, icount, ino.mode, ino.nlink, size, 0, u, ino.ino, ino.uid, ino.gid
             )
+            p += 32
         else:
-            out.append(
-                _pack_extended(
-                    layout | 1,
-                    icount,
-                    ino.mode,
-                    0,
-                    size,
-                    u,
-                    ino.ino,
-                    ino.uid,
-                    ino.gid,
-                    ino.mtime & 0xFFFFFFFFFFFFFFFF,
-                    ino.nsec,
-                    ino.nlink & 0xFFFFFFFF,
-                )
+            pack_extended(
+                buf,
+                p,
+                layout | 1,
+                icount,
+                ino.mode,
+                0,
+                size,
+                u,
+                ino.ino,
+                ino.uid,
+                ino.gid,
+                ino.mtime & 0xFFFFFFFFFFFFFFFF,
+                ino.nsec,
+                ino.nlink & 0xFFFFFFFF,
             )
+            p += 64
         if xsize:
             # header and shared references: few distinct combinations
             hk = (ino.xfilter, ino.shared)
@@ -1010,27 +1019,30 @@ def _emit_epoch1(
                 head = heads[hk] = ibody(0xFFFFFFFF & ~hk[0], len(shared)) + b"".join(
                     [((xbase + o) >> 2).to_bytes(4, "little") for o in shared]
                 )
-            append(head)
-            append(ino.xattr_local)
+            n = p + len(head)
+            buf[p:n] = head
+            loc = ino.xattr_local
+            p = n + len(loc)
+            buf[n:p] = loc
         if tail_bytes:
-            append(tail_bytes)
-    img = b"".join(out)
-    pad = -len(img) % 32
-    assert len(img) + pad == inodes_end, (len(img), inodes_end)
-    parts = [img, _zeros(pad), *shared_table]
-    tot = inodes_end + shared_size
-    parts.append(_zeros(data_start - tot))
-    parts.extend(blocks)
-    result = b"".join(parts)
-    assert len(result) == data_start + n_data_blocks * BLOCK
-    return result
+            n = p + len(tail_bytes)
+            buf[p:n] = tail_bytes
+            p = n
+    assert p <= inodes_end, (p, inodes_end)
+    for e in shared_table:
+        buf[inodes_end : inodes_end + len(e)] = e
+        inodes_end += len(e)
+    assert len(buf) == data_start + n_data_blocks * BLOCK
+    return buf
 
 
 def _zeros(n: int) -> bytes:
     return _ZEROS[:n] if n <= BLOCK else bytes(n)
 
 
-def _mkfs_epoch1(root: Directory, version: FormatVersion, max_version: FormatVersion) -> bytes:
+def _mkfs_epoch1(
+    root: Directory, version: FormatVersion, max_version: FormatVersion
+) -> bytearray:
     # C bumps composefs_version 0 to 1 for trees with whiteouts unless
     # --max-version=0; version 1 also marks directories holding whiteouts opaque.
     may_bump = max_version >= FormatVersion.V1
@@ -1336,6 +1348,18 @@ def mkfs(
     Raises `errors.TreeError` for trees composefs cannot represent
     (hardlinked directories or whiteouts, invalid names, oversized values).
     """
+    image = mkfs_buffer(root, version, max_version=max_version)
+    return image if type(image) is bytes else bytes(image)
+
+
+def mkfs_buffer(
+    root: Directory,
+    version: FormatVersion = FormatVersion.V0,
+    *,
+    max_version: FormatVersion | None = None,
+) -> bytes | bytearray:
+    """`mkfs`, without the copy into an immutable `bytes`: for a caller
+    that only writes or hashes the image (the CLI)."""
     if not isinstance(root, Directory):
         raise TreeError("the root of a composefs image must be a directory")
     version = FormatVersion(version)
