@@ -143,8 +143,6 @@ class _Inode:
         "external",
         "ftype",
         "gid",
-        "ino",
-        "ipad",
         "metacopy",
         "mode",
         "mtime",
@@ -183,8 +181,9 @@ class _Inode:
     dir_starts: Sequence[int]  # index of the first entry of each dirent block
     shared: Sequence[int]
     # epoch 1, an external file with no xattrs of its own: its overlay
-    # metacopy/redirect values are kept here instead of in `xattrs`
-    # (the common case, handled in bulk by _share_epoch1)
+    # metacopy value and redirect path (without the leading "/" the xattr
+    # value has) are kept here instead of in `xattrs` (the common case,
+    # handled in bulk by _share_epoch1)
     plain: bool
     metacopy: bytes
     redirect: bytes | None
@@ -195,8 +194,6 @@ class _Inode:
     tail: int
     compact: bool
     nid: int
-    ipad: int
-    ino: int
     blkaddr: int
 
     def __init__(self, ftype: int, mode: int, st: Stat, xattrs: dict[bytes, bytes]) -> None:
@@ -207,29 +204,21 @@ class _Inode:
         self.mtime = st.mtime
         self.nsec = st.mtime_nsec
         self.xattrs = xattrs
+        # Only what every pass reads is set here (this runs once per inode):
+        # the other slots are set by the pass that decides them, before any
+        # read (entries/dir_starts of directories, chunk_format/chunk_count
+        # of external files, shared/xattr_local/xfilter when xattr_size is
+        # set, metacopy/redirect of plain files, compact/nid/blkaddr by the
+        # layout).
         self.size = 0
         self.rdev = 0
         self.data = None
         self.external = False
-        self.chunk_format = 0
-        self.chunk_count = 0
         self.nlink = 1
-        self.entries = ()
-        self.dir_starts = ()
-        self.shared = ()
         self.plain = False
-        self.metacopy = b""
-        self.redirect = None
-        self.xattr_local = b""
         self.xattr_size = 0
-        self.xfilter = 0
         self.n_blocks = 0
         self.tail = 0
-        self.compact = False
-        self.nid = 0
-        self.ipad = 0
-        self.ino = 0
-        self.blkaddr = 0
 
 
 # --------------------------------------------------------------------------
@@ -434,8 +423,7 @@ def _leaf_inode(leaf: Leaf, name: bytes, names: int, epoch1: bool) -> _Inode:
                 if epoch1 and not st.xattrs:
                     ino.plain = True
                     ino.metacopy = mc
-                    if path:
-                        ino.redirect = b"/" + path
+                    ino.redirect = path or None
                     return ino
                 xa[F.XATTR_OVERLAY_METACOPY] = mc
                 if path:
@@ -577,7 +565,7 @@ def _collect_epoch1_pass(
                 li.external = True
                 li.plain = True
                 li.metacopy = b"" if digest is None else _metacopy(digest)
-                li.redirect = b"/" + path if path else None
+                li.redirect = path or None
                 li.nlink = nl if nl is not None else n
                 if n > 1:
                     leaf_inodes[lid] = li
@@ -662,7 +650,9 @@ def _share_epoch1(inodes: list[_Inode], codec: _XattrCodec) -> list[bytes]:
     rd_counts = Counter([ino.redirect for ino in plain if ino.redirect is not None])
     multi = {kv for kv, n in counts.items() if n > 1}
     multi.update((MC, m) for m, n in mc_counts.items() if n > 1 or (MC, m) in counts)
-    multi.update((RD, r) for r, n in rd_counts.items() if n > 1 or (RD, r) in counts)
+    # (plain redirects are stored without the "/" that every value has)
+    rd_general = {v[1:] for k, v in counts if k == RD and v[:1] == b"/"}
+    multi.update((RD, b"/" + r) for r, n in rd_counts.items() if n > 1 or r in rd_general)
     ordered = sorted(multi, key=lambda kv: (kv[0], len(kv[1]), kv[1]), reverse=True)
     offsets: dict[tuple[bytes, bytes], int] = {}
     table: list[bytes] = []
@@ -706,19 +696,13 @@ def _share_epoch1(inodes: list[_Inode], codec: _XattrCodec) -> list[bytes]:
 
     # plain external files: metacopy sorts before redirect
     mc_off = {v: o for (k, v), o in offsets.items() if k == MC}
-    rd_off = {v: o for (k, v), o in offsets.items() if k == RD}
+    rd_off = {v[1:]: o for (k, v), o in offsets.items() if k == RD and v[:1] == b"/"}
     mc_get, rd_get = mc_off.get, rd_off.get
     mc_index, mc_suffix, mc_bit = info[MC]
     rd_index, rd_suffix, rd_bit = info[RD]
-    heads: dict[tuple[int, int], bytes] = {}
-
-    def head(index: int, suffix: bytes, vlen: int) -> bytes:
-        h = heads.get((index, vlen))
-        if h is None:
-            h = heads[(index, vlen)] = pack(len(suffix), index, vlen) + suffix
-        return h
-
-    rd_heads: dict[int, bytes] = {}  # redirect entry header by value length
+    # entry header (for the redirect with its "/") and padding, by value length
+    mc_heads: dict[int, tuple[bytes, bytes]] = {}
+    rd_heads: dict[int, tuple[bytes, bytes]] = {}
     mc_rd_bit = mc_bit | rd_bit
     for ino in plain:
         m = ino.metacopy
@@ -726,26 +710,34 @@ def _share_epoch1(inodes: list[_Inode], codec: _XattrCodec) -> list[bytes]:
         o = mc_get(m)
         if o is not None:
             sh: tuple[int, ...] = (o,)
-            loc = b""
+            mh = mpad = m = b""
         else:
             sh = ()
-            e = head(mc_index, mc_suffix, len(m)) + m
-            loc = e + zeros[: -len(e) & 3]
+            hp = mc_heads.get(len(m))
+            if hp is None:
+                h = pack(len(mc_suffix), mc_index, len(m)) + mc_suffix
+                hp = mc_heads[len(m)] = (h, zeros[: -(len(h) + len(m)) & 3])
+            mh, mpad = hp
         filt = mc_bit
+        rh = rpad = b""
         if r is not None:
             filt = mc_rd_bit
             o = rd_get(r)
             if o is not None:
                 sh += (o,)
+                r = b""
             else:
-                n = len(r)
-                h = rd_heads.get(n)
-                if h is None:
+                n = len(r) + 1
+                hp = rd_heads.get(n)
+                if hp is None:
                     if n > 0xFFFF:
                         raise TreeError("backing path too long")
-                    h = rd_heads[n] = pack(len(rd_suffix), rd_index, n) + rd_suffix
-                e = h + r
-                loc += e + zeros[: -len(e) & 3]
+                    h = pack(len(rd_suffix), rd_index, n) + rd_suffix + b"/"
+                    hp = rd_heads[n] = (h, zeros[: -(len(h) + n - 1) & 3])
+                rh, rpad = hp
+        else:
+            r = b""
+        loc = b"".join((mh, m, mpad, rh, r, rpad))
         ino.shared = sh
         ino.xattr_local = loc
         ino.xattr_size = 12 + 4 * len(sh) + len(loc)
@@ -809,10 +801,7 @@ def _layout_epoch1(inodes: list[_Inode], min_mtime: tuple[int, int]) -> int:
     that keeps inline tails inside one block, nids; returns inodes_end."""
     pos = F.INODE_TABLE_OFFSET
     min_sec, min_nsec = min_mtime
-    idx = 0
     for ino in inodes:
-        ino.ino = idx
-        idx += 1
         ft = ino.ftype
         # data size: n_blocks out of line plus an inline tail
         if ft == S_IFDIR:
@@ -841,13 +830,12 @@ def _layout_epoch1(inodes: list[_Inode], min_mtime: tuple[int, int]) -> int:
                     if fmt <= F.CHUNK_FORMAT_BLKBITS_MASK:
                         # _chunking's answer for all but huge files: one chunk
                         ino.chunk_format = fmt if fmt > 0 else 0
-                        ino.chunk_count = 1
                         ino.tail = 4
                     else:
                         fmt, count = _chunking(size)
                         if count > MAX_NONINLINE_CHUNKS:
                             raise _too_large(inodes, ino, size)
-                        ino.chunk_format, ino.chunk_count = fmt, count
+                        ino.chunk_format = fmt
                         ino.tail = count * 4
         uid, gid = ino.uid, ino.gid
         if uid > 0xFFFF or gid > 0xFFFF or uid < 0 or gid < 0:
@@ -862,7 +850,6 @@ def _layout_epoch1(inodes: list[_Inode], min_mtime: tuple[int, int]) -> int:
                 and size <= 0xFFFFFFFF
             )
         ino.compact = compact
-        ppos = pos
         pos = (pos + 31) & ~31
         non_tail = (32 if compact else 64) + ino.xattr_size
         tail = ino.tail
@@ -884,9 +871,7 @@ def _layout_epoch1(inodes: list[_Inode], min_mtime: tuple[int, int]) -> int:
                     ino.n_blocks += 1
                     ino.tail = 0
                     extra = -pos % BLOCK
-        if pos != ppos or extra:
-            ino.ipad = pos - ppos + extra
-            pos += extra
+        pos += extra
         ino.nid = pos >> 5
         pos += non_tail + ino.tail
     return (pos + 31) & ~31
@@ -926,7 +911,7 @@ def _emit_epoch1(
     pack_extended = F.EXTENDED_INODE.pack_into
     heads: dict[tuple[int, Sequence[int]], bytes] = {}
     nulls = _NULL_CHUNKS_BLOCK
-    for ino in inodes:
+    for idx, ino in enumerate(inodes):
         p = ino.nid << 5
         ft = ino.ftype
         tail_bytes = b""
@@ -989,7 +974,7 @@ def _emit_epoch1(
             raise TreeError("too many xattrs on one inode")
         if ino.compact:
             pack_compact(
-                buf, p, layout, icount, ino.mode, ino.nlink, size, 0, u, ino.ino, ino.uid, ino.gid
+                buf, p, layout, icount, ino.mode, ino.nlink, size, 0, u, idx, ino.uid, ino.gid
             )
             p += 32
         else:
@@ -1002,7 +987,7 @@ def _emit_epoch1(
                 0,
                 size,
                 u,
-                ino.ino,
+                idx,
                 ino.uid,
                 ino.gid,
                 ino.mtime & 0xFFFFFFFFFFFFFFFF,
@@ -1227,10 +1212,8 @@ def _mkfs_epoch2(root: Directory) -> bytes:
             inline_start = pos + 64 + xsize
             end_meta = inline_start - 1
             if end_meta // BLOCK != (inline_start + tail) // BLOCK:
-                ppos = pos
                 pos += BLOCK - end_meta % BLOCK
                 pos = (pos + 31) & ~31
-                ino.ipad = pos - ppos
         ino.nid = pos >> 5
         pos += 64 + xsize + tail
     inodes_end = (pos + 31) & ~31
