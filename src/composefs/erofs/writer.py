@@ -796,47 +796,48 @@ def _dir_chunks(ino: _Inode) -> tuple[list[bytes], bytes]:
     return blocks, tail
 
 
-def _layout_epoch1(inodes: list[_Inode], min_mtime: tuple[int, int]) -> int:
+def _layout_epoch1(inodes: list[_Inode], min_mtime: tuple[int, int]) -> tuple[int, int]:
     """C `compute_erofs_inodes`: data sizes, compact or extended, padding
-    that keeps inline tails inside one block, nids; returns inodes_end."""
+    that keeps inline tails inside one block, nids; returns inodes_end and
+    the number of data blocks."""
     pos = F.INODE_TABLE_OFFSET
     min_sec, min_nsec = min_mtime
+    blocks = 0
     for ino in inodes:
         ft = ino.ftype
-        # data size: n_blocks out of line plus an inline tail
-        if ft == S_IFDIR:
-            tail = _dir_split(ino)
-            nb = len(ino.dir_starts) - 1
-            if tail > HALF_BLOCK:
-                nb += 1
-                tail = 0
-            if nb:
-                ino.n_blocks = nb
-            ino.tail = tail
-            size = nb * BLOCK + tail
-        else:
+        # data size: nb blocks out of line plus an inline tail
+        nb = tail = 0
+        if ft == S_IFREG:
             size = ino.size
-            if ft == S_IFLNK:
-                ino.tail = size
-            elif size > 0 and ft == S_IFREG:
-                if not ino.external:
-                    nb, tail = divmod(size, BLOCK)
-                    if tail > HALF_BLOCK:
-                        nb += 1
-                        tail = 0
-                    ino.n_blocks, ino.tail = nb, tail
-                else:
+            if size > 0:
+                if ino.external:
                     fmt = (size - 1).bit_length() - F.BLOCK_BITS
                     if fmt <= F.CHUNK_FORMAT_BLKBITS_MASK:
                         # _chunking's answer for all but huge files: one chunk
                         ino.chunk_format = fmt if fmt > 0 else 0
-                        ino.tail = 4
+                        tail = 4
                     else:
                         fmt, count = _chunking(size)
                         if count > MAX_NONINLINE_CHUNKS:
                             raise _too_large(inodes, ino, size)
                         ino.chunk_format = fmt
-                        ino.tail = count * 4
+                        tail = count * 4
+                else:
+                    nb, tail = divmod(size, BLOCK)
+                    if tail > HALF_BLOCK:
+                        nb += 1
+                        tail = 0
+        elif ft == S_IFDIR:
+            tail = _dir_split(ino)
+            nb = len(ino.dir_starts) - 1
+            if tail > HALF_BLOCK:
+                nb += 1
+                tail = 0
+            size = nb * BLOCK + tail
+        else:
+            size = ino.size
+            if ft == S_IFLNK:
+                tail = size
         uid, gid = ino.uid, ino.gid
         if uid > 0xFFFF or gid > 0xFFFF or uid < 0 or gid < 0:
             if not (0 <= uid <= 0xFFFFFFFF and 0 <= gid <= 0xFFFFFFFF):
@@ -852,13 +853,12 @@ def _layout_epoch1(inodes: list[_Inode], min_mtime: tuple[int, int]) -> int:
         ino.compact = compact
         pos = (pos + 31) & ~31
         non_tail = (32 if compact else 64) + ino.xattr_size
-        tail = ino.tail
         extra = 0
         if ft == S_IFLNK:
             total = non_tail + tail
             if total >= BLOCK:
-                ino.n_blocks += 1
-                ino.tail = 0
+                nb += 1
+                tail = 0
             if pos // BLOCK != (pos + total - 1) // BLOCK:
                 extra = -pos % BLOCK
         elif tail:
@@ -868,19 +868,24 @@ def _layout_epoch1(inodes: list[_Inode], min_mtime: tuple[int, int]) -> int:
                 rem2 = BLOCK - (pos + non_tail + extra) % BLOCK
                 if tail > rem2:
                     # does not fit even so: move the tail out of line
-                    ino.n_blocks += 1
-                    ino.tail = 0
+                    nb += 1
+                    tail = 0
                     extra = -pos % BLOCK
+        if nb:
+            ino.n_blocks = nb
+            blocks += nb
+        ino.tail = tail
         pos += extra
         ino.nid = pos >> 5
-        pos += non_tail + ino.tail
-    return (pos + 31) & ~31
+        pos += non_tail + tail
+    return (pos + 31) & ~31, blocks
 
 
 def _emit_epoch1(
     inodes: list[_Inode],
     shared_table: list[bytes],
     inodes_end: int,
+    n_data_blocks: int,
     header: bytes,
     sb_args: dict[str, int],
 ) -> bytearray:
@@ -888,7 +893,6 @@ def _emit_epoch1(
     nothing, and no list of pieces or joined copies of the image is made."""
     shared_size = sum(len(e) for e in shared_table)
     data_start = (inodes_end + shared_size + BLOCK - 1) & ~(BLOCK - 1)
-    n_data_blocks = sum(i.n_blocks for i in inodes)
     buf = bytearray(data_start + n_data_blocks * BLOCK)
     p = 0
     for part in _head(
@@ -1032,6 +1036,26 @@ def _mkfs_epoch1(
     # --max-version=0; version 1 also marks directories holding whiteouts opaque.
     may_bump = max_version >= FormatVersion.V1
     inodes, has_whiteout = _collect_epoch1(root, version >= FormatVersion.V1 or may_bump)
+    try:
+        return _build_epoch1(inodes, has_whiteout, version, may_bump)
+    finally:
+        _unlink(inodes)
+
+
+def _unlink(inodes: list[_Inode]) -> None:
+    """Drop the directory entries: a directory inode lists itself as "."
+    (and its parent as ".."), so without this every inode stays alive in
+    reference cycles until the cyclic collector runs, and traversing them
+    then costs more than building them (~0.2 s at the exit of a CLI that
+    keeps the collector paused, for a 112k-entry image)."""
+    for ino in inodes:
+        if ino.ftype == S_IFDIR:
+            ino.entries = ()
+
+
+def _build_epoch1(
+    inodes: list[_Inode], has_whiteout: bool, version: FormatVersion, may_bump: bool
+) -> bytearray:
     codec = _XattrCodec(_PREFIXES_EPOCH1)
     has_acl = False
     min_sec, min_nsec = inodes[0].mtime, inodes[0].nsec
@@ -1042,7 +1066,7 @@ def _mkfs_epoch1(
         if xa and (F.XATTR_POSIX_ACL_ACCESS in xa or F.XATTR_POSIX_ACL_DEFAULT in xa):
             has_acl = True
     table = _share_epoch1(inodes, codec)
-    inodes_end = _layout_epoch1(inodes, (min_sec, min_nsec))
+    inodes_end, n_data_blocks = _layout_epoch1(inodes, (min_sec, min_nsec))
     cfs_version = 1 if (version == FormatVersion.V1 or (has_whiteout and may_bump)) else 0
     header = F.COMPOSEFS_HEADER.pack(
         F.COMPOSEFS_MAGIC,
@@ -1051,7 +1075,12 @@ def _mkfs_epoch1(
         cfs_version,
     )
     return _emit_epoch1(
-        inodes, table, inodes_end, header, {"build_time": min_sec, "build_time_nsec": min_nsec}
+        inodes,
+        table,
+        inodes_end,
+        n_data_blocks,
+        header,
+        {"build_time": min_sec, "build_time_nsec": min_nsec},
     )
 
 
@@ -1136,6 +1165,13 @@ def _share_epoch2(inodes: list[_Inode], codec: _XattrCodec) -> list[tuple[int, b
 
 def _mkfs_epoch2(root: Directory) -> bytes:
     inodes = _collect_epoch2(root)
+    try:
+        return _build_epoch2(inodes)
+    finally:
+        _unlink(inodes)
+
+
+def _build_epoch2(inodes: list[_Inode]) -> bytes:
     codec = _XattrCodec(_PREFIXES_EPOCH2)
     table = _share_epoch2(inodes, codec)
     table_index: dict[tuple[bytes, bytes], int] = {}
