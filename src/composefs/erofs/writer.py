@@ -477,6 +477,11 @@ def _leaf_inode(leaf: Leaf, name: bytes, names: int, epoch1: bool) -> _Inode:
 # epoch 1 (C mkcomposefs)
 
 
+# The xattrs of every "plain" inode (never written to: `plain` inodes keep
+# their overlay xattrs in `metacopy`/`redirect`), one dict for all of them.
+_NO_XATTRS: dict[bytes, bytes] = {}
+
+
 class _HasHardlinks(Exception):
     """The optimistic single-pass collection met a leaf with several names."""
 
@@ -560,7 +565,7 @@ def _collect_epoch1_pass(
                 path = c.payload
                 if path is None and digest is not None:
                     path = f"{digest[:2]}/{digest[2:]}".encode()
-                li = _Inode(S_IFREG, S_IFREG | (st.mode & 0o7777), st, {})
+                li = _Inode(S_IFREG, S_IFREG | (st.mode & 0o7777), st, _NO_XATTRS)
                 li.size = c.size
                 li.external = True
                 li.plain = True
@@ -603,8 +608,11 @@ def _collect_epoch1_pass(
             raw = [
                 (name, obj if type(obj) is _Inode else leaf_inodes[id(obj)]) for name, obj in raw
             ]
-        # names are unique within a directory, so tuples compare by name only
-        raw.sort()
+        # Already sorted ("." and ".." then the sorted names) unless a name
+        # sorts before ".." or the root's stubs were added; names are unique
+        # within a directory, so tuples compare by name only.
+        if me is r or (len(raw) > 2 and raw[2][0] < b".."):
+            raw.sort()
         me.entries = raw
     r.xattrs[F.XATTR_OVERLAY_OPAQUE_ROOT] = b"y"
     return inodes, has_whiteout
@@ -915,6 +923,8 @@ def _emit_epoch1(
     pack_extended = F.EXTENDED_INODE.pack_into
     heads: dict[tuple[int, Sequence[int]], bytes] = {}
     nulls = _NULL_CHUNKS_BLOCK
+    null_chunk = nulls[:4]
+    chunk_based = F.DATALAYOUT_CHUNK_BASED
     for idx, ino in enumerate(inodes):
         p = ino.nid << 5
         ft = ino.ftype
@@ -923,9 +933,10 @@ def _emit_epoch1(
         if ft == S_IFREG and ino.external and not ino.n_blocks:
             # the common case first: an external file with its chunk index inline
             size = ino.size
-            layout = F.DATALAYOUT_CHUNK_BASED
+            layout = chunk_based
             u = ino.chunk_format
-            tail_bytes = nulls[: ino.tail]
+            t = ino.tail
+            tail_bytes = null_chunk if t == 4 else nulls[:t]
         elif ft == S_IFDIR:
             size = ino.n_blocks * BLOCK + ino.tail
             full, tail_bytes = _dir_chunks(ino)
