@@ -21,7 +21,7 @@ import struct
 from collections import Counter, deque
 from collections.abc import Sequence
 from itertools import chain
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import xxhash
@@ -508,7 +508,12 @@ def _collect_epoch1_pass(
     leaf_inodes: dict[int, _Inode] = {}
     has_whiteout = False
     deferred = False
-    seen_leaves: set[int] = set()
+    # ids of every child seen (first pass): a leaf seen twice makes the set
+    # smaller than the count, checked once per directory (in bulk, as a
+    # per-leaf check costs more than the rest of a plain leaf's handling).
+    seen_nodes: set[int] = set()
+    seen_update = seen_nodes.update
+    n_nodes = 0
     seen_dirs = {id(root)}
 
     r = _dir_inode(root, True)
@@ -524,7 +529,9 @@ def _collect_epoch1_pass(
         did = id(d)
         raw: list[tuple[bytes, Any]] = [(b".", me), (b"..", parent)]
         subdirs = 0
-        for name, child in sorted(d.entries.items()):
+        entries = d.entries
+        for name in sorted(entries):
+            child = entries[name]
             # (`int in bytes` is a cheap byte search: 47 is "/")
             if counts is None and (
                 len(name) > NAME_MAX or name in _BAD_NAMES or 47 in name or 0 in name
@@ -541,13 +548,10 @@ def _collect_epoch1_pass(
                 queue.append((child, ci, me, depth + 1))
                 raw.append((name, ci))
                 continue
-            lid = id(child)
             if counts is None:
-                if lid in seen_leaves:
-                    raise _HasHardlinks
-                seen_leaves.add(lid)
                 n = 1
             else:
+                lid = id(child)
                 n = counts[lid]
             if n > 1:
                 if first[lid] != (did, name):
@@ -598,6 +602,11 @@ def _collect_epoch1_pass(
                 leaf_inodes[lid] = li
             append(li)
             raw.append((name, li))
+        if counts is None:
+            seen_update(map(id, entries.values()))
+            n_nodes += len(entries)
+            if len(seen_nodes) != n_nodes:
+                raise _HasHardlinks
         me.nlink = 2 + subdirs
         if me is r:
             _add_stubs(r, root, raw, inodes)
@@ -642,11 +651,17 @@ def _add_stubs(
     inodes.extend(i for _, i in merged)
 
 
-def _share_epoch1(inodes: list[_Inode], codec: _XattrCodec) -> list[bytes]:
+_mtime_of = attrgetter("mtime", "nsec")
+
+
+def _share_epoch1(
+    inodes: list[_Inode], codec: _XattrCodec
+) -> tuple[list[bytes], set[bytes]]:
     """C `compute_erofs_shared_xattrs`: (key, value) pairs used more than once
     go to the shared table, written in descending (key, len(value), value)
     order; each inode refers to at most 128 of them. Local xattrs are
-    sorted by name (C `cmp_xattr`).
+    sorted by name (C `cmp_xattr`). Returns the table and every xattr name
+    used.
 
     "Plain" external files (metacopy and maybe redirect, nothing else) are
     most of a real tree and are handled in bulk."""
@@ -750,7 +765,7 @@ def _share_epoch1(inodes: list[_Inode], codec: _XattrCodec) -> list[bytes]:
         ino.xattr_local = loc
         ino.xattr_size = 12 + 4 * len(sh) + len(loc)
         ino.xfilter = filt
-    return table
+    return table, names
 
 
 def _dir_split(ino: _Inode) -> int:
@@ -940,6 +955,7 @@ def _emit_epoch1(
         elif ft == S_IFDIR:
             size = ino.n_blocks * BLOCK + ino.tail
             full, tail_bytes = _dir_chunks(ino)
+            ino.entries = ()  # see _unlink
             if ino.n_blocks:
                 u = cur
                 o = cur * BLOCK
@@ -1049,8 +1065,9 @@ def _mkfs_epoch1(
     inodes, has_whiteout = _collect_epoch1(root, version >= FormatVersion.V1 or may_bump)
     try:
         return _build_epoch1(inodes, has_whiteout, version, may_bump)
-    finally:
+    except BaseException:
         _unlink(inodes)
+        raise
 
 
 def _unlink(inodes: list[_Inode]) -> None:
@@ -1058,7 +1075,8 @@ def _unlink(inodes: list[_Inode]) -> None:
     (and its parent as ".."), so without this every inode stays alive in
     reference cycles until the cyclic collector runs, and traversing them
     then costs more than building them (~0.2 s at the exit of a CLI that
-    keeps the collector paused, for a 112k-entry image)."""
+    keeps the collector paused, for a 112k-entry image). The emit passes
+    drop each directory's entries once written; this is for errors."""
     for ino in inodes:
         if ino.ftype == S_IFDIR:
             ino.entries = ()
@@ -1068,15 +1086,9 @@ def _build_epoch1(
     inodes: list[_Inode], has_whiteout: bool, version: FormatVersion, may_bump: bool
 ) -> bytearray:
     codec = _XattrCodec(_PREFIXES_EPOCH1)
-    has_acl = False
-    min_sec, min_nsec = inodes[0].mtime, inodes[0].nsec
-    for ino in inodes:
-        if ino.mtime < min_sec or (ino.mtime == min_sec and ino.nsec < min_nsec):
-            min_sec, min_nsec = ino.mtime, ino.nsec
-        xa = ino.xattrs
-        if xa and (F.XATTR_POSIX_ACL_ACCESS in xa or F.XATTR_POSIX_ACL_DEFAULT in xa):
-            has_acl = True
-    table = _share_epoch1(inodes, codec)
+    min_sec, min_nsec = min(map(_mtime_of, inodes))
+    table, names = _share_epoch1(inodes, codec)
+    has_acl = F.XATTR_POSIX_ACL_ACCESS in names or F.XATTR_POSIX_ACL_DEFAULT in names
     inodes_end, n_data_blocks = _layout_epoch1(inodes, (min_sec, min_nsec))
     cfs_version = 1 if (version == FormatVersion.V1 or (has_whiteout and may_bump)) else 0
     header = F.COMPOSEFS_HEADER.pack(
@@ -1178,8 +1190,9 @@ def _mkfs_epoch2(root: Directory) -> bytes:
     inodes = _collect_epoch2(root)
     try:
         return _build_epoch2(inodes)
-    finally:
+    except BaseException:
         _unlink(inodes)
+        raise
 
 
 def _build_epoch2(inodes: list[_Inode]) -> bytes:
@@ -1296,6 +1309,7 @@ def _build_epoch2(inodes: list[_Inode]) -> bytes:
         size = ino.size
         if ft == F.S_IFDIR:
             full, tail_bytes = _dir_chunks(ino)
+            ino.entries = ()  # see _unlink
             for b in full:
                 blocks.append(b)
                 blocks.append(_zeros(-len(b) % BLOCK))
