@@ -508,12 +508,7 @@ def _collect_epoch1_pass(
     leaf_inodes: dict[int, _Inode] = {}
     has_whiteout = False
     deferred = False
-    # ids of every child seen (first pass): a leaf seen twice makes the set
-    # smaller than the count, checked once per directory (in bulk, as a
-    # per-leaf check costs more than the rest of a plain leaf's handling).
-    seen_nodes: set[int] = set()
-    seen_update = seen_nodes.update
-    n_nodes = 0
+    seen_leaves: set[int] = set()
     seen_dirs = {id(root)}
 
     r = _dir_inode(root, True)
@@ -522,108 +517,93 @@ def _collect_epoch1_pass(
     pending: list[tuple[_Inode, list[tuple[bytes, Any]]]] = []
     queue: deque[tuple[Directory, _Inode, _Inode, int]] = deque([(root, r, r, 0)])
     popleft = queue.popleft
-    names: list[bytes] = []
-    name = b""
-    entries: dict[bytes, Directory | Leaf] = {}
-    try:
-        while queue:
-            d, me, parent, depth = popleft()
-            names = []
-            if depth >= MAX_DEPTH and d.entries:
-                raise TreeError(limits.depth_error())
-            did = id(d)
-            raw: list[tuple[bytes, Any]] = [(b".", me), (b"..", parent)]
-            subdirs = 0
-            entries = d.entries
-            names = sorted(entries)
-            for name in names:
-                child = entries[name]
-                # (`int in bytes` is a cheap byte search: 47 is "/")
-                if counts is None and (
-                    len(name) > NAME_MAX or name in _BAD_NAMES or 47 in name or 0 in name
-                ):
-                    raise _bad_name(name)
-                if isinstance(child, Directory):
-                    if counts is None:
-                        if id(child) in seen_dirs:
-                            raise TreeError(f"directory {name!r} is hardlinked or part of a cycle")
-                        seen_dirs.add(id(child))
-                    subdirs += 1
-                    ci = _dir_inode(child, True)
-                    append(ci)
-                    queue.append((child, ci, me, depth + 1))
-                    raw.append((name, ci))
-                    continue
+    while queue:
+        d, me, parent, depth = popleft()
+        if depth >= MAX_DEPTH and d.entries:
+            raise TreeError(limits.depth_error())
+        did = id(d)
+        raw: list[tuple[bytes, Any]] = [(b".", me), (b"..", parent)]
+        subdirs = 0
+        entries = d.entries
+        for name in sorted(entries):
+            child = entries[name]
+            # (`int in bytes` is a cheap byte search: 47 is "/")
+            if counts is None and (
+                len(name) > NAME_MAX or name in _BAD_NAMES or 47 in name or 0 in name
+            ):
+                raise _bad_name(name)
+            if isinstance(child, Directory):
                 if counts is None:
-                    n = 1
-                else:
-                    lid = id(child)
-                    n = counts[lid]
-                if n > 1:
-                    if first[lid] != (did, name):
-                        # a later name of a hardlinked leaf: resolved at the end
-                        raw.append((name, child))
-                        deferred = True
-                        continue
-                nl = child.nlink
-                c = child.content
-                st = child.stat
-                if type(c) is Regular and c.data is None and c.size > 0 and not st.xattrs:
-                    # The most common leaf by far: external content and no xattrs
-                    # of its own (what `_leaf_inode` does, without its branches).
-                    digest = c.digest
-                    path = c.payload
-                    if path is None and digest is not None:
-                        path = f"{digest[:2]}/{digest[2:]}".encode()
-                    li = _Inode(S_IFREG, S_IFREG | (st.mode & 0o7777), st, _NO_XATTRS)
-                    li.size = c.size
-                    li.external = True
-                    li.plain = True
-                    li.metacopy = b"" if digest is None else _metacopy(digest)
-                    li.redirect = path or None
-                    li.nlink = nl if nl is not None else n
-                    if n > 1:
-                        leaf_inodes[lid] = li
-                    append(li)
-                    raw.append((name, li))
+                    if id(child) in seen_dirs:
+                        raise TreeError(f"directory {name!r} is hardlinked or part of a cycle")
+                    seen_dirs.add(id(child))
+                subdirs += 1
+                ci = _dir_inode(child, True)
+                append(ci)
+                queue.append((child, ci, me, depth + 1))
+                raw.append((name, ci))
+                continue
+            lid = id(child)
+            if counts is None:
+                if lid in seen_leaves:
+                    raise _HasHardlinks
+                seen_leaves.add(lid)
+                n = 1
+            else:
+                n = counts[lid]
+            if n > 1:
+                if first[lid] != (did, name):
+                    # a later name of a hardlinked leaf: resolved at the end
+                    raw.append((name, child))
+                    deferred = True
                     continue
-                li = _leaf_inode(child, name, n, True)
+            nl = child.nlink
+            c = child.content
+            st = child.stat
+            if type(c) is Regular and c.data is None and c.size > 0 and not st.xattrs:
+                # The most common leaf by far: external content and no xattrs
+                # of its own (what `_leaf_inode` does, without its branches).
+                digest = c.digest
+                path = c.payload
+                if path is None and digest is not None:
+                    path = f"{digest[:2]}/{digest[2:]}".encode()
+                li = _Inode(S_IFREG, S_IFREG | (st.mode & 0o7777), st, _NO_XATTRS)
+                li.size = c.size
+                li.external = True
+                li.plain = True
+                li.metacopy = b"" if digest is None else _metacopy(digest)
+                li.redirect = path or None
                 li.nlink = nl if nl is not None else n
-                if li.ftype == S_IFCHR and li.rdev == 0:
-                    # user whiteout: C stores it as an empty regular file with markers
-                    has_whiteout = True
-                    li.ftype = S_IFREG
-                    li.mode = S_IFREG | (li.mode & 0o7777)
-                    xa = li.xattrs
-                    xa[F.XATTR_OVERLAY_WHITEOUT] = b""
-                    xa[F.XATTR_USERXATTR_WHITEOUT] = b""
-                    mx = me.xattrs
-                    mx[F.XATTR_OVERLAY_WHITEOUTS] = b""
-                    mx[F.XATTR_USERXATTR_WHITEOUTS] = b""
-                    if mark_opaque:
-                        # composefs_version >= 1 marks such directories opaque too
-                        mx[F.XATTR_OVERLAY_OPAQUE] = b"x"
-                        mx[F.XATTR_USERXATTR_OPAQUE] = b"x"
                 if n > 1:
                     leaf_inodes[lid] = li
                 append(li)
                 raw.append((name, li))
-            if counts is None:
-                seen_update(map(id, entries.values()))
-                n_nodes += len(entries)
-                if len(seen_nodes) != n_nodes:
-                    raise _HasHardlinks
-            me.nlink = 2 + subdirs
-            if me is r:
-                _add_stubs(r, root, raw, inodes)
-            pending.append((me, raw))
-    except TreeError:
-        # The first pass checks for hardlinks only at the end of each
-        # directory: if one came before this error, give the error the
-        # careful pass finds, as a check at every leaf would have.
-        if counts is None and _linked_before(seen_nodes, entries, names, name):
-            raise _HasHardlinks from None
-        raise
+                continue
+            li = _leaf_inode(child, name, n, True)
+            li.nlink = nl if nl is not None else n
+            if li.ftype == S_IFCHR and li.rdev == 0:
+                # user whiteout: C stores it as an empty regular file with markers
+                has_whiteout = True
+                li.ftype = S_IFREG
+                li.mode = S_IFREG | (li.mode & 0o7777)
+                xa = li.xattrs
+                xa[F.XATTR_OVERLAY_WHITEOUT] = b""
+                xa[F.XATTR_USERXATTR_WHITEOUT] = b""
+                mx = me.xattrs
+                mx[F.XATTR_OVERLAY_WHITEOUTS] = b""
+                mx[F.XATTR_USERXATTR_WHITEOUTS] = b""
+                if mark_opaque:
+                    # composefs_version >= 1 marks such directories opaque too
+                    mx[F.XATTR_OVERLAY_OPAQUE] = b"x"
+                    mx[F.XATTR_USERXATTR_OPAQUE] = b"x"
+            if n > 1:
+                leaf_inodes[lid] = li
+            append(li)
+            raw.append((name, li))
+        me.nlink = 2 + subdirs
+        if me is r:
+            _add_stubs(r, root, raw, inodes)
+        pending.append((me, raw))
 
     for me, raw in pending:
         if deferred:
@@ -638,20 +618,6 @@ def _collect_epoch1_pass(
         me.entries = raw
     r.xattrs[F.XATTR_OVERLAY_OPAQUE_ROOT] = b"y"
     return inodes, has_whiteout
-
-
-def _linked_before(
-    seen: set[int], entries: dict[bytes, Directory | Leaf], names: list[bytes], name: bytes
-) -> bool:
-    """Whether a leaf of `entries` visited before `name` failed, or `name`
-    itself if its name is valid, is one seen before (a hardlink)."""
-    if not names:
-        return False
-    upto = names.index(name)
-    if not (len(name) > NAME_MAX or name in _BAD_NAMES or 47 in name or 0 in name):
-        upto += 1
-    ids = [id(c) for c in map(entries.__getitem__, names[:upto]) if not isinstance(c, Directory)]
-    return len(set(ids)) != len(ids) or not seen.isdisjoint(ids)
 
 
 def _add_stubs(
