@@ -17,7 +17,6 @@ from __future__ import annotations
 import binascii
 import re
 from collections.abc import Iterable, Iterator
-from typing import BinaryIO
 
 from . import limits
 from .errors import DumpfileError
@@ -43,6 +42,11 @@ from .tree import (
     no_gc,
     walk,
 )
+
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing
+
+if TYPE_CHECKING:  # typing costs milliseconds at every CLI start
+    from typing import BinaryIO
 
 # Limits of C libcomposefs 1.0.8 (lcfs-writer.h, lcfs-internal.h, linux/limits.h).
 INLINE_CONTENT_MAX = 5000

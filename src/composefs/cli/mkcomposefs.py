@@ -21,12 +21,15 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import ComposefsError, UsageError
 from ._util import Parser, add_version, run
 
-if TYPE_CHECKING:
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing
+
+if TYPE_CHECKING:  # typing costs milliseconds at every start
+    from typing import BinaryIO
+
     from ..erofs.format import FormatVersion
     from ..tree import Directory
 

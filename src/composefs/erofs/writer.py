@@ -22,7 +22,6 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from itertools import chain
 from operator import attrgetter, itemgetter
-from typing import Any
 
 import xxhash
 
@@ -31,6 +30,11 @@ from ..errors import TreeError
 from ..tree import Device, Directory, Fifo, Leaf, Regular, Socket, Stat, Symlink
 from . import format as F
 from .format import FormatVersion
+
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing
+
+if TYPE_CHECKING:  # typing costs milliseconds at every CLI start
+    from typing import Any
 
 __all__ = ["FormatVersion", "mkfs", "mkfs_buffer"]
 
@@ -647,9 +651,7 @@ def _add_stubs(
 _mtime_of = attrgetter("mtime", "nsec")
 
 
-def _share_epoch1(
-    inodes: list[_Inode], codec: _XattrCodec
-) -> tuple[list[bytes], set[bytes]]:
+def _share_epoch1(inodes: list[_Inode], codec: _XattrCodec) -> tuple[list[bytes], set[bytes]]:
     """C `compute_erofs_shared_xattrs`: (key, value) pairs used more than once
     go to the shared table, written in descending (key, len(value), value)
     order; each inode refers to at most 128 of them. Local xattrs are
@@ -1049,9 +1051,7 @@ def _zeros(n: int) -> bytes:
     return _ZEROS[:n] if n <= BLOCK else bytes(n)
 
 
-def _mkfs_epoch1(
-    root: Directory, version: FormatVersion, max_version: FormatVersion
-) -> bytearray:
+def _mkfs_epoch1(root: Directory, version: FormatVersion, max_version: FormatVersion) -> bytearray:
     # C bumps composefs_version 0 to 1 for trees with whiteouts unless
     # --max-version=0; version 1 also marks directories holding whiteouts opaque.
     may_bump = max_version >= FormatVersion.V1
