@@ -208,6 +208,8 @@ class _Inode:
         self.mtime = st.mtime
         self.nsec = st.mtime_nsec
         self.xattrs = xattrs
+        # (The collection builds plain inodes without calling this: a slot
+        # set here must be set there too.)
         # Only what every pass reads is set here (this runs once per inode):
         # the other slots are set by the pass that decides them, before any
         # read (entries/dir_starts of directories, chunk_format/chunk_count
@@ -518,6 +520,7 @@ def _collect_epoch1_pass(
     r = _dir_inode(root, True)
     inodes = [r]
     append = inodes.append
+    new = object.__new__
     pending: list[tuple[_Inode, list[tuple[bytes, Any]]]] = []
     queue: deque[tuple[Directory, _Inode, _Inode, int]] = deque([(root, r, r, 0)])
     popleft = queue.popleft
@@ -571,13 +574,25 @@ def _collect_epoch1_pass(
                 path = c.payload
                 if path is None and digest is not None:
                     path = f"{digest[:2]}/{digest[2:]}".encode()
-                li = _Inode(S_IFREG, S_IFREG | (st.mode & 0o7777), st, _NO_XATTRS)
+                # _Inode(...) without the class call, setting what the
+                # passes read of a plain inode (rdev and data they do not)
+                li = new(_Inode)
+                li.ftype = S_IFREG
+                li.mode = S_IFREG | (st.mode & 0o7777)
+                li.uid = st.uid
+                li.gid = st.gid
+                li.mtime = st.mtime
+                li.nsec = st.mtime_nsec
+                li.xattrs = _NO_XATTRS
                 li.size = c.size
                 li.external = True
+                li.nlink = nl if nl is not None else n
                 li.plain = True
                 li.metacopy = b"" if digest is None else _metacopy(digest)
                 li.redirect = path or None
-                li.nlink = nl if nl is not None else n
+                li.xattr_size = 0
+                li.n_blocks = 0
+                li.tail = 0
                 if n > 1:
                     leaf_inodes[lid] = li
                 append(li)
