@@ -944,9 +944,8 @@ def _emit_epoch1(
     cur = data_start // BLOCK
     xbase = inodes_end % BLOCK
     ibody = _pack_ibody
-    pack_compact = F.COMPACT_INODE.pack_into
-    pack_extended = F.EXTENDED_INODE.pack_into
     heads: dict[tuple[int, Sequence[int]], bytes] = {}
+    structs: dict[int, struct.Struct] = {}
     nulls = _NULL_CHUNKS_BLOCK
     null_chunk = nulls[:4]
     chunk_based = F.DATALAYOUT_CHUNK_BASED
@@ -1010,33 +1009,10 @@ def _emit_epoch1(
             size = 0
             layout = F.DATALAYOUT_FLAT_PLAIN
         xsize = ino.xattr_size
-        icount = 0 if xsize == 0 else 1 + (xsize - 12) // 4
-        if icount > 0xFFFF:
-            raise TreeError("too many xattrs on one inode")
-        if ino.compact:
-            pack_compact(
-                buf, p, layout, icount, ino.mode, ino.nlink, size, 0, u, idx, ino.uid, ino.gid
-            )
-            p += 32
-        else:
-            pack_extended(
-                buf,
-                p,
-                layout | 1,
-                icount,
-                ino.mode,
-                0,
-                size,
-                u,
-                idx,
-                ino.uid,
-                ino.gid,
-                ino.mtime & 0xFFFFFFFFFFFFFFFF,
-                ino.nsec,
-                ino.nlink & 0xFFFFFFFF,
-            )
-            p += 64
         if xsize:
+            icount = 1 + (xsize - 12) // 4
+            if icount > 0xFFFF:
+                raise TreeError("too many xattrs on one inode")
             # header and shared references: few distinct combinations
             hk = (ino.xfilter, ino.shared)
             head = heads.get(hk)
@@ -1045,14 +1021,42 @@ def _emit_epoch1(
                 head = heads[hk] = ibody(0xFFFFFFFF & ~hk[0], len(shared)) + b"".join(
                     [((xbase + o) >> 2).to_bytes(4, "little") for o in shared]
                 )
-            n = p + len(head)
-            buf[p:n] = head
             loc = ino.xattr_local
-            p = n + len(loc)
-            buf[n:p] = loc
-        if tail_bytes:
-            n = p + len(tail_bytes)
-            buf[p:n] = tail_bytes
+        else:
+            icount = 0
+            head = loc = b""
+        # The inode, its xattrs and a short tail (a chunk index) in one
+        # pack_into: a slice write into the bytearray costs as much as the
+        # whole pack. Longer tails (dirents, inline data) are written apart,
+        # so there are few distinct formats.
+        t = len(tail_bytes)
+        if t > 4:
+            late = tail_bytes
+            tail_bytes = b""
+            t = 0
+        else:
+            late = b""
+        compact = ino.compact
+        key = (len(head) << 32) | (len(loc) << 4) | (t << 1) | compact
+        st = structs.get(key)
+        if st is None:
+            fmt = (F.COMPACT_INODE if compact else F.EXTENDED_INODE).format
+            st = structs[key] = struct.Struct(f"{fmt}{len(head)}s{len(loc)}s{t}s")
+        if compact:
+            st.pack_into(
+                buf, p, layout, icount, ino.mode, ino.nlink, size, 0, u, idx, ino.uid, ino.gid,
+                head, loc, tail_bytes,
+            )  # fmt: skip
+        else:
+            st.pack_into(
+                buf, p, layout | 1, icount, ino.mode, 0, size, u, idx, ino.uid, ino.gid,
+                ino.mtime & 0xFFFFFFFFFFFFFFFF, ino.nsec, ino.nlink & 0xFFFFFFFF,
+                head, loc, tail_bytes,
+            )  # fmt: skip
+        p += st.size
+        if late:
+            n = p + len(late)
+            buf[p:n] = late
             p = n
     assert p <= inodes_end, (p, inodes_end)
     for e in shared_table:
