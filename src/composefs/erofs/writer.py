@@ -208,14 +208,13 @@ class _Inode:
         self.mtime = st.mtime
         self.nsec = st.mtime_nsec
         self.xattrs = xattrs
-        # (The collection builds plain inodes without calling this: a slot
-        # set here must be set there too.)
         # Only what every pass reads is set here (this runs once per inode):
         # the other slots are set by the pass that decides them, before any
         # read (entries/dir_starts of directories, chunk_format/chunk_count
         # of external files, shared/xattr_local/xfilter when xattr_size is
         # set, metacopy/redirect of plain files, compact/nid/blkaddr by the
-        # layout).
+        # layout). The collection builds plain inodes without calling this:
+        # a slot set here must be set there too.
         self.size = 0
         self.rdev = 0
         self.data = None
