@@ -513,7 +513,8 @@ def _collect_epoch1_pass(
     leaf_inodes: dict[int, _Inode] = {}
     has_whiteout = False
     deferred = False
-    seen_leaves: set[int] = set()
+    # (leaves by identity: Leaf has no __eq__, and no id() int to make)
+    seen_leaves: set[Leaf] = set()
     seen_dirs = {id(root)}
 
     r = _dir_inode(root, True)
@@ -549,16 +550,15 @@ def _collect_epoch1_pass(
                 queue.append((child, ci, me, depth + 1))
                 raw.append((name, ci))
                 continue
-            lid = id(child)
             if counts is None:
-                if lid in seen_leaves:
+                if child in seen_leaves:
                     raise _HasHardlinks
-                seen_leaves.add(lid)
+                seen_leaves.add(child)
                 n = 1
             else:
+                lid = id(child)
                 n = counts[lid]
-            if n > 1:
-                if first[lid] != (did, name):
+                if n > 1 and first[lid] != (did, name):
                     # a later name of a hardlinked leaf: resolved at the end
                     raw.append((name, child))
                     deferred = True
@@ -662,7 +662,7 @@ def _add_stubs(
     inodes.extend(i for _, i in merged)
 
 
-_mtime_of = attrgetter("mtime", "nsec")
+_mtime_of = attrgetter("mtime")
 
 
 def _share_epoch1(inodes: list[_Inode], codec: _XattrCodec) -> tuple[list[bytes], set[bytes]]:
@@ -1097,7 +1097,9 @@ def _build_epoch1(
     inodes: list[_Inode], has_whiteout: bool, version: FormatVersion, may_bump: bool
 ) -> bytearray:
     codec = _XattrCodec(_PREFIXES_EPOCH1)
-    min_sec, min_nsec = min(map(_mtime_of, inodes))
+    # the earliest (mtime, nsec), without a tuple per inode
+    min_sec = min(map(_mtime_of, inodes))
+    min_nsec = min([ino.nsec for ino in inodes if ino.mtime == min_sec])
     table, names = _share_epoch1(inodes, codec)
     has_acl = F.XATTR_POSIX_ACL_ACCESS in names or F.XATTR_POSIX_ACL_DEFAULT in names
     inodes_end, n_data_blocks = _layout_epoch1(inodes, (min_sec, min_nsec))
