@@ -532,7 +532,8 @@ def _collect_epoch1_pass(
         raw: list[tuple[bytes, Any]] = [(b".", me), (b"..", parent)]
         subdirs = 0
         entries = d.entries
-        for name in sorted(entries):
+        names = sorted(entries)
+        for name in names:
             child = entries[name]
             # (`int in bytes` is a cheap byte search: 47 is "/")
             if counts is None and (
@@ -620,7 +621,11 @@ def _collect_epoch1_pass(
             raw.append((name, li))
         me.nlink = 2 + subdirs
         if me is r:
-            _add_stubs(r, root, raw, inodes)
+            _add_stubs(r, root, raw, inodes)  # (entries re-sorted below)
+        elif not names or names[0] > b"..":
+            # the entries are "." and ".." then the names in this order: the
+            # names joined, for the dirents (a directory has no other data)
+            me.data = b"..." + b"".join(names)
         pending.append((me, raw))
 
     for me, raw in pending:
@@ -628,10 +633,11 @@ def _collect_epoch1_pass(
             raw = [
                 (name, obj if type(obj) is _Inode else leaf_inodes[id(obj)]) for name, obj in raw
             ]
-        # Already sorted ("." and ".." then the sorted names) unless a name
-        # sorts before ".." or the root's stubs were added; names are unique
-        # within a directory, so tuples compare by name only.
-        if me is r or (len(raw) > 2 and raw[2][0] < b".."):
+        # Already sorted ("." and ".." then the sorted names, and their
+        # joined names kept in data) unless a name sorts before ".." or the
+        # root's stubs were added; names are unique within a directory, so
+        # tuples compare by name only.
+        if me.data is None:
             raw.sort()
         me.entries = raw
     r.xattrs[F.XATTR_OVERLAY_OPAQUE_ROOT] = b"y"
@@ -782,7 +788,10 @@ def _dir_split(ino: _Inode) -> int:
     `dir_starts` (first entry of each block plus the remainder) and returns
     the remainder's byte size."""
     entries = ino.entries
-    total = 12 * len(entries) + sum(map(len, map(_first, entries)))
+    names = ino.data  # see _dirent_chunk
+    total = 12 * len(entries) + (
+        len(names) if names is not None else sum(map(len, map(_first, entries)))
+    )
     if total <= BLOCK:  # the common case: one block (or an inline tail)
         ino.dir_starts = _ONE_START
         return total
@@ -800,14 +809,20 @@ def _dir_split(ino: _Inode) -> int:
     return block_size
 
 
-def _dirent_chunk(entries: Sequence[tuple[bytes, _Inode]]) -> bytes:
+def _dirent_chunk(entries: Sequence[tuple[bytes, _Inode]], names: bytes | None = None) -> bytes:
+    """The dirents of `entries`, then their names (`names`, when given, is
+    those names joined: epoch 1 keeps them so in a directory inode's `data`
+    when its entries are "." and ".." then the names in collection order)."""
     nameoff = 12 * len(entries)
     heads: list[bytes] = []
     ft = _FT
     for name, target in entries:
         heads.append(_pack_dirent(target.nid, nameoff, ft[target.ftype]))
         nameoff += len(name)
-    heads.extend(map(_first, entries))
+    if names is not None:
+        heads.append(names)
+    else:
+        heads.extend(map(_first, entries))
     return b"".join(heads)
 
 
@@ -816,7 +831,7 @@ def _dir_chunks(ino: _Inode) -> tuple[list[bytes], bytes]:
     entries = ino.entries
     starts = ino.dir_starts
     if len(starts) == 1 and ino.tail:  # the common case: everything inline
-        return [], _dirent_chunk(entries)
+        return [], _dirent_chunk(entries, ino.data)
     bounds = [*starts, len(entries)]
     chunks = [entries[bounds[i] : bounds[i + 1]] for i in range(len(starts))]
     rest = chunks.pop()
