@@ -229,3 +229,22 @@ def test_empty_inline_file_is_written_with_the_none_sentinel() -> None:
         assert lines[1] == b"/empty 0 100755 1 0 0 0 0.0 - - -", style
         assert lines[2] == b"/none 0 100755 1 0 0 0 0.0 - - -", style
         assert dumpfile.dumps(dumpfile.parse(out), style=style) == out
+
+
+def test_fast_path_entries_are_whole_objects() -> None:
+    """The parser's fast path builds Stat, Regular and Leaf without calling
+    them: every slot is set, and they equal the objects the classes make."""
+    from composefs.tree import Stat
+
+    text = (
+        b"/ 4096 40755 2 0 0 0 0.0 - - -\n"
+        b"/f 100 100644 1 1 2 0 3.4 ab/cdef - " + b"ab" * 32 + b"\n"
+    )
+    f = dumpfile.parse(text).lookup(b"/f")
+    assert isinstance(f, Leaf) and isinstance(f.content, Regular)
+    for obj in (f, f.stat, f.content):
+        for slot in type(obj).__slots__:
+            getattr(obj, slot)  # AttributeError if the fast path missed one
+    assert f.stat == Stat(0o644, 1, 2, 3, 4)
+    assert f.content == Regular(100, None, "ab" * 32, b"ab/cdef")
+    assert (f.nlink, f.primary) == (1, None)

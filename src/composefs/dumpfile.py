@@ -43,9 +43,9 @@ from .tree import (
     walk,
 )
 
-TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing (~3 ms)
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # typing costs milliseconds at every CLI start
     from typing import BinaryIO
 
 # Limits of C libcomposefs 1.0.8 (lcfs-writer.h, lcfs-internal.h, linux/limits.h).
@@ -275,6 +275,7 @@ class _Parser:
         strict = self.strict
         slow = self.line
         unhexlify = binascii.unhexlify
+        new = object.__new__
         for line in lines:
             lineno += 1
             try:
@@ -346,7 +347,15 @@ class _Parser:
                 else:
                     xattrs = {}
                 ftype, perm, nlink, uid, gid, rdev, mtime, nsec = meta
-                stat = Stat(perm, uid, gid, mtime, nsec, xattrs)
+                # Stat(perm, uid, gid, mtime, nsec, xattrs), without the
+                # class call (a third of the cost of building the entry)
+                stat = new(Stat)
+                stat.mode = perm
+                stat.uid = uid
+                stat.gid = gid
+                stat.mtime = mtime
+                stat.mtime_nsec = nsec
+                stat.xattrs = xattrs
                 if ftype == S_IFREG:
                     if not payload:
                         payload = None
@@ -354,7 +363,18 @@ class _Parser:
                             payload = b""  # as in `line`
                     elif len(payload) >= PATH_MAX:
                         raise ValueError
-                    parent.entries[name] = Leaf(stat, Regular(size, None, digest, payload), nlink)
+                    # Leaf(stat, Regular(size, None, digest, payload), nlink), likewise
+                    reg = new(Regular)
+                    reg.size = size
+                    reg.data = None
+                    reg.digest = digest
+                    reg.payload = payload
+                    leaf = new(Leaf)
+                    leaf.stat = stat
+                    leaf.content = reg
+                    leaf.nlink = nlink
+                    leaf.primary = None
+                    parent.entries[name] = leaf
                 elif ftype == S_IFDIR:
                     d = Directory(stat)
                     d.size = size
@@ -366,14 +386,14 @@ class _Parser:
                         raise ValueError
                     parent.entries[name] = Leaf(stat, Symlink(payload), nlink)
                 else:
-                    leaf: LeafContent
+                    special: LeafContent
                     if ftype == S_IFCHR or ftype == S_IFBLK:
-                        leaf = Device(ftype, rdev)
+                        special = Device(ftype, rdev)
                     elif ftype == S_IFIFO:
-                        leaf = Fifo()
+                        special = Fifo()
                     else:
-                        leaf = Socket()
-                    parent.entries[name] = Leaf(stat, leaf, nlink)
+                        special = Socket()
+                    parent.entries[name] = Leaf(stat, special, nlink)
             except ValueError as e:
                 if not str(e):
                     # The fast path only says "not mine" before changing

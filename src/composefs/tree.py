@@ -30,6 +30,9 @@ S_IFSOCK = _stat.S_IFSOCK
 
 # Plain __slots__ classes rather than dataclasses: importing `dataclasses`
 # (and with it `inspect`) costs ~8 ms at every start of every CLI tool.
+# The dumpfile parser's fast path builds Stat, Regular and Leaf without
+# calling them (object.__new__ and one store per slot): a slot added to one
+# of those must be set there too.
 
 
 class Stat:

@@ -590,3 +590,20 @@ def test_hardlink_inode_placement_matches_c(key: tuple[str, int]) -> None:
     root = dumpfile.parse(b"\n".join(_HARDLINK_CASES[name]) + b"\n")
     image = mkfs(root, FormatVersion(v), max_version=FormatVersion(v))
     assert hashlib.sha256(image).hexdigest() == _HARDLINK_C_SHA256[key]
+
+
+def test_plain_inodes_have_every_slot_the_passes_read() -> None:
+    """The collection builds "plain" inodes (external content, no xattrs)
+    without `_Inode.__init__`: they set every slot it sets (rdev and data
+    aside, which no pass reads for them)."""
+    from composefs.erofs import writer
+
+    root = Directory()
+    root.entries[b"f"] = Leaf(Stat(0o644), Regular(10, digest="ab" * 32))
+    inodes, _ = writer._collect_epoch1(root, True)
+    plain = [i for i in inodes if i.plain]
+    assert len(plain) == 1
+    made = writer._Inode(stat.S_IFREG, stat.S_IFREG | 0o644, Stat(0o644), {})
+    for slot in writer._Inode.__slots__:
+        if slot not in ("rdev", "data") and hasattr(made, slot):
+            assert hasattr(plain[0], slot), slot

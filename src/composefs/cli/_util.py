@@ -15,6 +15,23 @@ if TYPE_CHECKING:  # typing costs milliseconds at every CLI start
     from typing import NoReturn
 
 
+def _terminal_columns() -> int:
+    """`shutil.get_terminal_size().columns`, without importing shutil (and
+    with it bz2, lzma, fnmatch: milliseconds at every start, as argparse
+    makes a formatter for every argument added)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        out = sys.__stdout__
+        try:
+            columns = os.get_terminal_size(out.fileno()).columns if out is not None else 0
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
 class Parser(argparse.ArgumentParser):
     """An argument parser whose mistakes are one-line errors (exit status 1)."""
 
@@ -27,20 +44,6 @@ class Parser(argparse.ArgumentParser):
         # for the terminal width, found here as shutil would.
         width = _terminal_columns() - 2
         return self.formatter_class(prog=self.prog, width=width)  # type: ignore[call-arg]
-
-
-def _terminal_columns() -> int:
-    """shutil.get_terminal_size().columns, without importing shutil."""
-    try:
-        columns = int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        columns = 0
-    if columns <= 0:
-        try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-    return columns or 80
 
 
 class _Version(argparse.Action):

@@ -21,12 +21,15 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import ComposefsError, UsageError
 from ._util import Parser, add_version, run
 
-if TYPE_CHECKING:
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing
+
+if TYPE_CHECKING:  # typing costs milliseconds at every start
+    from typing import BinaryIO
+
     from ..erofs.format import FormatVersion
     from ..tree import Directory
 
@@ -218,9 +221,9 @@ def _main(argv: Sequence[str]) -> int:
             out = stack.enter_context(atomic_output(str(args.image)))
         root = _read_tree(args, threads, int(version) == 2)
 
-        from ..erofs.writer import mkfs
+        from ..erofs.writer import mkfs_buffer
 
-        image = mkfs(root, version, max_version=max_version)
+        image = mkfs_buffer(root, version, max_version=max_version)
         if out is not None:
             out.write(image)
             out.flush()
