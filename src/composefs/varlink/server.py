@@ -51,6 +51,8 @@ SERVICE = "org.varlink.service"
 
 # Bigger requests (without a NUL) are refused and the connection closed.
 MAX_MESSAGE = 8 << 20
+# How long a connection hung up for a protocol violation still drains input.
+LINGER = 10.0
 
 SERVICE_IDL = """\
 # The Varlink Service Interface is provided by every varlink service. It
@@ -128,9 +130,31 @@ class Connection(VarlinkServerProtocol):
                     fd.close()
             self._overflowed = True
             sent = self.send_error(_error(PROTOCOL_VIOLATION, reason="message too large"))
-            sent.add_done_callback(lambda _f: self.close())
+            sent.add_done_callback(lambda _f: self._hang_up())
             return
         super().message_received(data, fds)
+
+    def _hang_up(self) -> None:
+        """After the error reply: shut down writing and drop what the client
+        still sends until it closes (or LINGER seconds). Closing with its data
+        unread would reset the connection, and the client could lose the
+        reply (seen on Linux 6.18)."""
+        if self._fileno < 0:
+            self.close()
+            return
+        try:
+            # A dup: shutting it down shuts down the transport's socket.
+            with socket.socket(fileno=os.dup(self._fileno)) as s:
+                s.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        asyncio.get_running_loop().call_later(LINGER, self.close)
+
+    def eof_received(self) -> None:
+        if self._overflowed:
+            self.close()  # the client read the error and hung up
+        super().eof_received()
 
     def error_received(self, err: Exception, data: bytes, fds: FileDescriptorArray | None) -> None:
         # Malformed JSON: the framing is intact, so answer and carry on.
