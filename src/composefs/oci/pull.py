@@ -66,6 +66,9 @@ if TYPE_CHECKING:
     from ..repository import Repository
 
 _BLOCK = 1 << 20
+# A layer blob this big (as sent) starts the object store helper process
+# (`RepoStreamWriter.start_helper`) as its import begins.
+_EAGER_HELPER_BYTES = 4 << 20
 
 
 # -- statistics -----------------------------------------------------------------
@@ -331,6 +334,7 @@ def import_layer(
     discard: bool = True,
     members: list[_tar.TarMember] | None = None,
     on_stored: Callable[[str], None] | None = None,
+    size_hint: int | None = None,
 ) -> tuple[str, ImportStats]:
     """Import one layer tar (compressed as given) as ``oci-layer-<diff_id>``.
 
@@ -348,7 +352,8 @@ def import_layer(
     `stored.layer_members` would read them back, unless there are more
     than `MAX_KEPT_MEMBERS` (or the layer was already present): then it
     stays empty. `on_stored(stream id)` runs once everything is stored,
-    before the (syncing) naming of the stream.
+    before the (syncing) naming of the stream. `size_hint` (the blob's
+    size) lets a big layer start the object store helper at once.
     """
     alg, _ = parse_digest(diff_id)
     content_id = layer_stream(diff_id)
@@ -364,6 +369,8 @@ def import_layer(
         writer.reference_log = []
     sink = _LayerSink(writer, stats, repo, [] if members is not None else None)
     try:
+        if size_hint is not None and size_hint >= _EAGER_HELPER_BYTES:
+            writer.start_helper()
         decompressed = _decompressor(source, compression)
         try:
             tar_in = _HashingReader(decompressed, alg if verify else None, background=True)
@@ -613,6 +620,7 @@ def _fetch_layer(
             verity, stats = import_layer(
                 repo, diff_id, blob, compression=compression, discard=False, members=members,
                 on_stored=functools.partial(on_stored, diff_id) if on_stored else None,
+                size_hint=desc.size,
             )  # fmt: skip
         else:
             verity, stats = _store_blob_stream(repo, desc.digest, blob)

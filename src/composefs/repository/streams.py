@@ -41,6 +41,8 @@ _HELPER_QUEUE_ENTRIES = 512
 # its start-up cost (~0.07 s of CPU, in parallel) only for big layers.
 _HELPER_AFTER_OBJECTS = 256
 _HELPER_AFTER_BYTES = 4 << 20
+# The largest object handed to the helper whole (in memory, in flight).
+_HELPER_OBJECT_MAX = 8 << 20
 
 
 class RepoStreamWriter(SplitStreamWriter):
@@ -72,6 +74,7 @@ class RepoStreamWriter(SplitStreamWriter):
         self._helper: StoreHelper | None = None
         self._starting: StoreHelper | None = None
         self._helper_failed = False
+        self._eager = False
         self._small_objects = 0
         self._small_bytes = 0
         # What the external writes stored: new objects (and their bytes)
@@ -127,7 +130,9 @@ class RepoStreamWriter(SplitStreamWriter):
         """`write_external_stream` of exactly `size` bytes, with a small
         object stored in the background (its id is not returned)."""
         self._check_open()
-        if size > _SMALL_OBJECT:
+        # With the helper running, objects up to _HELPER_OBJECT_MAX go to it
+        # too: storing one here (hashing, writing) holds up the parsing.
+        if size > (_SMALL_OBJECT if self._helper is None else _HELPER_OBJECT_MAX):
             self.write_external_stream(source, size)
             return
         data = _read_exactly(source, size)
@@ -150,6 +155,14 @@ class RepoStreamWriter(SplitStreamWriter):
         self._queued_bytes += size
         self._apply_queue(block=True)
 
+    def start_helper(self) -> None:
+        """Start the helper process now rather than after the first objects:
+        for a stream known to be big (its start then overlaps the first
+        objects instead of following them)."""
+        self._check_open()
+        self._eager = True
+        self._usable_helper()
+
     def _usable_helper(self) -> StoreHelper | None:
         """The helper once it runs. It is started (in the background: the
         thread stores meanwhile) after `_HELPER_AFTER_OBJECTS` objects or
@@ -158,7 +171,8 @@ class RepoStreamWriter(SplitStreamWriter):
             return self._helper
         if self._starting is None:
             if (
-                self._small_objects < _HELPER_AFTER_OBJECTS
+                not self._eager
+                and self._small_objects < _HELPER_AFTER_OBJECTS
                 and self._small_bytes < _HELPER_AFTER_BYTES
             ):
                 return None
