@@ -8,11 +8,9 @@ them for reading.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 import tempfile
-import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,10 +41,6 @@ _HELPER_QUEUE_ENTRIES = 512
 # its start-up cost (~0.07 s of CPU, in parallel) only for big layers.
 _HELPER_AFTER_OBJECTS = 256
 _HELPER_AFTER_BYTES = 4 << 20
-# Every this many bytes of new objects a background syncfs starts their
-# writeback, so the syncfs before the stream is named finds little left to
-# write (on a journaled ext4 it was ~0.2 s of waiting at the end of a pull).
-_WRITEBACK_EVERY = 16 << 20
 # The largest object handed to the helper whole (in memory, in flight).
 _HELPER_OBJECT_MAX = 8 << 20
 
@@ -81,8 +75,6 @@ class RepoStreamWriter(SplitStreamWriter):
         self._starting: StoreHelper | None = None
         self._helper_failed = False
         self._eager = False
-        self._unsynced = 0
-        self._writeback: threading.Thread | None = None
         self._small_objects = 0
         self._small_bytes = 0
         # What the external writes stored: new objects (and their bytes)
@@ -93,25 +85,6 @@ class RepoStreamWriter(SplitStreamWriter):
         # With a list here, every reference appended to the stream is
         # recorded in stream order (an import keeps its members this way).
         self.reference_log: list[str] | None = None
-
-    def _written(self, size: int) -> None:
-        """Count bytes handed to the store; start an early writeback (a
-        syncfs in a thread, one at a time) every `_WRITEBACK_EVERY`. Only
-        a head start: durability still comes from the syncfs before naming."""
-        self._unsynced += size
-        if self._unsynced < _WRITEBACK_EVERY:
-            return
-        if self._writeback is not None and self._writeback.is_alive():
-            return
-        self._unsynced = 0
-        self._writeback = threading.Thread(
-            target=self._early_writeback, name="writeback", daemon=True
-        )
-        self._writeback.start()
-
-    def _early_writeback(self) -> None:
-        with contextlib.suppress(OSError):  # the syncfs that counts reports it
-            self.repo.sync()
 
     def _count(self, new: bool, size: int) -> None:
         if new:
@@ -150,7 +123,6 @@ class RepoStreamWriter(SplitStreamWriter):
             source, size, check_writable=False
         )
         self._count(new, n)
-        self._written(n)
         self.write_reference(object_id, n)
         return object_id
 
@@ -179,7 +151,6 @@ class RepoStreamWriter(SplitStreamWriter):
             fut = self._pool.submit(self.repo.store_bytes_counted, data, check_writable=False)
         self.total_size += size
         self.external_size += size
-        self._written(size)
         self._queue.append((fut, None, size))
         self._queued_bytes += size
         self._apply_queue(block=True)
@@ -304,9 +275,6 @@ class RepoStreamWriter(SplitStreamWriter):
         super().close()
 
     def _shutdown(self) -> None:
-        if self._writeback is not None:
-            self._writeback.join()  # no thread outlives the writer
-            self._writeback = None
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
