@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import os
 import secrets
 import stat as st_
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import fsverity, limits
-from .errors import ComposefsError, SourceError, TreeError, VerityError
+from .errors import ComposefsError, SourceError, TreeError, VerityError, VerityNotSupported
 from .tree import Device, Directory, Fifo, Leaf, Regular, Socket, Stat, Symlink
 
 __all__ = [
@@ -127,7 +128,7 @@ class _Scanner:
         # Bounds the open descriptors (and queued work) the walk can race ahead by.
         self.slots = threading.BoundedSemaphore(max(4, 4 * opts.threads))
         self.inflight: dict[Future[str], int] = {}
-        self.store_fd: int | None = None
+        self.store: _Store | None = None
         # Digest-store copies written (not yet fsynced nor renamed): one
         # syncfs then the renames at the end, instead of an fsync per file.
         self.staged: dict[str, str] = {}  # "xx/rest" -> "xx/.tmpNAME"
@@ -192,7 +193,7 @@ class _Scanner:
             raise _source_error(shown_root, e) from None
         try:
             if self.o.digest_store is not None:
-                self.store_fd = _open_store(self.o.digest_store)
+                self.store = _Store(_open_store(self.o.digest_store), self.o.algorithm)
             root = self._walk(rootfd, shown_root)
             self._finish()
             self._commit_staged()
@@ -202,8 +203,8 @@ class _Scanner:
             raise
         finally:
             os.close(rootfd)
-            if self.store_fd is not None:
-                os.close(self.store_fd)
+            if self.store is not None:
+                os.close(self.store.fd)
             if self.pool is not None:
                 self.pool.shutdown(wait=True)
 
@@ -374,18 +375,30 @@ class _Scanner:
 
     def _process(self, fd: int, shown: str, size: int) -> str:
         o = self.o
+        dev: int | None = None
+        fsverity._keep_reads(True)
         try:
             raw = fsverity.digest_fd(fd, o.algorithm, helper_processes=1 if self.pool else 0)
-            now = os.fstat(fd).st_size
+            # A small file was read whole, in one read: the same bytes are
+            # written to the store below, instead of the kernel reading the
+            # file a second time to copy it.
+            data = fsverity._take_read(fd)
+            if data is not None:
+                now_size = len(data)
+            else:
+                now = os.fstat(fd)
+                now_size, dev = now.st_size, now.st_dev
+            if now_size != size:
+                # The digest would not describe a file of the recorded size.
+                raise SourceError(f"error accessing {shown}: changed while it was being read")
         except OSError as e:
             raise _source_error(shown, e) from None
-        if now != size:
-            # The digest would not describe a file of the recorded size.
-            raise SourceError(f"error accessing {shown}: changed while it was being read")
+        finally:
+            fsverity._keep_reads(False)
         hexd = raw.hex()
-        if self.store_fd is not None:
+        if self.store is not None:
             try:
-                self._stage(fd, hexd)
+                self._stage(fd, hexd, data, dev)
             except OSError as e:
                 raise SourceError(f"cannot fill store with {shown}: {_strerror(e)}") from None
         if o.object_sink is not None:
@@ -393,17 +406,17 @@ class _Scanner:
             o.object_sink(path, size, hexd)
         return hexd
 
-    def _stage(self, src_fd: int, digest_hex: str) -> None:
+    def _stage(self, src_fd: int, digest_hex: str, data: bytes | None, dev: int | None) -> None:
         """Copy `src_fd` into the digest store under a temporary name
         (see `_commit_staged`), unless the object is there or staged."""
-        assert self.store_fd is not None
+        assert self.store is not None
         final = f"{digest_hex[:2]}/{digest_hex[2:]}"
         with self.staged_lock:
             if final in self.staged:
                 return
             self.staged[final] = ""  # claimed: another thread skips it
         try:
-            tmp = _write_store_copy(self.store_fd, src_fd, digest_hex, self.o.algorithm, False)
+            tmp = self.store.write_copy(src_fd, digest_hex, False, data, dev)
         except BaseException:
             with self.staged_lock:
                 del self.staged[final]
@@ -428,13 +441,13 @@ class _Scanner:
         """Make the staged digest-store copies durable (one syncfs), then
         give them their names: as with C's fsync-then-rename per file, a
         file under its final name is always complete."""
-        if not self.staged or self.store_fd is None:
+        if not self.staged or self.store is None:
             return
         try:
-            _syncfs(self.store_fd)
+            _syncfs(self.store.fd)
         except OSError as e:
             raise SourceError(f"cannot fill store: {_strerror(e)}") from None
-        fd = self.store_fd
+        fd = self.store.fd
         for final, tmp in sorted(self.staged.items()):
             try:
                 os.rename(tmp, final, src_dir_fd=fd, dst_dir_fd=fd)
@@ -455,10 +468,12 @@ class _Scanner:
                 except OSError:
                     pass
         self.inflight.clear()
-        if self.store_fd is not None:
+        if self.store is not None:
             for tmp in self.staged.values():
+                if not tmp:
+                    continue  # claimed, not written
                 try:
-                    os.unlink(tmp, dir_fd=self.store_fd)
+                    os.unlink(tmp, dir_fd=self.store.fd)
                 except OSError:
                     pass
         self.staged.clear()
@@ -530,7 +545,7 @@ def store_in_flat_digest_store(
         else store
     )
     try:
-        tmp = _write_store_copy(store_fd, src_fd, digest_hex, algorithm, True)
+        tmp = _Store(store_fd, algorithm).write_copy(src_fd, digest_hex, True)
         if tmp is None:
             return False
         try:
@@ -548,53 +563,112 @@ def store_in_flat_digest_store(
             os.close(store_fd)
 
 
-def _write_store_copy(
-    store_fd: int, src_fd: int, digest_hex: str, algorithm: str, fsync: bool
-) -> str | None:
-    """Copy `src_fd` to a new temporary file in the store's `XX/`
-    directory (fsynced if asked, fs-verity tried); its store-relative
-    path, or None when `XX/REST` already exists."""
-    sub, rest = digest_hex[:2], digest_hex[2:]
-    try:
-        os.mkdir(sub, 0o755, dir_fd=store_fd)
-    except FileExistsError:
-        pass
-    subfd = os.open(
-        sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=store_fd
-    )
-    try:
+class _Store:
+    """Writes copies into a flat digest store, remembering what needs
+    asking only once per store: which `XX/` directories exist, whether the
+    filesystem can reflink from the source's and do fs-verity, the umask."""
+
+    def __init__(self, fd: int, algorithm: str) -> None:
+        self.fd = fd
+        self.algorithm = algorithm
+        self.subdirs: set[str] = set()
+        self.no_reflink: set[int] = set()  # source st_dev values where FICLONE failed
+        self.verity = True
+        # Unique temporary names without a getrandom call per file (O_EXCL
+        # still guards against a clash).
+        self.prefix = f".tmp{secrets.token_hex(4)}"
+        self.counter = itertools.count()
+        self.chmod = _umask() & 0o644 != 0
+
+    def write_copy(
+        self,
+        src_fd: int,
+        digest_hex: str,
+        fsync: bool,
+        data: bytes | None = None,
+        src_dev: int | None = None,
+    ) -> str | None:
+        """Copy `src_fd` (whose whole content is `data`, if given; on
+        device `src_dev`, if known) to a new temporary file in the store's
+        `XX/` directory (fsynced if asked, fs-verity tried); its
+        store-relative path, or None when `XX/REST` already exists."""
+        sub = digest_hex[:2]
+        store = self.fd
+        if sub not in self.subdirs:
+            try:
+                os.mkdir(sub, 0o755, dir_fd=store)
+            except FileExistsError:
+                pass
+            if not st_.S_ISDIR(os.stat(sub, dir_fd=store, follow_symlinks=False).st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            self.subdirs.add(sub)
         try:
-            os.stat(rest, dir_fd=subfd, follow_symlinks=False)
+            os.stat(f"{sub}/{digest_hex[2:]}", dir_fd=store, follow_symlinks=False)
             return None
         except FileNotFoundError:
             pass
-        tmp = f".tmp{secrets.token_hex(8)}"
-        tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=subfd)
+        tmp = f"{sub}/{self.prefix}{next(self.counter)}"
+        tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                      0o644, dir_fd=store)  # fmt: skip
         try:
             try:
-                _copy_data(src_fd, tfd)
-                os.fchmod(tfd, 0o644)
+                src = _Source(src_fd, data, src_dev not in self.no_reflink)
+                _copy_data(src, tfd)
+                if not src.reflink and src_dev is not None:
+                    self.no_reflink.add(src_dev)
+                if self.chmod:
+                    os.fchmod(tfd, 0o644)
                 if fsync:
                     os.fsync(tfd)
             finally:
                 os.close(tfd)
-            # fs-verity needs no writable descriptor open: reopen read-only.
-            rfd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=subfd)
-            try:
-                fsverity.enable_verity(rfd, algorithm)
-            except VerityError:
-                pass  # insecure store, exactly like C
-            finally:
-                os.close(rfd)
+            if self.verity:
+                # fs-verity needs no writable descriptor open: reopen read-only.
+                rfd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=store)
+                try:
+                    fsverity.enable_verity(rfd, self.algorithm)
+                except VerityNotSupported:
+                    self.verity = False  # the filesystem's answer for every file
+                except VerityError:
+                    pass  # insecure store, exactly like C
+                finally:
+                    os.close(rfd)
         except BaseException:
             try:
-                os.unlink(tmp, dir_fd=subfd)
+                os.unlink(tmp, dir_fd=store)
             except OSError:
                 pass
             raise
-        return f"{sub}/{tmp}"
-    finally:
-        os.close(subfd)
+        return tmp
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (other threads may be
+    creating files); assume the usual 022 if /proc cannot say."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o777  # unknown: always chmod
+
+
+class _Source(int):
+    """A source descriptor with what the copy should know: its content when
+    that has already been read (and hashed), so that `_copy_data` writes
+    those bytes instead of reading the file again; whether a reflink is
+    worth trying (it failed before for this device)."""
+
+    data: bytes | None
+    reflink: bool
+
+    def __new__(cls, fd: int, data: bytes | None, reflink: bool = False) -> _Source:
+        self = super().__new__(cls, fd)
+        self.data = data
+        self.reflink = reflink
+        return self
 
 
 _libc: Any = None
@@ -613,11 +687,19 @@ def _syncfs(fd: int) -> None:
 
 def _copy_data(src: int, dst: int) -> None:
     """Copy all of `src` (from offset 0; its own offset untouched) to `dst`."""
-    try:
-        fcntl.ioctl(dst, _FICLONE, src)
+    if isinstance(src, _Source) and src.data is not None:
+        view = memoryview(src.data)
+        while view:
+            view = view[os.write(dst, view) :]
         return
-    except OSError:
-        pass  # not the same filesystem, or no reflinks: copy
+    if not isinstance(src, _Source) or src.reflink:
+        try:
+            fcntl.ioctl(dst, _FICLONE, src)
+            return
+        except OSError:
+            # not the same filesystem, or no reflinks: copy
+            if isinstance(src, _Source):
+                src.reflink = False
     off = 0
     try:
         while True:
