@@ -75,6 +75,11 @@ open on the very inode it hashed, valid only during the call: opening it
 gives that file (no symlink, no race with the tree changing).  Without
 /proc it is the file's real path.  The sink runs in worker threads,
 concurrently when ``threads > 1``; an exception it raises aborts the read.
+
+A sink with an attribute ``accepts_content = True`` is called as
+`sink(src_path, size, digest_hex, content)`: `content` is the file's whole
+content as it was read and hashed (small files, read in one piece), or None;
+storing those bytes spares reading the file a second time.
 """
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -129,6 +134,7 @@ class _Scanner:
         self.slots = threading.BoundedSemaphore(max(4, 4 * opts.threads))
         self.inflight: dict[Future[str], int] = {}
         self.store: _Store | None = None
+        self.sink_content = bool(getattr(opts.object_sink, "accepts_content", False))
         # Digest-store copies written (not yet fsynced nor renamed): one
         # syncfs then the renames at the end, instead of an fsync per file.
         self.staged: dict[str, str] = {}  # "xx/rest" -> "xx/.tmpNAME"
@@ -403,7 +409,10 @@ class _Scanner:
                 raise SourceError(f"cannot fill store with {shown}: {_strerror(e)}") from None
         if o.object_sink is not None:
             path = f"/proc/self/fd/{fd}" if self.proc else shown
-            o.object_sink(path, size, hexd)
+            if self.sink_content:
+                o.object_sink(path, size, hexd, data)  # type: ignore[call-arg]
+            else:
+                o.object_sink(path, size, hexd)
         return hexd
 
     def _stage(self, src_fd: int, digest_hex: str, data: bytes | None, dev: int | None) -> None:
@@ -571,7 +580,7 @@ class _Store:
     def __init__(self, fd: int, algorithm: str) -> None:
         self.fd = fd
         self.algorithm = algorithm
-        self.subdirs: set[str] = set()
+        self.subdirs: dict[str, bool] = {}  # XX -> created by this run
         self.no_reflink: set[int] = set()  # source st_dev values where FICLONE failed
         self.verity = True
         # Unique temporary names without a getrandom call per file (O_EXCL
@@ -594,19 +603,24 @@ class _Store:
         store-relative path, or None when `XX/REST` already exists."""
         sub = digest_hex[:2]
         store = self.fd
-        if sub not in self.subdirs:
+        fresh = self.subdirs.get(sub)
+        if fresh is None:
             try:
                 os.mkdir(sub, 0o755, dir_fd=store)
+                fresh = True
             except FileExistsError:
+                fresh = False
+                if not st_.S_ISDIR(os.stat(sub, dir_fd=store, follow_symlinks=False).st_mode):
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
+            self.subdirs[sub] = fresh
+        if not fresh:
+            # (A directory this run created holds nothing it did not stage,
+            # and the caller never stages one object twice.)
+            try:
+                os.stat(f"{sub}/{digest_hex[2:]}", dir_fd=store, follow_symlinks=False)
+                return None
+            except FileNotFoundError:
                 pass
-            if not st_.S_ISDIR(os.stat(sub, dir_fd=store, follow_symlinks=False).st_mode):
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-            self.subdirs.add(sub)
-        try:
-            os.stat(f"{sub}/{digest_hex[2:]}", dir_fd=store, follow_symlinks=False)
-            return None
-        except FileNotFoundError:
-            pass
         tmp = f"{sub}/{self.prefix}{next(self.counter)}"
         tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                       0o644, dir_fd=store)  # fmt: skip
