@@ -134,6 +134,7 @@ class _Scanner:
         self.slots = threading.BoundedSemaphore(max(4, 4 * opts.threads))
         self.inflight: dict[Future[str], int] = {}
         self.store: _Store | None = None
+        self.big_bytes = 0  # content of files of _HELPER_MIN and more, so far
         self.sink_content = bool(getattr(opts.object_sink, "accepts_content", False))
         # Digest-store copies written (not yet fsynced nor renamed): one
         # syncfs then the renames at the end, instead of an fsync per file.
@@ -362,9 +363,16 @@ class _Scanner:
             finally:
                 os.close(fd)
             return
+        if size >= _HELPER_MIN:
+            self.big_bytes += size
+        # Helper processes (fsverity) hash big files outside the GIL, but
+        # each costs ~20 ms of CPU to start: worth it only once the big
+        # files add up (a Debian root has ~20 MB of them: hashing those in
+        # the worker threads saves ~7% of the CPU).
+        helpers = 1 if self.big_bytes >= _HELPERS_AFTER or size >= _HELPERS_AFTER else 0
         self.slots.acquire()
         try:
-            fut = self.pool.submit(self._job, fd, shown, size)
+            fut = self.pool.submit(self._job, fd, shown, size, helpers)
         except BaseException:
             self.slots.release()
             os.close(fd)
@@ -372,19 +380,19 @@ class _Scanner:
         self.inflight[fut] = fd
         pend.future = fut
 
-    def _job(self, fd: int, shown: str, size: int) -> str:
+    def _job(self, fd: int, shown: str, size: int, helpers: int) -> str:
         try:
-            return self._process(fd, shown, size)
+            return self._process(fd, shown, size, helpers)
         finally:
             os.close(fd)
             self.slots.release()
 
-    def _process(self, fd: int, shown: str, size: int) -> str:
+    def _process(self, fd: int, shown: str, size: int, helpers: int = 0) -> str:
         o = self.o
         dev: int | None = None
         fsverity._keep_reads(True)
         try:
-            raw = fsverity.digest_fd(fd, o.algorithm, helper_processes=1 if self.pool else 0)
+            raw = fsverity.digest_fd(fd, o.algorithm, helper_processes=helpers)
             # A small file was read whole, in one read: the same bytes are
             # written to the store below, instead of the kernel reading the
             # file a second time to copy it.
@@ -490,6 +498,10 @@ class _Scanner:
 
 # Files from this size on are hashed by the worker threads (when there are any).
 _POOL_MIN = 256 << 10
+# Files from this size on count towards starting fsverity's helper processes,
+# which happens once they add up to _HELPERS_AFTER (or one file is that big).
+_HELPER_MIN = fsverity._HELPER_MIN
+_HELPERS_AFTER = 64 << 20
 
 
 def _same_inode(a: os.stat_result, b: os.stat_result, shown: str) -> None:
