@@ -348,18 +348,18 @@ class _Scanner:
         content = Regular(size)
         pend = _Pending([content])
         self.pending[key] = pend
-        self._submit(pend, fd, shown, size)
+        self._submit(pend, fd, shown, size, key[0])
         return Leaf(self._stat(fst, xattrs), content)
 
     # -- hashing, storing ---------------------------------------------
-    def _submit(self, pend: _Pending, fd: int, shown: str, size: int) -> None:
+    def _submit(self, pend: _Pending, fd: int, shown: str, size: int, dev: int) -> None:
         """Hash `fd` (which this call now owns) now or in the pool."""
         if self.pool is None or size < _POOL_MIN:
             # A small file costs less to hash (and store) right here than
             # to hand to a worker: each handoff is a few futex wakeups and
             # GIL switches (about 40% more CPU on a Debian root).
             try:
-                pend.digest = self._process(fd, shown, size)
+                pend.digest = self._process(fd, shown, size, dev)
             finally:
                 os.close(fd)
             return
@@ -372,7 +372,7 @@ class _Scanner:
         helpers = 1 if self.big_bytes >= _HELPERS_AFTER or size >= _HELPERS_AFTER else 0
         self.slots.acquire()
         try:
-            fut = self.pool.submit(self._job, fd, shown, size, helpers)
+            fut = self.pool.submit(self._job, fd, shown, size, dev, helpers)
         except BaseException:
             self.slots.release()
             os.close(fd)
@@ -380,16 +380,16 @@ class _Scanner:
         self.inflight[fut] = fd
         pend.future = fut
 
-    def _job(self, fd: int, shown: str, size: int, helpers: int) -> str:
+    def _job(self, fd: int, shown: str, size: int, dev: int, helpers: int) -> str:
         try:
-            return self._process(fd, shown, size, helpers)
+            return self._process(fd, shown, size, dev, helpers)
         finally:
             os.close(fd)
             self.slots.release()
 
-    def _process(self, fd: int, shown: str, size: int, helpers: int = 0) -> str:
+    def _process(self, fd: int, shown: str, size: int, dev: int, helpers: int = 0) -> str:
+        """Digest of open file `fd` (on device `dev`), stored if asked."""
         o = self.o
-        dev: int | None = None
         fsverity._keep_reads(True)
         try:
             raw = fsverity.digest_fd(fd, o.algorithm, helper_processes=helpers)
@@ -397,11 +397,7 @@ class _Scanner:
             # written to the store below, instead of the kernel reading the
             # file a second time to copy it.
             data = fsverity._take_read(fd)
-            if data is not None:
-                now_size = len(data)
-            else:
-                now = os.fstat(fd)
-                now_size, dev = now.st_size, now.st_dev
+            now_size = len(data) if data is not None else os.fstat(fd).st_size
             if now_size != size:
                 # The digest would not describe a file of the recorded size.
                 raise SourceError(f"error accessing {shown}: changed while it was being read")
@@ -423,7 +419,7 @@ class _Scanner:
                 o.object_sink(path, size, hexd)
         return hexd
 
-    def _stage(self, src_fd: int, digest_hex: str, data: bytes | None, dev: int | None) -> None:
+    def _stage(self, src_fd: int, digest_hex: str, data: bytes | None, dev: int) -> None:
         """Copy `src_fd` into the digest store under a temporary name
         (see `_commit_staged`), unless the object is there or staged."""
         assert self.store is not None
@@ -670,7 +666,7 @@ class _Store:
 
 def _umask() -> int:
     """The process umask, read without changing it (other threads may be
-    creating files); assume the usual 022 if /proc cannot say."""
+    creating files); all bits set (chmod every copy) if /proc cannot say."""
     try:
         with open("/proc/self/status", "rb") as f:
             for line in f:
@@ -690,7 +686,7 @@ class _Source(int):
     data: bytes | None
     reflink: bool
 
-    def __new__(cls, fd: int, data: bytes | None, reflink: bool = False) -> _Source:
+    def __new__(cls, fd: int, data: bytes | None, reflink: bool = True) -> _Source:
         self = super().__new__(cls, fd)
         self.data = data
         self.reflink = reflink
@@ -712,12 +708,9 @@ def _syncfs(fd: int) -> None:
 
 
 def _copy_data(src: int, dst: int) -> None:
-    """Copy all of `src` (from offset 0; its own offset untouched) to `dst`."""
-    if isinstance(src, _Source) and src.data is not None:
-        view = memoryview(src.data)
-        while view:
-            view = view[os.write(dst, view) :]
-        return
+    """Copy all of `src` (from offset 0; its own offset untouched) to `dst`:
+    a reflink if the filesystem can, else the bytes already read (a
+    `_Source` with data), else copy_file_range or reads and writes."""
     if not isinstance(src, _Source) or src.reflink:
         try:
             fcntl.ioctl(dst, _FICLONE, src)
@@ -726,6 +719,11 @@ def _copy_data(src: int, dst: int) -> None:
             # not the same filesystem, or no reflinks: copy
             if isinstance(src, _Source):
                 src.reflink = False
+    if isinstance(src, _Source) and src.data is not None:
+        view = memoryview(src.data)
+        while view:
+            view = view[os.write(dst, view) :]
+        return
     off = 0
     try:
         while True:
