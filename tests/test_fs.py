@@ -310,6 +310,54 @@ def test_object_sink(tree: Path) -> None:
             assert fsverity.digest_hex(data, "sha512") == digest
 
 
+def test_object_sink_accepting_content(tmp_path: Path) -> None:
+    # A sink that says it accepts content gets the bytes that were hashed
+    # for a file read in one piece (small ones), None for a streamed one.
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {"small": b"s" * 5000, "mid": os.urandom(300 << 10), "big": os.urandom(5 << 20)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    seen: dict[str, bytes | None] = {}
+
+    def sink(path: str, size: int, digest: str, content: bytes | None = None) -> None:
+        with open(path, "rb") as f:
+            data = f.read()
+        assert len(data) == size and fsverity.digest_hex(data) == digest
+        assert content is None or content == data
+        seen[digest] = content
+
+    sink.accepts_content = True  # type: ignore[attr-defined]
+    for threads in (1, 2):
+        seen.clear()
+        fs.read_directory(src, object_sink=sink, threads=threads)
+        ids = {name: fsverity.digest_hex(data) for name, data in files.items()}
+        assert set(seen) == set(ids.values())
+        assert seen[ids["small"]] == files["small"]
+        assert seen[ids["mid"]] == files["mid"]
+        assert seen[ids["big"]] is None  # more than one read's worth: streamed
+
+
+def test_digest_store_reused_keeps_existing_and_adds_new(tmp_path: Path) -> None:
+    # The second run finds XX/ directories it did not create: it keeps the
+    # objects there and stores only the new ones.
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a" * 5000)
+    store = tmp_path / "store"
+    fs.read_directory(src, digest_store=str(store))
+    (obj,) = [p for p in store.rglob("*") if p.is_file()]
+    mtime = obj.stat().st_mtime_ns
+    (src / "b").write_bytes(b"b" * 5000)
+    fs.read_directory(src, digest_store=str(store), threads=2)
+    objs = sorted(p for p in store.rglob("*") if p.is_file())
+    assert len(objs) == 2 and obj.stat().st_mtime_ns == mtime
+    for p in objs:
+        assert fsverity.digest_hex(p.read_bytes()) == p.parent.name + p.name
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644
+    assert not list(store.rglob(".tmp*"))
+
+
 def test_object_sink_failure_aborts_cleanly(tree: Path) -> None:
     fds_before = len(os.listdir("/proc/self/fd"))
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import os
 import secrets
 import stat as st_
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import fsverity, limits
-from .errors import ComposefsError, SourceError, TreeError, VerityError
+from .errors import ComposefsError, SourceError, TreeError, VerityError, VerityNotSupported
 from .tree import Device, Directory, Fifo, Leaf, Regular, Socket, Stat, Symlink
 
 __all__ = [
@@ -74,6 +75,11 @@ open on the very inode it hashed, valid only during the call: opening it
 gives that file (no symlink, no race with the tree changing).  Without
 /proc it is the file's real path.  The sink runs in worker threads,
 concurrently when ``threads > 1``; an exception it raises aborts the read.
+
+A sink with an attribute ``accepts_content = True`` is called as
+`sink(src_path, size, digest_hex, content)`: `content` is the file's whole
+content as it was read and hashed (small files, read in one piece), or None;
+storing those bytes spares reading the file a second time.
 """
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -127,7 +133,9 @@ class _Scanner:
         # Bounds the open descriptors (and queued work) the walk can race ahead by.
         self.slots = threading.BoundedSemaphore(max(4, 4 * opts.threads))
         self.inflight: dict[Future[str], int] = {}
-        self.store_fd: int | None = None
+        self.store: _Store | None = None
+        self.big_bytes = 0  # content of files of _HELPER_MIN and more, so far
+        self.sink_content = bool(getattr(opts.object_sink, "accepts_content", False))
         # Digest-store copies written (not yet fsynced nor renamed): one
         # syncfs then the renames at the end, instead of an fsync per file.
         self.staged: dict[str, str] = {}  # "xx/rest" -> "xx/.tmpNAME"
@@ -192,7 +200,7 @@ class _Scanner:
             raise _source_error(shown_root, e) from None
         try:
             if self.o.digest_store is not None:
-                self.store_fd = _open_store(self.o.digest_store)
+                self.store = _Store(_open_store(self.o.digest_store), self.o.algorithm)
             root = self._walk(rootfd, shown_root)
             self._finish()
             self._commit_staged()
@@ -202,8 +210,8 @@ class _Scanner:
             raise
         finally:
             os.close(rootfd)
-            if self.store_fd is not None:
-                os.close(self.store_fd)
+            if self.store is not None:
+                os.close(self.store.fd)
             if self.pool is not None:
                 self.pool.shutdown(wait=True)
 
@@ -340,24 +348,31 @@ class _Scanner:
         content = Regular(size)
         pend = _Pending([content])
         self.pending[key] = pend
-        self._submit(pend, fd, shown, size)
+        self._submit(pend, fd, shown, size, key[0])
         return Leaf(self._stat(fst, xattrs), content)
 
     # -- hashing, storing ---------------------------------------------
-    def _submit(self, pend: _Pending, fd: int, shown: str, size: int) -> None:
+    def _submit(self, pend: _Pending, fd: int, shown: str, size: int, dev: int) -> None:
         """Hash `fd` (which this call now owns) now or in the pool."""
         if self.pool is None or size < _POOL_MIN:
             # A small file costs less to hash (and store) right here than
             # to hand to a worker: each handoff is a few futex wakeups and
             # GIL switches (about 40% more CPU on a Debian root).
             try:
-                pend.digest = self._process(fd, shown, size)
+                pend.digest = self._process(fd, shown, size, dev)
             finally:
                 os.close(fd)
             return
+        if size >= _HELPER_MIN:
+            self.big_bytes += size
+        # Helper processes (fsverity) hash big files outside the GIL, but
+        # each costs ~20 ms of CPU to start: worth it only once the big
+        # files add up (a Debian root has ~20 MB of them: hashing those in
+        # the worker threads saves ~7% of the CPU).
+        helpers = 1 if self.big_bytes >= _HELPERS_AFTER or size >= _HELPERS_AFTER else 0
         self.slots.acquire()
         try:
-            fut = self.pool.submit(self._job, fd, shown, size)
+            fut = self.pool.submit(self._job, fd, shown, size, dev, helpers)
         except BaseException:
             self.slots.release()
             os.close(fd)
@@ -365,45 +380,56 @@ class _Scanner:
         self.inflight[fut] = fd
         pend.future = fut
 
-    def _job(self, fd: int, shown: str, size: int) -> str:
+    def _job(self, fd: int, shown: str, size: int, dev: int, helpers: int) -> str:
         try:
-            return self._process(fd, shown, size)
+            return self._process(fd, shown, size, dev, helpers)
         finally:
             os.close(fd)
             self.slots.release()
 
-    def _process(self, fd: int, shown: str, size: int) -> str:
+    def _process(self, fd: int, shown: str, size: int, dev: int, helpers: int = 0) -> str:
+        """Digest of open file `fd` (on device `dev`), stored if asked."""
         o = self.o
+        fsverity._keep_reads(True)
         try:
-            raw = fsverity.digest_fd(fd, o.algorithm, helper_processes=1 if self.pool else 0)
-            now = os.fstat(fd).st_size
+            raw = fsverity.digest_fd(fd, o.algorithm, helper_processes=helpers)
+            # A small file was read whole, in one read: the same bytes are
+            # written to the store below, instead of the kernel reading the
+            # file a second time to copy it.
+            data = fsverity._take_read(fd)
+            now_size = len(data) if data is not None else os.fstat(fd).st_size
+            if now_size != size:
+                # The digest would not describe a file of the recorded size.
+                raise SourceError(f"error accessing {shown}: changed while it was being read")
         except OSError as e:
             raise _source_error(shown, e) from None
-        if now != size:
-            # The digest would not describe a file of the recorded size.
-            raise SourceError(f"error accessing {shown}: changed while it was being read")
+        finally:
+            fsverity._keep_reads(False)
         hexd = raw.hex()
-        if self.store_fd is not None:
+        if self.store is not None:
             try:
-                self._stage(fd, hexd)
+                self._stage(fd, hexd, data, dev)
             except OSError as e:
                 raise SourceError(f"cannot fill store with {shown}: {_strerror(e)}") from None
         if o.object_sink is not None:
             path = f"/proc/self/fd/{fd}" if self.proc else shown
-            o.object_sink(path, size, hexd)
+            if self.sink_content:
+                o.object_sink(path, size, hexd, data)  # type: ignore[call-arg]
+            else:
+                o.object_sink(path, size, hexd)
         return hexd
 
-    def _stage(self, src_fd: int, digest_hex: str) -> None:
+    def _stage(self, src_fd: int, digest_hex: str, data: bytes | None, dev: int) -> None:
         """Copy `src_fd` into the digest store under a temporary name
         (see `_commit_staged`), unless the object is there or staged."""
-        assert self.store_fd is not None
+        assert self.store is not None
         final = f"{digest_hex[:2]}/{digest_hex[2:]}"
         with self.staged_lock:
             if final in self.staged:
                 return
             self.staged[final] = ""  # claimed: another thread skips it
         try:
-            tmp = _write_store_copy(self.store_fd, src_fd, digest_hex, self.o.algorithm, False)
+            tmp = self.store.write_copy(src_fd, digest_hex, False, data, dev)
         except BaseException:
             with self.staged_lock:
                 del self.staged[final]
@@ -428,13 +454,13 @@ class _Scanner:
         """Make the staged digest-store copies durable (one syncfs), then
         give them their names: as with C's fsync-then-rename per file, a
         file under its final name is always complete."""
-        if not self.staged or self.store_fd is None:
+        if not self.staged or self.store is None:
             return
         try:
-            _syncfs(self.store_fd)
+            _syncfs(self.store.fd)
         except OSError as e:
             raise SourceError(f"cannot fill store: {_strerror(e)}") from None
-        fd = self.store_fd
+        fd = self.store.fd
         for final, tmp in sorted(self.staged.items()):
             try:
                 os.rename(tmp, final, src_dir_fd=fd, dst_dir_fd=fd)
@@ -455,10 +481,12 @@ class _Scanner:
                 except OSError:
                     pass
         self.inflight.clear()
-        if self.store_fd is not None:
+        if self.store is not None:
             for tmp in self.staged.values():
+                if not tmp:
+                    continue  # claimed, not written
                 try:
-                    os.unlink(tmp, dir_fd=self.store_fd)
+                    os.unlink(tmp, dir_fd=self.store.fd)
                 except OSError:
                     pass
         self.staged.clear()
@@ -466,6 +494,10 @@ class _Scanner:
 
 # Files from this size on are hashed by the worker threads (when there are any).
 _POOL_MIN = 256 << 10
+# Files from this size on count towards starting fsverity's helper processes,
+# which happens once they add up to _HELPERS_AFTER (or one file is that big).
+_HELPER_MIN = fsverity._HELPER_MIN
+_HELPERS_AFTER = 64 << 20
 
 
 def _same_inode(a: os.stat_result, b: os.stat_result, shown: str) -> None:
@@ -530,7 +562,7 @@ def store_in_flat_digest_store(
         else store
     )
     try:
-        tmp = _write_store_copy(store_fd, src_fd, digest_hex, algorithm, True)
+        tmp = _Store(store_fd, algorithm).write_copy(src_fd, digest_hex, True)
         if tmp is None:
             return False
         try:
@@ -548,53 +580,117 @@ def store_in_flat_digest_store(
             os.close(store_fd)
 
 
-def _write_store_copy(
-    store_fd: int, src_fd: int, digest_hex: str, algorithm: str, fsync: bool
-) -> str | None:
-    """Copy `src_fd` to a new temporary file in the store's `XX/`
-    directory (fsynced if asked, fs-verity tried); its store-relative
-    path, or None when `XX/REST` already exists."""
-    sub, rest = digest_hex[:2], digest_hex[2:]
-    try:
-        os.mkdir(sub, 0o755, dir_fd=store_fd)
-    except FileExistsError:
-        pass
-    subfd = os.open(
-        sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=store_fd
-    )
-    try:
-        try:
-            os.stat(rest, dir_fd=subfd, follow_symlinks=False)
-            return None
-        except FileNotFoundError:
-            pass
-        tmp = f".tmp{secrets.token_hex(8)}"
-        tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=subfd)
+class _Store:
+    """Writes copies into a flat digest store, remembering what needs
+    asking only once per store: which `XX/` directories exist, whether the
+    filesystem can reflink from the source's and do fs-verity, the umask."""
+
+    def __init__(self, fd: int, algorithm: str) -> None:
+        self.fd = fd
+        self.algorithm = algorithm
+        self.subdirs: dict[str, bool] = {}  # XX -> created by this run
+        self.no_reflink: set[int] = set()  # source st_dev values where FICLONE failed
+        self.verity = True
+        # Unique temporary names without a getrandom call per file (O_EXCL
+        # still guards against a clash).
+        self.prefix = f".tmp{secrets.token_hex(4)}"
+        self.counter = itertools.count()
+        self.chmod = _umask() & 0o644 != 0
+
+    def write_copy(
+        self,
+        src_fd: int,
+        digest_hex: str,
+        fsync: bool,
+        data: bytes | None = None,
+        src_dev: int | None = None,
+    ) -> str | None:
+        """Copy `src_fd` (whose whole content is `data`, if given; on
+        device `src_dev`, if known) to a new temporary file in the store's
+        `XX/` directory (fsynced if asked, fs-verity tried); its
+        store-relative path, or None when `XX/REST` already exists."""
+        sub = digest_hex[:2]
+        store = self.fd
+        fresh = self.subdirs.get(sub)
+        if fresh is None:
+            try:
+                os.mkdir(sub, 0o755, dir_fd=store)
+                fresh = True
+            except FileExistsError:
+                fresh = False
+                if not st_.S_ISDIR(os.stat(sub, dir_fd=store, follow_symlinks=False).st_mode):
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
+            self.subdirs[sub] = fresh
+        if not fresh:
+            # (A directory this run created holds nothing it did not stage,
+            # and the caller never stages one object twice.)
+            try:
+                os.stat(f"{sub}/{digest_hex[2:]}", dir_fd=store, follow_symlinks=False)
+                return None
+            except FileNotFoundError:
+                pass
+        tmp = f"{sub}/{self.prefix}{next(self.counter)}"
+        tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                      0o644, dir_fd=store)  # fmt: skip
         try:
             try:
-                _copy_data(src_fd, tfd)
-                os.fchmod(tfd, 0o644)
+                src = _Source(src_fd, data, src_dev not in self.no_reflink)
+                _copy_data(src, tfd)
+                if not src.reflink and src_dev is not None:
+                    self.no_reflink.add(src_dev)
+                if self.chmod:
+                    os.fchmod(tfd, 0o644)
                 if fsync:
                     os.fsync(tfd)
             finally:
                 os.close(tfd)
-            # fs-verity needs no writable descriptor open: reopen read-only.
-            rfd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=subfd)
-            try:
-                fsverity.enable_verity(rfd, algorithm)
-            except VerityError:
-                pass  # insecure store, exactly like C
-            finally:
-                os.close(rfd)
+            if self.verity:
+                # fs-verity needs no writable descriptor open: reopen read-only.
+                rfd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=store)
+                try:
+                    fsverity.enable_verity(rfd, self.algorithm)
+                except VerityNotSupported:
+                    self.verity = False  # the filesystem's answer for every file
+                except VerityError:
+                    pass  # insecure store, exactly like C
+                finally:
+                    os.close(rfd)
         except BaseException:
             try:
-                os.unlink(tmp, dir_fd=subfd)
+                os.unlink(tmp, dir_fd=store)
             except OSError:
                 pass
             raise
-        return f"{sub}/{tmp}"
-    finally:
-        os.close(subfd)
+        return tmp
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (other threads may be
+    creating files); all bits set (chmod every copy) if /proc cannot say."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o777  # unknown: always chmod
+
+
+class _Source(int):
+    """A source descriptor with what the copy should know: its content when
+    that has already been read (and hashed), so that `_copy_data` writes
+    those bytes instead of reading the file again; whether a reflink is
+    worth trying (it failed before for this device)."""
+
+    data: bytes | None
+    reflink: bool
+
+    def __new__(cls, fd: int, data: bytes | None, reflink: bool = True) -> _Source:
+        self = super().__new__(cls, fd)
+        self.data = data
+        self.reflink = reflink
+        return self
 
 
 _libc: Any = None
@@ -612,12 +708,22 @@ def _syncfs(fd: int) -> None:
 
 
 def _copy_data(src: int, dst: int) -> None:
-    """Copy all of `src` (from offset 0; its own offset untouched) to `dst`."""
-    try:
-        fcntl.ioctl(dst, _FICLONE, src)
+    """Copy all of `src` (from offset 0; its own offset untouched) to `dst`:
+    a reflink if the filesystem can, else the bytes already read (a
+    `_Source` with data), else copy_file_range or reads and writes."""
+    if not isinstance(src, _Source) or src.reflink:
+        try:
+            fcntl.ioctl(dst, _FICLONE, src)
+            return
+        except OSError:
+            # not the same filesystem, or no reflinks: copy
+            if isinstance(src, _Source):
+                src.reflink = False
+    if isinstance(src, _Source) and src.data is not None:
+        view = memoryview(src.data)
+        while view:
+            view = view[os.write(dst, view) :]
         return
-    except OSError:
-        pass  # not the same filesystem, or no reflinks: copy
     off = 0
     try:
         while True:

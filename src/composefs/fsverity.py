@@ -623,6 +623,8 @@ def _digest_fd(fd: int, algorithm: str, helpers: int, spawn: bool = False) -> by
         # detects growth, which falls through to streaming).
         data = os.pread(fd, st.st_size + 1, 0)
         if len(data) <= st.st_size:
+            if getattr(_tls, "keep", False):
+                _tls.kept = (fd, data)
             return digest(data, algorithm)
     reader: Any
     try:
@@ -631,6 +633,24 @@ def _digest_fd(fd: int, algorithm: str, helpers: int, spawn: bool = False) -> by
     except OSError:
         reader = open(fd, "rb", buffering=0, closefd=False)
     return digest_stream(reader, algorithm)
+
+
+def _keep_reads(on: bool) -> None:
+    """While on, `digest_fd` in this thread keeps the content of a file it
+    read whole (in one read) for `_take_read`: a caller that also copies
+    the file then reads it once, not twice."""
+    _tls.keep = on
+    _tls.kept = None
+
+
+def _take_read(fd: int) -> bytes | None:
+    """The whole content of `fd` as the last `digest_fd` of this thread
+    read and hashed it, or None if it was not read in one piece."""
+    kept: tuple[int, bytes] | None = getattr(_tls, "kept", None)
+    _tls.kept = None
+    if kept is None or kept[0] != fd:
+        return None
+    return kept[1]
 
 
 def digest_fd(fd: int, algorithm: str = "sha256", *, helper_processes: int = 0) -> bytes:

@@ -219,3 +219,24 @@ def test_object_store_alone(tmp_path: Path) -> None:
         store.object_relpath("zz")
     store.close()
     assert store.dirfd == -1
+
+
+def test_object_sink_with_content(repo: Repository, tmp_path: Path) -> None:
+    """The tree reader hands over the bytes it hashed: the object holds
+    them."""
+    sink = repo.object_sink()
+    assert getattr(sink, "accepts_content", False)
+    hashed = os.urandom(9000)
+    src = tmp_path / "f"
+    src.write_bytes(hashed)
+    oid = fsverity.digest_hex(hashed, "sha512")
+    sink(str(src), len(hashed), oid, hashed)
+    assert repo.read_object(oid) == hashed
+    assert repo.fsck().ok
+    # Without content (a streamed big file) the file itself is copied.
+    other = os.urandom(5000)
+    src.write_bytes(other)
+    oid2 = fsverity.digest_hex(other, "sha512")
+    sink(str(src), len(other), oid2, None)
+    assert repo.read_object(oid2) == other
+    assert stray_files(repo) == []

@@ -392,6 +392,7 @@ class ObjectStore:
         expected_id: str | None = None,
         *,
         check_writable: bool = True,
+        content: bytes | None = None,
     ) -> tuple[str, StoreMethod, int]:
         if check_writable:
             self.ensure_writable()
@@ -426,7 +427,12 @@ class ObjectStore:
                 # measures the copy anyway in a secure repository).
                 want_hash = self.insecure and expected_id is None
                 userspace_id = expected_id
-                if method is StoreMethod.COPIED:
+                if method is StoreMethod.COPIED and content is not None and not want_hash:
+                    # The caller read (and hashed) the file already: write
+                    # those bytes rather than have the file read again.
+                    _write_all(tmp.fd, content)
+                    size = len(content)
+                elif method is StoreMethod.COPIED:
                     computed, size = self._copy_fd(src, tmp.fd, before.st_size, want_hash, key)
                     userspace_id = computed or userspace_id
                 else:
@@ -491,20 +497,27 @@ class ObjectStore:
         return object_id, method
 
     def store_file_with_digest(
-        self, path_or_fd: str | os.PathLike[str] | int, object_id: str
+        self,
+        path_or_fd: str | os.PathLike[str] | int,
+        object_id: str,
+        content: bytes | None = None,
     ) -> bool:
         """Store a file whose fs-verity digest the caller already computed
         (a tree reader's object sink). Nothing is read if the object exists;
         otherwise the file is reflinked or copied in-kernel without hashing
         it again — a secure repository still has the kernel measure the
         copy, an insecure one trusts `object_id` (the copy fails if the
-        source changes while it is copied). Returns True if an object was
+        source changes while it is copied). `content`, if given, is the
+        whole content as the caller read it for its digest: it is written
+        instead of reading the file again. Returns True if an object was
         created."""
         self.object_relpath(object_id)
         if self.has_object(object_id):
             return False
         # Called per file (from reader threads): writability is checked once.
-        stored, method, _ = self.store_file(path_or_fd, object_id, check_writable=False)
+        stored, method, _ = self.store_file(
+            path_or_fd, object_id, check_writable=False, content=content
+        )
         if stored != object_id:
             raise RepositoryError(
                 f"{path_or_fd} changed while it was read (digest {stored}, expected {object_id})"
@@ -517,9 +530,10 @@ class ObjectStore:
         self.ensure_writable()
         self._writable = True
 
-        def sink(src_path: str, size: int, digest_hex: str) -> None:
-            self.store_file_with_digest(src_path, digest_hex)
+        def sink(src_path: str, size: int, digest_hex: str, content: bytes | None = None) -> None:
+            self.store_file_with_digest(src_path, digest_hex, content)
 
+        sink.accepts_content = True  # type: ignore[attr-defined]  # see fs.ObjectSink
         return sink
 
     def open_object(self, object_id: str) -> int:
