@@ -38,9 +38,9 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from . import fsverity, limits
+from ._atomic import syncfs
 from .errors import ComposefsError, SourceError, TreeError, VerityError, VerityNotSupported
 from .tree import Device, Directory, Fifo, Leaf, Regular, Socket, Stat, Symlink
 
@@ -457,7 +457,7 @@ class _Scanner:
         if not self.staged or self.store is None:
             return
         try:
-            _syncfs(self.store.fd)
+            syncfs(self.store.fd)
         except OSError as e:
             raise SourceError(f"cannot fill store: {_strerror(e)}") from None
         fd = self.store.fd
@@ -691,20 +691,6 @@ class _Source(int):
         self.data = data
         self.reflink = reflink
         return self
-
-
-_libc: Any = None
-
-
-def _syncfs(fd: int) -> None:
-    import ctypes
-
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.syncfs(fd) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def _copy_data(src: int, dst: int) -> None:

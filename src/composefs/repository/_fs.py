@@ -3,7 +3,6 @@ operations, temporary names, id and path checks. No repository state."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -12,7 +11,7 @@ import secrets
 import stat
 import string
 from collections.abc import Iterator
-from typing import IO, Any, BinaryIO
+from typing import IO, BinaryIO
 
 from ..errors import RepositoryError
 
@@ -20,18 +19,6 @@ HEX_LENGTHS = {"sha256": 64, "sha512": 128}
 _HEXDIGITS = frozenset(string.hexdigits.lower())
 _HEX_RE = re.compile("[0-9a-f]*")
 _NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT})
-
-_libc: Any = None
-
-
-def _syncfs(fd: int) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.syncfs(fd) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
 
 def _tmpname(prefix: str) -> str:
     alphabet = string.ascii_letters + string.digits

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import IO, BinaryIO
 
 from .. import fsverity
+from .._atomic import syncfs
 from ..errors import NotFoundError, RepositoryError, VerityError, VerityNotSupported
 from ._fs import (
     _NO_TMPFILE,
@@ -27,7 +28,6 @@ from ._fs import (
     _object_id_from_path,
     _proc_self_fd,
     _read_exactly,
-    _syncfs,
     _tmpname,
     _write_all,
 )
@@ -189,7 +189,7 @@ class ObjectStore:
 
     def sync(self) -> None:
         """Flush everything written so far to disk (``syncfs``)."""
-        _syncfs(self.dirfd)
+        syncfs(self.dirfd)
 
     def objects_fd(self) -> int:
         if self._objects is None:
