@@ -451,6 +451,7 @@ class _Dumper:
 
 _FastLeaf = Callable[[int, int], "bytes | None"]
 _Dirents = tuple[list[bytes], list[int], list[int]]
+_Head = tuple[int, int, int, int, int, int, int, int, int, int, int, bytes]
 _FastDir = Callable[[int], "tuple[_DirValues, int, _Dirents] | None"]
 _SharedXattr = tuple[bytes, int, int, bytes, bytes]  # name, filter bit, kind, value, field
 _X_USER, _X_METACOPY, _X_REDIRECT, _X_OTHER = range(4)
@@ -577,7 +578,11 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
         got = digests[metacopy] = digest.encode() if digest else b"-"
         return got
 
-    def leaf(nid: int, ftype: int) -> bytes | None:
+    def inode_head(nid: int) -> _Head | None:
+        """reader._Reader.inode's fields (and checks) with the xattr header
+        after it, in one unpack: (pos, format, icount, mode, nlink, size, u,
+        xattr filter, shared count, first ref, end of the inode, the line's
+        mode..mtime part)."""
         if nid < _FIRST_NID or nid > max_nid:
             return None
         pos = nid * 32  # fmt.INODE_SLOT_SIZE
@@ -615,6 +620,18 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
             mtime = build_time
             nsec = build_nsec
             start = pos + 32  # fmt.COMPACT_INODE_SIZE
+        # The line's mode..mtime part, formatted once per distinct value.
+        key = (mode, nlink, uid, gid, mtime, nsec)
+        mid = mids.get(key)
+        if mid is None:
+            mid = mids[key] = _MID % (mode, nlink, uid, gid, 0, mtime, nsec)
+        return pos, f, icount, mode, nlink, size, u, xfilter, xcount, xref, start, mid
+
+    def leaf(nid: int, ftype: int) -> bytes | None:
+        head = inode_head(nid)
+        if head is None:
+            return None
+        pos, f, icount, mode, _, size, u, xfilter, xcount, xref, start, mid = head
         t = mode & _S_IFMT
         if f > 0xF or ftype != (1 if t == _S_IFREG else 7 if t == _S_IFLNK else -1):
             return None  # unknown format bits; a dirent type mismatch; other types
@@ -683,10 +700,6 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
             if left < 0:
                 return None
             r.budget = left
-            key = (mode, nlink, uid, gid, mtime, nsec)
-            mid = mids.get(key)
-            if mid is None:
-                mid = mids[key] = _MID % (mode, nlink, uid, gid, 0, mtime, nsec)
             return _LEAF_TAIL % (size, mid, payload, b"-", digest, user)
         if metacopy is not None or redirect is not None:
             return None
@@ -722,10 +735,6 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
             if content.find(b"\0") >= 0:  # (find: see reader._dirent_block)
                 return None
         r.budget = left
-        key = (mode, nlink, uid, gid, mtime, nsec)
-        mid = mids.get(key)
-        if mid is None:
-            mid = mids[key] = _MID % (mode, nlink, uid, gid, 0, mtime, nsec)
         if t == _S_IFREG:
             return _LEAF_TAIL % (size, mid, b"-", _escape_optional(content), b"-", user)
         return _LEAF_TAIL % (size, mid, _escape_optional(content), b"-", b"-", user)
@@ -807,43 +816,10 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
 
     def directory(nid: int) -> tuple[_DirValues, int, _Dirents] | None:
         # reader._Reader.inode, .xattrs, .dirent_lists (as leaf())
-        if nid < _FIRST_NID or nid > max_nid:
+        head = inode_head(nid)
+        if head is None:
             return None
-        pos = nid * 32  # fmt.INODE_SLOT_SIZE
-        if data[pos] & 1:
-            if pos + _EXT_X_SIZE > n:
-                return None
-            (
-                f,
-                icount,
-                mode,
-                _,
-                size,
-                u,
-                _,
-                uid,
-                gid,
-                mtime,
-                nsec,
-                nlink,
-                xfilter,
-                xcount,
-                xref,
-            ) = _EXT_X(data, pos)
-            if nsec >= 1_000_000_000:
-                return None
-            if mtime >= 1 << 63:
-                mtime -= 1 << 64
-            start = pos + 64  # fmt.EXTENDED_INODE_SIZE
-        else:
-            if pos + _COMPACT_X_SIZE > n:
-                return None
-            (f, icount, mode, nlink, size, _, u, _, uid, gid, xfilter, xcount, xref) = _COMPACT_X(
-                data, pos
-            )
-            mtime = build_time
-            nsec = build_nsec
-            start = pos + 32  # fmt.COMPACT_INODE_SIZE
+        _, f, icount, mode, nlink, size, u, xfilter, xcount, xref, start, mid = head
         if f > 0xF or mode & _S_IFMT != _S_IFDIR or icount == 1:
             return None
         layout = f & 0xE
@@ -874,10 +850,6 @@ def _fast_readers(d: _Dumper) -> tuple[_FastLeaf, _FastDir]:
             return None
         r.budget = left
         ents = r._dirent_lists(nid, u, count, size, inline_start)
-        key = (mode, nlink, uid, gid, mtime, nsec)
-        mid = mids.get(key)
-        if mid is None:
-            mid = mids[key] = _MID % (mode, nlink, uid, gid, 0, mtime, nsec)
         return (size, mid, user), nlink, ents
 
     return leaf, directory
