@@ -16,7 +16,7 @@ import fcntl
 import os
 import stat
 from collections.abc import Callable
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from .. import fsverity
 from .._atomic import syncfs
@@ -33,6 +33,11 @@ from ._fs import (
 )
 
 _COPY_BLOCK = 1 << 20
+# How many ids linked into prefix directories this store created it keeps
+# (see `_surely_absent`); past that it checks the directory like any other.
+_FRESH_IDS_MAX = 1 << 16
+_AT_EMPTY_PATH = 0x1000
+_libc: Any = None
 _SMALL_OBJECT = 1 << 20
 _FICLONE = 0x40049409
 _NO_REFLINK = frozenset({errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EPERM})
@@ -60,6 +65,21 @@ class FdWriter:
         _write_all(self.fd, data)
         self.size += len(data)
         return len(data)
+
+
+def _linkat_empty_path(fd: int, dirfd: int, name: str) -> None:
+    """linkat(fd, "", dirfd, name, AT_EMPTY_PATH): the ``/proc/self/fd``
+    path costs a procfs lookup per object (not in the os module)."""
+    global _libc
+    if _libc is None:
+        import ctypes  # here: only writers of many objects get this far
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.linkat(fd, b"", dirfd, os.fsencode(name), _AT_EMPTY_PATH) != 0:
+        import ctypes
+
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), name)
 
 
 class TmpObject:
@@ -99,10 +119,19 @@ class TmpObject:
         """Give the file its name under ``objects/``; False if it existed."""
         objects = self.repo.objects_fd()
         try:
-            if self.name is None:
-                os.link(f"/proc/self/fd/{self.fd}", relpath, dst_dir_fd=objects)
-            else:
+            if self.name is not None:
                 os.link(self.name, relpath, src_dir_fd=self.repo.dirfd, dst_dir_fd=objects)
+            elif self.repo._link_empty_path:
+                try:
+                    _linkat_empty_path(self.fd, objects, relpath)
+                except FileNotFoundError:
+                    # Without CAP_DAC_READ_SEARCH the kernel answers ENOENT:
+                    # if the /proc way works, use it from now on (if it
+                    # fails too, the directory is missing: the caller's case).
+                    os.link(f"/proc/self/fd/{self.fd}", relpath, dst_dir_fd=objects)
+                    self.repo._link_empty_path = False
+            else:
+                os.link(f"/proc/self/fd/{self.fd}", relpath, dst_dir_fd=objects)
         except FileExistsError:
             return False
         return True
@@ -145,6 +174,11 @@ class ObjectStore:
         self._no_reflink: set[tuple[int, int]] = set()
         self._no_copy_range: set[tuple[int, int]] = set()
         self._prefix_dirs: set[str] = set()
+        # Prefix directories this store created, and the ids it linked into
+        # them: any other id there is surely absent (see `_surely_absent`).
+        self._fresh_prefixes: set[str] = set()
+        self._fresh_ids: set[str] = set()
+        self._link_empty_path = True
         self._objects_dev: int | None = None
         self._writable = False
 
@@ -266,19 +300,36 @@ class ObjectStore:
         if prefix not in self._prefix_dirs:
             try:
                 os.mkdir(prefix, 0o755, dir_fd=objects)
+                self._fresh_prefixes.add(prefix)
             except FileExistsError:
                 pass
             self._prefix_dirs.add(prefix)
         try:
-            return object_id, tmp.link(relpath)
+            new = tmp.link(relpath)
         except FileNotFoundError:
             # The directory vanished (removed by hand): recreate it once.
             self._prefix_dirs.discard(prefix)
+            self._fresh_prefixes.discard(prefix)
             try:
                 os.mkdir(prefix, 0o755, dir_fd=objects)
             except FileExistsError:
                 pass
-            return object_id, tmp.link(relpath)
+            new = tmp.link(relpath)
+        if prefix in self._fresh_prefixes:
+            if len(self._fresh_ids) < _FRESH_IDS_MAX:
+                self._fresh_ids.add(object_id)
+            else:
+                self._fresh_prefixes.clear()
+        return object_id, new
+
+    def _surely_absent(self, object_id: str) -> bool:
+        """Whether `object_id` cannot be in the store without a look: its
+        prefix directory was created by this store and the id was never
+        linked there by it. Only a shortcut past the existence check (a
+        stat that misses costs as much as the write): a concurrent writer
+        that linked it meanwhile makes our link fail with EEXIST, which
+        `TmpObject.link` reports as "already present", as before."""
+        return object_id[:2] in self._fresh_prefixes and object_id not in self._fresh_ids
 
     def ensure_object(self, data: bytes | bytearray | memoryview | BinaryIO | IO[bytes]) -> str:
         """Store `data` (bytes, or a binary file object read to its end) as
@@ -305,9 +356,12 @@ class ObjectStore:
         """`store_bytes`, also telling whether the object is new (False: it
         was already present)."""
         object_id = fsverity.digest_hex(data, self.algorithm)
-        relpath = self.object_relpath(object_id)
+        # (our own digest: a well-formed id, object_relpath's check is moot)
+        relpath = f"{object_id[:2]}/{object_id[2:]}"
         objects = self.objects_fd()
-        if self.insecure:
+        if self._surely_absent(object_id):
+            pass
+        elif self.insecure:
             try:
                 os.stat(relpath, dir_fd=objects)
                 return object_id, False
