@@ -26,12 +26,14 @@ import os
 import select
 import socket
 import struct
-import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RepositoryError
+
+if TYPE_CHECKING:
+    import subprocess
 
 _LEN = struct.Struct("<I")
 _ERRNO = struct.Struct("<i")
@@ -39,6 +41,7 @@ _START_TIMEOUT = 30.0
 _POLL_EVERY = 8
 _REPLY_BATCH = 32
 _SOCKET_BUFFER = 4 << 20
+_RECV_BUFFER = 1 << 20
 _SEND_BATCH_BYTES = 256 << 10
 _SEND_BATCH_COUNT = 32
 
@@ -62,16 +65,6 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _recv_exactly(sock: socket.socket, view: memoryview) -> bool:
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if not n:
-            return False
-        got += n
-    return True
-
-
 def _serve(sockfd: int, dirfd: int, path: str, algorithm: str, insecure: bool) -> None:
     """The helper's loop (in the child)."""
     from .objects import ObjectStore
@@ -81,28 +74,47 @@ def _serve(sockfd: int, dirfd: int, path: str, algorithm: str, insecure: bool) -
     store = ObjectStore(path, dirfd, algorithm, insecure, [])
     store._writable = True  # the parent checked
     sock.sendall(b"R")
-    header = memoryview(bytearray(_LEN.size))
-    buf = bytearray(1 << 20)
+    # Requests are read in bulk (the writer sends them in batches): one
+    # recv for many small objects instead of two each. buf[start:end] is
+    # what has been received and not yet handled.
+    buf = bytearray(_RECV_BUFFER)
+    view = memoryview(buf)
+    start = end = 0
     replies = bytearray()
     pending = 0
+    unpack_len = _LEN.unpack_from
+    store_bytes = store.store_bytes_counted
     while True:
-        # Replies go out in batches: when no request is waiting (the writer
-        # may be waiting for them) or after _REPLY_BATCH; every wake-up of
-        # the other side costs more than the reply itself on a busy machine.
-        if replies and (pending >= _REPLY_BATCH or not select.select([sock], [], [], 0)[0]):
-            sock.sendall(replies)
-            replies.clear()
-            pending = 0
-        if not _recv_exactly(sock, header):
-            break
-        (size,) = _LEN.unpack(header)
-        if size > len(buf):
-            buf = bytearray(size)
-        view = memoryview(buf)[:size]
-        if not _recv_exactly(sock, view):
-            break
+        have = end - start
+        size = unpack_len(buf, start)[0] if have >= _LEN.size else -1
+        if size < 0 or have < _LEN.size + size:
+            # Not a whole request yet. Replies go out when none is waiting
+            # (the writer may be waiting for them) or after _REPLY_BATCH:
+            # every wake-up of the other side costs more than the reply.
+            if replies and (pending >= _REPLY_BATCH or not select.select([sock], [], [], 0)[0]):
+                sock.sendall(replies)
+                replies.clear()
+                pending = 0
+            need = _LEN.size + max(size, 0)
+            if need > len(buf):
+                # A request larger than the buffer: a bigger one, with what we have.
+                bigger = bytearray(need)
+                bigger[:have] = view[start:end]
+                view.release()
+                buf, view = bigger, memoryview(bigger)
+                start, end = 0, have
+            elif start and (start + need > len(buf) or have == 0):
+                buf[:have] = buf[start:end]
+                start, end = 0, have
+            n = sock.recv_into(view[end:])
+            if not n:
+                break
+            end += n
+            continue
+        body = view[start + _LEN.size : start + _LEN.size + size]
+        start += _LEN.size + size
         try:
-            object_id, new = store.store_bytes_counted(view, check_writable=False)
+            object_id, new = store_bytes(body, check_writable=False)
         except Exception as e:
             # The first error ends the helper (the writer fails at it; the
             # requests after it are answered by "helper died"), so replies
@@ -114,8 +126,9 @@ def _serve(sockfd: int, dirfd: int, path: str, algorithm: str, insecure: bool) -
                 replies += b"\3" + _LEN.pack(len(msg)) + msg
             sock.sendall(replies)
             return
+        finally:
+            body.release()
         replies += (b"\0" if new else b"\1") + bytes.fromhex(object_id)
-        view.release()
         pending += 1
 
 
@@ -157,11 +170,13 @@ class StoreHelper:
         if not sys.executable:
             raise HelperUnavailable("no Python executable to run")
         self._digest_size = 64 if store.algorithm == "sha512" else 32
+        import subprocess  # here: the helper itself imports this module
+
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.proc = subprocess.Popen(
+            self.proc: subprocess.Popen[bytes] = subprocess.Popen(
                 [
-                    sys.executable, "-I", "-c", _SCRIPT, json.dumps(sys.path),
+                    sys.executable, "-I", "-S", "-c", _SCRIPT, json.dumps(sys.path),
                     str(theirs.fileno()), str(store.dirfd), store.abspath, store.algorithm,
                     "1" if store.insecure else "0",
                 ],
@@ -359,6 +374,8 @@ class StoreHelper:
 
     def close(self) -> None:
         """Stop the helper and wait for it (it finishes what it was sent)."""
+        import subprocess
+
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
