@@ -35,17 +35,18 @@ import select
 import socket
 import stat
 import struct
-import subprocess
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from operator import methodcaller
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .errors import VerityError, VerityNotEnabled, VerityNotSupported
+
+if TYPE_CHECKING:
+    import subprocess
 
 __all__ = [
     "ALGORITHMS",
@@ -441,6 +442,8 @@ class _Helper:
     def start(cls) -> _Helper | None:
         if not sys.executable:
             return None
+        import subprocess  # here: processes that only hash in memory start faster
+
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = subprocess.Popen(
@@ -489,6 +492,8 @@ class _Helper:
         raise _HelperDied
 
     def close(self, kill: bool = False) -> None:
+        import subprocess
+
         self.sock.close()  # a healthy helper exits when it sees EOF
         if kill:
             self.proc.kill()
@@ -717,6 +722,8 @@ def digest_files(
             return _digest_fd(fd, algorithm, 1, spawn=True)
         finally:
             os.close(fd)
+
+    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fsverity") as pool:
         return list(pool.map(one, items))
