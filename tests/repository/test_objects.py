@@ -240,3 +240,105 @@ def test_object_sink_with_content(repo: Repository, tmp_path: Path) -> None:
     sink(str(src), len(other), oid2, None)
     assert repo.read_object(oid2) == other
     assert stray_files(repo) == []
+
+
+def _same_prefix_data(prefix: str, algorithm: str = "sha512") -> tuple[bytes, str]:
+    """Some content whose object id starts with `prefix`."""
+    i = 0
+    while True:
+        data = b"other writer %d\n" % i * 40
+        oid = fsverity.digest_hex(data, algorithm)
+        if oid.startswith(prefix):
+            return data, oid
+        i += 1
+
+
+def test_object_another_writer_linked_meanwhile_is_already_present(repo: Repository) -> None:
+    """A store skips the existence check in an `XX/` directory it created
+    itself; an object a second writer put there meanwhile is still found
+    (linkat's EEXIST) and left as it is."""
+    oid_a, new = repo.objects.store_bytes_counted(b"first\n" * 100, check_writable=False)
+    assert new
+    other = Repository.open(repo.path)
+    data, oid = _same_prefix_data(oid_a[:2])
+    assert repo.objects._surely_absent(oid)  # the shortcut applies...
+    assert other.objects.store_bytes_counted(data, check_writable=False) == (oid, True)
+    # ...and does not fool us: the object is reported present, not new.
+    assert repo.objects.store_bytes_counted(data, check_writable=False) == (oid, False)
+    assert Path(objpath(repo, oid)).read_bytes() == data
+    # Our own links are remembered: storing again is a plain "present".
+    assert not repo.objects._surely_absent(oid_a)
+    assert repo.objects.store_bytes_counted(b"first\n" * 100, check_writable=False)[1] is False
+    assert stray_files(repo) == []
+    other.close()
+
+
+@needs_root
+def test_unprivileged_writer_stores_objects(tmp_path: Path) -> None:
+    """Without CAP_DAC_READ_SEARCH linkat(AT_EMPTY_PATH) is refused before
+    Linux 6.10 (then the /proc/self/fd way is used, see the next test) and
+    allowed after: either way a user's objects are stored."""
+    need_tool("setpriv")
+    import pwd
+    import shutil
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    top = Path(tempfile.mkdtemp(prefix="cfs-objects-user-"))
+    try:
+        os.chmod(top, 0o755)
+        os.chown(top, nobody.pw_uid, nobody.pw_gid)
+        code = textwrap.dedent("""
+            import sys
+            from composefs.repository import Repository
+            repo = Repository.init(sys.argv[1], insecure=True)[0]
+            for i in range(3):
+                print(*repo.objects.store_bytes_counted(bytes([i]) * 5000, check_writable=False))
+        """)
+        src = Path(fsverity.__file__).resolve().parent.parent
+        r = subprocess.run(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--inh-caps=-all",
+             sys.executable, "-c", code, str(top / "repo")],
+            env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.split("\n")[:-1]
+        assert len(lines) == 3
+        for i, line in enumerate(lines):
+            oid, new = line.split()
+            assert new == "True"
+            assert oid == fsverity.digest_hex(bytes([i]) * 5000, "sha512")
+            assert (top / "repo" / "objects" / oid[:2] / oid[2:]).read_bytes() == bytes([i]) * 5000
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_link_falls_back_when_at_empty_path_is_refused(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kernels before 6.10 answer ENOENT to linkat(AT_EMPTY_PATH) without
+    CAP_DAC_READ_SEARCH: the link is made through /proc/self/fd instead,
+    and that way is kept for the store's later objects."""
+    from composefs.repository import objects as objects_mod
+
+    calls = []
+
+    def refused(fd: int, dirfd: int, name: str) -> None:
+        calls.append(name)
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+
+    monkeypatch.setattr(objects_mod, "_linkat_empty_path", refused)
+    datas = [bytes([i]) * 5000 for i in range(3)]
+    for data in datas:
+        oid, new = repo.objects.store_bytes_counted(data, check_writable=False)
+        assert new and Path(objpath(repo, oid)).read_bytes() == data
+    assert len(calls) == 1 and repo.objects._link_empty_path is False
+    assert stray_files(repo) == []
+
+
+@needs_root
+def test_objects_linked_with_at_empty_path_as_root(repo: Repository) -> None:
+    oid, new = repo.objects.store_bytes_counted(b"root\n" * 1000, check_writable=False)
+    assert new and repo.objects._link_empty_path
+    assert Path(objpath(repo, oid)).read_bytes() == b"root\n" * 1000
