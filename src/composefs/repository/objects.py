@@ -565,9 +565,13 @@ class ObjectStore:
         whole content as the caller read it for its digest: it is written
         instead of reading the file again. Returns True if an object was
         created."""
-        self.object_relpath(object_id)
-        if self.has_object(object_id):
-            return False
+        relpath = self.object_relpath(object_id)
+        if not self._surely_absent(object_id):
+            try:
+                os.stat(relpath, dir_fd=self.objects_fd())
+                return False
+            except FileNotFoundError:
+                pass
         # Called per file (from reader threads): writability is checked once.
         stored, method, _ = self.store_file(
             path_or_fd, object_id, check_writable=False, content=content
