@@ -342,3 +342,21 @@ def test_objects_linked_with_at_empty_path_as_root(repo: Repository) -> None:
     oid, new = repo.objects.store_bytes_counted(b"root\n" * 1000, check_writable=False)
     assert new and repo.objects._link_empty_path
     assert Path(objpath(repo, oid)).read_bytes() == b"root\n" * 1000
+
+
+def test_object_sink_content_without_reflink(repo: Repository, tmp_path: Path) -> None:
+    """Once FICLONE said the repository's filesystem cannot reflink, a
+    sink given the content writes it without touching the source again
+    (here: the source is gone by then, and its bytes still land)."""
+    sink = repo.objects.object_sink()
+    first = tmp_path / "first"
+    first.write_bytes(b"first\n" * 1000)
+    sink(str(first), first.stat().st_size, fsverity.digest_hex(first.read_bytes(), "sha512"),
+         first.read_bytes())  # type: ignore[call-arg]  # fmt: skip
+    if repo.objects._reflink_here:
+        pytest.skip("this filesystem reflinks: the sink reflinks from the source")
+    data = b"second\n" * 1000
+    oid = fsverity.digest_hex(data, "sha512")
+    sink(str(tmp_path / "no-such-file"), len(data), oid, data)  # type: ignore[call-arg]
+    assert Path(objpath(repo, oid)).read_bytes() == data
+    assert stray_files(repo) == []

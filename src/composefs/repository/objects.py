@@ -41,6 +41,9 @@ _libc: Any = None
 _SMALL_OBJECT = 1 << 20
 _FICLONE = 0x40049409
 _NO_REFLINK = frozenset({errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EPERM})
+# ...of which these say the repository's filesystem cannot reflink at all
+# (the kernel answers EXDEV first for a source elsewhere).
+_NO_REFLINK_HERE = frozenset({errno.EOPNOTSUPP, errno.ENOTTY})
 
 
 class StoreMethod(enum.Enum):
@@ -179,6 +182,7 @@ class ObjectStore:
         self._fresh_prefixes: set[str] = set()
         self._fresh_ids: set[str] = set()
         self._link_empty_path = True
+        self._reflink_here = True  # until FICLONE says the filesystem cannot
         self._objects_dev: int | None = None
         self._writable = False
 
@@ -477,6 +481,8 @@ class ObjectStore:
                         if e.errno not in _NO_REFLINK:
                             raise
                         self._no_reflink.add(key)
+                        if e.errno in _NO_REFLINK_HERE:
+                            self._reflink_here = False
                 # Hash while copying unless the id is known (the kernel
                 # measures the copy anyway in a secure repository).
                 want_hash = self.insecure and expected_id is None
@@ -572,15 +578,24 @@ class ObjectStore:
                 return False
             except FileNotFoundError:
                 pass
-        # Called per file (from reader threads): writability is checked once.
-        stored, method, _ = self.store_file(
-            path_or_fd, object_id, check_writable=False, content=content
-        )
+        if content is not None and not self._reflink_here:
+            # Nothing to reflink: the bytes the caller read and hashed are
+            # the object (no source descriptor, no change checks needed).
+            self.ensure_writable_once()
+            with TmpObject(self) as tmp:
+                _write_all(tmp.fd, content)
+                stored, created = self.finalize(tmp, object_id, len(content))
+        else:
+            # Called per file (from reader threads): writability is checked once.
+            stored, method, _ = self.store_file(
+                path_or_fd, object_id, check_writable=False, content=content
+            )
+            created = method is not StoreMethod.ALREADY_PRESENT
         if stored != object_id:
             raise RepositoryError(
                 f"{path_or_fd} changed while it was read (digest {stored}, expected {object_id})"
             )
-        return method is not StoreMethod.ALREADY_PRESENT
+        return created
 
     def object_sink(self) -> Callable[[str, int, str], None]:
         """A `composefs.fs` object sink storing each external file's content."""
