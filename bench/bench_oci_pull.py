@@ -22,7 +22,8 @@ page cache before every cold pull (ours and the reference's).
 Targets: a cold pull <= 0.5x the time of skopeo + umoci, a repeated pull
 < 0.3 s, peak memory < 100 MB; the summary table gets those rows.
 Options: ``--rebuild`` remakes the cached rootfs/image, ``--json FILE``
-writes the figures, ``--runs N`` repeats the cold pulls and keeps the best.
+writes the figures, ``--runs N`` (default 3) sets how many cold pulls of each
+kind alternate; the figures are their medians (peak RSS: the largest).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 if __package__ in (None, ""):
@@ -336,6 +338,11 @@ def run_child(args: list[str]) -> tuple[float, int, dict[str, Any]]:
     return usage.wall, usage.rss, rep
 
 
+def _pull_cmd(cfsctl: list[str], repo: Path, ref: str) -> list[str]:
+    return [*cfsctl, "--repo", str(repo), "oci", "pull", "--tls-verify=false",
+            f"docker://{ref}", "bench"]  # fmt: skip
+
+
 def run_timed(cmd: list[str]) -> tuple[float, float]:
     """Wall and CPU seconds of a command."""
     t0 = time.monotonic()
@@ -425,7 +432,7 @@ def _main(argv: list[str]) -> int:
         prog="python -m bench oci_pull", description=__doc__.split("\n")[0]
     )
     ap.add_argument("--rebuild", action="store_true", help="rebuild the cached rootfs and image")
-    ap.add_argument("--runs", type=int, default=1, help="repeat cold pulls, keep the best")
+    ap.add_argument("--runs", type=int, default=3, help="cold pulls of each kind (medians)")
     ap.add_argument("--json", help="write figures to this file")
     args = ap.parse_args(argv)
     for tool in ("skopeo", "umoci", "docker-registry"):
@@ -453,58 +460,60 @@ def _main(argv: list[str]) -> int:
             ref_a, ref_b = f"{host}/bench/minbase:a", f"{host}/bench/minbase:b"
 
             have_pull = _have_pull_api()
-            # Cold runs alternate between the reference and ours, best of N
-            # each: the machine is shared, so load drifts during the run.
-            best_ref: tuple[float, float, float, float] | None = None
-            best: tuple[float, int, Path, float] | None = None
+            cfsctl = common.our_tool("cfsctl")
+            env = common.our_env()
+            # Cold runs alternate between the reference, ours through the
+            # API and ours as a user runs it (`cfsctl oci pull docker://…`,
+            # interpreter start and CLI included); medians of N each: the
+            # machine is shared, so load drifts during the run.
+            refs: list[tuple[float, float, float, float]] = []
+            pulls: list[tuple[float, int, Path, float]] = []
+            clis: list[tuple[common.Usage, Path]] = []
             storage = tmp / "reg" / "storage"
             for i in range(args.runs):
                 subprocess.run(["sync"], check=True)
                 common.drop_cache(storage)
-                t_copy, c_copy, t_unpack, c_unpack = skopeo_umoci(scratch / f"ref{i}", ref_a)
-                if best_ref is None or t_copy + t_unpack < best_ref[0] + best_ref[2]:
-                    best_ref = (t_copy, c_copy, t_unpack, c_unpack)
-                if have_pull:
-                    repo = scratch / f"repo{i}"
-                    subprocess.run(["sync"], check=True)
-                    common.drop_cache(storage)
-                    wall, rss, rep = run_child(["pull", str(repo), ref_a])
-                    if best is None or wall < best[0]:
-                        best = (wall, rss, repo, rep["cpu"])
-            assert best_ref is not None
-            figures["skopeo_copy_s"], figures["umoci_unpack_s"] = best_ref[0], best_ref[2]
-            figures["skopeo_umoci_s"] = best_ref[0] + best_ref[2]
-            figures["skopeo_umoci_cpu_s"] = best_ref[1] + best_ref[3]
+                refs.append(skopeo_umoci(scratch / f"ref{i}", ref_a))
+                if not have_pull:
+                    continue
+                repo = scratch / f"repo{i}"
+                subprocess.run(["sync"], check=True)
+                common.drop_cache(storage)
+                wall, rss, rep = run_child(["pull", str(repo), ref_a])
+                pulls.append((wall, rss, repo, rep["cpu"]))
+                cli_repo = scratch / f"repo-cli{i}"
+                common.run([*cfsctl, "init", "--insecure", str(cli_repo)], env=env)
+                subprocess.run(["sync"], check=True)
+                common.drop_cache(storage)
+                clis.append((common.run(_pull_cmd(cfsctl, cli_repo, ref_a), env=env), cli_repo))
+            figures["runs"] = args.runs
+            figures["skopeo_copy_s"] = median(r[0] for r in refs)
+            figures["umoci_unpack_s"] = median(r[2] for r in refs)
+            figures["skopeo_umoci_s"] = median(r[0] + r[2] for r in refs)
+            figures["skopeo_umoci_cpu_s"] = median(r[1] + r[3] for r in refs)
 
             # transport alone (download + verify + gunzip), for context
             wall, rss, rep = run_child(["fetch", "-", ref_a])
             figures["fetch_only_s"], figures["fetch_only_cpu_s"] = wall, rep["cpu"]
             figures["fetch_only_rss"] = rss
 
-            if best is not None:
-                figures["pull_cold_s"], figures["pull_cold_rss"] = best[0], best[1]
-                figures["pull_cold_cpu_s"] = best[3]
-                repo = best[2]
+            if pulls:
+                figures["pull_cold_s"] = median(p[0] for p in pulls)
+                figures["pull_cold_rss"] = max(p[1] for p in pulls)
+                figures["pull_cold_cpu_s"] = median(p[3] for p in pulls)
+                repo = pulls[0][2]
                 wall, rss, rep = run_child(["pull", str(repo), ref_a])
                 figures["pull_repeat_s"], figures["pull_repeat_rss"] = wall, rss
                 figures["pull_repeat_cpu_s"] = rep["cpu"]
                 wall, rss, rep = run_child(["pull", str(repo), ref_b])
                 figures["pull_shared_base_s"], figures["pull_shared_base_rss"] = wall, rss
                 figures["pull_shared_base_cpu_s"] = rep["cpu"]
-                # The command a user runs: `cfsctl oci pull docker://…`
-                # (interpreter start and CLI included), cold, then again.
-                cli_repo = scratch / "repo-cli"
-                cfsctl = common.our_tool("cfsctl")
-                env = common.our_env()
-                common.run([*cfsctl, "init", "--insecure", str(cli_repo)], env=env)
-                pull_cmd = [*cfsctl, "--repo", str(cli_repo), "oci", "pull",
-                            "--tls-verify=false", f"docker://{ref_a}", "bench"]  # fmt: skip
-                subprocess.run(["sync"], check=True)
-                common.drop_cache(storage)
-                u = common.run(pull_cmd, env=env)
+                u = common.median_usage([c[0] for c in clis])
                 figures["cli_cold_s"], figures["cli_cold_cpu_s"] = u.wall, u.cpu
-                figures["cli_cold_rss"] = u.rss
-                u = common.run(pull_cmd, env=env)
+                figures["cli_cold_rss"] = max(c[0].rss for c in clis)
+                figures["cli_cold_samples"] = sorted(c[0].wall for c in clis)
+                figures["ref_samples"] = sorted(r[0] + r[2] for r in refs)
+                u = common.run(_pull_cmd(cfsctl, clis[0][1], ref_a), env=env)
                 figures["cli_repeat_s"], figures["cli_repeat_cpu_s"] = u.wall, u.cpu
                 figures["cli_repeat_rss"] = u.rss
             figures["load_average"] = os.getloadavg()[0]
@@ -567,6 +576,14 @@ def report(f: dict[str, Any]) -> None:
             ),
             row("cfsctl oci pull, again", "cli_repeat"),
         ]
+    if "cli_cold_samples" in f:
+        lines.append(
+            f"(medians of {f['runs']} alternating cold runs; cfsctl "
+            + ", ".join(f"{x:.2f}" for x in f["cli_cold_samples"])
+            + " s, skopeo+umoci "
+            + ", ".join(f"{x:.2f}" for x in f["ref_samples"])
+            + " s)"
+        )
     lines.append(
         f"(1-min load average during the run: {f['load_average']:.1f} on {os.cpu_count()} CPUs)"
     )

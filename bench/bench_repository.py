@@ -8,7 +8,7 @@ run does not depend on the host's files staying unchanged):
   (debootstrap, cached; ~6.6k files, 116 MB);
 * FULL=1: also a snapshot of the host's `/usr` (>= 100k entries).
 
-For each tree, whole processes alternate RUNS times (default 1; 3 in FULL mode), each into a
+For each tree, whole processes alternate RUNS times (default 3), each into a
 fresh object directory / repository on the same scratch filesystem, with the
 source evicted from the page cache first (cold): C `mkcomposefs
 --digest-store` (its default `--threads`), ours `mkcomposefs
@@ -130,7 +130,9 @@ def bench_tree(kind: str, runs: int, c: common.CTools) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_repository", description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=int, default=3 if common.FULL else 1)
+    # Three alternating runs even by default: one sample of a 1-2 s
+    # process on this shared machine is off by 10-20 %.
+    p.add_argument("--runs", type=int, default=3)
     args = p.parse_args(argv)
     c = common.c_tools()
     if c is None:
