@@ -109,3 +109,7 @@ class FuseError(MountError):
 
 class HttpError(ComposefsError):
     """An HTTP server (composefs fetch) refused a request or sent something unusable."""
+
+
+class HttpNotFound(HttpError):
+    """The server answered 404/410 for a path."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 from .. import _net, fsverity
-from ..errors import HttpError
+from ..errors import HttpError, HttpNotFound
 from . import core
 
 if TYPE_CHECKING:
@@ -30,10 +30,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 USER_AGENT = "composefs-py/0.1 (cfsctl fetch)"
 _CHUNK = 256 * 1024
-
-
-class HttpNotFound(HttpError):
-    """The server answered 404/410 for a path."""
 
 
 class _Transient(Exception):
