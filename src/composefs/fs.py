@@ -802,12 +802,17 @@ def read_filesystem(
 ) -> Directory:
     """composefs-rs `read_filesystem`: hardlinks tracked by (st_dev, st_ino),
     files of at most 64 bytes inline, all xattrs (or those `xattr_filter`
-    keeps), no transformation (`create-image --no-propagate-usr-to-root`)."""
+    keeps), no transformation (`create-image --no-propagate-usr-to-root`).
+
+    Sequential unless `threads` says otherwise, as composefs-rs reads: the
+    hashing and the object sink's writes hold the GIL, so a worker thread
+    only adds hand-offs (create-image of the Debian root, cold cache, 8
+    alternating runs on 2 CPUs: 13 % more CPU and no wall time saved)."""
     fsverity.digest_size(algorithm)
     opts = _Options(
         hardlinks=True,
         algorithm=algorithm,
-        threads=_threads(threads),
+        threads=1 if threads is None else _threads(threads),
         xattr_filter=xattr_filter,
         object_sink=object_sink,
     )
