@@ -225,7 +225,10 @@ def scaling_repo() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     runs = int(args[0]) if args else (3 if common.FULL else 1)
-    print(f"dumpfile tools, whole processes, median of {runs}")
+    print(
+        f"dumpfile tools, whole processes, medians of {max(runs, 3)} runs at "
+        f"{SIZES[0]:,} entries and {runs} at {SIZES[1]:,}"
+    )
     scaling_dump(runs)
     print("repository maintenance")
     scaling_repo()
