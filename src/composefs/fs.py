@@ -20,8 +20,11 @@ nothing outside it is read; only the path naming the source itself is
 resolved normally.  Every inode is checked to still be the one that was
 `lstat`ed when it is opened.
 
-Hashing runs in worker threads while the walk continues (large files are
-handed to helper processes, see `fsverity.digest_fd`).  An `object_sink`
+With `threads` > 1 (`read_directory`'s default: one per CPU, like C
+`--threads`), files of 256 KiB and more are hashed in worker threads while
+the walk continues (large files are handed to helper processes, see
+`fsverity.digest_fd`); `read_filesystem` reads sequentially by default, as
+composefs-rs does (see there why).  An `object_sink`
 callback lets a caller (the repository) store each external file's content
 while it is read, without this module knowing about repositories.
 """
