@@ -314,8 +314,9 @@ def test_unprivileged_writer_stores_objects(tmp_path: Path) -> None:
         shutil.rmtree(top, ignore_errors=True)
 
 
+@pytest.mark.parametrize("refusal", [errno.ENOENT, errno.EPERM])
 def test_link_falls_back_when_at_empty_path_is_refused(
-    repo: Repository, monkeypatch: pytest.MonkeyPatch
+    repo: Repository, monkeypatch: pytest.MonkeyPatch, refusal: int
 ) -> None:
     """Kernels before 6.10 answer ENOENT to linkat(AT_EMPTY_PATH) without
     CAP_DAC_READ_SEARCH: the link is made through /proc/self/fd instead,
@@ -326,7 +327,7 @@ def test_link_falls_back_when_at_empty_path_is_refused(
 
     def refused(fd: int, dirfd: int, name: str) -> None:
         calls.append(name)
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+        raise OSError(refusal, os.strerror(refusal), name)
 
     monkeypatch.setattr(objects_mod, "_linkat_empty_path", refused)
     datas = [bytes([i]) * 5000 for i in range(3)]

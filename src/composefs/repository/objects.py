@@ -37,6 +37,7 @@ _COPY_BLOCK = 1 << 20
 # (see `_surely_absent`); past that it checks the directory like any other.
 _FRESH_IDS_MAX = 1 << 16
 _AT_EMPTY_PATH = 0x1000
+_NO_EMPTY_PATH = frozenset({errno.ENOENT, errno.EPERM, errno.EACCES, errno.EINVAL, errno.ENOSYS})
 _libc: Any = None
 _SMALL_OBJECT = 1 << 20
 _FICLONE = 0x40049409
@@ -127,10 +128,13 @@ class TmpObject:
             elif self.repo._link_empty_path:
                 try:
                     _linkat_empty_path(self.fd, objects, relpath)
-                except FileNotFoundError:
-                    # Without CAP_DAC_READ_SEARCH the kernel answers ENOENT:
-                    # if the /proc way works, use it from now on (if it
-                    # fails too, the directory is missing: the caller's case).
+                except OSError as e:
+                    # Without CAP_DAC_READ_SEARCH kernels before 6.10 answer
+                    # ENOENT (a sandbox may say EPERM or ENOSYS): if the
+                    # /proc way works, use it from now on (if it fails too,
+                    # e.g. the directory is missing, that error is the answer).
+                    if e.errno not in _NO_EMPTY_PATH:
+                        raise
                     os.link(f"/proc/self/fd/{self.fd}", relpath, dst_dir_fd=objects)
                     self.repo._link_empty_path = False
             else:
