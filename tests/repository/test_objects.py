@@ -361,3 +361,19 @@ def test_object_sink_content_without_reflink(repo: Repository, tmp_path: Path) -
     sink(str(tmp_path / "no-such-file"), len(data), oid, data)  # type: ignore[call-arg]
     assert Path(objpath(repo, oid)).read_bytes() == data
     assert stray_files(repo) == []
+
+
+def test_fresh_prefix_memory_is_bounded(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past _FRESH_IDS_MAX linked ids the store forgets them and looks
+    every id up again (the shortcut is an optimisation, never the answer)."""
+    from composefs.repository import objects as objects_mod
+
+    monkeypatch.setattr(objects_mod, "_FRESH_IDS_MAX", 3)
+    ids = [repo.objects.store_bytes_counted(b"%d\n" % i * 99, check_writable=False)[0]
+           for i in range(5)]  # fmt: skip
+    assert len(repo.objects._fresh_ids) <= 3
+    for i, oid in enumerate(ids):
+        assert repo.objects.store_bytes_counted(b"%d\n" % i * 99, check_writable=False) == (
+            oid,
+            False,
+        )

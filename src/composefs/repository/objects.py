@@ -326,8 +326,9 @@ class ObjectStore:
         if prefix in self._fresh_prefixes:
             if len(self._fresh_ids) < _FRESH_IDS_MAX:
                 self._fresh_ids.add(object_id)
-            else:
+            else:  # enough: from now on every id is looked up
                 self._fresh_prefixes.clear()
+                self._fresh_ids.clear()
         return object_id, new
 
     def _surely_absent(self, object_id: str) -> bool:
