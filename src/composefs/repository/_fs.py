@@ -20,7 +20,7 @@ _HEX_RE = re.compile("[0-9a-f]*")
 _NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT})
 
 def _tmpname(prefix: str) -> str:
-    import secrets  # here: only the fallback paths need it (hmac, random: slow imports)
+    import secrets  # here: only rarer paths need it (hmac, random: slow imports)
 
     alphabet = string.ascii_letters + string.digits
     return prefix + "".join(secrets.choice(alphabet) for _ in range(12))
