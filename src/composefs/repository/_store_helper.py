@@ -173,10 +173,11 @@ class StoreHelper:
         import subprocess  # here: the helper itself imports this module
 
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Not -S: an editable install may put its import hook in a .pth file.
         try:
             self.proc: subprocess.Popen[bytes] = subprocess.Popen(
                 [
-                    sys.executable, "-I", "-S", "-c", _SCRIPT, json.dumps(sys.path),
+                    sys.executable, "-I", "-c", _SCRIPT, json.dumps(sys.path),
                     str(theirs.fileno()), str(store.dirfd), store.abspath, store.algorithm,
                     "1" if store.insecure else "0",
                 ],
