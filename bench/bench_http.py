@@ -42,6 +42,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests" / "http"))
 
 from bench import bench_oci_pull as P  # noqa: E402  (image building, registry, child runs)
+from bench import common  # noqa: E402
 
 REFETCH_TARGET_S = 0.3
 MEMORY_TARGET_MB = 150
@@ -76,19 +77,15 @@ def child_main(argv: list[str]) -> int:
 
 
 def run_child(args: list[str]) -> tuple[float, int, dict[str, Any]]:
-    t0 = time.monotonic()
-    proc = subprocess.Popen(
+    # Peak RSS through GNU time (`common.run_capture`): wait4()'s ru_maxrss
+    # would count this process's own size at fork time as the child's, and
+    # after other benchmarks in the same `python -m bench` run that is GBs.
+    usage, out = common.run_capture(
         [sys.executable, os.path.abspath(__file__), "--child", *args], stdout=subprocess.PIPE
     )
-    assert proc.stdout is not None
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"http: child {' '.join(args)} failed")
     rep = json.loads(out or b"{}")
-    rep["cpu"] = usage.ru_utime + usage.ru_stime
-    return wall, usage.ru_maxrss * 1024, rep
+    rep["cpu"] = usage.cpu
+    return usage.wall, usage.rss, rep
 
 
 def _quiet_timed(cmd: list[str]) -> tuple[float, float]:
@@ -126,7 +123,6 @@ def _main(argv: list[str]) -> int:
     import nginxlib
 
     ap = argparse.ArgumentParser(prog="python -m bench http", description=__doc__.split("\n")[0])
-    from bench import common
 
     # The default `make bench` stays short (FULL=1: every width, twice).
     ap.add_argument(
