@@ -9,10 +9,17 @@ directory's was loaded last (``pytest tests/cli tests/http`` failed so).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -40,3 +47,34 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def load_module(name: str, path: Path) -> ModuleType:
+    """The Python file `path` imported as module `name` (a file that is not
+    importable by name: another directory's conftest, a harness script)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def kill_at_objects(
+    argv: Sequence[str], objects: Path, threshold: int, env: dict[str, str] | None = None
+) -> bool:
+    """Run `argv` and SIGKILL it once the repository directory `objects`
+    holds `threshold` objects (waiting at most 60 s); True if it was killed,
+    False if it finished first. For crash tests: whatever it wrote by then
+    must leave a repository that fsck finds clean."""
+    p = subprocess.Popen(list(argv), env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while p.poll() is None and time.monotonic() < deadline:
+        if objects.is_dir() and sum(len(os.listdir(d)) for d in objects.iterdir()) >= threshold:
+            break
+        time.sleep(0.002)
+    killed = p.poll() is None
+    if killed:
+        p.send_signal(signal.SIGKILL)
+    p.wait()
+    return killed

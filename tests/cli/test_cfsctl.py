@@ -26,6 +26,7 @@ import pytest
 from composefs import dumpfile, fsverity
 from composefs.erofs.reader import read_image
 from composefs.repository import Repository
+from testlib import kill_at_objects
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root for kernel mounts")
@@ -565,16 +566,7 @@ def test_kill9_during_create_image(repo: Path, tmp_path: Path) -> None:
         shutil.rmtree(repo / "images", ignore_errors=True)
         for d in objects.iterdir():
             shutil.rmtree(d)
-        p = subprocess.Popen([*argv, str(src), "crash"], env=ENV, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while p.poll() is None and time.monotonic() < deadline:
-            if sum(len(os.listdir(d)) for d in objects.iterdir()) >= threshold:
-                break
-            time.sleep(0.002)
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            killed += 1
-        p.wait()
+        killed += kill_at_objects([*argv, str(src), "crash"], objects, threshold, env=ENV)
         fsck = cfsctl("--repo", repo, "fsck", check=False)
         assert fsck.returncode == 0, fsck.stdout
         assert not [n for n in os.listdir(repo) if n.startswith((".tmp-", ".symlink-"))]

@@ -37,6 +37,7 @@ from composefs.oci.layers import merge_layers
 from composefs.repository import FormatConfig, Repository
 from composefs.splitstream import CONTENT_OCI_CONFIG
 from composefs.tree import Directory
+from testlib import kill_at_objects
 
 # tests/conftest.py's marker (importing it by name would get tests/oci/conftest.py)
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for kernel mounts")
@@ -1038,8 +1039,6 @@ def test_kill9_during_big_layer_pull(tmp_path: Path) -> None:
     """kill -9 of `cfsctl oci pull` while a layer big enough for the object
     store helper process is imported: the helper dies with it, fsck is
     clean, and the pull then succeeds."""
-    import signal
-
     files = {f"usr/d{i % 7}/f{i:04}": os.urandom(200 + (i * 37) % 9000) for i in range(1500)}
     layout = tmp_path / "layout"
     L.write_oci_layout(layout, [L.ImageSpec([L.tar_layer([L.file(n, d) for n, d in files.items()])])])
@@ -1049,17 +1048,7 @@ def test_kill9_during_big_layer_pull(tmp_path: Path) -> None:
     pull = [cfs, "--repo", str(repo), "oci", "pull", f"oci:{layout}:latest", "img"]
     killed = 0
     for threshold in (100, 700, 1300):
-        p = subprocess.Popen(pull, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        objects = repo / "objects"
-        while p.poll() is None and time.monotonic() < deadline:
-            if objects.is_dir() and sum(len(os.listdir(d)) for d in objects.iterdir()) >= threshold:
-                break
-            time.sleep(0.002)
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            killed += 1
-        p.wait()
+        killed += kill_at_objects(pull, repo / "objects", threshold)
         for _ in range(200):
             if not _helpers_of(repo):
                 break

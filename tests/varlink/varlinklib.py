@@ -4,7 +4,6 @@ tests/oci, loaded under its own name (re-used, not copied)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,21 +17,9 @@ sys.path.insert(0, str(HERE.parent / "oci"))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from testlib import need_tool, needs_root  # noqa: E402
+from testlib import load_module, need_tool, needs_root  # noqa: E402
 
-
-def _load_oci_conftest() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "_cfs_tests_oci_conftest", HERE.parent / "oci" / "conftest.py"
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_oci = _load_oci_conftest()
+_oci: Any = load_module("_cfs_tests_oci_conftest", HERE.parent / "oci" / "conftest.py")
 
 registry_workdir = _oci.registry_workdir
 registry_plain = _oci.registry_plain

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from testlib import load_module
 
-def _load_runner() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "composefs_vm_run", Path(__file__).with_name("run.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-runner = _load_runner()
+runner = load_module("composefs_vm_run", Path(__file__).with_name("run.py"))
 
 
 def test_cpio_is_readable_by_busybox(tmp_path: Path) -> None:
