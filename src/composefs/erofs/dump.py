@@ -239,6 +239,8 @@ class _Dumper:
                         if total > limit:
                             return None
                     continue
+                # A leaf's line tail: from the fast reader, else the general path below.
+                tail: bytes | None = None
                 if ftype == _FT_DIR:
                     if fast_dir is not None and child_nid not in dirs_seen:
                         got = fast_dir(child_nid)
@@ -273,72 +275,59 @@ class _Dumper:
                             break
                 elif fast is not None:
                     tail = fast(child_nid, ftype)
-                    if tail is not None:
+                if tail is None:
+                    child = r.inode(child_nid)
+                    ctype = child.mode & _S_IFMT
+                    if ftype != _MODE_TO_FT[ctype]:
+                        raise _err(f"directory {nid}: dirent type of {name!r} does not match its inode")
+                    if ctype == _S_IFDIR:
+                        if child_nid in dirs_seen:
+                            raise _err(f"directory inode {child_nid} reached twice (hardlink or cycle)")
+                        dirs_seen.add(child_nid)
+                        cx = r.xattrs(child)
+                        frame.subdirs += 1
+                        if is_root and show:
+                            root_subdirs += 1
+                        epath = prefix + (
+                            name if clean or name.translate(same) == name else escape(name)
+                        )
                         if show:
-                            epath = prefix + (
-                                name if clean or name.translate(same) == name else escape(name)
-                            )
-                            line = epath + tail
-                            leaves[child_nid] = (ftype, line, len(epath))
+                            # Its link count is checked against its subdirectories
+                            # when the frame is done (before anything is returned).
+                            line = self._dir_line(epath, child, cx, child.nlink)
                             append(line)
                             total += len(line)
                             if total > limit:
                                 return None
-                        else:
-                            leaves[child_nid] = (ftype, tail, 0)
-                        continue
-                child = r.inode(child_nid)
-                ctype = child.mode & _S_IFMT
-                if ftype != _MODE_TO_FT[ctype]:
-                    raise _err(f"directory {nid}: dirent type of {name!r} does not match its inode")
-                if ctype == _S_IFDIR:
-                    if child_nid in dirs_seen:
-                        raise _err(f"directory inode {child_nid} reached twice (hardlink or cycle)")
-                    dirs_seen.add(child_nid)
-                    cx = r.xattrs(child)
-                    frame.subdirs += 1
-                    if is_root and show:
-                        root_subdirs += 1
-                    epath = prefix + (
-                        name if clean or name.translate(same) == name else escape(name)
-                    )
-                    if show:
-                        # Its link count is checked against its subdirectories
-                        # when the frame is done (before anything is returned).
-                        line = self._dir_line(epath, child, cx, child.nlink)
-                        append(line)
-                        total += len(line)
-                        if total > limit:
-                            return None
-                    stack.append(
-                        self._frame(
-                            child_nid,
-                            child.nlink,
-                            r.dirent_lists(child),
-                            nid,
-                            depth + 1,
-                            epath + b"/",
-                            show,
-                            None,
+                        stack.append(
+                            self._frame(
+                                child_nid,
+                                child.nlink,
+                                r.dirent_lists(child),
+                                nid,
+                                depth + 1,
+                                epath + b"/",
+                                show,
+                                None,
+                            )
                         )
-                    )
-                    descended = True
-                    break
-                if ctype == _S_IFCHR and child.u == 0 and epoch1:
-                    # A native whiteout: in V0/V1 only the root's stubs are,
-                    # and reading drops them (as reader._Builder does).
-                    if not (is_root and name in _HEX2):
-                        raise _err(f"native whiteout {name!r} outside the root stub table")
-                    if child_nid in whiteout_nids:
-                        raise _err(f"whiteout inode {child_nid} is hardlinked")
-                    if child.datalayout != _FLAT_PLAIN or child.size:
-                        raise _err(f"whiteout stub {name!r} has data")
-                    r.raw_xattrs(child)
-                    whiteout_nids.add(child_nid)
-                    continue
-                tail, whiteout = self._leaf(child, name)
-                if whiteout:
-                    whiteout_nids.add(child_nid)
+                        descended = True
+                        break
+                    if ctype == _S_IFCHR and child.u == 0 and epoch1:
+                        # A native whiteout: in V0/V1 only the root's stubs are,
+                        # and reading drops them (as reader._Builder does).
+                        if not (is_root and name in _HEX2):
+                            raise _err(f"native whiteout {name!r} outside the root stub table")
+                        if child_nid in whiteout_nids:
+                            raise _err(f"whiteout inode {child_nid} is hardlinked")
+                        if child.datalayout != _FLAT_PLAIN or child.size:
+                            raise _err(f"whiteout stub {name!r} has data")
+                        r.raw_xattrs(child)
+                        whiteout_nids.add(child_nid)
+                        continue
+                    tail, whiteout = self._leaf(child, name)
+                    if whiteout:
+                        whiteout_nids.add(child_nid)
                 if show:
                     epath = prefix + (
                         name if clean or name.translate(same) == name else escape(name)
