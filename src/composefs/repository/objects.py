@@ -394,10 +394,15 @@ class ObjectStore:
             self.ensure_writable()
         else:
             self.ensure_writable_once()
+        return object_id, self._write_new(data, object_id)
+
+    def _write_new(self, data: bytes | bytearray | memoryview, object_id: str) -> bool:
+        """Write `data`, whose digest the caller computed as `object_id`, as
+        that object (a secure repository has the kernel confirm it); False
+        if it appeared meanwhile."""
         with TmpObject(self) as tmp:
             _write_all(tmp.fd, data)
-            _, new = self.finalize(tmp, object_id, len(data))
-        return object_id, new
+            return self.finalize(tmp, object_id, len(data))[1]
 
     def store_from_stream(
         self, source: BinaryIO | IO[bytes], size: int | None, *, check_writable: bool = True
@@ -583,24 +588,20 @@ class ObjectStore:
                 return False
             except FileNotFoundError:
                 pass
+        # Called per file (from reader threads): writability is checked once.
         if content is not None and not self._reflink_here:
             # Nothing to reflink: the bytes the caller read and hashed are
             # the object (no source descriptor, no change checks needed).
             self.ensure_writable_once()
-            with TmpObject(self) as tmp:
-                _write_all(tmp.fd, content)
-                stored, created = self.finalize(tmp, object_id, len(content))
-        else:
-            # Called per file (from reader threads): writability is checked once.
-            stored, method, _ = self.store_file(
-                path_or_fd, object_id, check_writable=False, content=content
-            )
-            created = method is not StoreMethod.ALREADY_PRESENT
+            return self._write_new(content, object_id)
+        stored, method, _ = self.store_file(
+            path_or_fd, object_id, check_writable=False, content=content
+        )
         if stored != object_id:
             raise RepositoryError(
                 f"{path_or_fd} changed while it was read (digest {stored}, expected {object_id})"
             )
-        return created
+        return method is not StoreMethod.ALREADY_PRESENT
 
     def object_sink(self) -> Callable[[str, int, str], None]:
         """A `composefs.fs` object sink storing each external file's content."""
