@@ -173,6 +173,30 @@ def qemu_boot(name: str, rundir: Path, disk: Path, *, entry: Entry | None = None
         cmd += ["-fw_cfg", f"name=opt/{k},string={v}"]
     timeout = float(os.environ.get("COMPOSEFS_BOOT_TIMEOUT", "600"))
     t0 = time.monotonic()
+    for attempt in (1, 2):
+        console, timed_out = _run_qemu(cmd, timeout)
+        if attempt == 2 or timed_out or not vm.early_kernel_fault(console):
+            break
+        crashed = rundir / f"{name}-kernel-fault.log"
+        crashed.write_text(console)
+        print(f"test-boot: boot {name}: the guest kernel faulted before user space started "
+              f"(a QEMU/TCG flake, not our code); booting once more. Crash log: {crashed}",
+              flush=True)
+        if esp is not None:  # the firmware may have written boot variables
+            shutil.copyfile(OVMF_VARS, rundir / f"{name}-OVMF_VARS.fd")
+    (rundir / f"{name}.log").write_text(console)
+    boot = Boot(name, console, time.monotonic() - t0, timed_out)
+    for line in boot.lines("CFSTEST: "):
+        verdict, _, text = line.partition(" ")
+        if verdict in ("PASS", "FAIL"):
+            boot.guest.append((verdict, text.strip()))
+    print(f"test-boot: boot {name}: {boot.wall:.1f}s"
+          f"{' (TIMED OUT)' if boot.timed_out else ''}, log {rundir / (name + '.log')}", flush=True)
+    return boot
+
+
+def _run_qemu(cmd: Sequence[str], timeout: float) -> tuple[str, bool]:
+    """Run QEMU to its end: (the console without escape sequences, timed out)."""
     timed_out = threading.Event()
     with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT) as proc:
@@ -190,16 +214,7 @@ def qemu_boot(name: str, rundir: Path, disk: Path, *, entry: Entry | None = None
         finally:
             timer.cancel()
     console = raw.decode("utf-8", "replace").replace("\r", "")
-    console = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", console)
-    (rundir / f"{name}.log").write_text(console)
-    boot = Boot(name, console, time.monotonic() - t0, timed_out.is_set())
-    for line in boot.lines("CFSTEST: "):
-        verdict, _, text = line.partition(" ")
-        if verdict in ("PASS", "FAIL"):
-            boot.guest.append((verdict, text.strip()))
-    print(f"test-boot: boot {name}: {boot.wall:.1f}s"
-          f"{' (TIMED OUT)' if boot.timed_out else ''}, log {rundir / (name + '.log')}", flush=True)
-    return boot
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", console), timed_out.is_set()
 
 
 def guest_checks(report: Report, boot: Boot, label: str, expect: Sequence[str]) -> None:

@@ -78,3 +78,29 @@ def test_keep_paths_for_a_checkout_under_tmp(monkeypatch: pytest.MonkeyPatch) ->
 def test_guest_script_explains_a_missing_checkout(tmp_path: Path) -> None:
     script = runner.guest_script(tmp_path, [])
     assert "is not visible in the guest" in script
+
+
+_FAULT = """\
+[    3.381367] sched_clock: Marking stable (3328233464, 50816936)->(3384016647, -4966247)
+[    3.384354] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI
+[    3.384812] CPU: 0 UID: 0 PID: 1 Comm: swapper/0 Not tainted 6.12.95+deb12-amd64 #1
+[    3.388540] Kernel panic - not syncing: Fatal exception in interrupt
+"""
+
+
+@pytest.mark.parametrize(("console", "retry"), [
+    # the TCG flake seen in CI: the kernel faults while it still boots itself
+    ("[    0.000000] Command line: composefs=abc root=LABEL=cfsroot\n" + _FAULT, True),
+    ("BdsDxe: loading Boot0002\n" + _FAULT.replace("Oops: int3", "BUG: kernel NULL"), True),
+    # a panic that a broken init causes is ours to report, never retried
+    ("[    4.1] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n",
+     False),
+    # once user space has printed, any fault counts against the boot
+    ("Loading, please wait...\n" + _FAULT, False),
+    ("[    4.759239] Run /init as init process\n" + _FAULT, False),
+    ("composefs: setting up the root\n" + _FAULT, False),
+    ("COMPOSEFS-VM: guest up\n" + _FAULT, False),
+    ("[    1.0] all fine\nCFSTEST: DONE\n", False),
+])
+def test_early_kernel_fault(console: str, retry: bool) -> None:
+    assert runner.early_kernel_fault(console) is retry
