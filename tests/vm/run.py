@@ -79,11 +79,15 @@ class Skip(Exception):
     """QEMU cannot run here at all."""
 
 
-# A fault inside the guest kernel itself (not a panic that init's death or a
-# missing root causes). QEMU's TCG occasionally mis-runs the kernel's live code
-# patching on SMP guests: "Oops: int3" in sched_clock_cpu while static keys are
-# switched, seen once in some 300 boots. Such a crash before user space starts
-# says nothing about our code, so a boot that hits one is run once more.
+# QEMU's multi-threaded TCG now and then runs a stale translation of kernel
+# code that the guest kernel live-patches (static keys, alternatives): a vCPU
+# executes the temporary int3 after the patch is done, and the kernel dies with
+# "Oops: int3" (seen in sched_clock_cpu while booting and in
+# kmem_cache_alloc under systemd, about 1 boot in 100). User space cannot cause
+# a kernel int3 trap, so such a boot is run once more; so is one whose kernel
+# faulted in any way before user space printed. A panic that a broken init
+# causes, or any other fault once user space runs, still fails the boot.
+_INT3 = re.compile(r"^(?:\[[\s\d.]+\] )?Oops: int3\b", re.M)
 _KERNEL_FAULT = re.compile(r"^(?:\[[\s\d.]+\] )?(?:Oops: |BUG: |general protection fault)", re.M)
 # The first lines the kernel's exec of init, initramfs-tools, dracut, our
 # initramfs hooks, the test units and tests/vm/init.sh print.
@@ -91,8 +95,10 @@ _USERSPACE = re.compile(r"^(?:\[[\s\d.]+\] )?(?:Run /init|Loading, please wait|W
                         rf"|composefs[:-]|CFSTEST|{MARK})", re.M)
 
 
-def early_kernel_fault(console: str) -> bool:
-    """True if the guest kernel faulted before any user-space program printed."""
+def emulator_fault(console: str) -> bool:
+    """True if the guest kernel died of the emulator, not of what the boot ran."""
+    if _INT3.search(console):
+        return True
     m = _KERNEL_FAULT.search(console)
     return m is not None and _USERSPACE.search(console, 0, m.start()) is None
 
@@ -543,12 +549,14 @@ def boot(qemu: str, kernel: Kernel, initramfs: Path, disk: Path, share: Path,
     for attempt in (1, 2):
         rc, timed_out, returncode = _run_vm(cmd, timeout, log)
         if rc is not None or timed_out or attempt == 2 \
-                or not early_kernel_fault(log.read_text(errors="replace")):
+                or not emulator_fault(log.read_text(errors="replace")):
             break
         crashed = log.with_name(f"{log.stem}-kernel-fault{log.suffix}")
         log.rename(crashed)
-        say(f"the guest kernel faulted before user space started (a QEMU/TCG flake, not "
-            f"our code); booting once more. Crash log: {crashed}")
+        say(f"the guest kernel died of a QEMU/TCG fault, not of the tests; running them once "
+            f"more on a fresh disk. Crash log: {crashed}")
+        make_disk(disk)
+        (share / "junit.xml").unlink(missing_ok=True)
     if timed_out:
         raise HarnessError(f"the VM did not finish within {timeout:.0f}s "
                            f"(COMPOSEFS_VM_TIMEOUT); console log: {log}")

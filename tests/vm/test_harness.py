@@ -92,15 +92,17 @@ _FAULT = """\
     # the TCG flake seen in CI: the kernel faults while it still boots itself
     ("[    0.000000] Command line: composefs=abc root=LABEL=cfsroot\n" + _FAULT, True),
     ("BdsDxe: loading Boot0002\n" + _FAULT.replace("Oops: int3", "BUG: kernel NULL"), True),
+    # the same int3 fault under systemd: user space cannot raise it
+    ("[    4.759239] Run /init as init process\nWelcome to Debian\n" + _FAULT, True),
     # a panic that a broken init causes is ours to report, never retried
     ("[    4.1] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n",
      False),
-    # once user space has printed, any fault counts against the boot
-    ("Loading, please wait...\n" + _FAULT, False),
-    ("[    4.759239] Run /init as init process\n" + _FAULT, False),
-    ("composefs: setting up the root\n" + _FAULT, False),
-    ("COMPOSEFS-VM: guest up\n" + _FAULT, False),
+    # once user space has printed, any other fault counts against the boot
+    ("Loading, please wait...\n" + _FAULT.replace("Oops: int3", "Oops: general"), False),
+    ("[    4.759239] Run /init as init process\n" + _FAULT.replace("int3", "0000"), False),
+    ("composefs: setting up the root\n" + _FAULT.replace("Oops: int3", "BUG: unable"), False),
+    ("COMPOSEFS-VM: guest up\n" + _FAULT.replace("Oops: int3", "Oops: general"), False),
     ("[    1.0] all fine\nCFSTEST: DONE\n", False),
 ])
-def test_early_kernel_fault(console: str, retry: bool) -> None:
-    assert runner.early_kernel_fault(console) is retry
+def test_emulator_fault(console: str, retry: bool) -> None:
+    assert runner.emulator_fault(console) is retry
