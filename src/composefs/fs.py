@@ -35,17 +35,19 @@ import errno
 import fcntl
 import itertools
 import os
-import secrets
 import stat as st_
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import fsverity, limits
 from ._atomic import syncfs
 from .errors import ComposefsError, SourceError, TreeError, VerityError, VerityNotSupported
 from .tree import Device, Directory, Fifo, Leaf, Regular, Socket, Stat, Symlink
+
+if TYPE_CHECKING:  # imported where a pool is made: the sequential reader needs none
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 __all__ = [
     "CONTAINER_XATTR_ALLOWLIST",
@@ -144,6 +146,8 @@ class _Scanner:
         self.staged: dict[str, str] = {}  # "xx/rest" -> "xx/.tmpNAME"
         self.staged_lock = threading.Lock()
         if opts.threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
             self.pool = ThreadPoolExecutor(opts.threads, thread_name_prefix="composefs-read")
 
     # -- helpers ------------------------------------------------------
@@ -596,6 +600,8 @@ class _Store:
         self.verity = True
         # Unique temporary names without a getrandom call per file (O_EXCL
         # still guards against a clash).
+        import secrets  # here: only a digest store needs it (a slow import)
+
         self.prefix = f".tmp{secrets.token_hex(4)}"
         self.counter = itertools.count()
         self.chmod = _umask() & 0o644 != 0

@@ -37,7 +37,6 @@ from __future__ import annotations
 import io
 import struct
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, BinaryIO, Protocol
@@ -102,6 +101,8 @@ CONTENT_OCI_BLOB = content_type(b"oci_blob")
 
 
 def _default_spool() -> IO[bytes]:
+    import tempfile  # lazily: most commands never spool
+
     return tempfile.SpooledTemporaryFile(max_size=_SPOOL_MEM_MAX)
 
 

@@ -662,3 +662,22 @@ def test_bootable_and_compute_karg(repo: Path, tmp_path: Path) -> None:
     (src / "sysroot/junk").rmdir()
     (src / "sysroot").rmdir()
     assert "sysroot" in one_line_error(cfsctl("--repo", repo, "compute-karg", src, check=False))
+
+
+def test_create_image_imports_only_what_it_uses(tmp_path: Path) -> None:
+    """Every command pays for its imports at start: a sequential create-image
+    needs no thread pool, spool file or random names."""
+    (tmp_path / "src" / "usr").mkdir(parents=True)
+    (tmp_path / "src" / "usr" / "big").write_bytes(os.urandom(100_000))
+    Repository.init(tmp_path / "repo", insecure=True)
+    code = (
+        "import sys\n"
+        "from composefs.cli.cfsctl import main\n"
+        f"main(['--repo', {str(tmp_path / 'repo')!r}, 'create-image', {str(tmp_path / 'src')!r}])\n"
+        "print([m for m in ('concurrent.futures', 'tempfile', 'secrets', 'subprocess')"
+        " if m in sys.modules], file=sys.stderr)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(b"sha512:")
+    assert r.stderr.strip() == b"[]"

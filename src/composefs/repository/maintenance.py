@@ -12,7 +12,6 @@ import fcntl
 import os
 import stat
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -565,6 +564,8 @@ class Maintenance:
         result.objects_checked += len(work)
         nthreads = threads or fsverity.default_threads()
         if nthreads > 1 and len(work) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
             with ThreadPoolExecutor(max_workers=nthreads, thread_name_prefix="fsck") as pool:
                 found = list(pool.map(lambda item: self._fsck_object(*item), work))
         else:

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import IO, BinaryIO, TypeVar
+from typing import IO, TYPE_CHECKING, BinaryIO, TypeVar
 
 from .. import fsverity
 from ..errors import NotFoundError, RepositoryError
@@ -23,9 +21,13 @@ from ._fs import _check_relpath, _exists, _is_hex_id, _read_exactly
 from ._store_helper import HelperResult, HelperUnavailable, StoreHelper
 from .objects import _SMALL_OBJECT, FdWriter, ObjectStore, TmpObject
 
+if TYPE_CHECKING:  # tempfile, concurrent.futures: imported where used
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    # An object being stored: in the writer's thread or by its helper process.
+    _Pending = Future[tuple[str, bool]] | HelperResult
+
 T = TypeVar("T")
-# An object being stored: in the writer's thread or by its helper process.
-_Pending = Future[tuple[str, bool]] | HelperResult
 
 
 # Objects queued for the background store: at most this many bytes (and
@@ -62,6 +64,8 @@ class RepoStreamWriter(SplitStreamWriter):
         objects_dir = repo.objects_dir
 
         def spool() -> IO[bytes]:
+            import tempfile
+
             return tempfile.SpooledTemporaryFile(max_size=_SPOOL_MEM_MAX, dir=objects_dir)
 
         super().__init__(repo.algorithm, content_type, spool=spool)
@@ -147,6 +151,8 @@ class RepoStreamWriter(SplitStreamWriter):
                 # Lazily opened state, set up here rather than raced for.
                 self.repo.objects_fd()
                 self.repo.ensure_writable_once()
+                from concurrent.futures import ThreadPoolExecutor
+
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="object-store")
             fut = self._pool.submit(self.repo.store_bytes_counted, data, check_writable=False)
         self.total_size += size
