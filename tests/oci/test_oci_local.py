@@ -37,11 +37,9 @@ from composefs.oci.layers import merge_layers
 from composefs.repository import FormatConfig, Repository
 from composefs.splitstream import CONTENT_OCI_CONFIG
 from composefs.tree import Directory
-from testlib import kill_at_objects
+from testlib import kill_at_objects, needs_root
 
 # tests/conftest.py's marker (importing it by name would get tests/oci/conftest.py)
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for kernel mounts")
-
 BIG = bytes(range(256)) * 40  # 10240 bytes, external
 
 
