@@ -116,11 +116,14 @@ def bench_tree(kind: str, runs: int, c: common.CTools) -> None:
                 results[what].append(common.run(cmd, env=env))
                 shutil.rmtree(out)
         ref = common.median_usage(results["C"])
-        print(f"  {'':28} {'wall':>7} {'cpu':>7} {'rss MB':>7}")
+        print(f"  {'':28} {'wall':>7} {'cpu':>7} {'rss MB':>7}  cpu of each run")
         for what, samples in results.items():
             u = common.median_usage(samples)
             label = "C mkcomposefs --digest-store" if what == "C" else f"ours {what}"
-            print(f"  {label:28} {u.wall:7.2f} {u.cpu:7.2f} {u.rss_mb:7.0f}")
+            # Every sample, in run order: the spread shows how far this
+            # machine's noise moves a median (run i of each row ran together).
+            each = ", ".join(f"{s.cpu:.2f}" for s in samples)
+            print(f"  {label:28} {u.wall:7.2f} {u.cpu:7.2f} {u.rss_mb:7.0f}  {each}")
             if what != "C":
                 common.record("directory", f"{what} {kind} ({entries // 1000}k) wall", u.wall,
                               ref.wall, 1.0)  # fmt: skip
