@@ -333,6 +333,41 @@ def test_repull_is_cheap_and_retags(
     assert [t for t, _ in storage.list_tags(repo)] == ["one", "two"]
 
 
+def test_pull_names_after_one_sync(
+    repo: Repository, layout: tuple[Path, list[L.BuiltImage]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each layer stream is named after a sync; then one sync makes the image
+    and the config and manifest streams durable before any of them is named
+    (a name is never durable before what it names). A re-pull names nothing
+    new and syncs nothing."""
+    from composefs.repository import objects
+
+    events: list[str] = []
+    real_sync, real_symlink = objects.syncfs, objects.ObjectStore.symlink
+
+    def sync(fd: int) -> None:
+        events.append("sync")
+        real_sync(fd)
+
+    def symlink(self: objects.ObjectStore, link: str, target: str) -> None:
+        events.append(link.split(":")[0])  # streams/oci-layer-sha256:… -> streams/oci-layer-sha256
+        real_symlink(self, link, target)
+
+    monkeypatch.setattr(objects, "syncfs", sync)
+    monkeypatch.setattr(objects.ObjectStore, "symlink", symlink)
+    path, _ = layout
+    storage.pull(repo, f"oci:{path}", "one")
+    layer, config, manifest = (f"streams/oci-{k}-sha256" for k in ("layer", "config", "manifest"))
+    image = next(e for e in events if e.startswith("images/"))
+    assert events == [
+        "sync", layer, "sync", layer,  # the two layers, each as it is stored
+        "sync", image, config, manifest, "streams/refs/oci/one",
+    ]  # fmt: skip
+    events.clear()
+    storage.pull(repo, f"oci:{path}", "two")
+    assert events == ["streams/refs/oci/two"]
+
+
 def test_pull_summary_counts_are_true(
     repo: Repository, tmp_path: Path, layout: tuple[Path, list[L.BuiltImage]]
 ) -> None:

@@ -21,7 +21,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
-from ..errors import ComposefsError, DigestMismatch, NotFoundError, OciError
+from ..errors import ComposefsError, DigestMismatch, NotFoundError, OciError, RepositoryError
 from ..splitstream import (
     CONTENT_OCI_BLOB,
     CONTENT_OCI_CONFIG,
@@ -460,15 +460,31 @@ def _store_blob_stream(
 def _write_json_stream(
     repo: Repository, content_type: int, raw: bytes, content_id: str, named: dict[str, str]
 ) -> str:
+    object_id = _store_json_stream(repo, content_type, raw, named)
+    repo.register_stream(object_id, content_id)
+    return object_id
+
+
+def _store_json_stream(
+    repo: Repository, content_type: int, raw: bytes, named: dict[str, str]
+) -> str:
+    """Store (not name) a config or manifest stream; its object id."""
     writer = repo.create_stream(content_type)
     try:
         for key, value in named.items():
             writer.add_named_stream_ref(key, value)
         writer.write_external(raw)
-        return repo.write_stream(writer, content_id)
+        return repo.store_stream(writer)
     except BaseException:
         writer.close()
         raise
+
+
+def _stream_target(repo: Repository, content_id: str) -> str | None:
+    try:
+        return repo.has_stream(content_id)
+    except RepositoryError:
+        return None  # not a symlink: register_stream replaces it
 
 
 # -- pulling ----------------------------------------------------------------------
@@ -718,6 +734,7 @@ def pull_from_source(
     config_digest = manifest.config.digest
     config_named = {d: layer_refs[d] for d in diff_ids}
     image_ids: dict[int, str] = {}
+    new_images: list[str] = []  # stored, named below with the streams
     if container:
         kept = _kept_image_refs(repo, config_digest, layer_refs)
         config_named.update(kept)
@@ -726,7 +743,8 @@ def pull_from_source(
             _report(progress, ProgressEvent("message", message="Building composefs image"))
             images = prebuild.result()
             kept_members.clear()
-            image_ids = {v: repo.write_image(data) for v, data in images.items()}
+            image_ids = {v: repo.ensure_object(data) for v, data in images.items()}
+            new_images = list(image_ids.values())
         if not image_ids:
             _report(progress, ProgressEvent("message", message="Building composefs image"))
             root = build_tree(
@@ -736,14 +754,23 @@ def pull_from_source(
             image_ids = commit_image_refs(repo, root)
         for version, image_id in image_ids.items():
             config_named[IMAGE_REF_KEYS[version]] = image_id
-    config_verity = _write_json_stream(
-        repo, CONTENT_OCI_CONFIG, config_raw, config_stream(config_digest), config_named
-    )
+    config_verity = _store_json_stream(repo, CONTENT_OCI_CONFIG, config_raw, config_named)
     manifest_named = {f"config:{config_digest}": config_verity}
     manifest_named.update({d: layer_refs[d] for d in diff_ids})
-    manifest_verity = _write_json_stream(
-        repo, CONTENT_OCI_MANIFEST, resolved.raw, manifest_stream(resolved.digest), manifest_named
+    manifest_verity = _store_json_stream(repo, CONTENT_OCI_MANIFEST, resolved.raw, manifest_named)
+    # One sync makes the new image and both streams durable, then each is
+    # named (a name never before what it names); a re-pull that names
+    # nothing new syncs nothing.
+    streams = (
+        (config_verity, config_stream(config_digest)),
+        (manifest_verity, manifest_stream(resolved.digest)),
     )
+    if new_images or any(_stream_target(repo, cid) != oid for oid, cid in streams):
+        repo.sync()
+    for image_id in new_images:
+        repo.link_image(image_id, synced=True)
+    for oid, cid in streams:
+        repo.register_stream(oid, cid, synced=True)
     boot_ids: dict[int, str] = {}
     if boot is not None:
         if not container:

@@ -40,8 +40,20 @@ class ImageStore:
         self._link_image(object_id, name)
         return object_id
 
-    def _link_image(self, object_id: str, name: str | None) -> None:
-        self.objects.sync()
+    def link_image(self, object_id: str, name: str | None = None, *, synced: bool = False) -> None:
+        """Name the stored image object `object_id` ``images/<id>`` (and
+        ``images/refs/<name>``), after a sync unless `synced` (the caller
+        ran `sync()` after storing it). The image is not validated."""
+        self.objects.ensure_writable()
+        if name is not None:
+            _check_relpath(name, "image name")
+        if not self.objects.has_object(object_id):
+            raise NotFoundError(f"object {object_id} not found")
+        self._link_image(object_id, name, synced)
+
+    def _link_image(self, object_id: str, name: str | None, synced: bool = False) -> None:
+        if not synced:
+            self.objects.sync()
         self.objects.symlink(
             f"images/{object_id}", f"objects/{self.objects.object_relpath(object_id)}"
         )

@@ -310,6 +310,7 @@ class Repository:
 
     # ImageStore
     write_image = _via(_images, ImageStore.write_image)
+    link_image = _via(_images, ImageStore.link_image)
     import_image = _via(_images, ImageStore.import_image)
     commit_images = _via(_images, ImageStore.commit_images)
     commit_image = _via(_images, ImageStore.commit_image)

@@ -334,18 +334,27 @@ class StreamStore:
             raise RepositoryError(f"invalid stream name {content_id!r}")
 
     def register_stream(
-        self, object_id: str, content_id: str, reference: str | None = None
+        self,
+        object_id: str,
+        content_id: str,
+        reference: str | None = None,
+        *,
+        synced: bool = False,
     ) -> None:
         """Make the stored splitstream `object_id` visible as
         ``streams/<content_id>`` (after syncing everything it refers to),
-        optionally also as ``streams/refs/<reference>``."""
+        optionally also as ``streams/refs/<reference>``.
+
+        `synced`: the caller ran `sync()` after storing the stream and
+        everything it refers to (one sync before naming several things)."""
         self._check_content_id(content_id)
         if not self.objects.has_object(object_id):
             raise NotFoundError(f"object {object_id} not found")
         if self._named_id(content_id) != object_id:
             # (Already named so: it was made durable before, no sync needed;
             # a re-pull rewrites its config and manifest streams unchanged.)
-            self.objects.sync()
+            if not synced:
+                self.objects.sync()
             self.objects.symlink(
                 f"streams/{content_id}", f"objects/{self.objects.object_relpath(object_id)}"
             )
