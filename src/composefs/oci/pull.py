@@ -21,7 +21,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
-from ..errors import ComposefsError, DigestMismatch, NotFoundError, OciError, RepositoryError
+from ..errors import ComposefsError, DigestMismatch, NotFoundError, OciError
 from ..splitstream import (
     CONTENT_OCI_BLOB,
     CONTENT_OCI_CONFIG,
@@ -480,13 +480,6 @@ def _store_json_stream(
         raise
 
 
-def _stream_target(repo: Repository, content_id: str) -> str | None:
-    try:
-        return repo.has_stream(content_id)
-    except RepositoryError:
-        return None  # not a symlink: register_stream replaces it
-
-
 # -- pulling ----------------------------------------------------------------------
 
 
@@ -765,7 +758,7 @@ def pull_from_source(
         (config_verity, config_stream(config_digest)),
         (manifest_verity, manifest_stream(resolved.digest)),
     )
-    if new_images or any(_stream_target(repo, cid) != oid for oid, cid in streams):
+    if new_images or not all(repo.stream_named(cid, oid) for oid, cid in streams):
         repo.sync()
     for image_id in new_images:
         repo.link_image(image_id, synced=True)

@@ -350,7 +350,7 @@ class StreamStore:
         self._check_content_id(content_id)
         if not self.objects.has_object(object_id):
             raise NotFoundError(f"object {object_id} not found")
-        if self._named_id(content_id) != object_id:
+        if not self.stream_named(content_id, object_id):
             # (Already named so: it was made durable before, no sync needed;
             # a re-pull rewrites its config and manifest streams unchanged.)
             if not synced:
@@ -361,11 +361,13 @@ class StreamStore:
         if reference is not None:
             self.name_stream(content_id, reference)
 
-    def _named_id(self, content_id: str) -> str | None:
+    def stream_named(self, content_id: str, object_id: str) -> bool:
+        """Whether ``streams/<content_id>`` already names `object_id` (so
+        `register_stream` has nothing to sync or link for it)."""
         try:
-            return self.objects.readlink_id(f"streams/{content_id}")
+            return self.objects.readlink_id(f"streams/{content_id}") == object_id
         except RepositoryError:
-            return None  # not a symlink: replaced when it is named
+            return False  # not a symlink: replaced when it is named
 
     def write_stream(
         self, writer: SplitStreamWriter, content_id: str, reference: str | None = None
