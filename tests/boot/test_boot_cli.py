@@ -26,8 +26,8 @@ from composefs.erofs.format import FormatVersion
 from composefs.erofs.writer import mkfs
 from composefs.fsverity import digest_hex
 from composefs.repository import Repository
+from testlib import needs_root
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for kernel mounts")
 Run = Callable[..., tuple[int, str, str]]
 
 BLS = "title Test OS\nversion 6.1\nlinux /boot/vmlinuz-6.1\ninitrd /boot/initramfs-6.1.img\n"

@@ -26,10 +26,9 @@ import pytest
 from composefs import dumpfile, fsverity
 from composefs.erofs.reader import read_image
 from composefs.repository import Repository
-from testlib import kill_at_objects
+from testlib import kill_at_objects, needs_root
 
 IS_ROOT = os.geteuid() == 0
-needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root for kernel mounts")
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 HEX128 = re.compile(r"^[0-9a-f]{128}$")
 

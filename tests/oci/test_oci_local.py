@@ -39,7 +39,6 @@ from composefs.splitstream import CONTENT_OCI_CONFIG
 from composefs.tree import Directory
 from testlib import kill_at_objects, needs_root
 
-# tests/conftest.py's marker (importing it by name would get tests/oci/conftest.py)
 BIG = bytes(range(256)) * 40  # 10240 bytes, external
 
 
