@@ -24,6 +24,7 @@ from ..errors import NotFoundError, RepositoryError, VerityError, VerityNotSuppo
 from ._fs import (
     _NO_TMPFILE,
     _check_relpath,
+    _exists,
     _is_hex_id,
     _object_id_from_path,
     _proc_self_fd,
@@ -260,11 +261,7 @@ class ObjectStore:
         return f"{object_id[:2]}/{object_id[2:]}"
 
     def has_object(self, object_id: str) -> bool:
-        try:
-            os.stat(self.object_relpath(object_id), dir_fd=self.objects_fd())
-        except FileNotFoundError:
-            return False
-        return True
+        return _exists(self.objects_fd(), self.object_relpath(object_id))
 
     def measure(self, fd: int) -> str | None:
         """Kernel-measured digest, or None if the file has no (matching) verity."""
@@ -371,11 +368,8 @@ class ObjectStore:
         if self._surely_absent(object_id):
             pass
         elif self.insecure:
-            try:
-                os.stat(relpath, dir_fd=objects)
+            if _exists(objects, relpath):
                 return object_id, False
-            except FileNotFoundError:
-                pass
         else:
             try:
                 fd = os.open(relpath, os.O_RDONLY | os.O_CLOEXEC, dir_fd=objects)
@@ -582,12 +576,8 @@ class ObjectStore:
         instead of reading the file again. Returns True if an object was
         created."""
         relpath = self.object_relpath(object_id)
-        if not self._surely_absent(object_id):
-            try:
-                os.stat(relpath, dir_fd=self.objects_fd())
-                return False
-            except FileNotFoundError:
-                pass
+        if not self._surely_absent(object_id) and _exists(self.objects_fd(), relpath):
+            return False
         # Called per file (from reader threads): writability is checked once.
         if content is not None and not self._reflink_here:
             # Nothing to reflink: the bytes the caller read and hashed are
