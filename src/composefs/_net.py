@@ -13,12 +13,14 @@ import ssl
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from .errors import ComposefsError
 
 if TYPE_CHECKING:
     import urllib3
+
+_M = TypeVar("_M", bound="urllib3.PoolManager")
 
 
 class NetOptions(Protocol):
@@ -114,13 +116,24 @@ def proxy_manager(
     netloc = parsed.hostname if ":" not in parsed.hostname else f"[{parsed.hostname}]"
     if parsed.port:
         netloc += f":{parsed.port}"
-    return urllib3.ProxyManager(
-        f"{parsed.scheme}://{netloc}",
-        num_pools=num_pools,
-        headers=like.headers,
-        proxy_headers=proxy_headers,
-        **dict(like.connection_pool_kw),
+    return bound_heads(
+        urllib3.ProxyManager(
+            f"{parsed.scheme}://{netloc}",
+            num_pools=num_pools,
+            headers=like.headers,
+            proxy_headers=proxy_headers,
+            **dict(like.connection_pool_kw),
+        )
     )
+
+
+def bound_heads(manager: _M) -> _M:
+    """`manager`, with pools whose responses must bring their status line
+    and headers within one read timeout in total (see `_headers`)."""
+    from . import _headers
+
+    manager.pool_classes_by_scheme = dict(_headers.POOL_CLASSES)
+    return manager
 
 
 def make_ssl_context(

@@ -187,6 +187,20 @@ def dripping(h: Handler) -> bool:
     return True
 
 
+def dripping_head(h: Handler) -> bool:
+    """A header line that never ends, one byte per 50 ms."""
+    h.close_connection = True
+    try:
+        h.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        while True:
+            h.wfile.write(b"a")
+            h.wfile.flush()
+            time.sleep(0.05)
+    except OSError:
+        pass
+    return True
+
+
 def fail_times(n: int, code: int = 503) -> Fault:
     """Answer `code` to the first `n` requests, then serve normally."""
     left = [n]

@@ -94,6 +94,13 @@ def test_dripping_body_hits_deadline(server: H.State, dest_repo: Repository) -> 
     run_fails(dest_repo, server.url, "longer than 1 s", transfer_timeout=1.0)  # type: ignore[attr-defined]
 
 
+def test_dripping_head_hits_read_timeout(server: H.State, dest_repo: Repository) -> None:
+    """Every socket read succeeds, but the response's headers never end:
+    the request fails once they have taken the read timeout."""
+    server.faults[REF_PATH] = H.dripping_head
+    run_fails(dest_repo, server.url, "response headers not complete after 1 s", read_timeout=1.0)  # type: ignore[attr-defined]
+
+
 def test_missing_object(server: H.State, dest_repo: Repository) -> None:
     obj = objects(server.root)[3]
     server.faults[obj] = H.status(404)

@@ -570,6 +570,8 @@ class _Handler(BaseHTTPRequestHandler):
             fault = st.take_fault("front", path)
             if fault is not None and fault.action == "status":
                 return self._error(int(fault.arg), "INJECTED")
+            if fault is not None and fault.action == "trickle-head":
+                return self._trickle_head(float(fault.arg))
             bm = re.fullmatch(r"/v2/(.+)/blobs/(sha\d+:[0-9a-f]+)", path)
             if bm and st.redirect_blobs and fault is None and method == "GET":
                 loc = f"http://127.0.0.2:{st.blob_port}/blobs/{bm.group(1)}/{bm.group(2)}?sig=x"
@@ -604,6 +606,22 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None and fault.action in ("trickle", "stall"):
             return self._slow(200, body, {"Content-Type": "application/json"}, fault)
         return self._send(200, body, {"Content-Type": "application/json"})
+
+    def _trickle_head(self, every: float) -> None:
+        """The status line, then one header byte every `every` seconds (a
+        header line that never ends); gives up after 60 s or when the
+        client leaves."""
+        self.close_connection = True
+        end = time.monotonic() + 60
+        try:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            self.wfile.flush()
+            while time.monotonic() < end:
+                self.wfile.write(b"a")
+                self.wfile.flush()
+                time.sleep(every)
+        except OSError:
+            return
 
     def _slow(self, status: int, body: bytes, headers: dict[str, str], fault: Fault) -> None:
         """trickle / stall: the whole Content-Length announced, the body not
@@ -889,5 +907,3 @@ def proxy_server() -> Iterator[ProxyState]:
 def proxy(proxy_server: ProxyState) -> ProxyState:
     proxy_server.reset()
     return proxy_server
-
-

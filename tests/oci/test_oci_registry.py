@@ -1291,7 +1291,9 @@ def test_push_retries_refused_puts(front: Any, fast_options: Any, tmp_path: Path
         with pytest.raises(RegistryError) as ei:
             reg.push_image(src, front.ref("pushed/never:v1"), fast_options)
     assert "HTTP 503" in one_line(ei.value)
-    never = [r for r in front.requests("front", "^/v2/pushed/never/manifests/") if r.method == "PUT"]
+    never = [
+        r for r in front.requests("front", "^/v2/pushed/never/manifests/") if r.method == "PUT"
+    ]
     assert len(never) == fast_options.retries + 1
 
 
@@ -1351,6 +1353,26 @@ def test_manifest_stall_bounded_by_read_timeout(
     assert front.host in one_line(ei.value)
 
 
+def test_trickled_response_head_bounded_by_read_timeout(
+    front: Any, oci_images: Any, fast_options: Any
+) -> None:
+    """A registry that sends a header byte every 0.1 s (each socket read
+    succeeds well within the read timeout) fails the request once the
+    head has taken the read timeout (1 s), not after 60 s or never."""
+    import time
+
+    front.require_token = False
+    front.fault("front", "/manifests/", "trickle-head", 0.1, count=None)
+    o = opts(fast_options, read_timeout=1.0, retries=0)
+    with reg.open_source(front.ref(oci_images["plain"].name), o) as src:
+        start = time.monotonic()
+        with pytest.raises(RegistryError) as ei:
+            src.get_manifest()
+        assert time.monotonic() - start < 10
+    msg = one_line(ei.value)
+    assert front.host in msg and "response headers not complete after 1 s" in msg
+
+
 def _foreign_realm(front: Any) -> str:
     return f"http://127.0.0.2:{front.blob_port}/token"
 
@@ -1388,7 +1410,9 @@ def test_user_at_host_realm_refused(
     front: Any, oci_images: Any, fast_options: Any, creds: str | None
 ) -> None:
     front.realm = f"http://{front.host}@127.0.0.2:{front.blob_port}/token"
-    with reg.open_source(front.ref(oci_images["plain"].name), opts(fast_options, creds=creds)) as src:
+    with reg.open_source(
+        front.ref(oci_images["plain"].name), opts(fast_options, creds=creds)
+    ) as src:
         with pytest.raises(RegistryAuthError) as ei:
             src.get_manifest()
     assert "carries a user name" in one_line(ei.value)
@@ -1404,7 +1428,7 @@ def test_hostile_token_answers(front: Any, oci_images: Any, fast_options: Any) -
 
     outcomes = set()
     for cls, body in H.hostile_json(
-        random.Random(8), lambda v: '{"token": "x", "expires_in": ' + v + '}'
+        random.Random(8), lambda v: '{"token": "x", "expires_in": ' + v + "}"
     ):
         front.reset()
         front.fault("front", "/token", "replace", body)

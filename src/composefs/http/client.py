@@ -194,15 +194,17 @@ class HttpClient:
         self._tls_lock = threading.Lock()
         self._ssl_context: ssl.SSLContext | None = None
         self._proxied: dict[str, urllib3.ProxyManager] = {}
-        self._pool = urllib3.PoolManager(
-            num_pools=4,
-            maxsize=max(1, opts.max_workers),
-            block=True,  # at most max_workers connections per host, reused
-            cert_reqs=ssl.CERT_REQUIRED if opts.tls_verify else ssl.CERT_NONE,
-            assert_hostname=None if opts.tls_verify else False,
-            retries=False,
-            timeout=urllib3.Timeout(connect=opts.connect_timeout, read=opts.read_timeout),
-            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "gzip"},
+        self._pool = _net.bound_heads(
+            urllib3.PoolManager(
+                num_pools=4,
+                maxsize=max(1, opts.max_workers),
+                block=True,  # at most max_workers connections per host, reused
+                cert_reqs=ssl.CERT_REQUIRED if opts.tls_verify else ssl.CERT_NONE,
+                assert_hostname=None if opts.tls_verify else False,
+                retries=False,
+                timeout=urllib3.Timeout(connect=opts.connect_timeout, read=opts.read_timeout),
+                headers={"User-Agent": USER_AGENT, "Accept-Encoding": "gzip"},
+            )
         )
         if not opts.tls_verify:
             warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)

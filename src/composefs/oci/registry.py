@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar, cast
 
 from .. import _json
+from .._net import bound_heads, is_loopback, make_ssl_context, proxy_for
 from .._net import describe as _describe
 from .._net import is_cert_failure as _is_cert_failure
-from .._net import is_loopback, make_ssl_context, proxy_for
 from .._net import net_errors as _net_errors
 from .._net import origin as _origin
 from .._net import proxy_manager as _proxy_manager
@@ -321,15 +321,17 @@ class RegistryClient:
             raise RegistryError(f"certificate directory not found: {opts.cert_dir}")
         if opts.ca_file and not os.path.isfile(opts.ca_file):
             raise RegistryError(f"CA file not found: {opts.ca_file}")
-        self._pool = urllib3.PoolManager(
-            num_pools=8,
-            maxsize=max(2, opts.max_workers + 2),
-            block=False,
-            cert_reqs=ssl.CERT_REQUIRED if opts.tls_verify else ssl.CERT_NONE,
-            assert_hostname=None if opts.tls_verify else False,
-            retries=False,
-            timeout=urllib3.Timeout(connect=opts.connect_timeout, read=opts.read_timeout),
-            headers={"User-Agent": USER_AGENT},
+        self._pool = bound_heads(
+            urllib3.PoolManager(
+                num_pools=8,
+                maxsize=max(2, opts.max_workers + 2),
+                block=False,
+                cert_reqs=ssl.CERT_REQUIRED if opts.tls_verify else ssl.CERT_NONE,
+                assert_hostname=None if opts.tls_verify else False,
+                retries=False,
+                timeout=urllib3.Timeout(connect=opts.connect_timeout, read=opts.read_timeout),
+                headers={"User-Agent": USER_AGENT},
+            )
         )
         if not opts.tls_verify:
             warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
