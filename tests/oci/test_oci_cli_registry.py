@@ -335,5 +335,56 @@ def test_ctrl_c_clears_the_progress_line(
     assert os.waitstatus_to_exitcode(status) == 130, out
     tail = out[out.rindex(b"fetching 1 layer(s)") :]
     # the line is cleared before the error is printed, and nothing else
-    assert re.fullmatch(rb"fetching 1 layer\(s\): [^\r\n]*\r\x1b\[Kcfsctl: interrupted\r\n", tail), tail
+    assert re.fullmatch(
+        rb"fetching 1 layer\(s\): [^\r\n]*\r\x1b\[Kcfsctl: interrupted\r\n", tail
+    ), tail
     assert storage.list_tags(repo) == []
+
+
+def test_ctrl_c_does_not_wait_for_a_slow_layer(
+    repo: Repository, front: Any, oci_images: Any, tmp_path: Path
+) -> None:
+    """Ctrl-C while a layer trickles in at 20 B/s: cfsctl exits at once
+    (130, "interrupted") instead of after that download, and the
+    repository is left clean (the finished layer stays, for a retry)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from composefs.oci import registry as reg
+
+    front.require_token = False
+    img = oci_images["plain"]
+    with reg.open_source(front.ref(img.name)) as src:
+        layers = tr.resolve_manifest(src).manifest.layers
+    big = max(layers, key=lambda d: d.size)
+    front.fault("front", big.digest.split(":")[1], "trickle", 0.05, count=None)
+    env = {**os.environ, "HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "composefs.cli.cfsctl", "--repo", repo.path,
+         "oci", "pull", "docker://" + front.ref(img.name), "t"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        # until the slow layer's download has begun
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not [
+            r for r in front.requests("front", big.digest) if r.method == "GET"
+        ]:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and err == b"cfsctl: interrupted\n", err
+    assert took < 5, took
+    assert storage.list_tags(repo) == []
+    result = storage.oci_fsck(repo)
+    assert result.ok, str(result)

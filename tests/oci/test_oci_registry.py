@@ -918,6 +918,37 @@ def test_hostile_pull_leaves_nothing(
     assert_clean(repo)
 
 
+def test_failed_layer_stops_the_others(
+    front: Any, oci_images: Any, fast_options: Any, tmp_path: Path
+) -> None:
+    """One layer fails (HTTP 500) while the other trickles in at 20 B/s:
+    the pull fails at once with the first layer's error instead of waiting
+    for the other download, and leaves nothing of either behind."""
+    import time
+
+    from composefs.oci import storage
+
+    repo = _repo(tmp_path / "repo")
+    img = oci_images["plain"]
+    front.require_token = False
+    o = opts(fast_options, max_workers=2, retries=0, transfer_timeout=60.0)
+    with reg.RegistrySource(front.ref(img.name), o) as src:
+        layers = tr.resolve_manifest(src).manifest.layers
+        big = max(layers, key=lambda d: d.size)
+        small = min(layers, key=lambda d: d.size)
+        front.fault("front", big.digest.split(":")[1], "trickle", 0.05, count=None)
+        front.fault("front", small.digest.split(":")[1], "status", 500, count=None)
+        start = time.monotonic()
+        with pytest.raises(OciError) as ei:
+            storage.pull_from_source(repo, src, "bad")
+        assert time.monotonic() - start < 10
+    msg = one_line(ei.value)
+    assert "HTTP 500" in msg and small.digest in msg, msg
+    assert storage.list_tags(repo) == []
+    assert not [n for n in _stream_names(repo) if n.startswith("oci-layer-")]
+    assert_clean(repo)
+
+
 def _stream_names(repo: Any) -> list[str]:
     streams = Path(repo.path) / "streams"
     return [p.name for p in streams.iterdir()] if streams.is_dir() else []

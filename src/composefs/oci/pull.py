@@ -71,6 +71,11 @@ _BLOCK = 1 << 20
 _EAGER_HELPER_BYTES = 4 << 20
 
 
+class _Stopped(Exception):
+    """Ends a layer import whose pull has failed elsewhere or was
+    interrupted (an Exception: a decompressor thread passes it on)."""
+
+
 # -- statistics -----------------------------------------------------------------
 
 
@@ -164,7 +169,8 @@ class _BackgroundHash:
 class _HashingReader(io.RawIOBase):
     """Counts, hashes and size-checks what is read through it; `on_eof`
     runs once when the source is exhausted (to verify before anything
-    downstream gets named). `background` hashes in a thread of its own."""
+    downstream gets named). `background` hashes in a thread of its own.
+    Once `stop` is set, the next read raises `_Stopped`."""
 
     def __init__(
         self,
@@ -175,9 +181,11 @@ class _HashingReader(io.RawIOBase):
         what: str = "blob",
         on_eof: Callable[[_HashingReader], None] | None = None,
         background: bool = False,
+        stop: threading.Event | None = None,
     ) -> None:
         super().__init__()
         self._src = src
+        self._stop = stop
         self._hash: Any = None
         if algorithm:
             self._hash = _BackgroundHash(algorithm) if background else hashlib.new(algorithm)
@@ -191,6 +199,8 @@ class _HashingReader(io.RawIOBase):
         return True
 
     def read(self, n: int | None = -1, /) -> bytes:
+        if self._stop is not None and self._stop.is_set():
+            raise _Stopped(f"{self._what}: stopped")
         data = self._src.read(n if n is not None and n >= 0 else _BLOCK)
         if data:
             self.count += len(data)
@@ -505,20 +515,39 @@ def _report(progress: ProgressCallback | None, event: ProgressEvent) -> None:
         progress(event)
 
 
-def _run_parallel(jobs: Sequence[Callable[[], Any]], workers: int) -> list[Any]:
+def _run_parallel(jobs: Sequence[Callable[..., Any]], workers: int) -> list[Any]:
+    """Run the jobs (each called with ``stop=`` the pull's stop event),
+    `workers` at once.
+
+    When one fails, or the wait is interrupted (Ctrl-C), the others stop
+    at their next read instead of finishing their downloads; what they
+    stored joins the raised exception's ``cfs_failed_objects`` (layers
+    already complete stay, for a retry)."""
+    stop = threading.Event()
     if workers <= 1 or len(jobs) <= 1:
-        return [job() for job in jobs]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oci-layer") as pool:
-        futures: list[Future[Any]] = [pool.submit(job) for job in jobs]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in done:
-            exc = f.exception()
-            if exc is not None:
-                for p in pending:
-                    p.cancel()
-                wait(pending)
-                raise exc
+        return [job(stop=stop) for job in jobs]
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oci-layer")
+    futures: list[Future[Any]] = [pool.submit(job, stop=stop) for job in jobs]
+    try:
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in futures:
+            if f in done and f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
         return [f.result() for f in futures]
+    except BaseException as e:
+        stop.set()
+        for f in futures:
+            f.cancel()
+        pool.shutdown(wait=True)
+        failed = _failed_objects(e)
+        for f in futures:
+            if f.done() and not f.cancelled():
+                other = f.exception()
+                if other is not None and other is not e:
+                    failed.extend(_failed_objects(other))
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 class _Prebuild:
@@ -597,6 +626,7 @@ def _fetch_layer(
     progress: ProgressCallback | None,
     members: list[_tar.TarMember] | None = None,
     on_stored: Callable[[str, str], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> tuple[str, ImportStats]:
     existing = repo.has_stream(layer_stream(diff_id))
     if existing is not None:
@@ -621,6 +651,7 @@ def _fetch_layer(
         blob = _HashingReader(
             raw, None if verified else alg, desc.size, on_read if progress else None,
             "layer blob", on_eof=lambda r: _check_blob(r, desc, raw if verified else None),
+            stop=stop,
         )  # fmt: skip
         if container:
             compression = layer_compression(desc.media_type)
@@ -862,8 +893,6 @@ def pull(
         validate_tag(tag)
     source = open_source(imgref, registry_options)
     try:
-        return pull_from_source(
-            repo, source, tag, platform=platform, progress=progress, boot=boot
-        )
+        return pull_from_source(repo, source, tag, platform=platform, progress=progress, boot=boot)
     finally:
         source.close()
