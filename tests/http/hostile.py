@@ -171,33 +171,31 @@ def endless(h: Handler) -> bool:
     return True
 
 
+def _drip(h: Handler, byte: bytes, first: bytes = b"") -> None:
+    """`first`, then `byte` every 50 ms until the client hangs up."""
+    h.close_connection = True
+    try:
+        h.wfile.write(first)
+        while True:
+            h.wfile.write(byte)
+            h.wfile.flush()
+            time.sleep(0.05)
+    except OSError:
+        pass
+
+
 def dripping(h: Handler) -> bool:
     """A body that never ends, one byte per 50 ms (no read timeout fires)."""
     h.send_response(200)
     h.send_header("Content-Length", str(1 << 30))
     h.end_headers()
-    h.close_connection = True
-    try:
-        while True:
-            h.wfile.write(b"x")
-            h.wfile.flush()
-            time.sleep(0.05)
-    except OSError:
-        pass
+    _drip(h, b"x")
     return True
 
 
 def dripping_head(h: Handler) -> bool:
     """A header line that never ends, one byte per 50 ms."""
-    h.close_connection = True
-    try:
-        h.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-        while True:
-            h.wfile.write(b"a")
-            h.wfile.flush()
-            time.sleep(0.05)
-    except OSError:
-        pass
+    _drip(h, b"a", first=b"HTTP/1.1 200 OK\r\nX-Slow: ")
     return True
 
 
