@@ -341,12 +341,23 @@ def test_ctrl_c_clears_the_progress_line(
     assert storage.list_tags(repo) == []
 
 
+@pytest.mark.parametrize(
+    ("image", "action", "arg"),
+    [("plain", "trickle", 0.05), ("plain", "hold", 100), ("multi", "hold", 100)],
+)
 def test_ctrl_c_does_not_wait_for_a_slow_layer(
-    repo: Repository, front: Any, oci_images: Any, tmp_path: Path
+    repo: Repository,
+    front: Any,
+    oci_images: Any,
+    tmp_path: Path,
+    image: str,
+    action: str,
+    arg: Any,
 ) -> None:
-    """Ctrl-C while a layer trickles in at 20 B/s: cfsctl exits at once
-    (130, "interrupted") instead of after that download, and the
-    repository is left clean (the finished layer stays, for a retry)."""
+    """Ctrl-C while a layer trickles in at 20 B/s, or while its server has
+    gone silent half-way (the read timeout is 120 s): cfsctl exits at once
+    (130, "interrupted"), and the repository is left clean (a finished
+    layer stays, for a retry). `plain` has two layers, `multi` one."""
     import os
     import signal
     import subprocess
@@ -356,11 +367,11 @@ def test_ctrl_c_does_not_wait_for_a_slow_layer(
     from composefs.oci import registry as reg
 
     front.require_token = False
-    img = oci_images["plain"]
+    img = oci_images[image]
     with reg.open_source(front.ref(img.name)) as src:
         layers = tr.resolve_manifest(src).manifest.layers
     big = max(layers, key=lambda d: d.size)
-    front.fault("front", big.digest.split(":")[1], "trickle", 0.05, count=None)
+    fault = front.fault("front", big.digest.split(":")[1], action, arg, count=None)
     env = {**os.environ, "HOME": str(tmp_path / "home")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "composefs.cli.cfsctl", "--repo", repo.path,
@@ -380,6 +391,8 @@ def test_ctrl_c_does_not_wait_for_a_slow_layer(
         _, err = proc.communicate(timeout=30)
         took = time.monotonic() - start
     finally:
+        if action == "hold":
+            fault.release.set()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

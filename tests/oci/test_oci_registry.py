@@ -1372,6 +1372,30 @@ def test_blob_transfer_deadline(
     assert front.host in msg and "not finished after 1 s" in msg and "--transfer-timeout" in msg
 
 
+def test_blob_abort_wakes_a_stalled_read(front: Any, oci_images: Any, fast_options: Any) -> None:
+    """`BlobStream.abort` from another thread: a read waiting on a silent
+    server (30 s read timeout) fails at once, and is not retried."""
+    import threading
+    import time
+
+    front.require_token = False
+    o = opts(fast_options, read_timeout=30.0, retries=3)
+    with reg.open_source(front.ref(oci_images["plain"].name), o) as src:
+        layer = _big_layer(src)
+        hexd = layer.digest.split(":")[1]
+        front.fault("front", hexd, "stall", 100, count=None)
+        with src.open_blob_stream(layer.digest, layer.size) as blob:
+            timer = threading.Timer(0.3, blob.abort)
+            timer.start()
+            start = time.monotonic()
+            with pytest.raises(RegistryError) as ei:
+                drain(blob, 65536)
+            assert time.monotonic() - start < 5
+            timer.join()
+    assert "download stopped" in one_line(ei.value)
+    assert len([r for r in front.requests("front", hexd) if r.method == "GET"]) == 1
+
+
 def test_manifest_stall_bounded_by_read_timeout(
     front: Any, oci_images: Any, fast_options: Any
 ) -> None:

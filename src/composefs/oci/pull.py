@@ -76,6 +76,52 @@ class _Stopped(Exception):
     interrupted (an Exception: a decompressor thread passes it on)."""
 
 
+class _Stop:
+    """A pull's stop signal. `set` also runs the registered aborts, which
+    wake downloads waiting on a silent connection (checking the flag
+    between reads would not reach them)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._aborts: dict[int, Callable[[], None]] = {}
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        with self._lock:
+            self._event.set()
+            aborts = list(self._aborts.values())
+            self._aborts.clear()
+        for abort in aborts:
+            abort()
+
+    def on_set(self, abort: Callable[[], None]) -> Callable[[], None]:
+        """Run `abort` when the stop is set (now, if it is); returns the
+        function that unregisters it."""
+        with self._lock:
+            if not self._event.is_set():
+                key = id(abort)
+                self._aborts[key] = abort
+
+                def unregister() -> None:
+                    with self._lock:
+                        self._aborts.pop(key, None)
+
+                return unregister
+        abort()
+        return lambda: None
+
+
+def _abort(source: Any) -> None:
+    """Wake whatever waits on `source`'s download (a no-op for sources
+    without ``abort``, such as files)."""
+    abort = getattr(source, "abort", None)
+    if callable(abort):
+        abort()
+
+
 # -- statistics -----------------------------------------------------------------
 
 
@@ -181,7 +227,7 @@ class _HashingReader(io.RawIOBase):
         what: str = "blob",
         on_eof: Callable[[_HashingReader], None] | None = None,
         background: bool = False,
-        stop: threading.Event | None = None,
+        stop: _Stop | None = None,
     ) -> None:
         super().__init__()
         self._src = src
@@ -223,6 +269,9 @@ class _HashingReader(io.RawIOBase):
     def drain(self) -> None:
         while self.read(_BLOCK):
             pass
+
+    def abort(self) -> None:
+        _abort(self._src)
 
     def hexdigest(self) -> str:
         assert self._hash is not None
@@ -395,6 +444,11 @@ def import_layer(
                 tar_in.close()
         except _decompress_errors() as e:
             raise OciError(f"layer {diff_id}: corrupt {compression} data: {e}") from None
+        except BaseException:
+            # Interrupted, or failed here: the decompressor's thread may be
+            # waiting on a silent download, and closing it waits for that.
+            _abort(source)
+            raise
         finally:
             if decompressed is not source:
                 decompressed.close()
@@ -520,10 +574,11 @@ def _run_parallel(jobs: Sequence[Callable[..., Any]], workers: int) -> list[Any]
     `workers` at once.
 
     When one fails, or the wait is interrupted (Ctrl-C), the others stop
-    at their next read instead of finishing their downloads; what they
+    at once instead of finishing their downloads (one waiting on a silent
+    connection is woken by its abort, see `_Stop`); what they
     stored joins the raised exception's ``cfs_failed_objects`` (layers
     already complete stay, for a retry)."""
-    stop = threading.Event()
+    stop = _Stop()
     if workers <= 1 or len(jobs) <= 1:
         return [job(stop=stop) for job in jobs]
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oci-layer")
@@ -626,7 +681,7 @@ def _fetch_layer(
     progress: ProgressCallback | None,
     members: list[_tar.TarMember] | None = None,
     on_stored: Callable[[str, str], None] | None = None,
-    stop: threading.Event | None = None,
+    stop: _Stop | None = None,
 ) -> tuple[str, ImportStats]:
     existing = repo.has_stream(layer_stream(diff_id))
     if existing is not None:
@@ -653,17 +708,24 @@ def _fetch_layer(
             "layer blob", on_eof=lambda r: _check_blob(r, desc, raw if verified else None),
             stop=stop,
         )  # fmt: skip
-        if container:
-            compression = layer_compression(desc.media_type)
-            if compression is None:
-                raise OciError(f"unsupported layer media type {desc.media_type!r}")
-            verity, stats = import_layer(
-                repo, diff_id, blob, compression=compression, discard=False, members=members,
-                on_stored=functools.partial(on_stored, diff_id) if on_stored else None,
-                size_hint=desc.size,
-            )  # fmt: skip
-        else:
-            verity, stats = _store_blob_stream(repo, desc.digest, blob)
+        # Stopping the pull also wakes this download if it waits on a
+        # silent connection.
+        unregister = stop.on_set(blob.abort) if stop is not None else None
+        try:
+            if container:
+                compression = layer_compression(desc.media_type)
+                if compression is None:
+                    raise OciError(f"unsupported layer media type {desc.media_type!r}")
+                verity, stats = import_layer(
+                    repo, diff_id, blob, compression=compression, discard=False,
+                    members=members, size_hint=desc.size,
+                    on_stored=functools.partial(on_stored, diff_id) if on_stored else None,
+                )  # fmt: skip
+            else:
+                verity, stats = _store_blob_stream(repo, desc.digest, blob)
+        finally:
+            if unregister is not None:
+                unregister()
     _report(progress, ProgressEvent("done", diff_id, total=desc.size, fetched=blob.count))
     return verity, stats
 

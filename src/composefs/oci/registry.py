@@ -913,7 +913,9 @@ class BlobStream(io.RawIOBase):
       skipping already-seen bytes when the server ignores ranges), at most
       `retries` times;
     * `finish()` reads whatever the consumer left unread (e.g. padding after
-      a gzip trailer) and verifies: call it before committing anything.
+      a gzip trailer) and verifies: call it before committing anything;
+    * `abort()`, from another thread, ends the download: a read waiting on
+      a silent connection returns, and nothing is retried.
 
     `verifies_digest` is True so that a consumer can skip hashing the same
     bytes a second time.
@@ -945,6 +947,7 @@ class BlobStream(io.RawIOBase):
         self._attempt = 0
         self._verified = False
         self._failed = False
+        self._aborted = False
         # No declared size (rare: only for callers that do not know it): cap
         # at something sane so a hostile server cannot stream forever.
         self._limit = size if size is not None else MAX_JSON_SIZE
@@ -1007,6 +1010,8 @@ class BlobStream(io.RawIOBase):
         while True:
             resp = self._resp
             assert resp is not None
+            if self._aborted:
+                self._fail(RegistryError(f"{self._what}: download stopped"))
             if not self._deadline.arm(resp):
                 self._fail(self._deadline.error(resp, self._what, "--transfer-timeout"))
             try:
@@ -1032,6 +1037,8 @@ class BlobStream(io.RawIOBase):
             self._resp.close()
             self._resp = None
         client = self._client
+        if self._aborted:
+            self._fail(RegistryError(f"{self._what}: download stopped"))
         if self._deadline.expired():
             self._fail(self._deadline.error(None, self._what, "--transfer-timeout"))
         if self._attempt >= client.options.retries:
@@ -1129,6 +1136,18 @@ class BlobStream(io.RawIOBase):
     @property
     def verified(self) -> bool:
         return self._verified
+
+    def abort(self) -> None:
+        """End the download from another thread (see the class docstring):
+        the connection is shut down under the reading thread."""
+        self._aborted = True
+        resp = self._resp
+        sock = _socket_of(resp) if resp is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self) -> None:
         if self._resp is not None:
