@@ -955,6 +955,8 @@ def pull(
         validate_tag(tag)
     source = open_source(imgref, registry_options)
     try:
-        return pull_from_source(repo, source, tag, platform=platform, progress=progress, boot=boot)
+        return pull_from_source(
+            repo, source, tag, platform=platform, progress=progress, boot=boot
+        )
     finally:
         source.close()
