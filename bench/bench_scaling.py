@@ -19,7 +19,11 @@ also times C's mkcomposefs on the same dumps, for context.
 Repository: images of 200 files each (100 shared by every image, 100 of
 its own) committed into a fresh repository on a scratch ext4, with 10% of
 each image's objects orphaned (so gc deletes something); `gc` and `fsck`
-wall and CPU per object at 10 and 100 images (fsck with one thread).  Target: within 15%.
+wall and CPU per object at 10 and 100 images (fsck with one thread; the
+best of 3 fsck runs and of 2 gc runs, each on a fresh copy).  Target:
+within 15%.  The two sizes alternate in every step (100k, 1M, 100k, ...;
+10, 100, 10, ...), so a machine whose speed drifts during the benchmark
+weighs on both sides of a ratio alike.
 
 Run: `python -m bench scaling` or `python bench/bench_scaling.py`.
 """
@@ -110,6 +114,22 @@ def _reader_cmd(image: Path) -> list[str]:
     return [sys.executable, "-c", code, str(image)]
 
 
+def _interleaved(sizes: list[int], small_runs: int, big_runs: int) -> list[int]:
+    """The order of one step's runs: the smallest size first and last,
+    the others in between (e.g. 100k, 1M, 100k, 100k)."""
+    if len(sizes) == 1:
+        return sizes * small_runs
+    small, bigs = sizes[0], sizes[1:]
+    order = [small]
+    left = small_runs - 1
+    for _ in range(big_runs):
+        order += bigs
+        if left:
+            order.append(small)
+            left -= 1
+    return order + [small] * left
+
+
 def scaling_dump(runs: int) -> None:
     env = common.our_env()
     c = common.c_tools() if common.FULL else None
@@ -131,24 +151,30 @@ def scaling_dump(runs: int) -> None:
             steps["C mkcomposefs"] = lambda dump, img: [
                 c.mkcomposefs, "--from-file", str(dump), str(tmp / "c.img")]  # fmt: skip
         base = {k: common.run(f(small_dump, small_img), env=env).rss for k, f in steps.items()}
+        files = {n: (tmp / f"gen-{n}.dump", tmp / f"gen-{n}.img") for n in SIZES}
+        entries = {n: gen_dump(files[n][0], n) for n in SIZES}
+        samples: dict[tuple[str, int], list[common.Usage]] = {}
+        for k, f in steps.items():
+            sizes = [n for n in SIZES if n == SIZES[0] or k in BIG_STEPS or common.FULL]
+            # The 100k runs last about a second, so one run's noise is
+            # ~10-20 % of it: take the median of at least 3 there (the 1M
+            # runs are ten times longer and even out on their own). They
+            # alternate with the 1M runs, small ones first and last, so a
+            # machine that slows down or speeds up during the step weighs
+            # on both sizes alike.
+            for n in _interleaved(sizes, max(runs, 3), runs):
+                samples.setdefault((k, n), []).append(common.run(f(*files[n]), env=env))
         print(f"  {'step':<20} {'entries':>9} {'cpu s':>7} {'us/entry':>9} {'peak MB':>8}"
               f" {'bytes/entry':>11}")  # fmt: skip
         for n in SIZES:
-            dump, img = tmp / "gen.dump", tmp / "gen.img"
-            entries = gen_dump(dump, n)
-            for k, f in steps.items():
-                if n > SIZES[0] and k not in BIG_STEPS and not common.FULL:
+            for k in steps:
+                if (k, n) not in samples:
                     continue
-                # The 100k runs last about a second, so one run's noise is
-                # ~10-20 % of it: take the median of at least 3 there (the
-                # 1M runs are ten times longer, and evens out on its own).
-                n_runs = max(runs, 3) if n == SIZES[0] else runs
-                samples = [common.run(f(dump, img), env=env) for _ in range(n_runs)]
-                u = common.median_usage(samples)
-                per_entry = u.cpu / entries
-                per_bytes = max(u.rss - base[k], 0) / entries
+                u = common.median_usage(samples[(k, n)])
+                per_entry = u.cpu / entries[n]
+                per_bytes = max(u.rss - base[k], 0) / entries[n]
                 figures[(k, n)] = (per_entry, per_bytes)
-                print(f"  {k:<20} {entries:9,} {u.cpu:7.2f} {per_entry * 1e6:9.2f}"
+                print(f"  {k:<20} {entries[n]:9,} {u.cpu:7.2f} {per_entry * 1e6:9.2f}"
                       f" {u.rss_mb:8.0f} {per_bytes:11.0f}")  # fmt: skip
     small, big = SIZES
     print(f"  1M/100k ratios (target <= {TARGET}):")
@@ -189,30 +215,53 @@ def _build_repo(path: Path, images: int) -> Repository:
 
 
 def scaling_repo() -> None:
-    rows: dict[int, tuple[float, float, float, float]] = {}
+    import shutil
+
+    from composefs.repository import Repository
+
+    sizes = (10, 100)
+    copies = 2  # gc only deletes the first time: one fresh copy per gc run
     with common.scratch_ext4(2000) as scratch:
-        for n in (10, 100):
-            path = scratch / f"repo{n}"
-            repo = _build_repo(path, n)
-            objects = sum(len(files) for _, _, files in os.walk(path / "objects"))
-            times: list[float] = []
-            for op, repeat in (("fsck", 3), ("gc", 1)):
-                # fsck changes nothing: the best of 3 (the machine is shared);
-                # gc only deletes the first time, so it runs once.
-                best = (float("inf"), float("inf"))
-                for _ in range(repeat):
-                    w0, c0 = time.perf_counter(), time.process_time()
-                    # fsck in one thread: the per-object cost, without the
-                    # pool's start-up weighing on the small repository
-                    repo.fsck(threads=1) if op == "fsck" else repo.gc()
-                    run = (time.perf_counter() - w0, time.process_time() - c0)
-                    best = min(best, run, key=lambda t: t[1])
-                times += best
-            repo.close()
-            rows[n] = (times[0] / objects, times[1] / objects, times[2] / objects,
-                       times[3] / objects)  # fmt: skip
-            print(f"  {n:3} images, {objects:6,} objects: fsck {times[0]:.2f} s wall"
-                  f" {times[1]:.2f} s cpu, gc {times[2]:.2f} s wall {times[3]:.2f} s cpu")  # fmt: skip
+        paths: dict[int, list[Path]] = {}
+        objects: dict[int, int] = {}
+        for n in sizes:
+            first = scratch / f"repo{n}-0"
+            _build_repo(first, n).close()
+            objects[n] = sum(len(files) for _, _, files in os.walk(first / "objects"))
+            paths[n] = [first]
+            for i in range(1, copies):
+                paths[n].append(scratch / f"repo{n}-{i}")
+                shutil.copytree(first, paths[n][i], symlinks=True)
+        best: dict[tuple[str, int], tuple[float, float]] = {}
+
+        def measure(op: str, n: int, path: Path) -> None:
+            repo = Repository.open(path)
+            try:
+                w0, c0 = time.perf_counter(), time.process_time()
+                # fsck in one thread: the per-object cost, without the
+                # pool's start-up weighing on the small repository
+                repo.fsck(threads=1) if op == "fsck" else repo.gc()
+                run = (time.perf_counter() - w0, time.process_time() - c0)
+            finally:
+                repo.close()
+            key = (op, n)
+            best[key] = min(best.get(key, run), run, key=lambda t: t[1])
+
+        # The best of several runs (the machine is shared), the two sizes
+        # alternating so that a machine that slows down or speeds up
+        # meanwhile weighs on both alike. fsck changes nothing.
+        for _ in range(3):
+            for n in sizes:
+                measure("fsck", n, paths[n][0])
+        for i in range(copies):
+            for n in sizes:
+                measure("gc", n, paths[n][i])
+    rows: dict[int, tuple[float, ...]] = {}
+    for n in sizes:
+        times = (*best[("fsck", n)], *best[("gc", n)])
+        rows[n] = tuple(t / objects[n] for t in times)
+        print(f"  {n:3} images, {objects[n]:6,} objects: fsck {times[0]:.2f} s wall"
+              f" {times[1]:.2f} s cpu, gc {times[2]:.2f} s wall {times[3]:.2f} s cpu")  # fmt: skip
     small, big = rows[10], rows[100]
     for i, what in enumerate(("fsck wall", "fsck cpu", "gc wall", "gc cpu")):
         print(f"    {what:<10} per object: {small[i] * 1e6:.1f} us -> {big[i] * 1e6:.1f} us"
