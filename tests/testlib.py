@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -78,3 +78,45 @@ def kill_at_objects(
         p.send_signal(signal.SIGKILL)
     p.wait()
     return killed
+
+
+def interrupt_when(
+    argv: Sequence[str], started: Callable[[], bool], env: dict[str, str] | None = None
+) -> tuple[int, str, float]:
+    """Run `argv`, and once `started()` (polled; at most 60 s, the process
+    must not end first) and half a second more, send it SIGINT (Ctrl-C).
+    Returns its exit status, its stderr and how long it took to exit after
+    the signal (at most 30 s: it is killed then)."""
+    p = subprocess.Popen(
+        list(argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not started():
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() < deadline, "never started"
+            time.sleep(0.02)
+        time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        _, err = p.communicate(timeout=30)
+        return p.returncode, err, time.monotonic() - start
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def wait_for_hangup(conn: socket.socket, seconds: float = 60) -> None:
+    """For a test server that has gone silent: wait until the client closes
+    `conn` (or `seconds` pass)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.05)
+        try:
+            if conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                return  # the client closed
+        except BlockingIOError:
+            continue  # still connected, still silent
+        except OSError:
+            return

@@ -32,7 +32,7 @@ class _HeadBoundRaw(io.RawIOBase):
     def __init__(self, raw: Any, sock: socket.socket, seconds: float) -> None:
         super().__init__()
         self._raw = raw
-        self._sock = sock  # where `registry._socket_of` finds the socket
+        self._sock = sock  # where `_net.socket_of` finds the socket
         self._timeout = seconds
         self.end: float | None = time.monotonic() + seconds
 

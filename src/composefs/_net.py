@@ -173,6 +173,28 @@ def make_ssl_context(
     return ctx
 
 
+def socket_of(resp: urllib3.BaseHTTPResponse) -> socket.socket | None:
+    """The socket a response body is read from: the connection's, or (once
+    http.client detached it for a ``Connection: close`` answer) the one
+    under the response's own file object."""
+    sock = getattr(getattr(resp, "connection", None), "sock", None)
+    if sock is None:
+        raw = getattr(getattr(getattr(resp, "_fp", None), "fp", None), "raw", None)
+        sock = getattr(raw, "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def shut_down(resp: urllib3.BaseHTTPResponse) -> None:
+    """Shut down the connection under `resp` (from any thread): a read
+    waiting on it returns at once."""
+    sock = socket_of(resp)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 def net_errors() -> tuple[type[BaseException], ...]:
     import http.client
 

@@ -14,6 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from testlib import wait_for_hangup
+
 Fault = Callable[["Handler"], bool]  # True: answered; False: serve normally
 
 
@@ -134,7 +136,8 @@ def flip_bytes(h: Handler) -> bool:
     return True
 
 
-def truncated(h: Handler) -> bool:
+def _half(h: Handler) -> None:
+    """The whole Content-Length announced, half the body sent."""
     data = (h.state.root / h.path.lstrip("/")).read_bytes()
     h.send_response(200)
     h.send_header("Content-Length", str(len(data)))
@@ -142,6 +145,17 @@ def truncated(h: Handler) -> bool:
     h.wfile.write(data[: len(data) // 2])
     h.wfile.flush()
     h.close_connection = True
+
+
+def truncated(h: Handler) -> bool:
+    _half(h)
+    return True
+
+
+def stalled(h: Handler) -> bool:
+    """Half the body, then silence until the client hangs up (at most 60 s)."""
+    _half(h)
+    wait_for_hangup(h.connection)
     return True
 
 

@@ -3,6 +3,7 @@ no name; the same command again fetches only what is missing."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from httptestlib import REF, TAG, Served, Source, assert_untouched, cfsctl, coun
 import hostile as H
 from composefs.oci import storage
 from composefs.repository import Repository
+from testlib import interrupt_when
 
 
 def _interrupt_midway(
@@ -73,3 +75,41 @@ def test_ctrl_c_then_resume(served: Served, source: Source, tmp_path: Path) -> N
     # on a loaded machine), never a traceback
     assert err.endswith("cfsctl: interrupted\n") and "Traceback" not in err, err
     _resume(state, srv, repo, source)
+
+
+def test_ctrl_c_does_not_wait_for_silent_servers(served: Served, tmp_path: Path) -> None:
+    """Ctrl-C while the transfers of two objects have gone silent half-way
+    (the read timeout is 60 s): cfsctl exits at once, 130, and the
+    repository is left as an interrupted fetch leaves it."""
+    pub = served.published_dir
+    # content objects (fetched by the worker threads), not streams or
+    # images (fetched by the main thread, which Ctrl-C interrupts anyway)
+    named = {
+        (link.parent / os.readlink(link)).resolve()
+        for top in ("streams", "images")
+        for link in (pub / top).iterdir()
+        if link.is_symlink()
+    }
+    objects = sorted(
+        (p for p in (pub / "objects").glob("*/*") if p.is_file() and p.resolve() not in named),
+        key=lambda p: -p.stat().st_size,
+    )
+    slow = [str(o.relative_to(pub)) for o in objects[:2]]
+    state = H.State(pub)
+    for path in slow:
+        state.faults[path] = H.stalled
+    srv = H.Server(state)
+    repo = tmp_path / "r"
+    make_repo(repo).close()
+    try:
+        rc, err, took = interrupt_when(
+            [sys.executable, "-m", "composefs.cli.cfsctl", "--repo", str(repo), "fetch",
+             srv.url, REF],
+            lambda: all(state.count(path) for path in slow),
+        )  # fmt: skip
+    finally:
+        srv.stop()
+    assert rc == 130 and err.endswith("cfsctl: interrupted\n"), err
+    assert took < 5, took
+    with Repository.open(repo) as r:
+        assert_untouched(r)

@@ -39,7 +39,7 @@ from typing import Any
 
 import pytest
 
-from testlib import free_port, need_tool
+from testlib import free_port, need_tool, wait_for_hangup
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
@@ -638,13 +638,7 @@ class _Handler(BaseHTTPRequestHandler):
             if fault.action == "stall":
                 self.wfile.write(body[: int(fault.arg or 0)])
                 self.wfile.flush()
-                while time.monotonic() < end:
-                    time.sleep(0.1)
-                    try:
-                        if self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-                            return  # the client closed
-                    except BlockingIOError:
-                        continue  # still connected, still silent
+                wait_for_hangup(self.connection)
             else:
                 for i in range(len(body)):
                     if time.monotonic() >= end:

@@ -24,6 +24,7 @@ from composefs.errors import DigestMismatch
 from composefs.oci import storage
 from composefs.oci import transports as tr
 from composefs.repository import Repository
+from testlib import interrupt_when
 
 
 @pytest.fixture
@@ -359,10 +360,7 @@ def test_ctrl_c_does_not_wait_for_a_slow_layer(
     (130, "interrupted"), and the repository is left clean (a finished
     layer stays, for a retry). `plain` has two layers, `multi` one."""
     import os
-    import signal
-    import subprocess
     import sys
-    import time
 
     from composefs.oci import registry as reg
 
@@ -373,30 +371,18 @@ def test_ctrl_c_does_not_wait_for_a_slow_layer(
     big = max(layers, key=lambda d: d.size)
     fault = front.fault("front", big.digest.split(":")[1], action, arg, count=None)
     env = {**os.environ, "HOME": str(tmp_path / "home")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "composefs.cli.cfsctl", "--repo", repo.path,
-         "oci", "pull", "docker://" + front.ref(img.name), "t"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
     try:
         # until the slow layer's download has begun
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not [
-            r for r in front.requests("front", big.digest) if r.method == "GET"
-        ]:
-            time.sleep(0.05)
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        start = time.monotonic()
-        _, err = proc.communicate(timeout=30)
-        took = time.monotonic() - start
+        rc, err, took = interrupt_when(
+            [sys.executable, "-m", "composefs.cli.cfsctl", "--repo", repo.path,
+             "oci", "pull", "docker://" + front.ref(img.name), "t"],
+            lambda: any(r.method == "GET" for r in front.requests("front", big.digest)),
+            env=env,
+        )  # fmt: skip
     finally:
         if action == "hold":
             fault.release.set()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130 and err == b"cfsctl: interrupted\n", err
+    assert rc == 130 and err == "cfsctl: interrupted\n", err
     assert took < 5, took
     assert storage.list_tags(repo) == []
     result = storage.oci_fsck(repo)

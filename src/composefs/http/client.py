@@ -186,6 +186,9 @@ class HttpClient:
             self._auth = "Basic " + base64.b64encode(creds.encode()).decode()
         self._sleep = sleep
         self.cancel = cancel or threading.Event()
+        # Responses whose bodies are being read, for `abort`.
+        self._reading: set[urllib3.BaseHTTPResponse] = set()
+        self._reading_lock = threading.Lock()
         # A mistyped path is reported now, not at the first HTTPS request.
         if opts.cert_dir and not os.path.isdir(opts.cert_dir):
             raise HttpError(f"certificate directory not found: {opts.cert_dir}")
@@ -223,6 +226,15 @@ class HttpClient:
     def check_cancel(self) -> None:
         if self.cancel.is_set():
             raise HttpError("fetch cancelled")
+
+    def abort(self) -> None:
+        """Cancel (see `cancel`), and wake the transfers waiting on a silent
+        connection: each fails at once instead of at the read timeout."""
+        self.cancel.set()
+        with self._reading_lock:
+            reading = list(self._reading)
+        for resp in reading:
+            _net.shut_down(resp)
 
     # -- sending -------------------------------------------------------------
 
@@ -306,7 +318,11 @@ class HttpClient:
         while True:
             try:
                 resp, url = self._open(relpath)
+                with self._reading_lock:
+                    self._reading.add(resp)
                 try:
+                    if self.cancel.is_set():  # an abort that missed it
+                        _net.shut_down(resp)
                     body = Body(
                         self,
                         resp,
@@ -318,6 +334,8 @@ class HttpClient:
                     )
                     return consume(body)
                 finally:
+                    with self._reading_lock:
+                        self._reading.discard(resp)
                     _release(resp)
             except _Transient as e:
                 attempt += 1

@@ -131,8 +131,8 @@ class Fetcher:
     def _parallel(self, items: Iterable[str], work: Callable[[str], object]) -> None:
         """`work` on every item, from up to max_workers threads pulling from
         one shared iterator (no task objects per item). The first error
-        stops the others (cancelling their transfers at the next chunk) and
-        is raised; so is Ctrl-C."""
+        stops the others (`HttpClient.abort`: their transfers fail at once,
+        also one waiting on a silent server) and is raised; so is Ctrl-C."""
         todo = list(items)
         if not todo:
             return
@@ -158,7 +158,7 @@ class Fetcher:
                     with lock:
                         errors.append(e)
                     stop.set()
-                    self.client.cancel.set()
+                    self.client.abort()
                     return
 
         threads = [
@@ -172,7 +172,7 @@ class Fetcher:
                 t.join()
         except BaseException:
             stop.set()
-            self.client.cancel.set()
+            self.client.abort()
             for t in threads:
                 t.join()
             raise

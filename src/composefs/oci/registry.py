@@ -32,7 +32,6 @@ import hashlib
 import io
 import os
 import re
-import socket
 import ssl
 import threading
 import time
@@ -51,6 +50,8 @@ from .._net import net_errors as _net_errors
 from .._net import origin as _origin
 from .._net import proxy_manager as _proxy_manager
 from .._net import redact as _redact
+from .._net import shut_down as _shut_down
+from .._net import socket_of as _socket_of
 from .._net import ssl_error_cls as _ssl_error_cls
 from ..errors import DigestMismatch, OciError, RegistryAuthError, RegistryError
 from . import auth as _auth
@@ -813,17 +814,6 @@ class _Deadline:
         )
 
 
-def _socket_of(resp: urllib3.BaseHTTPResponse) -> socket.socket | None:
-    """The socket a response body is read from: the connection's, or (once
-    http.client detached it for a ``Connection: close`` answer) the one
-    under the response's own file object."""
-    sock = getattr(getattr(resp, "connection", None), "sock", None)
-    if sock is None:
-        raw = getattr(getattr(getattr(resp, "_fp", None), "fp", None), "raw", None)
-        sock = getattr(raw, "_sock", None)
-    return sock if isinstance(sock, socket.socket) else None
-
-
 def _hostport(url: str) -> str:
     p = urllib.parse.urlsplit(url)
     host = p.hostname or "?"
@@ -1142,12 +1132,8 @@ class BlobStream(io.RawIOBase):
         the connection is shut down under the reading thread."""
         self._aborted = True
         resp = self._resp
-        sock = _socket_of(resp) if resp is not None else None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        if resp is not None:
+            _shut_down(resp)
 
     def close(self) -> None:
         if self._resp is not None:
