@@ -4,14 +4,15 @@ and headers within the read timeout, in total.
 urllib3 (through http.client) reads a response's head line by line, and
 its read timeout bounds each socket read, not the head: a server that
 sends one header byte every few seconds keeps a request waiting forever.
-Bodies are bounded by the clients themselves (`registry._Deadline`,
-`http.client`'s transfer deadline); this bounds what comes before them.
+Bodies are bounded by the clients themselves (`oci.registry._Deadline`,
+`composefs.http.client`'s transfer deadline); this bounds what comes
+before them.
 The response's reader is wrapped so that every read until the head is
 complete waits at most what is left of one read timeout; after that it
 passes reads straight through. A head that does not arrive in time
 fails like a read timeout (urllib3's ``ReadTimeoutError``).
 
-Imported lazily (it imports urllib3): by `_net.pool_classes`.
+Imported lazily (it imports urllib3), by `_net.bound_heads`.
 """
 
 from __future__ import annotations
