@@ -84,7 +84,7 @@ class _Stop:
     def __init__(self) -> None:
         self._event = threading.Event()
         self._lock = threading.Lock()
-        self._aborts: dict[int, Callable[[], None]] = {}
+        self._aborts: set[Callable[[], None]] = set()
 
     def is_set(self) -> bool:
         return self._event.is_set()
@@ -92,7 +92,7 @@ class _Stop:
     def set(self) -> None:
         with self._lock:
             self._event.set()
-            aborts = list(self._aborts.values())
+            aborts = list(self._aborts)
             self._aborts.clear()
         for abort in aborts:
             abort()
@@ -102,12 +102,11 @@ class _Stop:
         function that unregisters it."""
         with self._lock:
             if not self._event.is_set():
-                key = id(abort)
-                self._aborts[key] = abort
+                self._aborts.add(abort)
 
                 def unregister() -> None:
                     with self._lock:
-                        self._aborts.pop(key, None)
+                        self._aborts.discard(abort)
 
                 return unregister
         abort()
