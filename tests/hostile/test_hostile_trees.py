@@ -94,8 +94,10 @@ def test_whiteout_xattr_on_a_regular_file() -> None:
         assert isinstance(f, Leaf) and f.content == Device(0o020000, 0)
         with pytest.raises(TreeError, match="reserved for whiteouts"):
             mkfs(tree(Regular(1, data=b"x")), version)
-    with pytest.raises(TreeError, match="reserved for whiteouts"):
-        mkfs(tree(Regular(0)), FormatVersion.V2)
+    # V2: an empty file, and an external one (the writer's common-leaf path)
+    for content in (Regular(0), Regular(5000, digest="ab" * 64)):
+        with pytest.raises(TreeError, match="reserved for whiteouts"):
+            mkfs(tree(content), FormatVersion.V2)
 
 
 def test_whiteout_xattr_allowed_on_directories() -> None:

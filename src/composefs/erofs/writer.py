@@ -46,8 +46,6 @@ MAX_DEPTH = limits.MAX_DEPTH  # what the reader accepts back
 MAX_NONINLINE_CHUNKS = 1024  # C: LCFS_MAX_NONINLINE_CHUNKS
 MAX_SHARED_PER_INODE = 0x80  # C: EROFS_XATTR_LONG_PREFIX caps shared refs per inode
 
-_pack_compact = F.COMPACT_INODE.pack
-_pack_extended = F.EXTENDED_INODE.pack
 _pack_dirent = F.DIRENT.pack
 _pack_xattr_entry = F.XATTR_ENTRY.pack
 _pack_ibody = F.XATTR_IBODY_HEADER.pack
@@ -97,6 +95,7 @@ class _XattrCodec:
         self.prefixes = prefixes
         self._split: dict[bytes, tuple[int, bytes, int]] = {}
         self._entries: dict[tuple[bytes, bytes], bytes] = {}
+        self._heads: dict[tuple[bytes, int], tuple[bytes, bytes]] = {}
 
     def split(self, key: bytes) -> tuple[int, bytes, int]:
         """(name_index, suffix, filter bit) of a full key."""
@@ -116,15 +115,23 @@ class _XattrCodec:
         kv = (key, value)
         e = self._entries.get(kv)
         if e is None:
-            if len(value) > 0xFFFF:
+            e = self._entries[kv] = self.encode(key, value)
+        return e
+
+    def encode(self, key: bytes, value: bytes) -> bytes:
+        """`entry` without caching the pair, for a pair written once (V2
+        keeps in an inode only the pairs no other inode has): what precedes
+        the value and the padding depend on the key and the value's length
+        only, and those repeat (overlay metacopy and redirect of each file)."""
+        n = len(value)
+        fix = self._heads.get((key, n))
+        if fix is None:
+            if n > 0xFFFF:
                 raise TreeError(f"xattr value too long for {key!r}")
             index, suffix, _bit = self.split(key)
-            e = _pack_xattr_entry(len(suffix), index, len(value)) + suffix + value
-            pad = -len(e) & 3
-            if pad:
-                e += _ZEROS[:pad]
-            self._entries[kv] = e
-        return e
+            head = _pack_xattr_entry(len(suffix), index, n) + suffix
+            fix = self._heads[(key, n)] = (head, _ZEROS[: -(len(head) + n) & 3])
+        return fix[0] + value + fix[1]
 
 
 class _Inode:
@@ -461,21 +468,28 @@ def _leaf_inode(leaf: Leaf, name: bytes, names: int, epoch1: bool) -> _Inode:
         raise TreeError(f"unknown content for {name!r}: {c!r}")
     own = st.xattrs
     if own:
-        if ct is Regular and limits.WHITEOUT_XATTR in own and (not epoch1 or ino.size):
-            # It is escaped into the escaped-whiteout marker. C's formats
-            # (V0/V1) write an empty such file exactly as a whiteout (C's own
-            # FUSE test rebuilds images from mounts that show whiteouts that
-            # way), and it reads back as one; V2 has no escaped whiteouts and
-            # a whiteout has no data, so the reader would refuse those.
-            problem = limits.xattr_problem(limits.WHITEOUT_XATTR, b"", True)
-            raise TreeError(f"{limits.show(name)}: {problem}")
-        if not epoch1:
-            own = dict(sorted(own.items()))
-        for k, v in own.items():
-            if k.startswith(_OVL):
-                k = _OVL_ESC + k[_OVL_LEN:]
-            xa[k] = v
+        _add_own_xattrs(xa, own, name, ct is Regular and (not epoch1 or ino.size > 0), epoch1)
     return ino
+
+
+def _add_own_xattrs(
+    xa: dict[bytes, bytes], own: dict[bytes, bytes], name: bytes, no_marker: bool, epoch1: bool
+) -> None:
+    """Add a leaf's own xattrs to `xa` (after its overlay xattrs), with user
+    `trusted.overlay.X` escaped; V2 (not `epoch1`) adds them sorted.
+    `no_marker`: refuse the escaped-whiteout marker (see below)."""
+    if no_marker and limits.WHITEOUT_XATTR in own:
+        # It is escaped into the escaped-whiteout marker. C's formats
+        # (V0/V1) write an empty such file exactly as a whiteout (C's own
+        # FUSE test rebuilds images from mounts that show whiteouts that
+        # way), and it reads back as one; V2 has no escaped whiteouts and
+        # a whiteout has no data, so the reader would refuse those.
+        problem = limits.xattr_problem(limits.WHITEOUT_XATTR, b"", True)
+        raise TreeError(f"{limits.show(name)}: {problem}")
+    for k, v in own.items() if epoch1 else sorted(own.items()):
+        if k.startswith(_OVL):
+            k = _OVL_ESC + k[_OVL_LEN:]
+        xa[k] = v
 
 
 # --------------------------------------------------------------------------
@@ -1148,6 +1162,9 @@ def _collect_epoch2(root: Directory) -> list[_Inode]:
     r = _dir_inode(root, False)
     inodes = [r]
     append = inodes.append
+    new = object.__new__
+    metacopy_key = F.XATTR_OVERLAY_METACOPY
+    redirect_key = F.XATTR_OVERLAY_REDIRECT
     hardlinked = False
     # explicit stack (trees may be deeper than Python's recursion limit):
     # (directory inode, its sorted items, next position, entries so far)
@@ -1161,7 +1178,8 @@ def _collect_epoch2(root: Directory) -> list[_Inode]:
         while i < n_items:
             name, child = items[i]
             i += 1
-            if name in _BAD_NAMES or len(name) > NAME_MAX or b"/" in name or b"\0" in name:
+            # (`int in bytes` is a cheap byte search: 47 is "/")
+            if len(name) > NAME_MAX or name in _BAD_NAMES or 47 in name or 0 in name:
                 raise _bad_name(name)
             if isinstance(child, Directory):
                 if id(child) in seen_dirs:
@@ -1177,16 +1195,55 @@ def _collect_epoch2(root: Directory) -> list[_Inode]:
                 break
             lid = id(child)
             li = leaf_inodes.get(lid)
-            if li is None:
-                li = leaf_inodes[lid] = _leaf_inode(child, name, 1, False)
-                append(li)
-            else:
+            if li is not None:
                 li.nlink += 1
                 hardlinked = True
+            else:
+                c = child.content
+                if type(c) is Regular and c.data is None and c.size > 0:
+                    # The most common leaf by far, external content: what
+                    # `_leaf_inode` does, without its branches and class call.
+                    digest = c.digest
+                    path = c.payload
+                    if path is None and digest is not None:
+                        path = f"{digest[:2]}/{digest[2:]}".encode()
+                    xa = {metacopy_key: b"" if digest is None else _metacopy(digest)}
+                    if path:
+                        xa[redirect_key] = b"/" + path
+                    st = child.stat
+                    if st.xattrs:
+                        _add_own_xattrs(xa, st.xattrs, name, True, False)
+                    # the slots `_Inode.__init__` sets
+                    li = new(_Inode)
+                    li.ftype = S_IFREG
+                    li.mode = S_IFREG | (st.mode & 0o7777)
+                    li.uid = st.uid
+                    li.gid = st.gid
+                    li.mtime = st.mtime
+                    li.nsec = st.mtime_nsec
+                    li.xattrs = xa
+                    li.size = c.size
+                    li.rdev = 0
+                    li.data = None
+                    li.external = True
+                    li.nlink = 1
+                    li.plain = False
+                    li.xattr_size = 0
+                    li.n_blocks = 0
+                    li.tail = 0
+                else:
+                    li = _leaf_inode(child, name, 1, False)
+                leaf_inodes[lid] = li
+                append(li)
             ents.append((name, li))
         else:
             stack.pop()
-            ents.sort()
+            if not items or items[0][0] > b"..":
+                # "." and ".." then the sorted names: in order already; the
+                # names joined, for the dirents (see _dirent_chunk)
+                me.data = b"..." + b"".join([n for n, _ in items])
+            else:
+                ents.sort()
             me.entries = ents
             me.nlink = 2 + sum(1 for _, c in items if isinstance(c, Directory))
     if hardlinked:
@@ -1214,7 +1271,7 @@ def _share_epoch2(inodes: list[_Inode], codec: _XattrCodec) -> list[tuple[int, b
     return [(i, s, v) for i, s, v, _ in keyed]
 
 
-def _mkfs_epoch2(root: Directory) -> bytes:
+def _mkfs_epoch2(root: Directory) -> bytearray:
     inodes = _collect_epoch2(root)
     try:
         return _build_epoch2(inodes)
@@ -1223,7 +1280,7 @@ def _mkfs_epoch2(root: Directory) -> bytes:
         raise
 
 
-def _build_epoch2(inodes: list[_Inode]) -> bytes:
+def _build_epoch2(inodes: list[_Inode]) -> bytearray:
     codec = _XattrCodec(_PREFIXES_EPOCH2)
     table = _share_epoch2(inodes, codec)
     table_index: dict[tuple[bytes, bytes], int] = {}
@@ -1234,7 +1291,8 @@ def _build_epoch2(inodes: list[_Inode]) -> bytes:
         table_index[(k, v)] = n
         table_entries.append(codec.entry(k, v))
     split = codec.split
-    entry = codec.entry
+    # A pair outside the table belongs to this one inode: encoded, not cached.
+    encode = codec.encode
     tget = table_index.get
     chunk_shift = F.BLOCK_BITS + F.CHUNK_FORMAT_BLKBITS_MASK
     pos = F.INODE_TABLE_OFFSET
@@ -1251,8 +1309,8 @@ def _build_epoch2(inodes: list[_Inode]) -> bytes:
                 if t is not None:
                     shared.append(t)
                 else:
-                    local.append(entry(*kv))
-            ino.shared = shared
+                    local.append(encode(*kv))
+            ino.shared = tuple(shared)
             loc = ino.xattr_local = b"".join(local)
             xsize = ino.xattr_size = 12 + 4 * len(shared) + len(loc)
             ino.xfilter = filt
@@ -1318,91 +1376,108 @@ def _build_epoch2(inodes: list[_Inode]) -> bytes:
             cur += ino.n_blocks * BLOCK
     end = cur
 
-    # pass 2: bytes
+    # pass 2: bytes, written in place into one zero-filled buffer (as
+    # _emit_epoch1: no list of pieces, no joined copy)
+    buf = bytearray(end)
     header = F.COMPOSEFS_HEADER.pack(F.COMPOSEFS_MAGIC, F.COMPOSEFS_HEADER_VERSION, 0, 2)
-    out = _head(header, inodes[0].nid, len(inodes), 0, 0, end // BLOCK, 0)
-    blocks: list[bytes] = []
+    p = 0
+    for part in _head(header, inodes[0].nid, len(inodes), 0, 0, end // BLOCK, 0):
+        buf[p : p + len(part)] = part
+        p += len(part)
     ibody = _pack_ibody
     refs = [(o >> 2).to_bytes(4, "little") for o in xattr_offsets]
-    append = out.append
-    filled = F.INODE_TABLE_OFFSET
+    heads: dict[tuple[int, Sequence[int]], bytes] = {}
+    structs: dict[tuple[int, int, int], struct.Struct] = {}
+    nulls = _NULL_CHUNKS_BLOCK
+    chunk_based = F.DATALAYOUT_CHUNK_BASED
+    blkbits_mask = F.CHUNK_FORMAT_BLKBITS_MASK
+    extended = F.EXTENDED_INODE.format
     for ino in inodes:
-        start = ino.nid << 5
-        if start != filled:
-            append(_zeros(start - filled))
-        filled = start
+        p = ino.nid << 5
         ft = ino.ftype
         tail_bytes = b""
         u = 0
         size = ino.size
-        if ft == F.S_IFDIR:
+        if ino.external:
+            layout = chunk_based
+            u = blkbits_mask
+            tail_bytes = nulls[: 4 * ino.chunk_count]
+        elif ft == S_IFDIR:
             full, tail_bytes = _dir_chunks(ino)
             ino.entries = ()  # see _unlink
-            for b in full:
-                blocks.append(b)
-                blocks.append(_zeros(-len(b) % BLOCK))
             if ino.n_blocks:
                 u = ino.blkaddr
+                o = u * BLOCK
+                for b in full:
+                    buf[o : o + len(b)] = b
+                    o += BLOCK
             layout = F.DATALAYOUT_FLAT_INLINE if ino.tail else F.DATALAYOUT_FLAT_PLAIN
-        elif ft == F.S_IFCHR or ft == F.S_IFBLK:
+        elif ft == S_IFCHR or ft == S_IFBLK:
             u = ino.rdev
             size = 0
             layout = F.DATALAYOUT_FLAT_PLAIN
-        elif ino.external:
-            layout = F.DATALAYOUT_CHUNK_BASED
-            u = F.CHUNK_FORMAT_BLKBITS_MASK
-            tail_bytes = _NULL_CHUNKS_BLOCK[: 4 * ino.chunk_count]
-        elif ft == F.S_IFREG or ft == F.S_IFLNK:
+        elif ft == S_IFREG or ft == S_IFLNK:
             data = ino.data or b""
             layout = F.DATALAYOUT_FLAT_INLINE if ino.tail else F.DATALAYOUT_FLAT_PLAIN
             if ino.n_blocks:
                 u = ino.blkaddr
-                oob = data[: ino.n_blocks * BLOCK]
-                blocks.append(oob)
-                blocks.append(_zeros(-len(oob) % BLOCK))
+                o = u * BLOCK
+                n = ino.n_blocks * BLOCK
+                oob = data if len(data) <= n else data[:n]
+                buf[o : o + len(oob)] = oob
             if ino.tail:
                 tail_bytes = data[len(data) - ino.tail :]
         else:
             size = 0
             layout = F.DATALAYOUT_FLAT_PLAIN
         xsize = ino.xattr_size
-        icount = 0 if xsize == 0 else 1 + (xsize - 12) // 4
-        if icount > 0xFFFF:
-            raise TreeError("too many xattrs on one inode")
-        out.append(
-            _pack_extended(
-                layout | 1,
-                icount,
-                ino.mode,
-                0,
-                size,
-                u,
-                ino.nid & 0xFFFFFFFF,
-                ino.uid,
-                ino.gid,
-                ino.mtime & 0xFFFFFFFFFFFFFFFF,
-                0,
-                ino.nlink & 0xFFFFFFFF,
-            )
-        )
-        filled += 64
         if xsize:
-            shared_refs = ino.shared
-            append(ibody(0xFFFFFFFF & ~ino.xfilter, len(shared_refs) & 0xFF))
-            for t in shared_refs:
-                append(refs[t])
-            append(ino.xattr_local)
-            filled += xsize
-        if tail_bytes:
-            append(tail_bytes)
-            filled += len(tail_bytes)
-    out.append(_zeros(inodes_end - filled))
-    out.extend(table_entries)
-    out.append(_zeros(data_start - off))
-    out.extend(blocks)
-    result = b"".join(out)
-    assert len(result) == end, (len(result), end)
-    return result
+            icount = 1 + (xsize - 12) // 4
+            if icount > 0xFFFF:
+                raise TreeError("too many xattrs on one inode")
+            # header and shared references: few distinct combinations
+            hk = (ino.xfilter, ino.shared)
+            head = heads.get(hk)
+            if head is None:
+                shared_refs = hk[1]
+                head = heads[hk] = ibody(
+                    0xFFFFFFFF & ~hk[0], len(shared_refs) & 0xFF
+                ) + b"".join([refs[t] for t in shared_refs])
+            loc = ino.xattr_local
+        else:
+            icount = 0
+            head = loc = b""
+        # The inode, its xattrs and a short tail (a chunk index) in one
+        # pack_into; longer tails (dirents, inline data) are written apart,
+        # so there are few distinct formats.
+        t = len(tail_bytes)
+        if t > 4:
+            late = tail_bytes
+            tail_bytes = b""
+            t = 0
+        else:
+            late = b""
+        key = (len(head), len(loc), t)
+        st = structs.get(key)
+        if st is None:
+            st = structs[key] = struct.Struct(f"{extended}{key[0]}s{key[1]}s{t}s")
+        st.pack_into(
+            buf, p, layout | 1, icount, ino.mode, 0, size, u, ino.nid & 0xFFFFFFFF, ino.uid,
+            ino.gid, ino.mtime & 0xFFFFFFFFFFFFFFFF, 0, ino.nlink & 0xFFFFFFFF, head, loc,
+            tail_bytes,
+        )  # fmt: skip
+        p += st.size
+        if late:
+            n = p + len(late)
+            buf[p:n] = late
+            p = n
+    assert p <= inodes_end, (p, inodes_end)
+    o = inodes_end
+    for e in table_entries:
+        buf[o : o + len(e)] = e
+        o += len(e)
+    assert len(buf) == end, (len(buf), end)
+    return buf
 
 
 def mkfs(

@@ -95,14 +95,14 @@ class ImageStore:
         """Write the tree `root` (a `tree.Directory`) as an image in every
         configured format; `name` refs the default one. Returns {format: id}."""
         from ..erofs.format import FormatVersion
-        from ..erofs.writer import mkfs
+        from ..erofs.writer import mkfs_buffer
 
         self.objects.ensure_writable()
         if name is not None:
             _check_relpath(name, "image name")
         ids: dict[int, str] = {}
         for version in self.format_config().versions():
-            ids[version] = self.objects.ensure_object(mkfs(root, FormatVersion(version)))
+            ids[version] = self.objects.ensure_object(mkfs_buffer(root, FormatVersion(version)))
         self.objects.sync()
         for i, object_id in enumerate(ids.values()):
             self.objects.symlink(
