@@ -113,3 +113,7 @@ class HttpError(ComposefsError):
 
 class HttpNotFound(HttpError):
     """The server answered 404/410 for a path."""
+
+
+class Cancelled(ComposefsError):
+    """An operation its caller stopped before it completed (`oci.pull.PullStop`)."""

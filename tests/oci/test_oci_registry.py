@@ -949,6 +949,38 @@ def test_failed_layer_stops_the_others(
     assert_clean(repo)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pull_stop_from_another_thread(
+    front: Any, oci_images: Any, fast_options: Any, tmp_path: Path, workers: int
+) -> None:
+    """`PullStop.set` from another thread (a service whose client went away)
+    while a layer's server is silent: the pull ends at once with
+    `Cancelled`, not at the read timeout (30 s); nothing is tagged and the
+    repository stays clean."""
+    import threading
+    import time
+
+    from composefs.errors import Cancelled
+    from composefs.oci import storage
+
+    repo = _repo(tmp_path / "repo")
+    front.require_token = False
+    o = opts(fast_options, max_workers=workers, read_timeout=30.0, retries=3)
+    with reg.RegistrySource(front.ref(oci_images["plain"].name), o) as src:
+        big = _big_layer(src)
+        front.fault("front", big.digest.split(":")[1], "stall", 100, count=None)
+        stop = storage.PullStop()
+        timer = threading.Timer(0.5, stop.set)
+        timer.start()
+        start = time.monotonic()
+        with pytest.raises(Cancelled, match="pull cancelled"):
+            storage.pull_from_source(repo, src, "stopped", stop=stop)
+        assert time.monotonic() - start < 5
+        timer.join()
+    assert storage.list_tags(repo) == []
+    assert_clean(repo)
+
+
 def _stream_names(repo: Any) -> list[str]:
     streams = Path(repo.path) / "streams"
     return [p.name for p in streams.iterdir()] if streams.is_dir() else []

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import select
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +17,16 @@ from typing import Any
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
+def _hung_up(sock: socket.socket) -> bool:
+    """The client closed the connection (it sends nothing else mid-response)."""
+    if not select.select([sock], [], [], 0)[0]:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 class SlowRegistry:
     def __init__(self, layout: Path) -> None:
         self.layout = layout
@@ -22,7 +34,7 @@ class SlowRegistry:
         self.hold_after = 1 << 20  # bytes of a big blob sent before waiting
         self.chunk_delay = 0.02  # seconds between 64 KiB chunks after release
         self.sent: dict[str, int] = {}
-        self.aborted: set[str] = set()  # the client hung up mid-blob
+        self.aborted: set[str] = set()  # the client hung up mid-blob (or while held)
         self.finished: set[str] = set()
         self.lock = threading.Lock()
         state = self
@@ -76,7 +88,14 @@ class SlowRegistry:
                     self.wfile.write(data[: state.hold_after])
                     self.wfile.flush()
                     state.set_sent(ref, state.hold_after)
-                    state.release.wait(60)
+                    # Held: silent, but watching for the client to hang up.
+                    deadline = time.monotonic() + 60
+                    while not state.release.wait(0.05) and time.monotonic() < deadline:
+                        if _hung_up(self.connection):
+                            with state.lock:
+                                state.aborted.add(ref)
+                            self.close_connection = True
+                            return
                     for off in range(state.hold_after, len(data), 1 << 16):
                         # Pause before each chunk, not after the last: the
                         # blob counts as finished as soon as its last byte is out.

@@ -516,14 +516,8 @@ def test_disconnect_mid_pull(service: Service, repo: Path, tmp_path: Path, more:
     Without ``more`` no frame is sent that could fail: the service must
     notice the hang-up by itself."""
     from slowregistry import SlowRegistry
-    from varlinklib import LayoutBuilder, det_bytes, layer
 
-    lay = tmp_path / "slow"
-    b = LayoutBuilder(lay)
-    desc = b.image([layer({"big.bin": det_bytes(99, 4 << 20)})], compression="none")
-    b.tag(desc, "slow")
-    manifest = json.loads((lay / "blobs/sha256" / desc["digest"].split(":")[1]).read_bytes())
-    big = manifest["layers"][0]["digest"]
+    lay, big = _slow_layout(tmp_path)
     reg = SlowRegistry(lay)
     try:
         # Control: with the client staying, the same pull completes.
@@ -561,6 +555,51 @@ def test_disconnect_mid_pull(service: Service, repo: Path, tmp_path: Path, more:
             time.sleep(0.1)
         assert big in reg.aborted, "the layer was fetched to the end after the hang-up"
         assert reg.sent[big] < len((lay / "blobs/sha256" / big.split(":")[1]).read_bytes())
+    finally:
+        reg.close()
+    with RawClient(service.socket) as c2:
+        assert c2.call(f"{OCI}.ListImages", {"handle": h}) == {"images": []}
+        assert c2.call(f"{REPO}.Fsck", {"handle": h})["ok"] is True
+    assert service.alive()
+
+
+def _slow_layout(tmp_path: Path) -> tuple[Path, str]:
+    """An OCI layout tagged "slow" with one 4 MiB uncompressed layer: (layout, layer digest)."""
+    from varlinklib import LayoutBuilder, det_bytes, layer
+
+    lay = tmp_path / "slow"
+    b = LayoutBuilder(lay)
+    desc = b.image([layer({"big.bin": det_bytes(99, 4 << 20)})], compression="none")
+    b.tag(desc, "slow")
+    manifest = json.loads((lay / "blobs/sha256" / desc["digest"].split(":")[1]).read_bytes())
+    return lay, manifest["layers"][0]["digest"]
+
+
+def test_disconnect_while_registry_silent(service: Service, repo: Path, tmp_path: Path) -> None:
+    """The client hangs up while the registry holds a layer back and sends
+    nothing, so no progress callback runs: the pull still stops within
+    seconds (its download is aborted), not after the registry's silence
+    (60 s here) or the read timeout (120 s). Nothing is tagged, fsck is clean."""
+    from slowregistry import SlowRegistry
+
+    lay, big = _slow_layout(tmp_path)
+    reg = SlowRegistry(lay)
+    try:
+        c = RawClient(service.socket)
+        h = open_handle(c, repo)
+        params = {"handle": h, "image": f"docker://{reg.host}/test/slow:slow",
+                  "name": "silent", "local_fetch": "auto", "bootable": False}  # fmt: skip
+        c.send(f"{OCI}.Pull", params, more=False)
+        deadline = time.monotonic() + 60
+        while big not in reg.sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert big in reg.sent
+        c.close()  # hang up while the registry is silent
+        deadline = time.monotonic() + 20
+        while big not in reg.aborted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert big in reg.aborted, "the pull kept waiting on the silent registry"
+        assert big not in reg.finished
     finally:
         reg.close()
     with RawClient(service.socket) as c2:

@@ -21,7 +21,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
-from ..errors import ComposefsError, DigestMismatch, NotFoundError, OciError
+from ..errors import Cancelled, ComposefsError, DigestMismatch, NotFoundError, OciError
 from ..splitstream import (
     CONTENT_OCI_BLOB,
     CONTENT_OCI_CONFIG,
@@ -76,10 +76,15 @@ class _Stopped(Exception):
     interrupted (an Exception: a decompressor thread passes it on)."""
 
 
-class _Stop:
+class PullStop:
     """A pull's stop signal. `set` also runs the registered aborts, which
     wake downloads waiting on a silent connection (checking the flag
-    between reads would not reach them)."""
+    between reads would not reach them).
+
+    A caller may pass one to `pull` and set it from another thread (a
+    service whose client went away): the pull stops at once and raises
+    `errors.Cancelled`, having tagged nothing; layers already complete
+    stay, for a retry."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
@@ -111,6 +116,11 @@ class _Stop:
                 return unregister
         abort()
         return lambda: None
+
+
+def _check_stop(stop: PullStop | None) -> None:
+    if stop is not None and stop.is_set():
+        raise Cancelled("pull cancelled")
 
 
 def _abort(source: Any) -> None:
@@ -226,7 +236,7 @@ class _HashingReader(io.RawIOBase):
         what: str = "blob",
         on_eof: Callable[[_HashingReader], None] | None = None,
         background: bool = False,
-        stop: _Stop | None = None,
+        stop: PullStop | None = None,
     ) -> None:
         super().__init__()
         self._src = src
@@ -568,16 +578,28 @@ def _report(progress: ProgressCallback | None, event: ProgressEvent) -> None:
         progress(event)
 
 
-def _run_parallel(jobs: Sequence[Callable[..., Any]], workers: int) -> list[Any]:
+def _run_parallel(
+    jobs: Sequence[Callable[..., Any]], workers: int, cancel: PullStop | None = None
+) -> list[Any]:
     """Run the jobs (each called with ``stop=`` the pull's stop event),
     `workers` at once.
 
-    When one fails, or the wait is interrupted (Ctrl-C), the others stop
-    at once instead of finishing their downloads (one waiting on a silent
-    connection is woken by its abort, see `_Stop`); what they
-    stored joins the raised exception's ``cfs_failed_objects`` (layers
-    already complete stay, for a retry)."""
-    stop = _Stop()
+    When one fails, the wait is interrupted (Ctrl-C) or the caller sets
+    `cancel`, the others stop at once instead of finishing their downloads
+    (one waiting on a silent connection is woken by its abort, see
+    `PullStop`); what they stored joins the raised exception's
+    ``cfs_failed_objects`` (layers already complete stay, for a retry)."""
+    # A stop of its own: a failure here must not look like the caller's cancel.
+    stop = PullStop()
+    unlink = cancel.on_set(stop.set) if cancel is not None else None
+    try:
+        return _run_jobs(jobs, workers, stop)
+    finally:
+        if unlink is not None:
+            unlink()
+
+
+def _run_jobs(jobs: Sequence[Callable[..., Any]], workers: int, stop: PullStop) -> list[Any]:
     if workers <= 1 or len(jobs) <= 1:
         return [job(stop=stop) for job in jobs]
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oci-layer")
@@ -680,7 +702,7 @@ def _fetch_layer(
     progress: ProgressCallback | None,
     members: list[_tar.TarMember] | None = None,
     on_stored: Callable[[str, str], None] | None = None,
-    stop: _Stop | None = None,
+    stop: PullStop | None = None,
 ) -> tuple[str, ImportStats]:
     existing = repo.has_stream(layer_stream(diff_id))
     if existing is not None:
@@ -759,12 +781,14 @@ def pull_from_source(
     platform: Platform | None = None,
     progress: ProgressCallback | None = None,
     boot: Callable[[Directory], None] | None = None,
+    stop: PullStop | None = None,
 ) -> PullResult:
     """Pull the image `source` names into `repo`; tag it `tag` (if given).
 
     `boot` (the boot transformation) also commits the bootable image
     (`commit_boot_images`); the tag is set only once everything succeeded,
-    so a failed pull leaves no tag (and an existing tag unchanged)."""
+    so a failed pull leaves no tag (and an existing tag unchanged).
+    Setting `stop` (from another thread) cancels the pull: see `PullStop`."""
     repo.ensure_writable()
     if tag is not None:
         validate_tag(tag)
@@ -772,6 +796,7 @@ def pull_from_source(
     manifest = resolved.manifest
     container = manifest.is_container_image
     config_raw = _fetch_small(source, manifest.config, "config")
+    _check_stop(stop)
     if container:
         _config, diff_ids = config_diff_ids(config_raw, len(manifest.layers))
     else:
@@ -806,12 +831,15 @@ def pull_from_source(
     stats = ImportStats()
     layer_refs: dict[str, str] = {}
     try:
-        results = _run_parallel(jobs, workers)
+        results = _run_parallel(jobs, workers, stop)
     except BaseException as e:
         # Every job has finished now: what the failed layer stored and
         # nothing else needs can go (layers that completed stay for a retry).
         _discard(repo, _failed_objects(e))
+        if isinstance(e, Exception):
+            _check_stop(stop)  # whatever the stop made a download raise
         raise
+    _check_stop(stop)
     for diff_id, (verity, layer_stats) in zip([j.args[3] for j in jobs], results, strict=True):
         layer_refs[diff_id] = verity
         stats.merge(layer_stats)
@@ -850,6 +878,7 @@ def pull_from_source(
         (config_verity, config_stream(config_digest)),
         (manifest_verity, manifest_stream(resolved.digest)),
     )
+    _check_stop(stop)  # the last point before anything is named
     if new_images or not all(repo.stream_named(cid, oid) for oid, cid in streams):
         repo.sync()
     for image_id in new_images:
@@ -943,11 +972,12 @@ def pull(
     progress: ProgressCallback | None = None,
     registry_options: Any = None,
     boot: Callable[[Directory], None] | None = None,
+    stop: PullStop | None = None,
 ) -> PullResult:
     """Pull `imgref` (``oci:DIR[:TAG]``, ``oci-archive:``, ``docker-archive:``,
     ``containers-storage:``, ``docker://``) into `repo` and tag it `tag`.
     `registry_options` (`registry.RegistryOptions`) is for ``docker://``;
-    `boot` as in `pull_from_source`."""
+    `boot` and `stop` as in `pull_from_source`."""
     if isinstance(platform, str):
         platform = Platform.parse(platform)
     if tag is not None:
@@ -955,7 +985,7 @@ def pull(
     source = open_source(imgref, registry_options)
     try:
         return pull_from_source(
-            repo, source, tag, platform=platform, progress=progress, boot=boot
+            repo, source, tag, platform=platform, progress=progress, boot=boot, stop=stop
         )
     finally:
         source.close()

@@ -21,6 +21,7 @@ from .fsck import (
 from .pull import (
     ImportStats,
     PullResult,
+    PullStop,
     commit_boot_images,
     commit_image_refs,
     human_bytes,
@@ -73,6 +74,7 @@ __all__ = [
     "OciFsckResult",
     "OciImage",
     "PullResult",
+    "PullStop",
     "build_tree",
     "commit_boot_images",
     "commit_image_refs",

@@ -545,6 +545,9 @@ class Service:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Reply] = asyncio.Queue()
         last_progress: dict[str, float] = {}
+        # Set when the client goes away: wakes the pull's downloads even
+        # while the registry sends nothing (no progress callback then).
+        stop = storage.PullStop()
 
         def progress(ev: Any) -> None:
             if call.cancelled.is_set() or self._closing.is_set():
@@ -562,7 +565,9 @@ class Service:
                 boot = _boot_transform(repo) if p["bootable"] else None
                 # the boot image is committed before the tag: a failed
                 # --bootable pull tags nothing
-                result = storage.pull(repo, p["image"], p["name"], progress=progress, boot=boot)
+                result = storage.pull(
+                    repo, p["image"], p["name"], progress=progress, boot=boot, stop=stop
+                )
                 boot_image = result.boot_image_ids.get(repo.erofs_version) if boot else None
                 return {
                     "manifest_digest": result.manifest_digest,
@@ -581,7 +586,11 @@ class Service:
             try:
                 while not task.done() or not queue.empty():
                     getter = asyncio.ensure_future(queue.get())
-                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        {getter, task}, timeout=_CANCEL_POLL, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if call.cancelled.is_set() or self._closing.is_set():
+                        stop.set()
                     if getter.done():
                         yield getter.result()
                     else:
@@ -598,6 +607,7 @@ class Service:
                 # for it, so the handle stays open until it has unwound.
                 if not task.done():
                     call.cancelled.set()
+                    stop.set()
                     with contextlib.suppress(BaseException):
                         await task
 
@@ -612,6 +622,9 @@ def _boot_transform(repo: Any) -> Callable[[Any], None]:
 
 
 _PROGRESS_INTERVAL = 0.1  # seconds between progress frames of one component
+# How often a running Pull looks whether its client went away (the server's
+# own hang-up check runs every 0.2 s).
+_CANCEL_POLL = 0.2
 
 
 def _progress_frame(ev: Any, last: dict[str, float]) -> Reply | None:
