@@ -72,6 +72,10 @@ class _HeadBoundRaw(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
+            # A proxy's CONNECT reply is read through this class without
+            # `begin`: the TLS handshake that follows on the socket gets the
+            # whole timeout again, not what the reply left of it.
+            self.disarm()
             self._raw.close()  # drops the socket's makefile reference
         super().close()
 
