@@ -4,7 +4,8 @@
 
 The Debian minbase OCI image of `bench_oci_pull` (debootstrap, cached) is
 pulled into a source repository, published (`composefs.http.publish`) and
-served by Debian's nginx on 127.0.0.1. Then, in the same run:
+served by Debian's nginx on 127.0.0.1, all on a fresh journaled ext4 (loop
+device, as the other benchmarks). Then, in the same run:
 
 * ours: fetch ``refs/oci/minbase`` into an empty repository, for several
   ``--jobs`` widths (a child process each, so peak RSS is its own)
@@ -32,7 +33,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -151,8 +151,11 @@ def _main(argv: list[str]) -> int:
 
     layout = P.prepare(False)
     f: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-http-") as tmpd:
-        tmp = Path(tmpd)
+    # Everything (repositories, wget's and curl's files) on a fresh ext4, as
+    # the pull and directory benchmarks do: creating a file costs ~300 us of
+    # CPU on this machine's root filesystem, ~20 us there, which would make
+    # the figures about the host's disk more than about the transfer.
+    with common.scratch_ext4(4000) as tmp:
         with Repository.init(tmp / "src", insecure=True)[0] as repo:
             storage.pull(repo, f"oci:{layout}:a", "minbase")
             t0 = time.monotonic()
