@@ -557,9 +557,14 @@ def test_disconnect_mid_pull(service: Service, repo: Path, tmp_path: Path, more:
         assert reg.sent[big] < len((lay / "blobs/sha256" / big.split(":")[1]).read_bytes())
     finally:
         reg.close()
-    with RawClient(service.socket) as c2:
-        assert c2.call(f"{OCI}.ListImages", {"handle": h}) == {"images": []}
-        assert c2.call(f"{REPO}.Fsck", {"handle": h})["ok"] is True
+    _assert_untagged_and_clean(service, h)
+
+
+def _assert_untagged_and_clean(service: Service, handle: int) -> None:
+    """After a cancelled pull: no image tagged, fsck clean, the service alive."""
+    with RawClient(service.socket) as c:
+        assert c.call(f"{OCI}.ListImages", {"handle": handle}) == {"images": []}
+        assert c.call(f"{REPO}.Fsck", {"handle": handle})["ok"] is True
     assert service.alive()
 
 
@@ -602,10 +607,7 @@ def test_disconnect_while_registry_silent(service: Service, repo: Path, tmp_path
         assert big not in reg.finished
     finally:
         reg.close()
-    with RawClient(service.socket) as c2:
-        assert c2.call(f"{OCI}.ListImages", {"handle": h}) == {"images": []}
-        assert c2.call(f"{REPO}.Fsck", {"handle": h})["ok"] is True
-    assert service.alive()
+    _assert_untagged_and_clean(service, h)
 
 
 def test_pull_bootable(raw: RawClient, repo: Path, tmp_path: Path) -> None:
