@@ -175,11 +175,11 @@ def _boot_transform(root: Directory, source: str, repo: Repository | None) -> No
     transform_for_boot(root, source=source, repo=repo)
 
 
-def _image_bytes(root: Directory, version: int) -> bytes:
+def _image_bytes(root: Directory, version: int) -> bytes | bytearray:
     from ..erofs.format import FormatVersion
-    from ..erofs.writer import mkfs
+    from ..erofs.writer import mkfs_buffer
 
-    return mkfs(root, FormatVersion(version))
+    return mkfs_buffer(root, FormatVersion(version))
 
 
 # ---------------------------------------------------------------------------

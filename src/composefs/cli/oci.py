@@ -397,11 +397,11 @@ def cmd_dump(args: argparse.Namespace, opener: RepoOpener) -> None:
 def cmd_compute_id(args: argparse.Namespace, opener: RepoOpener) -> None:
     from .. import fsverity
     from ..erofs.format import FormatVersion
-    from ..erofs.writer import mkfs
+    from ..erofs.writer import mkfs_buffer
 
     repo = opener()
     root = _tree(args, repo)
-    image = mkfs(root, FormatVersion(repo.erofs_version))
+    image = mkfs_buffer(root, FormatVersion(repo.erofs_version))
     print(fsverity.digest_hex(image, repo.algorithm))
 
 

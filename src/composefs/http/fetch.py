@@ -286,7 +286,7 @@ class Fetcher:
         Images already registered here were built or checked before. Boot
         images (made by a boot transform) are taken as served."""
         from ..erofs.format import FormatVersion
-        from ..erofs.writer import mkfs
+        from ..erofs.writer import mkfs_buffer
         from ..oci import storage
         from ..splitstream import CONTENT_OCI_CONFIG
 
@@ -302,7 +302,7 @@ class Fetcher:
         digest = f"{s.expected[0]}:{s.expected[1]}"
         tree = storage.config_tree(self.repo, digest, s.object_id)
         for version, image_id in sorted(wanted.items()):
-            got = fsverity.digest_hex(mkfs(tree, FormatVersion(version)), self.algorithm)
+            got = fsverity.digest_hex(mkfs_buffer(tree, FormatVersion(version)), self.algorithm)
             if got != image_id:
                 raise HttpError(
                     f"config {digest}: its composefs image {image_id} does not match "

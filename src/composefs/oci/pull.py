@@ -644,7 +644,7 @@ class _Prebuild:
         self.refs: dict[str, str] = {}
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
-        self.images: dict[int, bytes] = {}
+        self.images: dict[int, bytes | bytearray] = {}
         self.error: BaseException | None = None
 
     @property
@@ -662,17 +662,17 @@ class _Prebuild:
 
     def _build(self) -> None:
         from ..erofs.format import FormatVersion
-        from ..erofs.writer import mkfs
+        from ..erofs.writer import mkfs_buffer
 
         try:
             kept = {d: m for d, m in self.members.items() if m}
             root = build_tree(self.repo, self.diff_ids, self.refs, members=kept)
             for version in self.repo.format_config().versions():
-                self.images[version] = mkfs(root, FormatVersion(version))
+                self.images[version] = mkfs_buffer(root, FormatVersion(version))
         except BaseException as e:
             self.error = e
 
-    def result(self) -> dict[int, bytes]:
+    def result(self) -> dict[int, bytes | bytearray]:
         assert self.thread is not None
         self.thread.join()
         if self.error is not None:

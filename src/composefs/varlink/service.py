@@ -490,7 +490,7 @@ class Service:
     async def compute_id(self, call: Call) -> Reply:
         from .. import fsverity
         from ..erofs.format import FormatVersion
-        from ..erofs.writer import mkfs
+        from ..erofs.writer import mkfs_buffer
         from ..oci import storage
 
         p = call.params
@@ -500,7 +500,7 @@ class Service:
                 root = storage.resolve_tree(repo, self._image_ref(p["image"]), p["verity"])
                 if p["bootable"]:
                     _boot_transform(repo)(root)
-                image = mkfs(root, FormatVersion(repo.erofs_version))
+                image = mkfs_buffer(root, FormatVersion(repo.erofs_version))
                 return fsverity.digest_hex(image, repo.algorithm)
 
             try:
