@@ -472,6 +472,26 @@ def test_failed_bootable_pull_tags_nothing(
     assert storage.resolve_tag(repo, "b")[0] == before.manifest_digest
 
 
+def test_pull_stop_set_during_the_boot_image_tags_nothing(
+    repo: Repository, layout: tuple[Path, list[L.BuiltImage]]
+) -> None:
+    """A `PullStop` set after the layers, while the boot image is built
+    (the last step before the tag): the pull raises `Cancelled` and the tag
+    is not set; what was stored stays consistent."""
+    from composefs.errors import Cancelled
+
+    path, _ = layout
+    stop = storage.PullStop()
+
+    def boot(root: Directory) -> None:
+        stop.set()  # as a service would from another thread
+
+    with pytest.raises(Cancelled, match="pull cancelled"):
+        storage.pull(repo, f"oci:{path}", "b", boot=boot, stop=stop)
+    assert storage.list_tags(repo) == []
+    assert storage.oci_fsck(repo).ok
+
+
 def test_corrupt_layer_blob(repo: Repository, layout: tuple[Path, list[L.BuiltImage]]) -> None:
     path, (built,) = layout
     blob = path / "blobs" / "sha256" / built.layer_digests[1].split(":")[1]

@@ -878,7 +878,7 @@ def pull_from_source(
         (config_verity, config_stream(config_digest)),
         (manifest_verity, manifest_stream(resolved.digest)),
     )
-    _check_stop(stop)  # the last point before anything is named
+    _check_stop(stop)  # before the image and streams are named
     if new_images or not all(repo.stream_named(cid, oid) for oid, cid in streams):
         repo.sync()
     for image_id in new_images:
@@ -894,6 +894,7 @@ def pull_from_source(
         manifest_verity = repo.has_stream(manifest_stream(resolved.digest)) or manifest_verity
         config_verity = repo.has_stream(config_stream(config_digest)) or config_verity
     if tag is not None:
+        _check_stop(stop)  # e.g. set while the boot image was built
         repo.name_stream(manifest_stream(resolved.digest), tag_ref(tag))
     return PullResult(
         resolved.digest, manifest_verity, config_digest, config_verity, image_ids, tag, stats,
