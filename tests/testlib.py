@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import BinaryIO
 
 import pytest
 
@@ -107,16 +108,39 @@ def interrupt_when(
             p.wait()
 
 
+def hung_up(conn: socket.socket) -> bool:
+    """For a test server that has gone silent: whether the client closed
+    `conn` (it sends nothing else while it waits for the response)."""
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # still connected, still silent
+    except OSError:
+        return True
+
+
 def wait_for_hangup(conn: socket.socket, seconds: float = 60) -> None:
     """For a test server that has gone silent: wait until the client closes
     `conn` (or `seconds` pass)."""
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         time.sleep(0.05)
-        try:
-            if conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-                return  # the client closed
-        except BlockingIOError:
-            continue  # still connected, still silent
-        except OSError:
+        if hung_up(conn):
             return
+
+
+def drip(
+    out: BinaryIO, first: bytes, byte: bytes, every: float, seconds: float | None = None
+) -> None:
+    """For a test server that answers too slowly: write `first`, then `byte`
+    every `every` seconds until the client hangs up (or `seconds` pass)."""
+    end = None if seconds is None else time.monotonic() + seconds
+    try:
+        out.write(first)
+        out.flush()
+        while end is None or time.monotonic() < end:
+            out.write(byte)
+            out.flush()
+            time.sleep(every)
+    except OSError:
+        pass

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from testlib import wait_for_hangup
+from testlib import drip, wait_for_hangup
 
 Fault = Callable[["Handler"], bool]  # True: answered; False: serve normally
 
@@ -185,31 +185,20 @@ def endless(h: Handler) -> bool:
     return True
 
 
-def _drip(h: Handler, byte: bytes, first: bytes = b"") -> None:
-    """`first`, then `byte` every 50 ms until the client hangs up."""
-    h.close_connection = True
-    try:
-        h.wfile.write(first)
-        while True:
-            h.wfile.write(byte)
-            h.wfile.flush()
-            time.sleep(0.05)
-    except OSError:
-        pass
-
-
 def dripping(h: Handler) -> bool:
     """A body that never ends, one byte per 50 ms (no read timeout fires)."""
     h.send_response(200)
     h.send_header("Content-Length", str(1 << 30))
     h.end_headers()
-    _drip(h, b"x")
+    h.close_connection = True
+    drip(h.wfile, b"", b"x", 0.05)
     return True
 
 
 def dripping_head(h: Handler) -> bool:
     """A header line that never ends, one byte per 50 ms."""
-    _drip(h, b"a", first=b"HTTP/1.1 200 OK\r\nX-Slow: ")
+    h.close_connection = True
+    drip(h.wfile, b"HTTP/1.1 200 OK\r\nX-Slow: ", b"a", 0.05)
     return True
 
 

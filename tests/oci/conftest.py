@@ -39,7 +39,7 @@ from typing import Any
 
 import pytest
 
-from testlib import free_port, need_tool, wait_for_hangup
+from testlib import drip, free_port, need_tool, wait_for_hangup
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
@@ -612,16 +612,7 @@ class _Handler(BaseHTTPRequestHandler):
         header line that never ends); gives up after 60 s or when the
         client leaves."""
         self.close_connection = True
-        end = time.monotonic() + 60
-        try:
-            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-            self.wfile.flush()
-            while time.monotonic() < end:
-                self.wfile.write(b"a")
-                self.wfile.flush()
-                time.sleep(every)
-        except OSError:
-            return
+        drip(self.wfile, b"HTTP/1.1 200 OK\r\nX-Slow: ", b"a", every, seconds=60)
 
     def _slow(self, status: int, body: bytes, headers: dict[str, str], fault: Fault) -> None:
         """trickle / stall: the whole Content-Length announced, the body not

@@ -6,25 +6,15 @@ from __future__ import annotations
 
 import json
 import re
-import select
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from testlib import hung_up
+
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-
-
-def _hung_up(sock: socket.socket) -> bool:
-    """The client closed the connection (it sends nothing else mid-response)."""
-    if not select.select([sock], [], [], 0)[0]:
-        return False
-    try:
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except OSError:
-        return True
 
 
 class SlowRegistry:
@@ -91,7 +81,7 @@ class SlowRegistry:
                     # Held: silent, but watching for the client to hang up.
                     deadline = time.monotonic() + 60
                     while not state.release.wait(0.05) and time.monotonic() < deadline:
-                        if _hung_up(self.connection):
+                        if hung_up(self.connection):
                             with state.lock:
                                 state.aborted.add(ref)
                             self.close_connection = True
