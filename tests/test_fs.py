@@ -516,13 +516,15 @@ def test_file_changing_while_read_is_reported(
     src.mkdir()
     victim = src / "grows"
     victim.write_bytes(b"x" * 1000)
-    real = fsverity.digest_fd
+    real = fsverity.digest_sized
 
-    def growing(fd: int, algorithm: str = "sha256", *, helper_processes: int = 0) -> bytes:
+    def growing(
+        fd: int, size: int, algorithm: str = "sha256", *, helper_processes: int = 0
+    ) -> tuple[bytes, bytes | None]:
         with open(victim, "ab") as f:
             f.write(b"more")
-        return real(fd, algorithm, helper_processes=helper_processes)
+        return real(fd, size, algorithm, helper_processes=helper_processes)
 
-    monkeypatch.setattr(fsverity, "digest_fd", growing)
+    monkeypatch.setattr(fsverity, "digest_sized", growing)
     with pytest.raises(SourceError, match="changed while it was being read"):
         fs.read_directory(src, threads=1)

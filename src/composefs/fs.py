@@ -397,21 +397,17 @@ class _Scanner:
     def _process(self, fd: int, shown: str, size: int, dev: int, helpers: int = 0) -> str:
         """Digest of open file `fd` (on device `dev`), stored if asked."""
         o = self.o
-        fsverity._keep_reads(True)
         try:
-            raw = fsverity.digest_fd(fd, o.algorithm, helper_processes=helpers)
-            # A small file was read whole, in one read: the same bytes are
+            # A small file is read whole, in one read: the same bytes are
             # written to the store below, instead of the kernel reading the
             # file a second time to copy it.
-            data = fsverity._take_read(fd)
+            raw, data = fsverity.digest_sized(fd, size, o.algorithm, helper_processes=helpers)
             now_size = len(data) if data is not None else os.fstat(fd).st_size
             if now_size != size:
                 # The digest would not describe a file of the recorded size.
                 raise SourceError(f"error accessing {shown}: changed while it was being read")
         except OSError as e:
             raise _source_error(shown, e) from None
-        finally:
-            fsverity._keep_reads(False)
         hexd = raw.hex()
         if self.store is not None:
             try:

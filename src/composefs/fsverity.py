@@ -617,20 +617,32 @@ def _digest_with_helpers(
 
 def _digest_fd(fd: int, algorithm: str, helpers: int, spawn: bool = False) -> bytes:
     st = os.fstat(fd)
-    if helpers > 0 and stat.S_ISREG(st.st_mode) and st.st_size >= _HELPER_MIN:
+    if stat.S_ISREG(st.st_mode):
+        return _digest_regular(fd, st.st_size, algorithm, helpers, spawn)[0]
+    return _digest_unsized(fd, algorithm)
+
+
+def _digest_regular(
+    fd: int, size: int, algorithm: str, helpers: int, spawn: bool
+) -> tuple[bytes, bytes | None]:
+    """Digest of regular file `fd`, `size` bytes by its last fstat, and its
+    content if that was read whole, in one read (a small file)."""
+    if helpers > 0 and size >= _HELPER_MIN:
         result = _digest_with_helpers(
-            fd, st.st_size, algorithm, helpers, spawn or st.st_size >= _HELPER_SPAWN_MIN
+            fd, size, algorithm, helpers, spawn or size >= _HELPER_SPAWN_MIN
         )
         if result is not None:
-            return result
-    if stat.S_ISREG(st.st_mode) and st.st_size < _CHUNK:
+            return result, None
+    if size < _CHUNK:
         # Small file: one read of exactly what is there (one byte more
         # detects growth, which falls through to streaming).
-        data = os.pread(fd, st.st_size + 1, 0)
-        if len(data) <= st.st_size:
-            if getattr(_tls, "keep", False):
-                _tls.kept = (fd, data)
-            return digest(data, algorithm)
+        data = os.pread(fd, size + 1, 0)
+        if len(data) <= size:
+            return digest(data, algorithm), data
+    return _digest_unsized(fd, algorithm), None
+
+
+def _digest_unsized(fd: int, algorithm: str) -> bytes:
     reader: Any
     try:
         os.lseek(fd, 0, os.SEEK_CUR)
@@ -640,22 +652,16 @@ def _digest_fd(fd: int, algorithm: str, helpers: int, spawn: bool = False) -> by
     return digest_stream(reader, algorithm)
 
 
-def _keep_reads(on: bool) -> None:
-    """While on, `digest_fd` in this thread keeps the content of a file it
-    read whole (in one read) for `_take_read`: a caller that also copies
-    the file then reads it once, not twice."""
-    _tls.keep = on
-    _tls.kept = None
-
-
-def _take_read(fd: int) -> bytes | None:
-    """The whole content of `fd` as the last `digest_fd` of this thread
-    read and hashed it, or None if it was not read in one piece."""
-    kept: tuple[int, bytes] | None = getattr(_tls, "kept", None)
-    _tls.kept = None
-    if kept is None or kept[0] != fd:
-        return None
-    return kept[1]
+def digest_sized(
+    fd: int, size: int, algorithm: str = "sha256", *, helper_processes: int = 0
+) -> tuple[bytes, bytes | None]:
+    """`digest_fd` of a regular file the caller has just fstat'ed as `size`
+    bytes (no second fstat), also returning its content when that was read
+    whole, in one read (small files), else None: a caller that copies the
+    file can write those bytes instead of reading it again. A file that
+    changed size meanwhile is hashed as it now is: compare sizes after."""
+    _ctor(algorithm)
+    return _digest_regular(fd, size, algorithm, max(0, helper_processes), True)
 
 
 def digest_fd(fd: int, algorithm: str = "sha256", *, helper_processes: int = 0) -> bytes:
