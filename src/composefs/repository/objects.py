@@ -273,7 +273,8 @@ class ObjectStore:
 
     def finalize(self, tmp: TmpObject, userspace_id: str | None, size: int) -> tuple[str, bool]:
         """Enable verity (when possible), determine the id, link it in.
-        Returns (id, newly created)."""
+        Returns (id, newly created). A `userspace_id` must be well formed:
+        a digest of ours, or checked by the caller."""
         object_id = userspace_id
         if not self.insecure or self._verity_possible:
             tmp.reopen_readonly()
@@ -298,7 +299,9 @@ class ObjectStore:
                 raise RepositoryError("fs-verity could not be enabled on a new object")
         if object_id is None:
             object_id = fsverity.digest_file(tmp.fd, self.algorithm).hex()
-        relpath = self.object_relpath(object_id)
+        # Ids here are digests (ours or the kernel's) or checked by the
+        # public entry points: no second hex check per object.
+        relpath = f"{object_id[:2]}/{object_id[2:]}"
         objects = self.objects_fd()
         # No stat first: linkat's EEXIST answers "already there" just as well.
         prefix = object_id[:2]
@@ -456,6 +459,8 @@ class ObjectStore:
         check_writable: bool = True,
         content: bytes | None = None,
     ) -> tuple[str, StoreMethod, int]:
+        if expected_id is not None:
+            self.object_relpath(expected_id)  # refuses a malformed id
         if check_writable:
             self.ensure_writable()
         else:
