@@ -165,6 +165,38 @@ def test_read_directory_matches_disk(tree: Path) -> None:
         )
 
 
+def test_readdir_types_are_only_a_hint(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Names readdir types as regular files are opened without an lstat
+    # first. Should the type be stale (the name replaced meanwhile by a
+    # directory, symlink, FIFO, socket or device), the general path must
+    # still read what is there: pretend every name is a regular file.
+    from composefs.dumpfile import dumps
+
+    expected = dumps(fs.read_directory(tree, threads=1))
+    expected_links = dumps(fs.read_directory(tree, threads=1, hardlinks=True))
+    real_list, real_open = fs._Scanner._list, fs._Scanner._open_regular
+    opened: list[bytes] = []
+
+    def all_regular(self: fs._Scanner, dfd: int, shown: str) -> list[tuple[bytes, bool]]:
+        return [(name, True) for name, _ in real_list(self, dfd, shown)]
+
+    def counting(
+        self: fs._Scanner, dfd: int, name: bytes, shown: str
+    ) -> tuple[int, os.stat_result] | None:
+        got = real_open(self, dfd, name, shown)
+        if got is not None:
+            opened.append(name)
+        return got
+
+    monkeypatch.setattr(fs._Scanner, "_list", all_regular)
+    monkeypatch.setattr(fs._Scanner, "_open_regular", counting)
+    assert dumps(fs.read_directory(tree, threads=1)) == expected
+    assert dumps(fs.read_directory(tree, threads=1, hardlinks=True)) == expected_links
+    # The regular files (and only they) took the short path.
+    regular = {p.name.encode() for p in tree.rglob("*") if p.is_file() and not p.is_symlink()}
+    assert set(opened) == regular
+
+
 def test_hardlinks_broken_by_default_kept_on_request(tree: Path) -> None:
     root = fs.read_directory(tree, threads=1)
     big, link = root.lookup(b"/big"), root.lookup(b"/dir/big-link")

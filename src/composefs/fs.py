@@ -231,7 +231,7 @@ class _Scanner:
         # Iterative depth-first walk: deep trees must not hit the recursion limit.
         # Each frame: (dir fd, node, names still to visit, shown path); the
         # root fd belongs to the caller.
-        stack: list[tuple[int, Directory, list[bytes], str]] = []
+        stack: list[tuple[int, Directory, list[tuple[bytes, bool]], str]] = []
         try:
             stack.append((rootfd, root, self._list(rootfd, shown_root), shown_root))
             while stack:
@@ -241,11 +241,17 @@ class _Scanner:
                     if dfd != rootfd:
                         os.close(dfd)
                     continue
-                name = names.pop()
+                name, regular = names.pop()
                 shown = f"{shown_dir}/{os.fsdecode(name)}"
                 if len(stack) > limits.MAX_DEPTH:
                     # what the image reader accepts (composefs.limits)
                     raise SourceError(f"{limits.show(shown)}: {limits.depth_error()}")
+                opened = self._open_regular(dfd, name, shown) if regular else None
+                if opened is not None:
+                    leaf = self._leaf(dfd, name, opened[1], shown, opened[0])
+                    if leaf is not None:
+                        node.entries[name] = leaf
+                    continue
                 try:
                     lst = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                 except FileNotFoundError:
@@ -279,15 +285,47 @@ class _Scanner:
                     os.close(dfd)
         return root
 
-    def _list(self, dfd: int, shown: str) -> list[bytes]:
+    def _list(self, dfd: int, shown: str) -> list[tuple[bytes, bool]]:
+        """The names in `dfd`, each with whether readdir says it is a
+        regular file (its d_type: no syscall)."""
         try:
-            names = os.listdir(dfd)
+            with os.scandir(dfd) as it:
+                names = [(os.fsencode(e.name), e.is_file(follow_symlinks=False)) for e in it]
         except OSError as e:
             raise _source_error(shown, e) from None
         # Popped from the end: reverse-sorted makes the walk (and errors) deterministic.
-        return sorted((os.fsencode(n) for n in names), reverse=True)
+        names.sort(reverse=True)
+        return names
 
-    def _leaf(self, dfd: int, name: bytes, lst: os.stat_result, shown: str) -> Leaf | None:
+    def _open_regular(
+        self, dfd: int, name: bytes, shown: str
+    ) -> tuple[int, os.stat_result] | None:
+        """Open and fstat a name readdir typed as a regular file: two
+        syscalls instead of lstat, open, fstat (most entries are regular
+        files). None when it is not one now, or cannot be opened: the
+        general path (lstat first) then decides, as for any other name.
+        Opening on the word of readdir is no weaker than on an lstat's,
+        which is as stale by the open; `_O_FILE` keeps a FIFO or symlink
+        put there meanwhile from blocking or being followed."""
+        try:
+            fd = os.open(name, _O_FILE, dir_fd=dfd)
+        except OSError:
+            return None
+        try:
+            fst = os.fstat(fd)
+        except OSError as e:
+            os.close(fd)
+            raise _source_error(shown, e) from None
+        if not st_.S_ISREG(fst.st_mode):
+            os.close(fd)
+            return None
+        return fd, fst
+
+    def _leaf(
+        self, dfd: int, name: bytes, lst: os.stat_result, shown: str, fd: int | None = None
+    ) -> Leaf | None:
+        """The leaf for `name` (`lst`: its stat). `fd`, if given, is the
+        regular file opened (and `lst` its fstat): this call owns it."""
         o = self.o
         mode = lst.st_mode
         if o.skip_devices and (st_.S_ISBLK(mode) or st_.S_ISCHR(mode)):
@@ -296,10 +334,12 @@ class _Scanner:
         if o.hardlinks:
             seen = self.inodes.get(key)
             if seen is not None:
+                if fd is not None:
+                    os.close(fd)
                 return seen
         leaf: Leaf
         if st_.S_ISREG(mode):
-            leaf = self._regular(dfd, name, lst, shown, key)
+            leaf = self._regular(dfd, name, lst, shown, key, fd)
         else:
             if st_.S_ISLNK(mode):
                 try:
@@ -323,27 +363,46 @@ class _Scanner:
         return leaf
 
     def _regular(
-        self, dfd: int, name: bytes, lst: os.stat_result, shown: str, key: tuple[int, int]
+        self,
+        dfd: int,
+        name: bytes,
+        lst: os.stat_result,
+        shown: str,
+        key: tuple[int, int],
+        fd: int | None = None,
     ) -> Leaf:
+        """A regular file's leaf; `fd` as for `_leaf` (owned by this call)."""
         o = self.o
         size = lst.st_size
         pend = self.pending.get(key) if size > o.inline_max else None
-        if pend is not None and pend.leaves and pend.leaves[0].size == size:
+        if (pend is not None and pend.leaves and pend.leaves[0].size == size) or size == 0:
+            try:
+                xattrs = self._entry_xattrs(dfd, name, shown, fd)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            if size == 0:
+                return Leaf(self._stat(lst, xattrs), Regular(0))
             # Another name of an inode already queued (hardlinks broken):
             # hash it once, give every name the digest.
+            assert pend is not None
             content = Regular(size)
             pend.leaves.append(content)
-            xattrs = self._entry_xattrs(dfd, name, shown, None)
             return Leaf(self._stat(lst, xattrs), content)
-        if size == 0:
-            return Leaf(self._stat(lst, self._entry_xattrs(dfd, name, shown, None)), Regular(0))
+        if fd is None:
+            try:
+                fd = os.open(name, _O_FILE, dir_fd=dfd)
+            except OSError as e:
+                raise _source_error(shown, e) from None
+            try:
+                fst = os.fstat(fd)
+                _same_inode(lst, fst, shown)
+            except BaseException:
+                os.close(fd)
+                raise
+        else:
+            fst = lst
         try:
-            fd = os.open(name, _O_FILE, dir_fd=dfd)
-        except OSError as e:
-            raise _source_error(shown, e) from None
-        try:
-            fst = os.fstat(fd)
-            _same_inode(lst, fst, shown)
             xattrs = self._entry_xattrs(dfd, name, shown, fd)
             if size <= o.inline_max:
                 data = _read_exact(fd, size, shown)
