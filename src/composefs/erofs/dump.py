@@ -241,41 +241,21 @@ class _Dumper:
                     continue
                 # A leaf's line tail: from the fast reader, else the general path below.
                 tail: bytes | None = None
+                # A subdirectory to enter: (its nlink, dirents, escaped path, line if shown).
+                sub: tuple[int, _Dirents, bytes, bytes | None] | None = None
                 if ftype == _FT_DIR:
                     if fast_dir is not None and child_nid not in dirs_seen:
                         got = fast_dir(child_nid)
                         if got is not None:
                             dirs_seen.add(child_nid)
-                            frame.subdirs += 1
-                            if is_root and show:
-                                root_subdirs += 1
+                            dvals, dnlink, ents = got
                             epath = prefix + (
                                 name if clean or name.translate(same) == name else escape(name)
                             )
-                            dvals, dnlink, ents = got
-                            if show:
-                                line = _DIR_LINE % ((epath, *dvals))
-                                append(line)
-                                total += len(line)
-                                if total > limit:
-                                    return None
-                            stack.append(
-                                self._frame(
-                                    child_nid,
-                                    dnlink,
-                                    ents,
-                                    nid,
-                                    depth + 1,
-                                    epath + b"/",
-                                    show,
-                                    None,
-                                )
-                            )
-                            descended = True
-                            break
+                            sub = (dnlink, ents, epath, _DIR_LINE % (epath, *dvals) if show else None)
                 elif fast is not None:
                     tail = fast(child_nid, ftype)
-                if tail is None:
+                if tail is None and sub is None:
                     child = r.inode(child_nid)
                     ctype = child.mode & _S_IFMT
                     if ftype != _MODE_TO_FT[ctype]:
@@ -285,35 +265,18 @@ class _Dumper:
                             raise _err(f"directory inode {child_nid} reached twice (hardlink or cycle)")
                         dirs_seen.add(child_nid)
                         cx = r.xattrs(child)
-                        frame.subdirs += 1
-                        if is_root and show:
-                            root_subdirs += 1
                         epath = prefix + (
                             name if clean or name.translate(same) == name else escape(name)
                         )
-                        if show:
-                            # Its link count is checked against its subdirectories
-                            # when the frame is done (before anything is returned).
-                            line = self._dir_line(epath, child, cx, child.nlink)
-                            append(line)
-                            total += len(line)
-                            if total > limit:
-                                return None
-                        stack.append(
-                            self._frame(
-                                child_nid,
-                                child.nlink,
-                                r.dirent_lists(child),
-                                nid,
-                                depth + 1,
-                                epath + b"/",
-                                show,
-                                None,
-                            )
+                        # Its link count is checked against its subdirectories
+                        # when the frame is done (before anything is returned).
+                        sub = (
+                            child.nlink,
+                            r.dirent_lists(child),
+                            epath,
+                            self._dir_line(epath, child, cx, child.nlink) if show else None,
                         )
-                        descended = True
-                        break
-                    if ctype == _S_IFCHR and child.u == 0 and epoch1:
+                    elif ctype == _S_IFCHR and child.u == 0 and epoch1:
                         # A native whiteout: in V0/V1 only the root's stubs are,
                         # and reading drops them (as reader._Builder does).
                         if not (is_root and name in _HEX2):
@@ -325,9 +288,26 @@ class _Dumper:
                         r.raw_xattrs(child)
                         whiteout_nids.add(child_nid)
                         continue
-                    tail, whiteout = self._leaf(child, name)
-                    if whiteout:
-                        whiteout_nids.add(child_nid)
+                    else:
+                        tail, whiteout = self._leaf(child, name)
+                        if whiteout:
+                            whiteout_nids.add(child_nid)
+                if sub is not None:
+                    dnlink, ents, epath, dline = sub
+                    frame.subdirs += 1
+                    if is_root and show:
+                        root_subdirs += 1
+                    if dline is not None:
+                        append(dline)
+                        total += len(dline)
+                        if total > limit:
+                            return None
+                    stack.append(
+                        self._frame(child_nid, dnlink, ents, nid, depth + 1, epath + b"/", show, None)
+                    )
+                    descended = True
+                    break
+                assert tail is not None  # a leaf: the fast reader's or _leaf's
                 if show:
                     epath = prefix + (
                         name if clean or name.translate(same) == name else escape(name)
