@@ -3,12 +3,21 @@ fresh repository (`repo`; test modules may define their own)."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
 from composefs.repository import Repository
 from testlib import VECTORS
+
+# A shell without job control starts background jobs with SIGINT ignored,
+# and an ignored signal stays ignored across exec: the tools under test
+# would never see the Ctrl-C the interruption tests send them. A handler
+# is reset to the default on exec instead, so every child can be
+# interrupted, however the test run itself was started.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
