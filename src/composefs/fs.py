@@ -259,13 +259,8 @@ class _Scanner:
                 except OSError as e:
                     raise _source_error(shown, e) from None
                 if st_.S_ISDIR(lst.st_mode):
+                    cfd, cst = _open_same(dfd, name, _O_DIR, lst, shown)
                     try:
-                        cfd = os.open(name, _O_DIR, dir_fd=dfd)
-                    except OSError as e:
-                        raise _source_error(shown, e) from None
-                    try:
-                        cst = os.fstat(cfd)
-                        _same_inode(lst, cst, shown)
                         child = Directory(
                             self._stat(cst, self._entry_xattrs(dfd, name, shown, cfd))
                         )
@@ -390,16 +385,7 @@ class _Scanner:
             pend.leaves.append(content)
             return Leaf(self._stat(lst, xattrs), content)
         if fd is None:
-            try:
-                fd = os.open(name, _O_FILE, dir_fd=dfd)
-            except OSError as e:
-                raise _source_error(shown, e) from None
-            try:
-                fst = os.fstat(fd)
-                _same_inode(lst, fst, shown)
-            except BaseException:
-                os.close(fd)
-                raise
+            fd, fst = _open_same(dfd, name, _O_FILE, lst, shown)
         else:
             fst = lst
         try:
@@ -560,6 +546,24 @@ _POOL_MIN = 256 << 10
 # which happens once they add up to _HELPERS_AFTER (or one file is that big).
 _HELPER_MIN = fsverity._HELPER_MIN
 _HELPERS_AFTER = 64 << 20
+
+
+def _open_same(
+    dfd: int, name: bytes, flags: int, lst: os.stat_result, shown: str
+) -> tuple[int, os.stat_result]:
+    """Open `name`, lstat'ed as `lst`, and make sure it is still that
+    inode (not replaced since): its fd and fstat."""
+    try:
+        fd = os.open(name, flags, dir_fd=dfd)
+    except OSError as e:
+        raise _source_error(shown, e) from None
+    try:
+        st = os.fstat(fd)
+        _same_inode(lst, st, shown)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
 
 
 def _same_inode(a: os.stat_result, b: os.stat_result, shown: str) -> None:
