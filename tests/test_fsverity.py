@@ -157,6 +157,39 @@ def test_fd_input_keeps_offset_and_pipes(tmp_path: Path) -> None:
         os.close(r)
 
 
+def test_digest_sized(tmp_path: Path) -> None:
+    # The tree reader's entry: the size it just fstat'ed, and a small
+    # file's content back (read once, written to the store as read).
+    small, big = tmp_path / "small", tmp_path / "big"
+    small.write_bytes(os.urandom(10_000))
+    big.write_bytes(os.urandom(fsverity._CHUNK + 1))
+    for path, whole in ((small, True), (big, False)):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            raw, data = fsverity.digest_sized(fd, size, "sha512")
+            assert raw == fsverity.digest_fd(fd, "sha512")
+            assert data == (path.read_bytes() if whole else None)
+            # A file that changed size since: hashed as it is now, and the
+            # content (if any) shows the change to the caller.
+            with open(path, "ab") as f:
+                f.write(b"more")
+            raw, data = fsverity.digest_sized(fd, size, "sha512")
+            assert data is None or len(data) != size
+            if data is None:
+                assert os.fstat(fd).st_size != size
+        finally:
+            os.close(fd)
+    fd = os.open(small, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        os.truncate(small, 100)
+        raw, data = fsverity.digest_sized(fd, size, "sha256")
+        assert data == small.read_bytes() and raw == fsverity.digest(data, "sha256")
+    finally:
+        os.close(fd)
+
+
 def test_digest_files_parallel(tmp_path: Path) -> None:
     paths = []
     for i, size in enumerate((0, 65, 5 * B, 100_000, 3 * B + 1, 1)):

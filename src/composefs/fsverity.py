@@ -61,6 +61,7 @@ __all__ = [
     "digest_files",
     "digest_hex",
     "digest_size",
+    "digest_sized",
     "digest_stream",
     "enable_verity",
     "measure_or_compute",
