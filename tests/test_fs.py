@@ -14,6 +14,7 @@ import stat
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -195,6 +196,34 @@ def test_readdir_types_are_only_a_hint(tree: Path, monkeypatch: pytest.MonkeyPat
     # The regular files (and only they) took the short path.
     regular = {p.name.encode() for p in tree.rglob("*") if p.is_file() and not p.is_symlink()}
     assert set(opened) == regular
+
+
+def test_unreadable_empty_file_is_still_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An empty file needs no read: one the caller may not open (mode 000,
+    # not root) is stored as before. Only a file with content to read fails.
+    src = tmp_path / "s"
+    src.mkdir()
+    (src / "empty").write_bytes(b"")
+    (src / "full").write_bytes(b"data")
+    real_open = os.open
+    refused: list[bytes] = []
+
+    def no_read(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if path in (b"empty", b"full") and not flags & os.O_DIRECTORY:
+            refused.append(path)
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", no_read)
+    with pytest.raises(SourceError, match="full: Permission denied"):
+        fs.read_directory(src, threads=1)
+    os.unlink(src / "full")
+    root = fs.read_directory(src, threads=1)
+    leaf = root.entries[b"empty"]
+    assert isinstance(leaf, Leaf) and leaf.content == Regular(0)
+    assert b"empty" in refused  # the open-first path was tried, then the general one
 
 
 def test_hardlinks_broken_by_default_kept_on_request(tree: Path) -> None:
