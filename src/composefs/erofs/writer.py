@@ -19,7 +19,7 @@ from __future__ import annotations
 import gc
 import struct
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import chain
 from operator import attrgetter, itemgetter
 
@@ -942,6 +942,84 @@ def _layout_epoch1(inodes: list[_Inode], min_mtime: tuple[int, int]) -> tuple[in
     return (pos + 31) & ~31, blocks
 
 
+def _inode_writer(
+    buf: bytearray, ref: Callable[[int], bytes]
+) -> Callable[[int, _Inode, int, int, int, int, int, bool, bytes], int]:
+    """How both formats end an inode: the inode itself (compact or
+    extended) at `p` in `buf`, then its xattr header, shared references
+    (`ref` encodes one) and local entries, then its tail; returns where
+    it ends. The header with its references, and the struct of each
+    shape, are cached: there are few distinct ones."""
+    ibody = _pack_ibody
+    heads: dict[tuple[int, Sequence[int]], bytes] = {}
+    structs: dict[int, struct.Struct] = {}
+
+    def write(
+        p: int,
+        ino: _Inode,
+        layout: int,
+        size: int,
+        u: int,
+        idx: int,
+        nsec: int,
+        compact: bool,
+        tail_bytes: bytes,
+    ) -> int:
+        xsize = ino.xattr_size
+        if xsize:
+            icount = 1 + (xsize - 12) // 4
+            if icount > 0xFFFF:
+                raise TreeError("too many xattrs on one inode")
+            hk = (ino.xfilter, ino.shared)
+            head = heads.get(hk)
+            if head is None:
+                shared = hk[1]
+                # (a u8 count: V1 caps it at MAX_SHARED_PER_INODE, V2
+                # truncates as composefs-rs does)
+                head = heads[hk] = ibody(0xFFFFFFFF & ~hk[0], len(shared) & 0xFF) + b"".join(
+                    [ref(x) for x in shared]
+                )
+            loc = ino.xattr_local
+        else:
+            icount = 0
+            head = loc = b""
+        # The inode, its xattrs and a short tail (a chunk index) in one
+        # pack_into: a slice write into the bytearray costs as much as the
+        # whole pack. Longer tails (dirents, inline data) are written apart,
+        # so there are few distinct formats.
+        t = len(tail_bytes)
+        if t > 4:
+            late = tail_bytes
+            tail_bytes = b""
+            t = 0
+        else:
+            late = b""
+        key = (len(head) << 32) | (len(loc) << 4) | (t << 1) | compact
+        st = structs.get(key)
+        if st is None:
+            fmt = (F.COMPACT_INODE if compact else F.EXTENDED_INODE).format
+            st = structs[key] = struct.Struct(f"{fmt}{len(head)}s{len(loc)}s{t}s")
+        if compact:
+            st.pack_into(
+                buf, p, layout, icount, ino.mode, ino.nlink, size, 0, u, idx, ino.uid, ino.gid,
+                head, loc, tail_bytes,
+            )  # fmt: skip
+        else:
+            st.pack_into(
+                buf, p, layout | 1, icount, ino.mode, 0, size, u, idx, ino.uid, ino.gid,
+                ino.mtime & 0xFFFFFFFFFFFFFFFF, nsec, ino.nlink & 0xFFFFFFFF,
+                head, loc, tail_bytes,
+            )  # fmt: skip
+        p += st.size
+        if late:
+            n = p + len(late)
+            buf[p:n] = late
+            p = n
+        return p
+
+    return write
+
+
 def _emit_epoch1(
     inodes: list[_Inode],
     shared_table: list[bytes],
@@ -971,9 +1049,8 @@ def _emit_epoch1(
     # writes: a bytearray would otherwise grow or shrink)
     cur = data_start // BLOCK
     xbase = inodes_end % BLOCK
-    ibody = _pack_ibody
-    heads: dict[tuple[int, Sequence[int]], bytes] = {}
-    structs: dict[int, struct.Struct] = {}
+    # V1 inodes keep their shared xattrs' offsets in the table
+    write_inode = _inode_writer(buf, lambda o: ((xbase + o) >> 2).to_bytes(4, "little"))
     nulls = _NULL_CHUNKS_BLOCK
     null_chunk = nulls[:4]
     chunk_based = F.DATALAYOUT_CHUNK_BASED
@@ -1036,56 +1113,7 @@ def _emit_epoch1(
         else:
             size = 0
             layout = F.DATALAYOUT_FLAT_PLAIN
-        xsize = ino.xattr_size
-        if xsize:
-            icount = 1 + (xsize - 12) // 4
-            if icount > 0xFFFF:
-                raise TreeError("too many xattrs on one inode")
-            # header and shared references: few distinct combinations
-            hk = (ino.xfilter, ino.shared)
-            head = heads.get(hk)
-            if head is None:
-                shared = hk[1]
-                head = heads[hk] = ibody(0xFFFFFFFF & ~hk[0], len(shared)) + b"".join(
-                    [((xbase + o) >> 2).to_bytes(4, "little") for o in shared]
-                )
-            loc = ino.xattr_local
-        else:
-            icount = 0
-            head = loc = b""
-        # The inode, its xattrs and a short tail (a chunk index) in one
-        # pack_into: a slice write into the bytearray costs as much as the
-        # whole pack. Longer tails (dirents, inline data) are written apart,
-        # so there are few distinct formats.
-        t = len(tail_bytes)
-        if t > 4:
-            late = tail_bytes
-            tail_bytes = b""
-            t = 0
-        else:
-            late = b""
-        compact = ino.compact
-        key = (len(head) << 32) | (len(loc) << 4) | (t << 1) | compact
-        st = structs.get(key)
-        if st is None:
-            fmt = (F.COMPACT_INODE if compact else F.EXTENDED_INODE).format
-            st = structs[key] = struct.Struct(f"{fmt}{len(head)}s{len(loc)}s{t}s")
-        if compact:
-            st.pack_into(
-                buf, p, layout, icount, ino.mode, ino.nlink, size, 0, u, idx, ino.uid, ino.gid,
-                head, loc, tail_bytes,
-            )  # fmt: skip
-        else:
-            st.pack_into(
-                buf, p, layout | 1, icount, ino.mode, 0, size, u, idx, ino.uid, ino.gid,
-                ino.mtime & 0xFFFFFFFFFFFFFFFF, ino.nsec, ino.nlink & 0xFFFFFFFF,
-                head, loc, tail_bytes,
-            )  # fmt: skip
-        p += st.size
-        if late:
-            n = p + len(late)
-            buf[p:n] = late
-            p = n
+        p = write_inode(p, ino, layout, size, u, idx, ino.nsec, ino.compact, tail_bytes)
     assert p <= inodes_end, (p, inodes_end)
     for e in shared_table:
         buf[inodes_end : inodes_end + len(e)] = e
@@ -1384,14 +1412,12 @@ def _build_epoch2(inodes: list[_Inode]) -> bytearray:
     for part in _head(header, inodes[0].nid, len(inodes), 0, 0, end // BLOCK, 0):
         buf[p : p + len(part)] = part
         p += len(part)
-    ibody = _pack_ibody
+    # V2 inodes keep their shared xattrs' indexes in the table
     refs = [(o >> 2).to_bytes(4, "little") for o in xattr_offsets]
-    heads: dict[tuple[int, Sequence[int]], bytes] = {}
-    structs: dict[tuple[int, int, int], struct.Struct] = {}
+    write_inode = _inode_writer(buf, refs.__getitem__)
     nulls = _NULL_CHUNKS_BLOCK
     chunk_based = F.DATALAYOUT_CHUNK_BASED
     blkbits_mask = F.CHUNK_FORMAT_BLKBITS_MASK
-    extended = F.EXTENDED_INODE.format
     for ino in inodes:
         p = ino.nid << 5
         ft = ino.ftype
@@ -1430,47 +1456,8 @@ def _build_epoch2(inodes: list[_Inode]) -> bytearray:
         else:
             size = 0
             layout = F.DATALAYOUT_FLAT_PLAIN
-        xsize = ino.xattr_size
-        if xsize:
-            icount = 1 + (xsize - 12) // 4
-            if icount > 0xFFFF:
-                raise TreeError("too many xattrs on one inode")
-            # header and shared references: few distinct combinations
-            hk = (ino.xfilter, ino.shared)
-            head = heads.get(hk)
-            if head is None:
-                shared_refs = hk[1]
-                head = heads[hk] = ibody(
-                    0xFFFFFFFF & ~hk[0], len(shared_refs) & 0xFF
-                ) + b"".join([refs[t] for t in shared_refs])
-            loc = ino.xattr_local
-        else:
-            icount = 0
-            head = loc = b""
-        # The inode, its xattrs and a short tail (a chunk index) in one
-        # pack_into; longer tails (dirents, inline data) are written apart,
-        # so there are few distinct formats.
-        t = len(tail_bytes)
-        if t > 4:
-            late = tail_bytes
-            tail_bytes = b""
-            t = 0
-        else:
-            late = b""
-        key = (len(head), len(loc), t)
-        st = structs.get(key)
-        if st is None:
-            st = structs[key] = struct.Struct(f"{extended}{key[0]}s{key[1]}s{t}s")
-        st.pack_into(
-            buf, p, layout | 1, icount, ino.mode, 0, size, u, ino.nid & 0xFFFFFFFF, ino.uid,
-            ino.gid, ino.mtime & 0xFFFFFFFFFFFFFFFF, 0, ino.nlink & 0xFFFFFFFF, head, loc,
-            tail_bytes,
-        )  # fmt: skip
-        p += st.size
-        if late:
-            n = p + len(late)
-            buf[p:n] = late
-            p = n
+        # (V2 inodes are all extended, with no nanoseconds)
+        p = write_inode(p, ino, layout, size, u, ino.nid & 0xFFFFFFFF, 0, False, tail_bytes)
     assert p <= inodes_end, (p, inodes_end)
     o = inodes_end
     for e in table_entries:
