@@ -246,7 +246,7 @@ def report(f: dict[str, Any]) -> None:
         f"{f['refetch_cli_s']:.2f} s whole cfsctl command",
         "ours: oci pull from local registry".ljust(40)
         + f"{f['pull_s']:6.2f} s  peak {mb(f['pull_rss'])}  "
-        f"(fetch is {f['pull_s'] / f['fetch_s']:.1f}x faster)",
+        f"(fetch/pull {f['fetch_s'] / f['pull_s']:.2f})",
         "wget, same files, 1 connection".ljust(40)
         + f"{f['wget_s']:6.2f} s  (fetch/wget {f['fetch_s'] / f['wget_s']:.2f})",
         "curl --parallel-max 16, same files".ljust(40)

@@ -377,3 +377,58 @@ def test_fresh_prefix_memory_is_bounded(repo: Repository, monkeypatch: pytest.Mo
             oid,
             False,
         )
+
+
+class _SelfChecking(io.RawIOBase):
+    """A stream that, like an HTTP body, checks its content against an id
+    and raises instead of returning its last byte when they differ."""
+
+    def __init__(self, data: bytes, ok: bool) -> None:
+        self._data, self._ok, self._pos = data, ok, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:  # type: ignore[override]
+        n = len(self._data) - self._pos if n < 0 else n
+        chunk = self._data[self._pos : self._pos + min(n, 100_000)]
+        self._pos += len(chunk)
+        if self._pos == len(self._data) and chunk and not self._ok:
+            raise ValueError("content does not match its id")
+        return chunk
+
+
+@pytest.mark.parametrize("size", [5000, (1 << 20) + 4097], ids=["small", "streamed"])
+def test_store_from_stream_verified_id(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """A stream that checks itself is not hashed again by the store (the
+    fetch path hashed every object twice), and one that fails its check
+    leaves nothing behind."""
+    data = os.urandom(size)
+    oid = fsverity.digest_hex(data, "sha512")
+
+    def no_hashing(*args: object, **kwargs: object) -> None:
+        raise AssertionError("hashed again")
+
+    with monkeypatch.context() as m:
+        m.setattr(fsverity, "digest_hex", no_hashing)
+        m.setattr(fsverity, "FsVerityHasher", no_hashing)
+        with pytest.raises(ValueError, match="does not match"):
+            repo.objects.store_from_stream_counted(
+                _SelfChecking(data, ok=False), size, verified_id=oid
+            )
+        assert not repo.has_object(oid)
+        assert stray_files(repo) == []
+        got = repo.objects.store_from_stream_counted(
+            _SelfChecking(data, ok=True), size, verified_id=oid
+        )
+        assert got == (oid, size, True)
+        # Already there: no second object, nothing hashed either.
+        again = repo.ensure_object_from_stream(_SelfChecking(data, ok=True), size, verified_id=oid)
+        assert again == oid
+    assert Path(objpath(repo, oid)).read_bytes() == data
+    with pytest.raises(RepositoryError, match="invalid"):
+        repo.ensure_object_from_stream(io.BytesIO(data), size, verified_id="zz" + oid[2:])
+    # Without a verified id the store hashes, as before.
+    assert repo.ensure_object_from_stream(io.BytesIO(data), size) == oid

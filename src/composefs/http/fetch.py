@@ -188,9 +188,12 @@ class Fetcher:
         path = core.object_path(object_id, self.algorithm)
 
         def store(body: Body) -> int:
-            stored = self.repo.ensure_object_from_stream(cast(BinaryIO, body), body.length)
-            if stored != object_id:  # the body checked it already; belt and braces
-                raise HttpError(f"{body.url}: stored as {stored}, expected {object_id}")
+            # The body hashes what it hands over and raises on a mismatch
+            # before its last byte, so before the store links anything: the
+            # store need not hash it again.
+            self.repo.ensure_object_from_stream(
+                cast(BinaryIO, body), body.length, verified_id=object_id
+            )
             return body.position
 
         n = self.client.get(

@@ -360,12 +360,20 @@ class ObjectStore:
         return self.store_bytes_counted(data, check_writable=check_writable)[0]
 
     def store_bytes_counted(
-        self, data: bytes | bytearray | memoryview, *, check_writable: bool
+        self,
+        data: bytes | bytearray | memoryview,
+        *,
+        check_writable: bool,
+        verified_id: str | None = None,
     ) -> tuple[str, bool]:
         """`store_bytes`, also telling whether the object is new (False: it
-        was already present)."""
-        object_id = fsverity.digest_hex(data, self.algorithm)
-        # (our own digest: a well-formed id, object_relpath's check is moot)
+        was already present). `verified_id`: see `store_from_stream_counted`."""
+        if verified_id is None:
+            object_id = fsverity.digest_hex(data, self.algorithm)
+        else:
+            self.object_relpath(verified_id)  # refuses a malformed id
+            object_id = verified_id
+        # (a well-formed id: object_relpath's check is moot)
         relpath = f"{object_id[:2]}/{object_id[2:]}"
         objects = self.objects_fd()
         if self._surely_absent(object_id):
@@ -411,21 +419,41 @@ class ObjectStore:
         return object_id, n
 
     def store_from_stream_counted(
-        self, source: BinaryIO | IO[bytes], size: int | None, *, check_writable: bool = True
+        self,
+        source: BinaryIO | IO[bytes],
+        size: int | None,
+        *,
+        check_writable: bool = True,
+        verified_id: str | None = None,
     ) -> tuple[str, int, bool]:
-        """`store_from_stream`, also telling whether the object is new."""
+        """`store_from_stream`, also telling whether the object is new.
+
+        `verified_id`: `source` checks itself against this fs-verity digest
+        and raises, instead of returning its last byte, if it differs (e.g.
+        an HTTP body hashed as it arrives). The content is then not hashed a
+        second time here; a secure repository still has the kernel measure
+        it before it is linked.
+        """
         if size is not None and size <= _SMALL_OBJECT:
             # Most files in a layer are small: read them whole (bounded) and
             # take the in-memory path — one hash call, one write, and no
             # inode at all for content that is already stored.
             data = _read_exactly(source, size)
-            object_id, new = self.store_bytes_counted(data, check_writable=check_writable)
+            object_id, new = self.store_bytes_counted(
+                data, check_writable=check_writable, verified_id=verified_id
+            )
             return object_id, size, new
+        if verified_id is not None:
+            self.object_relpath(verified_id)  # refuses a malformed id
         if check_writable:
             self.ensure_writable()
         else:
             self.ensure_writable_once()
-        hasher = fsverity.FsVerityHasher(self.algorithm) if self.insecure else None
+        hasher = (
+            fsverity.FsVerityHasher(self.algorithm)
+            if self.insecure and verified_id is None
+            else None
+        )
         with TmpObject(self) as tmp:
             out = FdWriter(tmp.fd, hasher)
             remaining = size
@@ -440,16 +468,21 @@ class ObjectStore:
             if remaining:
                 raise RepositoryError(f"short read: {remaining} bytes missing")
             object_id, new = self.finalize(
-                tmp, hasher.hexdigest() if hasher is not None else None, out.size
+                tmp, hasher.hexdigest() if hasher is not None else verified_id, out.size
             )
         return object_id, out.size, new
 
     def ensure_object_from_stream(
-        self, source: BinaryIO | IO[bytes], size: int | None = None
+        self,
+        source: BinaryIO | IO[bytes],
+        size: int | None = None,
+        *,
+        verified_id: str | None = None,
     ) -> str:
         """Store `size` bytes (or all) read from `source` as an object;
-        hashes while copying, memory stays bounded."""
-        return self.store_from_stream(source, size)[0]
+        hashes while copying (unless `verified_id`: see
+        `store_from_stream_counted`), memory stays bounded."""
+        return self.store_from_stream_counted(source, size, verified_id=verified_id)[0]
 
     def store_file(
         self,
