@@ -589,3 +589,86 @@ def test_file_changing_while_read_is_reported(
     monkeypatch.setattr(fsverity, "digest_sized", growing)
     with pytest.raises(SourceError, match="changed while it was being read"):
         fs.read_directory(src, threads=1)
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _wide_tree(root: Path, levels: int = 3, files: int = 20) -> None:
+    """Directories of many files, with subdirectories between them (whose
+    walk happens while their parent's read-ahead files are still open)."""
+    root.mkdir()
+    for i in range(files):
+        (root / f"f{i:02}").write_bytes(os.urandom(100 + 97 * i))
+        if levels > 1 and i % 7 == 3:
+            _wide_tree(root / f"f{i:02}d", levels - 1, files)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_read_ahead_is_bounded_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    # The walk opens the next regular files of a directory early and asks
+    # the kernel to start reading them (a cold tree otherwise waits for
+    # every file in turn). The tree read must be the same as without it,
+    # with a bounded number of descriptors held and none left behind.
+    from composefs.dumpfile import dumps
+
+    src = tmp_path / "src"
+    _wide_tree(src)
+    advised: list[int] = []
+    real_advise = os.posix_fadvise
+    most = 0
+
+    def advise(fd: int, offset: int, length: int, advice: int) -> None:
+        nonlocal most
+        if advice == os.POSIX_FADV_WILLNEED:
+            advised.append(os.fstat(fd).st_ino)
+        real_advise(fd, offset, length, advice)
+
+    real_ahead = fs._Scanner._read_ahead
+
+    def counting(self: fs._Scanner, *args: Any) -> None:
+        nonlocal most
+        real_ahead(self, *args)
+        most = max(most, self.n_ahead)
+        assert len(args[2]) <= fs._AHEAD_FILES
+
+    before = _open_fds()
+    with monkeypatch.context() as m:
+        m.setattr(fs, "_AHEAD_FILES", 0)  # no read-ahead: the reference
+        expected = dumps(fs.read_directory(src, threads=threads))
+    monkeypatch.setattr(os, "posix_fadvise", advise)
+    monkeypatch.setattr(fs._Scanner, "_read_ahead", counting)
+    monkeypatch.setattr(fs, "_AHEAD_MAX", 12)  # below what the tree would take
+    assert dumps(fs.read_directory(src, threads=threads)) == expected
+    assert _open_fds() == before
+    assert 0 < most <= 12
+    regular = {p.stat().st_ino for p in src.rglob("*") if p.is_file()}
+    assert set(advised) <= regular
+    assert len(set(advised)) > len(regular) // 2  # most files were read ahead
+
+
+def test_read_ahead_descriptors_closed_on_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A walk that fails midway closes the files it had opened ahead.
+    src = tmp_path / "src"
+    _wide_tree(src)
+    real_digest = fsverity.digest_sized
+    calls = 0
+
+    def failing(fd: int, size: int, *args: Any, **kw: Any) -> tuple[bytes, bytes | None]:
+        nonlocal calls
+        calls += 1
+        if calls == 30:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_digest(fd, size, *args, **kw)
+
+    monkeypatch.setattr(fsverity, "digest_sized", failing)
+    before = _open_fds()
+    with pytest.raises(SourceError, match="Input/output error"):
+        fs.read_directory(src, threads=1)
+    assert calls == 30
+    assert _open_fds() == before
