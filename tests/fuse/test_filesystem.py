@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -174,6 +175,22 @@ def test_tampered_and_missing_objects_are_eio(tmp_path: Path) -> None:
         assert errno_of(fs.open, walk(fs, b"/ext/small"), os.O_RDONLY) == errno.EIO
         block.unlink()
         assert errno_of(fs.open, walk(fs, b"/ext/block"), os.O_RDONLY) == errno.EIO
+        # a FIFO in its place: refused, not waited on (an alarm ends a hang)
+        os.mkfifo(block)
+
+        class Blocked(Exception):  # no OSError: the filesystem would map it to EIO
+            pass
+
+        def blocked(signum: int, frame: object) -> None:
+            raise Blocked("opening the object blocked")
+
+        old = signal.signal(signal.SIGALRM, blocked)
+        signal.alarm(10)
+        try:
+            assert errno_of(fs.open, walk(fs, b"/ext/block"), os.O_RDONLY) == errno.EIO
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
         # other files are unaffected
         f = fs.open(walk(fs, b"/ext/big"), os.O_RDONLY)
         assert fs.read(f, 0, 4) == EXTERNAL[b"/ext/big"][:4]

@@ -164,3 +164,24 @@ def test_publish_an_image_alone(source: Source, tmp_path: Path) -> None:
     link = tmp_path / "img" / "images" / source.image_id
     assert link.is_symlink() and link.resolve().is_file()
     assert not (tmp_path / "img" / "streams").exists()
+
+
+def test_publish_refuses_an_object_that_is_no_regular_file(
+    source: Source, tmp_path: Path
+) -> None:
+    # A FIFO where an object should be is not linked into the published
+    # tree (nor opened: that would block).
+    import shutil
+
+    from composefs.errors import RepositoryError
+
+    copy = tmp_path / "repo"
+    shutil.copytree(source.repo, copy, symlinks=True)
+    with Repository.open(copy) as repo:
+        victim = sorted(repo.objects_for_image(source.image_id))[0]
+        path = Path(repo.objects_dir) / victim[:2] / victim[2:]
+        path.unlink()
+        os.mkfifo(path)
+        with pytest.raises(RepositoryError, match="not a regular file"):
+            publish(repo, str(tmp_path / "img"), images=[source.image_id])
+    assert not (tmp_path / "img" / "objects" / victim[:2] / victim[2:]).exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -246,3 +247,52 @@ def test_maintenance_alone(tmp_path: Path) -> None:
     assert store.has_object(kept) and not store.has_object(lost)
     assert m.fsck().ok is False  # no meta.json in a bare store: fsck says so
     store.close()
+
+
+def _cfsctl(repo: Repository, *args: str) -> subprocess.CompletedProcess[str]:
+    # A child with a timeout: what this guards against is a hang.
+    return subprocess.run(
+        [sys.executable, "-m", "composefs.cli.cfsctl", "--repo", repo.path, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "what", ["fifo-object", "device-object", "fifo-image", "fifo-stream", "fifo-meta"]
+)
+def test_special_files_in_the_repository_fail_cleanly(repo: Repository, what: str) -> None:
+    """A FIFO (whose open blocks) or a character device (whose content never
+    ends) where the repository has a regular file: fsck, gc and the readers
+    report it in one line instead of hanging (composefs-rs would block)."""
+    ids = populated(repo)
+    key = {"fifo-object": "big", "device-object": "big", "fifo-image": "img"}.get(what, "stream")
+    path = Path(repo.path) / "meta.json" if what == "fifo-meta" else objpath(repo, ids[key])
+    path.unlink()
+    if what == "device-object":
+        if os.geteuid() != 0:
+            pytest.skip("mknod needs root")
+        os.mknod(path, 0o644 | stat.S_IFCHR, os.makedev(1, 5))  # /dev/zero
+    else:
+        os.mkfifo(path)
+    repo.close()
+    fsck = _cfsctl(repo, "fsck")
+    assert fsck.returncode == 1 and "Traceback" not in fsck.stderr
+    if what == "fifo-meta":
+        assert fsck.stderr == "cfsctl: cannot read meta.json: not a regular file\n"
+    else:
+        assert f"object-open-failed: objects/{ids[key][:2]}/" in fsck.stdout
+        assert "not a regular file" in fsck.stdout
+    for args in (["gc", "--dry-run"], ["image-objects", "img"], ["cat", "layer"]):
+        r = _cfsctl(repo, *args)
+        assert "Traceback" not in r.stderr
+        if r.returncode:
+            assert r.stderr.count("\n") == 1 and "not a regular file" in r.stderr, r.stderr
+    # What reads the special file fails; what does not read it still works.
+    assert (_cfsctl(repo, "image-objects", "img").returncode != 0) == (
+        what in ("fifo-image", "fifo-meta")
+    )
+    assert (_cfsctl(repo, "cat", "layer").returncode != 0) == (
+        what in ("fifo-stream", "fifo-meta")
+    )

@@ -268,8 +268,12 @@ class ImageFilesystem:
         fd = -1
         for base in self._basedirs:
             try:
+                # O_NONBLOCK: a FIFO there must not block the open (it is
+                # then refused as no regular file).
                 fd = os.open(
-                    path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=base
+                    path,
+                    os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK,
+                    dir_fd=base,
                 )
                 break
             except FileNotFoundError:

@@ -23,12 +23,13 @@ import os
 import posixpath
 import secrets
 import shutil
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .._atomic import replacing
-from ..errors import HttpError, NotFoundError
+from ..errors import HttpError, NotFoundError, RepositoryError
 from . import _repo, core
 
 if TYPE_CHECKING:
@@ -113,7 +114,10 @@ class _Tree:
             result.objects_present += 1
             return
         src = os.path.join(self.repo.objects_dir, self.repo.object_relpath(object_id))
-        size = os.stat(src).st_size
+        st = os.stat(src)
+        if not stat.S_ISREG(st.st_mode):  # never publish a FIFO or device
+            raise RepositoryError(f"object {object_id} is not a regular file")
+        size = st.st_size
         if self._can_link:
             try:
                 os.link(src, path)

@@ -99,6 +99,35 @@ def _msg(e: BaseException) -> str:
     return str(e)
 
 
+class NotRegularFile(OSError):
+    """A repository file (object, image, stream, meta.json) that is no
+    regular file: a FIFO, a device, a socket."""
+
+
+# O_NONBLOCK: a FIFO put in the repository cannot block the open (and is then
+# refused); it changes nothing for a regular file.
+_O_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+
+
+def _open_regular(path: str, dir_fd: int | None = None) -> int:
+    """Open a repository file for reading, refusing anything but a regular
+    file (symlinks are followed, as before): reading a FIFO would block
+    forever and a character device may never end. A directory raises
+    IsADirectoryError, anything else `NotRegularFile`."""
+    fd = os.open(path, _O_READ, dir_fd=dir_fd)
+    try:
+        mode = os.fstat(fd).st_mode
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        raise NotRegularFile(errno.EINVAL, "not a regular file", path)
+    return fd
+
+
 def _exists(dirfd: int, name: str) -> bool:
     try:
         os.stat(name, dir_fd=dirfd)

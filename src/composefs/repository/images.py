@@ -13,7 +13,14 @@ from typing import IO, Any, BinaryIO
 
 from .. import fsverity
 from ..errors import NotFoundError, RepositoryError
-from ._fs import HEX_LENGTHS, _check_relpath, _exists, _is_hex_id, _object_id_from_path
+from ._fs import (
+    HEX_LENGTHS,
+    _check_relpath,
+    _exists,
+    _is_hex_id,
+    _object_id_from_path,
+    _open_regular,
+)
 from .meta import FormatConfig
 from .objects import ObjectStore
 
@@ -157,7 +164,7 @@ class ImageStore:
         name = self.image_entry(name)
         _check_relpath(name, "image name")
         try:
-            fd = os.open(f"images/{name}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.objects.dirfd)
+            fd = _open_regular(f"images/{name}", self.objects.dirfd)
         except (FileNotFoundError, NotADirectoryError):
             raise NotFoundError(f"image not found: {name}") from None
         try:

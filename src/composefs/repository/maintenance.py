@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from ._fs import (
     _isdir,
     _msg,
     _object_id_from_path,
+    _open_regular,
     _walk_links,
 )
 from .images import ImageStore
@@ -474,7 +474,7 @@ class Maintenance:
         return result
 
     def _read_entry(self, relpath: str) -> bytes:
-        fd = os.open(relpath, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.objects.dirfd)
+        fd = _open_regular(relpath, self.objects.dirfd)
         with os.fdopen(fd, "rb") as f:
             return f.read()
 
@@ -586,14 +586,12 @@ class Maintenance:
             )
             return FsckError("object-invalid-name", path, detail=detail)
         try:
-            fd = os.open(
-                f"{prefix}/{name}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.objects.objects_fd()
-            )
+            # Anything but a regular file (a directory: "Is a directory"; a
+            # FIFO or device, which would block or never end) fails here.
+            fd = _open_regular(f"{prefix}/{name}", self.objects.objects_fd())
         except OSError as e:
             return FsckError("object-open-failed", path, detail=_msg(e))
         try:
-            if stat.S_ISDIR(os.fstat(fd).st_mode):
-                return FsckError("object-open-failed", path, detail="Is a directory")
             measured = self.objects.measure(fd)
             if measured is None:
                 if not self.objects.insecure:
@@ -712,7 +710,7 @@ class Maintenance:
 
     def _fsck_image(self, name: str, path: str, result: FsckResult) -> None:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.objects.dirfd)
+            fd = _open_regular(path, self.objects.dirfd)
         except OSError as e:
             result.images_corrupted += 1
             result.errors.append(FsckError("image-open-failed", path, detail=_msg(e)))

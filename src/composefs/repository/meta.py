@@ -18,7 +18,15 @@ from ..errors import (
     VerityNotEnabled,
     VerityNotSupported,
 )
-from ._fs import _NO_TMPFILE, HEX_LENGTHS, _exists, _tmpname, _write_all
+from ._fs import (
+    _NO_TMPFILE,
+    HEX_LENGTHS,
+    NotRegularFile,
+    _exists,
+    _open_regular,
+    _tmpname,
+    _write_all,
+)
 
 REPO_METADATA_FILENAME = "meta.json"
 REPO_FORMAT_VERSION = 1
@@ -260,9 +268,11 @@ def _strlist(v: object) -> list[str]:
 def _read_metadata(fd: int) -> tuple[RepoMetadata | None, bool]:
     """Parse ``meta.json`` (None if absent) and whether it has fs-verity."""
     try:
-        mfd = os.open(REPO_METADATA_FILENAME, os.O_RDONLY | os.O_CLOEXEC, dir_fd=fd)
+        mfd = _open_regular(REPO_METADATA_FILENAME, fd)
     except FileNotFoundError:
         return None, False
+    except OSError as e:  # e.g. not a regular file (a FIFO would block the read)
+        raise RepositoryError(f"cannot read {REPO_METADATA_FILENAME}: {e.strerror}") from None
     with os.fdopen(mfd, "rb") as f:
         data = f.read(1 << 20)
         try:
@@ -323,7 +333,10 @@ def _infer_metadata(fd: int) -> tuple[str, bool]:
             algorithm = {62: "sha256", 126: "sha512"}.get(len(name))
             if algorithm is None:
                 continue
-            ofd = os.open(os.path.join(objects, prefix, name), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                ofd = _open_regular(os.path.join(objects, prefix, name))
+            except (NotRegularFile, IsADirectoryError):
+                continue  # not an object
             try:
                 try:
                     alg, _ = fsverity.measure_verity(ofd)

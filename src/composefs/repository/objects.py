@@ -27,6 +27,7 @@ from ._fs import (
     _exists,
     _is_hex_id,
     _object_id_from_path,
+    _open_regular,
     _proc_self_fd,
     _read_exactly,
     _tmpname,
@@ -383,7 +384,7 @@ class ObjectStore:
                 return object_id, False
         else:
             try:
-                fd = os.open(relpath, os.O_RDONLY | os.O_CLOEXEC, dir_fd=objects)
+                fd = _open_regular(relpath, objects)
             except FileNotFoundError:
                 pass
             else:
@@ -648,7 +649,7 @@ class ObjectStore:
         fs-verity digest is checked against the id."""
         relpath = self.object_relpath(object_id)
         try:
-            fd = os.open(relpath, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.objects_fd())
+            fd = _open_regular(relpath, self.objects_fd())
         except FileNotFoundError:
             raise NotFoundError(f"object {object_id} not found") from None
         if not self.insecure:

@@ -17,7 +17,7 @@ from typing import IO, TYPE_CHECKING, BinaryIO, TypeVar
 from .. import fsverity
 from ..errors import NotFoundError, RepositoryError
 from ..splitstream import _SPOOL_MEM_MAX, SplitStreamReader, SplitStreamWriter, Writable
-from ._fs import _check_relpath, _exists, _is_hex_id, _read_exactly
+from ._fs import _check_relpath, _exists, _is_hex_id, _open_regular, _read_exactly
 from ._store_helper import HelperResult, HelperUnavailable, StoreHelper
 from .objects import _SMALL_OBJECT, FdWriter, ObjectStore, TmpObject
 
@@ -480,9 +480,7 @@ class StreamStore:
         else:
             _check_relpath(name, "stream name")
             try:
-                fd = os.open(
-                    f"streams/{name}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.objects.dirfd
-                )
+                fd = _open_regular(f"streams/{name}", self.objects.dirfd)
             except (FileNotFoundError, NotADirectoryError):
                 raise NotFoundError(f"stream {name} not found") from None
         f = os.fdopen(fd, "rb")
