@@ -428,6 +428,14 @@ def test_store_from_stream_verified_id(
         again = repo.ensure_object_from_stream(_SelfChecking(data, ok=True), size, verified_id=oid)
         assert again == oid
     assert Path(objpath(repo, oid)).read_bytes() == data
+    # A stream longer than said would never have reached its check.
+    other = os.urandom(size)
+    other_id = fsverity.digest_hex(other, "sha512")
+    with pytest.raises(RepositoryError, match="longer than"):
+        repo.objects.store_from_stream_counted(
+            _SelfChecking(other + b"x", ok=True), size, verified_id=other_id
+        )
+    assert not repo.has_object(other_id)
     with pytest.raises(RepositoryError, match="invalid"):
         repo.ensure_object_from_stream(io.BytesIO(data), size, verified_id="zz" + oid[2:])
     # Without a verified id the store hashes, as before.

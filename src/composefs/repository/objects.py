@@ -73,6 +73,13 @@ class FdWriter:
         return len(data)
 
 
+def _check_ended(source: BinaryIO | IO[bytes], size: int) -> None:
+    """A stream that checks itself at its end (see `verified_id`) must end
+    after the `size` bytes read: else its check would not have run."""
+    if source.read(1):
+        raise RepositoryError(f"the content is longer than the {size} bytes expected")
+
+
 def _linkat_empty_path(fd: int, dirfd: int, name: str) -> None:
     """linkat(fd, "", dirfd, name, AT_EMPTY_PATH): the ``/proc/self/fd``
     path costs a procfs lookup per object (not in the os module)."""
@@ -433,13 +440,16 @@ class ObjectStore:
         and raises, instead of returning its last byte, if it differs (e.g.
         an HTTP body hashed as it arrives). The content is then not hashed a
         second time here; a secure repository still has the kernel measure
-        it before it is linked.
+        it before it is linked. `source` must end after `size` bytes (so
+        that its check has run): more is refused.
         """
         if size is not None and size <= _SMALL_OBJECT:
             # Most files in a layer are small: read them whole (bounded) and
             # take the in-memory path — one hash call, one write, and no
             # inode at all for content that is already stored.
             data = _read_exactly(source, size)
+            if verified_id is not None:
+                _check_ended(source, size)
             object_id, new = self.store_bytes_counted(
                 data, check_writable=check_writable, verified_id=verified_id
             )
@@ -468,6 +478,8 @@ class ObjectStore:
                     remaining -= len(block)
             if remaining:
                 raise RepositoryError(f"short read: {remaining} bytes missing")
+            if verified_id is not None and size is not None:
+                _check_ended(source, size)
             object_id, new = self.finalize(
                 tmp, hasher.hexdigest() if hasher is not None else verified_id, out.size
             )
