@@ -440,3 +440,15 @@ def test_store_from_stream_verified_id(
         repo.ensure_object_from_stream(io.BytesIO(data), size, verified_id="zz" + oid[2:])
     # Without a verified id the store hashes, as before.
     assert repo.ensure_object_from_stream(io.BytesIO(data), size) == oid
+
+
+def test_open_object_reads_in_blocking_mode(repo: Repository) -> None:
+    # Objects are opened O_NONBLOCK (a FIFO in their place must not block
+    # the open) but read as before, in blocking mode.
+    oid = repo.ensure_object(b"x" * 5000)
+    fd = repo.open_object(oid)
+    try:
+        assert os.get_blocking(fd)
+        assert os.pread(fd, 10, 0) == b"x" * 10
+    finally:
+        os.close(fd)

@@ -105,7 +105,7 @@ class NotRegularFile(OSError):
 
 
 # O_NONBLOCK: a FIFO put in the repository cannot block the open (and is then
-# refused); it changes nothing for a regular file.
+# refused); a regular file is read in blocking mode again, as before.
 _O_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 
 
@@ -113,19 +113,21 @@ def _open_regular(path: str, dir_fd: int | None = None) -> int:
     """Open a repository file for reading, refusing anything but a regular
     file (symlinks are followed, as before): reading a FIFO would block
     forever and a character device may never end. A directory raises
-    IsADirectoryError, anything else `NotRegularFile`."""
+    IsADirectoryError, anything else `NotRegularFile`. (`oci.transports`
+    opens layout blobs the same way.)"""
     fd = os.open(path, _O_READ, dir_fd=dir_fd)
     try:
         mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode):
+            os.set_blocking(fd, True)
+            return fd
     except BaseException:
         os.close(fd)
         raise
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        raise NotRegularFile(errno.EINVAL, "not a regular file", path)
-    return fd
+    os.close(fd)
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    raise NotRegularFile(errno.EINVAL, "not a regular file", path)
 
 
 def _exists(dirfd: int, name: str) -> bool:
