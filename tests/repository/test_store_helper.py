@@ -138,3 +138,77 @@ def test_a_helper_that_does_not_start_is_not_an_error(
     repo.write_stream(w, "oci-layer-sha256:nohelper")
     assert w.reference_log == [fsverity.digest_hex(d, repo.algorithm) for d in blobs]
     assert not repo.fsck().errors
+
+
+def _spawned(monkeypatch: pytest.MonkeyPatch) -> list[_store_helper.StoreHelper]:
+    """Every StoreHelper started from now on."""
+    started: list[_store_helper.StoreHelper] = []
+    real_init = _store_helper.StoreHelper.__init__
+
+    def init(self: _store_helper.StoreHelper, store: object) -> None:
+        real_init(self, store)
+        started.append(self)
+
+    monkeypatch.setattr(_store_helper.StoreHelper, "__init__", init)
+    return started
+
+
+def test_a_writer_takes_the_helper_started_ahead(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started = _spawned(monkeypatch)
+    blobs = _blobs(streams._HELPER_AFTER_OBJECTS + 50, seed=5)
+    with repo.helper_ahead(), repo.helper_ahead():  # nested: still one
+        assert len(started) == 1
+        ahead = started[0]
+        w = repo.create_stream(CONTENT_OCI_LAYER)
+        w.reference_log = []
+        for data in blobs:
+            _queue(w, data)
+        assert w._helper is ahead
+        repo.write_stream(w, "oci-layer-sha256:ahead")
+    assert len(started) == 1  # the writer started none of its own
+    assert ahead.proc.returncode == 0  # closed by the writer, not killed
+    assert w.reference_log == [fsverity.digest_hex(d, repo.algorithm) for d in blobs]
+    assert not repo.fsck().errors
+
+
+def test_a_helper_nobody_took_is_killed_at_once(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing big was written (a pull of an image already stored, a failed
+    one): the helper goes on exit, without waiting for its start-up, and
+    the next writer starts its own."""
+    started = _spawned(monkeypatch)
+    # a start-up that would take a minute: exit must not wait for it
+    slow = "import time; time.sleep(60)\n" + _store_helper._SCRIPT
+    monkeypatch.setattr(_store_helper, "_SCRIPT", slow)
+    t0 = time.monotonic()
+    with pytest.raises(KeyError), repo.helper_ahead():
+        w = repo.create_stream(CONTENT_OCI_LAYER)
+        w.write_inline(b"small")
+        repo.write_stream(w, "oci-layer-sha256:small")  # no helper wanted
+        raise KeyError("the pull failed")
+    assert time.monotonic() - t0 < 10
+    assert len(started) == 1
+    assert started[0].proc.returncode is not None  # gone, and reaped
+    monkeypatch.setattr(_store_helper, "_SCRIPT", slow.split("\n", 1)[1])
+    w = repo.create_stream(CONTENT_OCI_LAYER)
+    for data in _blobs(streams._HELPER_AFTER_OBJECTS + 10, seed=6):
+        _queue(w, data)
+    assert w._helper is not None and w._helper is not started[0]
+    repo.write_stream(w, "oci-layer-sha256:later")
+    assert not repo.fsck().errors
+
+
+def test_a_helper_ahead_that_cannot_start_is_not_an_error(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_store_helper.sys, "executable", "")
+    with repo.helper_ahead():
+        w = repo.create_stream(CONTENT_OCI_LAYER)
+        for data in _blobs(streams._HELPER_AFTER_OBJECTS + 10, seed=7):
+            _queue(w, data)
+        assert w._helper is None
+        repo.write_stream(w, "oci-layer-sha256:inprocess")
+    assert not repo.fsck().errors

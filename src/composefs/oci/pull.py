@@ -983,10 +983,13 @@ def pull(
         platform = Platform.parse(platform)
     if tag is not None:
         validate_tag(tag)
-    source = open_source(imgref, registry_options)
-    try:
-        return pull_from_source(
-            repo, source, tag, platform=platform, progress=progress, boot=boot, stop=stop
-        )
-    finally:
-        source.close()
+    # The helper starts while the source opens (for a registry: imports,
+    # connection, manifest and config), not once the first layer arrives.
+    with repo.helper_ahead():
+        source = open_source(imgref, registry_options)
+        try:
+            return pull_from_source(
+                repo, source, tag, platform=platform, progress=progress, boot=boot, stop=stop
+            )
+        finally:
+            source.close()

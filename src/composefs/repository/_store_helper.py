@@ -373,6 +373,16 @@ class StoreHelper:
             if self._parse():
                 return
 
+    def discard(self) -> None:
+        """Stop a helper that was never given an object: killed (it has
+        nothing to finish and wrote nothing), not waited for to start."""
+        if self._pending:
+            self.close()
+            return
+        self.sock.close()
+        self.proc.kill()
+        self.proc.wait()
+
     def close(self) -> None:
         """Stop the helper and wait for it (it finishes what it was sent)."""
         import subprocess

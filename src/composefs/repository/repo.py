@@ -300,6 +300,7 @@ class Repository:
     write_stream = _via(_streams, StreamStore.write_stream)
     ensure_stream = _via(_streams, StreamStore.ensure_stream)
     has_stream = _via(_streams, StreamStore.has_stream)
+    helper_ahead = _via(_streams, StreamStore.helper_ahead)
     stream_named = _via(_streams, StreamStore.stream_named)
     name_stream = _via(_streams, StreamStore.name_stream)
     has_named_stream = _via(_streams, StreamStore.has_named_stream)

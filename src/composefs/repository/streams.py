@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import stat
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING, BinaryIO, TypeVar
 
 from .. import fsverity
@@ -58,7 +59,12 @@ class RepoStreamWriter(SplitStreamWriter):
     `finish` waits for every queued object.
     """
 
-    def __init__(self, repo: ObjectStore, content_type: int) -> None:
+    def __init__(
+        self,
+        repo: ObjectStore,
+        content_type: int,
+        helpers_ahead: list[StoreHelper] | None = None,
+    ) -> None:
         # Spools (long inline runs, the compressed stream) go to anonymous
         # files inside the repository, never to $TMPDIR.
         objects_dir = repo.objects_dir
@@ -78,6 +84,9 @@ class RepoStreamWriter(SplitStreamWriter):
         self._helper: StoreHelper | None = None
         self._starting: StoreHelper | None = None
         self._helper_failed = False
+        # Helpers started ahead (`StreamStore.helper_ahead`): the first
+        # writer that wants one takes it instead of starting its own.
+        self._helpers_ahead = helpers_ahead if helpers_ahead is not None else []
         self._eager = False
         self._small_objects = 0
         self._small_bytes = 0
@@ -185,7 +194,10 @@ class RepoStreamWriter(SplitStreamWriter):
             self.repo.objects_fd()
             self.repo.ensure_writable_once()
             try:
-                self._starting = StoreHelper(self.repo)
+                try:
+                    self._starting = self._helpers_ahead.pop()  # atomic: writers race
+                except IndexError:
+                    self._starting = StoreHelper(self.repo)
             except (OSError, HelperUnavailable):
                 self._helper_failed = True
                 return None
@@ -301,11 +313,38 @@ class StreamStore:
 
     def __init__(self, objects: ObjectStore) -> None:
         self.objects = objects
+        self._helpers_ahead: list[StoreHelper] = []
 
     def create_stream(self, content_type: int = 0) -> RepoStreamWriter:
         """A new splitstream writer for this repository (see `write_stream`)."""
         self.objects.ensure_writable()
-        return RepoStreamWriter(self.objects, content_type)
+        return RepoStreamWriter(self.objects, content_type, self._helpers_ahead)
+
+    @contextmanager
+    def helper_ahead(self) -> Iterator[None]:
+        """Start a store helper process now, for a big import about to
+        begin (e.g. a pull, before it opens its source): the helper's
+        start-up (an interpreter, ~0.05 s) then overlaps the set-up instead
+        of the first objects. The first writer that wants a helper takes
+        it; one nobody took is stopped on exit (it was given nothing, so it
+        is killed, not waited for). Never fails: without it, writers start
+        their own helper, or store in-process, as before. Nested uses start
+        only one."""
+        if self._helpers_ahead or self.objects.read_only_features:
+            yield
+            return
+        try:
+            helper: StoreHelper | None = StoreHelper(self.objects)
+        except (OSError, HelperUnavailable):
+            helper = None
+        if helper is not None:
+            self._helpers_ahead.append(helper)
+        try:
+            yield
+        finally:
+            if helper is not None and helper in self._helpers_ahead:
+                self._helpers_ahead.remove(helper)
+                helper.discard()
 
     def store_stream(self, writer: SplitStreamWriter) -> str:
         """Finish `writer` and store the splitstream as an object, without
