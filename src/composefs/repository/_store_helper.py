@@ -45,11 +45,15 @@ _RECV_BUFFER = 1 << 20
 _SEND_BATCH_BYTES = 256 << 10
 _SEND_BATCH_COUNT = 32
 
+# Once `_serve` returns, everything asked was written and answered: the
+# helper leaves at once (the writer's `close` waits for it) instead of
+# tearing the interpreter down (~0.015 s, at the end of every import).
 _SCRIPT = """
-import sys, json
+import sys, json, os
 sys.path[:] = json.loads(sys.argv[1])
 from composefs.repository._store_helper import _serve
 _serve(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6] == "1")
+os._exit(0)
 """
 
 
