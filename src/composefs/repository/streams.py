@@ -342,9 +342,13 @@ class StreamStore:
         try:
             yield
         finally:
-            if helper is not None and helper in self._helpers_ahead:
-                self._helpers_ahead.remove(helper)
-                helper.discard()
+            if helper is not None:
+                try:
+                    self._helpers_ahead.remove(helper)  # atomic, as the writers' pop
+                except ValueError:
+                    pass  # a writer took it, and stops it
+                else:
+                    helper.discard()
 
     def store_stream(self, writer: SplitStreamWriter) -> str:
         """Finish `writer` and store the splitstream as an object, without
