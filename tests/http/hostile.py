@@ -28,6 +28,9 @@ class State:
     object_fault: Fault | None = None
     delay: float = 0.0
     requests: list[tuple[str, str | None]] = field(default_factory=list)
+    #: requests being answered now, and the most at once
+    inflight: int = 0
+    max_inflight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def count(self, prefix: str) -> int:
@@ -60,6 +63,16 @@ class Handler(BaseHTTPRequestHandler):
         st = self.state
         with st.lock:
             st.requests.append((path, self.headers.get("Authorization")))
+            st.inflight += 1
+            st.max_inflight = max(st.max_inflight, st.inflight)
+        try:
+            self._answer(path)
+        finally:
+            with st.lock:
+                st.inflight -= 1
+
+    def _answer(self, path: str) -> None:
+        st = self.state
         if st.delay:
             time.sleep(st.delay)
         fault = st.faults.get(path)

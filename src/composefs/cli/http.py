@@ -136,7 +136,7 @@ def add_parser(sub: Any) -> None:
         help="stream to fetch: a content id (oci-config-sha256:…) or refs/NAME "
         "(an OCI image: refs/oci/TAG)",
     )
-    sp.add_argument("-j", "--jobs", type=int, default=32, help="parallel requests (default 32)")
+    sp.add_argument("-j", "--jobs", type=int, default=32, help="parallel requests at most (default 32; added while they wait)")
     sp.add_argument("--retries", type=int, default=4, help="retries per request (default 4)")
     sp.add_argument(
         "--no-verify-images",
