@@ -147,8 +147,6 @@ class Fetcher:
         self.client = HttpClient(url, self.options, cancel=cancel)
         self.progress = progress
         self.counters = _Counters()
-        #: the most threads one step of the fetch ran (see `_parallel`)
-        self.threads_used = 1
 
     def close(self) -> None:
         self.client.close()
@@ -222,7 +220,6 @@ class Fetcher:
             for t in threads:
                 t.join()
             raise
-        self.threads_used = max(self.threads_used, len(threads))
         if errors:
             raise errors[0]
 
