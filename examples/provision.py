@@ -56,8 +56,10 @@ def main(argv: list[str]) -> int:
         (share / "guest.sh").write_text(script)
         timeout = float(os.environ.get("COMPOSEFS_VM_TIMEOUT", "900"))
         # the checkout and venv may lie under the guest's fresh /tmp or /run
+        # Not a scratch disk: a second boot after an emulator fault must
+        # find the repository where the first left it, not a blank disk.
         rc = vm.boot(qemu, kernel, initramfs, disk, share, timeout, rundir / "console.log",
-                     vm.keep_paths(python))
+                     vm.keep_paths(python), scratch_disk=False)
     except (vm.Skip, vm.HarnessError) as e:
         print(f"provision: error: {e}", file=sys.stderr)
         return 1

@@ -531,8 +531,12 @@ def guest_script(share: Path, pytest_args: Sequence[str], python: str | None = N
 
 
 def boot(qemu: str, kernel: Kernel, initramfs: Path, disk: Path, share: Path,
-         timeout: float, log: Path, keep: Sequence[str] = ()) -> int:
-    """Boot the VM, echo its console, return the exit status the guest reported."""
+         timeout: float, log: Path, keep: Sequence[str] = (), scratch_disk: bool = True) -> int:
+    """Boot the VM, echo its console, return the exit status the guest reported.
+
+    A guest killed by the emulator fault is booted once more: on a fresh
+    `disk` if it is our scratch disk, else (a disk the caller filled, e.g.
+    examples/provision.py's image) on the same one."""
     mem = os.environ.get("COMPOSEFS_VM_MEM", "1536")
     cmdline = (f"console=ttyS0 panic=-1 quiet loglevel=4 8250.nr_uarts=1 "
                f"cfs.out={share} cfs.script={share / 'guest.sh'}")
@@ -554,8 +558,9 @@ def boot(qemu: str, kernel: Kernel, initramfs: Path, disk: Path, share: Path,
         crashed = log.with_name(f"{log.stem}-kernel-fault{log.suffix}")
         log.rename(crashed)
         say(f"the guest kernel died of a QEMU/TCG fault, not of the tests; running them once "
-            f"more on a fresh disk. Crash log: {crashed}")
-        make_disk(disk)
+            f"more{' on a fresh disk' if scratch_disk else ''}. Crash log: {crashed}")
+        if scratch_disk:
+            make_disk(disk)
         (share / "junit.xml").unlink(missing_ok=True)
     if timed_out:
         raise HarnessError(f"the VM did not finish within {timeout:.0f}s "

@@ -106,3 +106,37 @@ _FAULT = """\
 ])
 def test_emulator_fault(console: str, retry: bool) -> None:
     assert runner.emulator_fault(console) is retry
+
+
+@pytest.mark.parametrize("scratch", [True, False])
+def test_a_boot_retried_after_the_fault_keeps_a_callers_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scratch: bool
+) -> None:
+    """The second boot after an emulator fault gets a fresh disk only when
+    the disk is the harness's scratch disk: examples/provision.py's disk
+    holds the repository it provisions (a blank one failed with "no
+    meta.json")."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"the caller's filesystem")
+    log = tmp_path / "console.log"
+    share = tmp_path / "share"
+    share.mkdir()
+    attempts: list[bytes] = []
+
+    def fake_run_vm(cmd: object, timeout: float, logpath: Path) -> tuple[int | None, bool, int]:
+        attempts.append(disk.read_bytes())
+        if len(attempts) == 1:
+            logpath.write_text("[    2.39] x\n" + _FAULT)
+            return None, False, 0
+        logpath.write_text("COMPOSEFS-VM: RC 0\n")
+        return 0, False, 0
+
+    made: list[Path] = []
+    monkeypatch.setattr(runner, "_run_vm", fake_run_vm)
+    monkeypatch.setattr(runner, "make_disk", lambda p: (made.append(p), p.write_bytes(b"blank")))
+    kernel = runner.Kernel(tmp_path, "6.1")
+    rc = runner.boot("qemu", kernel, Path("initrd"), disk, share, 60, log, (),
+                     scratch_disk=scratch)
+    assert rc == 0 and len(attempts) == 2
+    assert made == ([disk] if scratch else [])
+    assert attempts[1] == (b"blank" if scratch else b"the caller's filesystem")
