@@ -144,6 +144,32 @@ def test_pull_oci_layout(repo: Repository, layout: tuple[Path, list[L.BuiltImage
     assert storage.oci_fsck(repo).ok
 
 
+def test_pull_starts_a_store_helper_ahead_for_a_new_tag_only(
+    repo: Repository, layout: tuple[Path, list[L.BuiltImage]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull under a new tag starts the store helper before it opens the
+    source (stopped unused here: the layers are small); pulling a tag the
+    repository has starts none, as its layers are mostly stored."""
+    from composefs.repository import _store_helper
+
+    started: list[_store_helper.StoreHelper] = []
+    real_init = _store_helper.StoreHelper.__init__
+
+    def init(self: _store_helper.StoreHelper, store: object) -> None:
+        real_init(self, store)
+        started.append(self)
+
+    monkeypatch.setattr(_store_helper.StoreHelper, "__init__", init)
+    path, _ = layout
+    storage.pull(repo, f"oci:{path}", "first")
+    assert len(started) == 1 and started[0].proc.returncode is not None
+    storage.pull(repo, f"oci:{path}", "first")
+    assert len(started) == 1
+    storage.pull(repo, f"oci:{path}", "second")
+    assert len(started) == 2 and started[1].proc.returncode is not None
+    assert storage.oci_fsck(repo).ok
+
+
 def test_composefs_rs_known_image_ids(tmp_path: Path) -> None:
     path = tmp_path / "layout"
     L.write_oci_layout(path, [L.ImageSpec([L.composefs_rs_test_layer()], compression="none")])

@@ -268,32 +268,29 @@ def _registry_args(sp: argparse.ArgumentParser) -> None:
 
 
 def cmd_pull(args: argparse.Namespace, opener: RepoOpener) -> None:
+    from ..oci import pull as _pull
+
     if args.local_fetch == "zerocopy":
         raise OciError("--local-fetch=zerocopy is not supported (objects are always copied)")
+    options = _registry_options(args, args.image)
     repo = opener()
-    # The store helper starts before the pull code is even imported: its
-    # start-up then runs beside ours (see `Repository.helper_ahead`).
-    with repo.helper_ahead():
-        from ..oci import pull as _pull
-
-        options = _registry_options(args, args.image)
-        boot = _boot_transform_fn(repo) if args.bootable else None
-        tag = args.name if args.name is not None else args.image
-        progress = _Progress() if sys.stderr.isatty() else None
-        try:
-            result = _pull.pull(
-                repo,
-                args.image,
-                tag,
-                platform=args.platform,
-                progress=progress,
-                registry_options=options,
-                boot=boot,
-            )
-        finally:
-            # also on errors and Ctrl-C: the message must not land on the line
-            if progress is not None:
-                progress.close()
+    boot = _boot_transform_fn(repo) if args.bootable else None
+    tag = args.name if args.name is not None else args.image
+    progress = _Progress() if sys.stderr.isatty() else None
+    try:
+        result = _pull.pull(
+            repo,
+            args.image,
+            tag,
+            platform=args.platform,
+            progress=progress,
+            registry_options=options,
+            boot=boot,
+        )
+    finally:
+        # also on errors and Ctrl-C: the message must not land on the line
+        if progress is not None:
+            progress.close()
     print(f"manifest {result.manifest_digest}")
     print(f"config   {result.config_digest}")
     print(f"verity   {result.manifest_verity}")

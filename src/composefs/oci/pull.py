@@ -12,6 +12,7 @@ which ``gc`` removes).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -983,9 +984,13 @@ def pull(
         platform = Platform.parse(platform)
     if tag is not None:
         validate_tag(tag)
-    # The helper starts while the source opens (for a registry: imports,
-    # connection, manifest and config), not once the first layer arrives.
-    with repo.helper_ahead():
+    # The store helper starts while the source opens (for a registry:
+    # imports, connection, manifest and config), not once the first layer
+    # arrives. Not for a tag the repository has: pulling it again mostly
+    # finds every layer stored, and a helper nobody takes costs the start
+    # of an interpreter for nothing.
+    renewed = tag is not None and repo.has_named_stream(tag_ref(tag))
+    with contextlib.nullcontext() if renewed else repo.helper_ahead():
         source = open_source(imgref, registry_options)
         try:
             return pull_from_source(
