@@ -23,11 +23,12 @@ page cache before every cold pull (ours and the reference's).
 Targets: a cold pull <= 0.5x the time of skopeo + umoci, a repeated pull
 < 0.3 s, peak memory < 100 MB; the summary table gets those rows.
 Options: ``--rebuild`` remakes the cached rootfs/image, ``--json FILE``
-writes the figures, ``--runs N`` (default 5) sets how many cold pulls of the
+writes the figures, ``--runs N`` (default 4) sets how many cold pulls of the
 reference and of ``cfsctl`` alternate (``--api-runs``, default 1, of them
 also through the API); the figures are their medians (peak RSS: the
-largest). Five, not three: this machine's speed drifts during a run, and a
-median of three pairs moved the ratio by several hundredths from run to run.
+largest). Four, not three: this machine's speed drifts during a run, and a
+median of three pairs moved the ratio by several hundredths from run to run
+(five cost make bench too much of its 3 minutes).
 """
 
 from __future__ import annotations
@@ -438,7 +439,7 @@ def _main(argv: list[str]) -> int:
     )
     ap.add_argument("--rebuild", action="store_true", help="rebuild the cached rootfs and image")
     ap.add_argument(
-        "--runs", type=int, default=5, help="cold pulls, reference and cfsctl (medians)"
+        "--runs", type=int, default=4, help="cold pulls, reference and cfsctl (medians)"
     )
     ap.add_argument(
         "--api-runs", type=int, default=1, help="of those, also through the library API (context)"
