@@ -212,3 +212,30 @@ def test_a_helper_ahead_that_cannot_start_is_not_an_error(
         assert w._helper is None
         repo.write_stream(w, "oci-layer-sha256:inprocess")
     assert not repo.fsck().errors
+
+
+def test_the_socket_buffer_is_forced_when_allowed(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The helper's socket asks for SO_SNDBUFFORCE first (Linux's 32, which
+    Python's socket module lacks): root may exceed net.core.wmem_max, whose
+    stock value (208 KiB) is smaller than one batch of requests."""
+    import socket
+
+    asked: list[int] = []
+    real = socket.socket.setsockopt
+
+    def setsockopt(self: socket.socket, level: int, opt: int, value: int) -> None:
+        asked.append(opt)
+        real(self, level, opt, value)
+
+    monkeypatch.setattr(socket.socket, "setsockopt", setsockopt)
+    helper = _store_helper.StoreHelper(repo.objects)
+    try:
+        assert asked[0] == 32
+        if os.geteuid() == 0:
+            assert asked == [32]  # forced: no fallback needed
+            got = helper.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            assert got >= _store_helper._SOCKET_BUFFER
+    finally:
+        helper.discard()

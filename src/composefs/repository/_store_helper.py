@@ -44,6 +44,9 @@ _SOCKET_BUFFER = 4 << 20
 _RECV_BUFFER = 1 << 20
 _SEND_BATCH_BYTES = 256 << 10
 _SEND_BATCH_COUNT = 32
+# Linux's SO_SNDBUFFORCE (root may exceed net.core.wmem_max): Python's
+# socket module does not define it.
+_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32 if sys.platform == "linux" else None)
 
 # Once `_serve` returns, everything asked was written and answered: the
 # helper leaves at once (the writer's `close` waits for it) instead of
@@ -201,7 +204,7 @@ class StoreHelper:
         # helper instead of waiting for it object by object (each wake-up
         # is slow on a busy machine). Capped by net.core.wmem_max unless
         # we may force it.
-        for opt in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
+        for opt in (_SO_SNDBUFFORCE, socket.SO_SNDBUF):
             if opt is None:
                 continue
             try:
