@@ -144,3 +144,19 @@ def drip(
             time.sleep(every)
     except OSError:
         pass
+
+
+def record_store_helpers(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every object store helper (`repository._store_helper.StoreHelper`)
+    started from now on, in order."""
+    from composefs.repository import _store_helper
+
+    started: list[object] = []
+    real_init = _store_helper.StoreHelper.__init__
+
+    def init(self: _store_helper.StoreHelper, store: object) -> None:
+        real_init(self, store)
+        started.append(self)
+
+    monkeypatch.setattr(_store_helper.StoreHelper, "__init__", init)
+    return started

@@ -150,16 +150,9 @@ def test_pull_starts_a_store_helper_ahead_for_a_new_tag_only(
     """A pull under a new tag starts the store helper before it opens the
     source (stopped unused here: the layers are small); pulling a tag the
     repository has starts none, as its layers are mostly stored."""
-    from composefs.repository import _store_helper
+    from testlib import record_store_helpers
 
-    started: list[_store_helper.StoreHelper] = []
-    real_init = _store_helper.StoreHelper.__init__
-
-    def init(self: _store_helper.StoreHelper, store: object) -> None:
-        real_init(self, store)
-        started.append(self)
-
-    monkeypatch.setattr(_store_helper.StoreHelper, "__init__", init)
+    started: list[Any] = record_store_helpers(monkeypatch)
     path, _ = layout
     storage.pull(repo, f"oci:{path}", "first")
     assert len(started) == 1 and started[0].proc.returncode is not None

@@ -18,6 +18,7 @@ from composefs import fsverity
 from composefs.errors import RepositoryError
 from composefs.repository import Repository, _store_helper, streams
 from composefs.splitstream import CONTENT_OCI_LAYER
+from testlib import record_store_helpers
 
 
 def _blobs(n: int, seed: int = 1) -> list[bytes]:
@@ -142,15 +143,7 @@ def test_a_helper_that_does_not_start_is_not_an_error(
 
 def _spawned(monkeypatch: pytest.MonkeyPatch) -> list[_store_helper.StoreHelper]:
     """Every StoreHelper started from now on."""
-    started: list[_store_helper.StoreHelper] = []
-    real_init = _store_helper.StoreHelper.__init__
-
-    def init(self: _store_helper.StoreHelper, store: object) -> None:
-        real_init(self, store)
-        started.append(self)
-
-    monkeypatch.setattr(_store_helper.StoreHelper, "__init__", init)
-    return started
+    return record_store_helpers(monkeypatch)  # type: ignore[return-value]
 
 
 def test_a_writer_takes_the_helper_started_ahead(
