@@ -286,6 +286,7 @@ class ImageFilesystem:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size != node.attr.size:
                 raise FsError(errno.EIO)
+            os.set_blocking(fd, True)  # read as before (`repository._fs._open_regular` too)
             if self._verify and digest is not None and algorithm is not None:
                 self._check_digest(node, fd, st, algorithm, digest)
         except BaseException:
