@@ -30,7 +30,7 @@ from composefs.cli.mount_composefs import parse_mount_options, split_options
 from composefs.erofs.format import FormatVersion
 from composefs.errors import MountError
 from composefs.tree import Directory, Leaf, Regular, Stat, Symlink
-from testlib import need_tool, needs_root
+from testlib import need_checkout_for_nobody, need_tool, needs_root
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_HELPER = ROOT / ".venv" / "bin" / "mount.composefs"
@@ -586,6 +586,7 @@ def test_not_root_message(small_image: tuple[Path, Path, Path]) -> None:
         if shutil.which("setpriv") is None:
             pytest.skip("setpriv not available")
         cmd_prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        need_checkout_for_nobody()  # 65534 is nobody
     img = small_image[0]
     # pytest's tmp_path is private to root: use a world-readable copy.
     pub = Path(tempfile.mkdtemp(prefix="cfs-mount-test-", dir="/tmp"))

@@ -9,6 +9,7 @@ directory's was loaded last (``pytest tests/cli tests/http`` failed so).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -160,3 +161,29 @@ def record_store_helpers(monkeypatch: pytest.MonkeyPatch) -> list[object]:
 
     monkeypatch.setattr(_store_helper.StoreHelper, "__init__", init)
     return started
+
+
+@functools.cache
+def _nobody_cannot_run_checkout() -> str | None:
+    """Why user nobody cannot run this checkout's Python code, or None."""
+    if shutil.which("setpriv") is None:
+        return "setpriv not available"
+    code = f"import sys; sys.path.insert(0, {str(ROOT / 'src')!r}); import composefs"
+    r = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+         sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=60, cwd="/",
+    )  # fmt: skip
+    if r.returncode == 0:
+        return None
+    return (f"user nobody cannot run this checkout ({ROOT}) or its Python: a directory "
+            f"above it is private (e.g. mktemp -d's 0700): {r.stderr.strip()[-200:]}")
+
+
+def need_checkout_for_nobody() -> None:
+    """Skip a test that runs our code as user nobody when nobody cannot
+    reach the checkout and its interpreter (a clone under a private
+    directory): the test could only fail on the permissions."""
+    why = _nobody_cannot_run_checkout()
+    if why is not None:
+        pytest.skip(why)

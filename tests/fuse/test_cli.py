@@ -26,6 +26,7 @@ from fuselib import (
 )
 
 from composefs.erofs.reader import image_version
+from testlib import need_checkout_for_nobody
 
 UPSTREAM = Path(__file__).resolve().parent / "upstream"
 SEEDS = ("05836e5516ef9cdafb92ef93b25cb935", "c55bd16cbe1f3e42736a2e7448330c2d")
@@ -145,6 +146,7 @@ def open_tmp() -> Iterator[Path]:
 
 def test_unprivileged_user_mounts_its_own_repository(open_tmp: Path, user_dev_fuse: None) -> None:
     need_fuse()
+    need_checkout_for_nobody()
     nobody = pwd.getpwnam("nobody")
     tmp_path = open_tmp
     home, src, mnt = tmp_path / "home", tmp_path / "src", tmp_path / "mnt"

@@ -29,7 +29,7 @@ from composefs.repository import (
     StoreMethod,
 )
 from composefs.splitstream import CONTENT_OCI_LAYER
-from testlib import need_tool, needs_root
+from testlib import need_checkout_for_nobody, need_tool, needs_root
 
 
 def test_objects(repo: Repository, tmp_path: Path) -> None:
@@ -279,6 +279,7 @@ def test_unprivileged_writer_stores_objects(tmp_path: Path) -> None:
     Linux 6.10 (then the /proc/self/fd way is used, see the next test) and
     allowed after: either way a user's objects are stored."""
     need_tool("setpriv")
+    need_checkout_for_nobody()
     import pwd
     import shutil
     import tempfile
