@@ -168,7 +168,10 @@ def _nobody_cannot_run_checkout() -> str | None:
     """Why user nobody cannot run this checkout's Python code, or None."""
     if shutil.which("setpriv") is None:
         return "setpriv not available"
-    code = f"import sys; sys.path.insert(0, {str(ROOT / 'src')!r}); import composefs"
+    src = str(ROOT / "src")
+    # this checkout's composefs, not one an installed .pth points elsewhere
+    code = (f"import sys; sys.path.insert(0, {src!r}); import composefs; "
+            f"assert composefs.__file__.startswith({src!r}), 'cannot read ' + {src!r}")
     r = subprocess.run(
         ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
          sys.executable, "-c", code],
@@ -176,8 +179,9 @@ def _nobody_cannot_run_checkout() -> str | None:
     )  # fmt: skip
     if r.returncode == 0:
         return None
+    last = (r.stderr.strip().splitlines() or ["no message"])[-1][-200:]
     return (f"user nobody cannot run this checkout ({ROOT}) or its Python: a directory "
-            f"above it is private (e.g. mktemp -d's 0700): {r.stderr.strip()[-200:]}")
+            f"above it is private (e.g. mktemp -d's 0700): {last}")
 
 
 def need_checkout_for_nobody() -> None:
