@@ -702,7 +702,7 @@ def _main(argv: Sequence[str]) -> int | None:
 def main(argv: Sequence[str] | None = None) -> int:
     tool = os.path.basename(sys.argv[0]) if sys.argv else ""
     if argv is None and tool in _FORWARDED:
-        return run(tool, lambda a: _forward(tool, a), sys.argv[1:])
+        return run(tool, lambda a: _forward(tool, a), None)
     return run(PROG, _main, argv)
 
 
