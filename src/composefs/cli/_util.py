@@ -12,7 +12,7 @@ TYPE_CHECKING = False  # as typing.TYPE_CHECKING, without importing typing
 
 if TYPE_CHECKING:  # typing costs milliseconds at every CLI start
     from collections.abc import Callable, Sequence
-    from typing import NoReturn
+    from typing import Any, NoReturn
 
 
 def _terminal_columns() -> int:
@@ -33,10 +33,22 @@ def _terminal_columns() -> int:
 
 
 class Parser(argparse.ArgumentParser):
-    """An argument parser whose mistakes are one-line errors (exit status 1)."""
+    """An argument parser whose mistakes are one-line errors (exit status 1).
+
+    `only` (the command words of this run, e.g. ``("oci", "pull")``) makes
+    `add_subparsers` build the parser of that command alone: cfsctl has
+    some thirty, and building them all costs ~6 ms at every start (argparse
+    looks for a translation catalogue on disk for each). None (or no word
+    left for this level) builds them all."""
+
+    only: tuple[str, ...] | None = None
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        action = super().add_subparsers(**kwargs)
+        return _OnlyCommand(action, self.only) if self.only else action
 
     def _get_formatter(self) -> argparse.HelpFormatter:
         # argparse makes a formatter for every add_argument (to check its
@@ -44,6 +56,34 @@ class Parser(argparse.ArgumentParser):
         # for the terminal width, found here as shutil would.
         width = _terminal_columns() - 2
         return self.formatter_class(prog=self.prog, width=width)  # type: ignore[call-arg]
+
+
+class _Unused:
+    """The parser of a command this run does not use (`Parser.only`):
+    whatever is added to it is dropped."""
+
+    def __getattr__(self, name: str) -> Callable[..., _Unused]:
+        return self._drop
+
+    def _drop(self, *args: object, **kwargs: object) -> _Unused:
+        return self
+
+
+class _OnlyCommand:
+    """A subcommands action that adds the parser of `only[0]` and drops the
+    others; that parser builds only `only[1:]` in turn."""
+
+    def __init__(self, action: Any, only: tuple[str, ...]) -> None:
+        self._action = action
+        self._only = only
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        if name != self._only[0]:
+            return _Unused()
+        parser = self._action.add_parser(name, **kwargs)
+        if isinstance(parser, Parser):
+            parser.only = self._only[1:]
+        return parser
 
 
 class _Version(argparse.Action):

@@ -460,11 +460,14 @@ _IMAGE_HELP = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """cfsctl's parser; with `only` (command words, as `_command_words`
+    finds them), the parsers of other commands are left out."""
     p = Parser(
         prog=PROG,
         description="Manage a composefs repository: objects, images, splitstreams.",
     )
+    p.only = tuple(only) if only else None
     add_version(p)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--repo", metavar="PATH", help="operate on the repository at PATH")
@@ -514,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, func: Handler, help: str, **kw: object) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help, **kw)  # type: ignore[arg-type]
+        sp: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help, **kw)
         sp.set_defaults(func=func)
         return sp
 
@@ -673,6 +676,33 @@ def _command_word(argv: Sequence[str]) -> int | None:
     return None
 
 
+def _command_words(argv: Sequence[str]) -> list[str]:
+    """The command word and the one after it (a group's command), when
+    nothing before them asks for the top-level help (which lists every
+    command)."""
+    idx = _command_word(argv)
+    if idx is None or any(a in ("-h", "--help") for a in argv[:idx]):
+        return []
+    words = [argv[idx]]
+    if idx + 1 < len(argv) and not argv[idx + 1].startswith("-"):
+        words.append(argv[idx + 1])
+    return words
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse with the parsers of the command at hand only; anything that
+    does not parse that way (a misspelt command, an abbreviated option
+    that hid the real command word) is parsed again with all of them, so
+    messages and help are those of the whole parser."""
+    words = _command_words(argv)
+    if words:
+        try:
+            return build_parser(words).parse_args(argv)
+        except UsageError:
+            pass
+    return build_parser().parse_args(argv)
+
+
 def _forward(tool: str, argv: Sequence[str]) -> int:
     if tool == "mkcomposefs":
         from .mkcomposefs import main as tool_main
@@ -688,7 +718,7 @@ def _main(argv: Sequence[str]) -> int | None:
     idx = _command_word(argv)
     if idx is not None and argv[idx] in _FORWARDED:
         return _forward(argv[idx], argv[idx + 1 :])
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     if args.no_repo and args.command not in _NO_REPO_OK:
         raise UsageError("--no-repo is only supported for compute-id and create-dumpfile")
     opener, closer = make_repo_opener(args)
