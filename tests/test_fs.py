@@ -8,6 +8,7 @@ os.listxattr).
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import socket
 import stat
@@ -592,6 +593,9 @@ def test_file_changing_while_read_is_reported(
 
 
 def _open_fds() -> set[str]:
+    # Collected first: garbage of earlier tests (an unclosed file) would
+    # otherwise close its descriptor whenever a collection runs.
+    gc.collect()
     return set(os.listdir("/proc/self/fd"))
 
 
